@@ -1,0 +1,77 @@
+"""Masked-weight operations with automatic dispatch between a fused Triton path and the PyTorch reference.
+
+Dispatch: ``PEFT_SARA_KERNEL`` (``auto`` / ``triton`` / ``reference``) overrides the layer's ``kernel`` setting; ``auto``
+uses Triton for CUDA tensors when Triton imports, and the reference everywhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+
+ENV_VAR = "PEFT_SARA_KERNEL"
+BACKENDS = ("auto", "triton", "reference")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether the Triton kernels can be imported here."""
+    try:
+        from . import triton_kernels  # noqa: F401
+    except Exception:  # ImportError, or Triton failing to find a backend
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(preference: str, device: torch.device) -> str:
+    """The backend that will run for tensors on ``device`` given a layer preference (env var wins)."""
+    choice = os.environ.get(ENV_VAR, preference) or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {choice!r}.")
+    if choice == "reference":
+        return "reference"
+    usable = triton_available() and (device.type == "cuda" or _interpreting())
+    if choice == "triton":
+        if not usable:
+            raise RuntimeError(
+                f"The Triton kernel was requested (kernel='triton' or {ENV_VAR}=triton) but cannot run on "
+                f"{device}: Triton needs a CUDA device, or TRITON_INTERPRET=1 for CPU tensors. Use 'auto'."
+            )
+        return "triton"
+    return "triton" if usable and device.type == "cuda" else "reference"
+
+
+def _module(backend: str):
+    if backend == "triton":
+        from . import triton_kernels
+
+        return triton_kernels
+    return reference
+
+
+def patch_entries_(
+    flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float, backend: str
+) -> torch.Tensor:
+    """Add ``scale * values`` to the weight entries at ``indices`` in place; return the entries overwritten."""
+    return _module(backend).patch_entries_(flat_weight, indices, values, scale)
+
+
+def restore_entries_(flat_weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor, backend: str) -> None:
+    """Undo :func:`patch_entries_` bitwise."""
+    _module(backend).restore_entries_(flat_weight, indices, saved)
+
+
+def linear_weight_grad_values(
+    grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_adapter: Sequence[torch.Tensor], backend: str
+) -> list[torch.Tensor]:
+    """The weight gradient ``grad_output.T @ inputs`` sampled at each adapter's trainable entries (float32)."""
+    return _module(backend).linear_weight_grad_values(grad_output, inputs, indices_per_adapter)

@@ -1,0 +1,37 @@
+"""Pure PyTorch masked-weight operations: the reference every fused kernel is tested against.
+
+Every function works on any device and dtype. Weight-gradient functions build the dense out x in gradient
+transiently (one GEMM) and gather the trainable entries from it; nothing dense outlives the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def patch_entries_(
+    flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Write ``w[i] = cast(float(w[i]) + scale * values)`` in place; return the overwritten entries."""
+    saved = flat_weight.index_select(0, indices)
+    patched = saved.float().add(values.float(), alpha=scale).to(flat_weight.dtype)
+    flat_weight.index_put_((indices,), patched)
+    return saved
+
+
+def restore_entries_(flat_weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor) -> None:
+    """Write back entries returned by :func:`patch_entries_` (bitwise restore)."""
+    flat_weight.index_put_((indices,), saved)
+
+
+def linear_weight_grad_values(
+    grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_adapter: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Entries of ``grad_output.T @ inputs`` (an out x in weight gradient) at each flat index set, as float32.
+
+    ``grad_output`` is (N, out) and ``inputs`` (N, in), both 2-D.
+    """
+    dense = (grad_output.t() @ inputs.to(grad_output.dtype)).reshape(-1)
+    return [dense.index_select(0, indices).float() for indices in indices_per_adapter]

@@ -1,0 +1,326 @@
+"""SaRA tuner layers: the ``SaRALayer`` mixin and one class per wrapped module type."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from . import kernels
+from .config import SaRAConfig
+from .functional import ConvOp, LinearOp, effective_weight, sparse_delta_forward
+from .masks import index_dtype_for, select_trainable_indices
+
+# Scale of the random values drawn when `init_weights=False` (tests need a visible, non-identity update).
+RANDOM_INIT_STD = 0.02
+
+
+class SaRALayer(BaseTunerLayer):
+    """Per-adapter sparse update of a frozen weight.
+
+    For each adapter the layer keeps the flat indices of its trainable entries (``sara_indices``, int32 where they
+    fit), a 1-D float32 parameter of their deltas (``sara_values``), the entries frozen by progressive re-selection
+    with their learned deltas (``sara_frozen_indices`` / ``sara_frozen_values``), a scale, and the magnitude cutoff
+    used to re-select. The effective weight is the base weight with those entries replaced by
+    ``cast(base + scale * delta)``; merging writes exactly that, unmerging writes the saved base entries back.
+    """
+
+    adapter_layer_names = ("sara_values",)
+    other_param_names = ("sara_indices", "sara_frozen_indices", "sara_frozen_values", "sara_scaling", "sara_cutoff",
+                         "sara_kernel")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.sara_values = nn.ParameterDict({})
+        self.sara_indices = BufferDict(persistent=True)
+        self.sara_frozen_indices = BufferDict(persistent=True)
+        self.sara_frozen_values = BufferDict(persistent=True)
+        self.sara_scaling: dict[str, float] = {}
+        self.sara_cutoff: dict[str, float] = {}
+        self.sara_kernel: dict[str, str] = {}
+        # Base entries overwritten by `merge`, per merged adapter; written back bitwise by `unmerge`.
+        self._sara_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        weight = self.get_base_layer().weight
+        if isinstance(self.get_base_layer(), nn.Linear):
+            self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        elif isinstance(self.get_base_layer(), nn.modules.conv._ConvNd):
+            self.in_features, self.out_features = self.get_base_layer().in_channels, self.get_base_layer().out_channels
+        else:  # transformers Conv1D stores (in, out)
+            self.in_features, self.out_features = weight.shape[0], weight.shape[1]
+
+    # ----------------------------------------------------------------------------------------------- adapters
+    def update_layer(self, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
+        """Select the trainable entries of the base weight and create the adapter's (zero) update."""
+        base_layer = self.get_base_layer()
+        if not base_layer.weight.is_contiguous():
+            # Flat indices address the logical (row-major) layout; keep the base weight in it. Values are unchanged.
+            base_layer.weight.data = base_layer.weight.data.contiguous()
+        weight = base_layer.weight
+        indices, cutoff = select_trainable_indices(weight, config.threshold, config.trainable_fraction)
+        if config.init_weights:
+            values = torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device)
+        else:
+            values = torch.randn(indices.numel(), dtype=torch.float32, device=weight.device) * RANDOM_INIT_STD
+        self.sara_indices[adapter_name] = indices.to(weight.device)
+        self.sara_values[adapter_name] = nn.Parameter(values)
+        self.sara_frozen_indices[adapter_name] = torch.zeros(0, dtype=indices.dtype, device=weight.device)
+        self.sara_frozen_values[adapter_name] = torch.zeros(0, dtype=torch.float32, device=weight.device)
+        self.sara_scaling[adapter_name] = 1.0
+        self.sara_cutoff[adapter_name] = cutoff
+        self.sara_kernel[adapter_name] = config.kernel
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_trainable_entries(
+        self,
+        adapter_name: str,
+        indices: torch.Tensor,
+        values: Optional[torch.Tensor] = None,
+        frozen_indices: Optional[torch.Tensor] = None,
+        frozen_values: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Replace an adapter's trainable (and frozen) entries, e.g. after re-selection or to fit a checkpoint.
+
+        The values Parameter is replaced by a new one: rebuild optimizers afterwards (see ``peft_sara.training``).
+        """
+        self._check_entries(adapter_name, indices, values, "trainable")
+        device = self.get_base_layer().weight.device
+        index_dtype = index_dtype_for(self.get_base_layer().weight.numel())
+        requires_grad = self.sara_values[adapter_name].requires_grad
+        if values is None:
+            values = torch.zeros(indices.numel(), dtype=torch.float32)
+        self.sara_indices[adapter_name] = indices.to(device=device, dtype=index_dtype)
+        self.sara_values[adapter_name] = nn.Parameter(
+            values.detach().to(device=device, dtype=torch.float32), requires_grad=requires_grad
+        )
+        if frozen_indices is not None:
+            self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
+            self.sara_frozen_indices[adapter_name] = frozen_indices.to(device=device, dtype=index_dtype)
+            self.sara_frozen_values[adapter_name] = frozen_values.detach().to(device=device, dtype=torch.float32)
+
+    def _check_entries(self, adapter_name, indices, values, what):
+        numel = self.get_base_layer().weight.numel()
+        if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise ValueError(f"{what} indices of adapter '{adapter_name}' must be a 1-D integer tensor.")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise ValueError(
+                f"{what} indices of adapter '{adapter_name}' fall outside the weight ({numel} entries): "
+                f"range [{int(indices.min())}, {int(indices.max())}]."
+            )
+        if values is not None and values.shape != indices.shape:
+            raise ValueError(
+                f"{what} values of adapter '{adapter_name}' have shape {tuple(values.shape)}, indices "
+                f"{tuple(indices.shape)}."
+            )
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # Keep the values in float32 whatever the base dtype; only follow the base weight's device.
+        device = device if device is not None else self.get_base_layer().weight.device
+        for container in (self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values):
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(device)
+
+    def num_trainable(self, adapter_name: str) -> int:
+        """Number of trainable entries of an adapter in this layer."""
+        return self.sara_values[adapter_name].numel()
+
+    def _sparse_parts(self, adapter_names: list[str]):
+        """(indices, values, scale) triples of the trainable and frozen entries of the given adapters."""
+        indices, values, scales = [], [], []
+        for name in adapter_names:
+            scale = self.sara_scaling[name]
+            for idx, vals in ((self.sara_indices[name], self.sara_values[name]),
+                              (self.sara_frozen_indices[name], self.sara_frozen_values[name])):
+                if idx.numel():
+                    indices.append(idx)
+                    values.append(vals)
+                    scales.append(scale)
+        return indices, values, scales
+
+    def _backend(self, adapter_names: list[str]) -> str:
+        device = self.get_base_layer().weight.device
+        return kernels.resolve_backend(self.sara_kernel[adapter_names[0]], device)
+
+    # ------------------------------------------------------------------------------------------------ scaling
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set the strength of ``adapter`` (1.0 = as trained)."""
+        if adapter in self.sara_scaling:
+            self.sara_scaling[adapter] = float(scale)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the strength of the active adapters by ``scale`` (diffusers' ``cross_attention_kwargs``)."""
+        if scale == 1:
+            return
+        for adapter in self.active_adapters:
+            if adapter in self.sara_scaling:
+                self.sara_scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Undo :meth:`scale_layer` (``None`` resets the active adapters to strength 1.0)."""
+        for adapter in self.active_adapters:
+            if adapter not in self.sara_scaling:
+                continue
+            if scale is None:
+                self.sara_scaling[adapter] = 1.0
+            elif scale != 0:
+                self.sara_scaling[adapter] /= scale
+
+    # ------------------------------------------------------------------------------------------------ merging
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense ``scale * Delta_W`` of one adapter, shaped like the base weight, in the base dtype."""
+        weight = self.get_base_layer().weight
+        indices, values, scales = self._sparse_parts([adapter_name])
+        delta = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
+        for idx, vals, scale in zip(indices, values, scales):
+            delta.index_add_(0, idx.long(), vals.detach().float() * scale)
+        return delta.view_as(weight).to(weight.dtype)
+
+    def get_effective_weight(self, adapter_names: Optional[list[str]] = None) -> torch.Tensor:
+        """Dense copy of the weight the layer computes with (base with the adapters' entries patched)."""
+        adapter_names = self._present(adapter_names if adapter_names is not None else self.active_adapters)
+        return effective_weight(self.get_base_layer().weight, *self._sparse_parts(adapter_names))
+
+    def _present(self, adapter_names: list[str]) -> list[str]:
+        return [name for name in adapter_names if name in self.sara_values]
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the adapters' updates into the base weight (only the changed entries are touched)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight
+        flat_weight = weight.data.view(-1)
+        for name in self._present(adapter_names):
+            indices, values, scales = self._sparse_parts([name])
+            backups = []
+            with torch.no_grad():
+                for idx, vals, scale in zip(indices, values, scales):
+                    backups.append((idx, kernels.reference.patch_entries_(flat_weight, idx, vals, scale)))
+                if safe_merge and not all(torch.isfinite(flat_weight.index_select(0, idx)).all() for idx, _ in backups):
+                    for idx, old in reversed(backups):
+                        flat_weight.index_put_((idx,), old)
+                    raise ValueError(
+                        f"NaNs or infs detected while merging adapter '{name}' into "
+                        f"{type(self.get_base_layer()).__name__} of shape {tuple(weight.shape)}: the adapter "
+                        "seems to be broken. Nothing was merged for it."
+                    )
+            self._sara_merge_backup[name] = backups
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weight bitwise."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        flat_weight = self.get_base_layer().weight.data.view(-1)
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                for idx, old in reversed(self._sara_merge_backup.pop(name, [])):
+                    flat_weight.index_put_((idx,), old)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """SaRA is additive (W' = W + Delta_W), so its update can be approximated by LoRA via SVD."""
+        return True
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def _op(self, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        raise NotImplementedError
+
+    def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = self._present(self.active_adapters)
+        indices, values, scales = self._sparse_parts(active)
+        if not indices:
+            return self.base_layer(x, *args, **kwargs)
+        base_layer = self.get_base_layer()
+        op, x = self._op(x)
+        return sparse_delta_forward(
+            op, x, base_layer.weight, base_layer.bias, indices, values, scales, self._backend(active)
+        )
+
+
+class Linear(nn.Module, SaRALayer):
+    """SaRA on ``nn.Linear`` (and transformers' ``Conv1D``, whose weight is stored transposed)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
+        super().__init__()
+        SaRALayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self._linear_op = LinearOp(transposed=not isinstance(self.get_base_layer(), nn.Linear))
+        self.update_layer(adapter_name, config)
+
+    def _op(self, x):
+        return self._linear_op, x
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._sara_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "sara." + super().__repr__()
+
+
+class Conv(nn.Module, SaRALayer):
+    """SaRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: any kernel, stride, padding, dilation, groups, bias."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
+        super().__init__()
+        SaRALayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _op(self, x):
+        conv = self.get_base_layer()
+        spatial = len(conv.kernel_size)
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = (0,) * spatial
+        elif padding == "valid":
+            padding = (0,) * spatial
+        elif padding == "same":
+            totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+            if all(total % 2 == 0 for total in totals):
+                padding = tuple(total // 2 for total in totals)
+            else:  # asymmetric: pad explicitly (extra element on the right, as PyTorch does)
+                pads = []
+                for total in reversed(totals):
+                    pads += [total // 2, total - total // 2]
+                x = F.pad(x, pads)
+                padding = (0,) * spatial
+        return ConvOp(tuple(conv.stride), tuple(padding), tuple(conv.dilation), conv.groups), x
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._sara_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "sara." + super().__repr__()
+
+
+def dispatch_sara_layer(target: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> nn.Module:
+    """Wrap ``target`` in the SaRA layer class for its type, or raise a clear error for unsupported modules."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Linear):
+        return Linear(target, adapter_name, config, **kwargs)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv(target, adapter_name, config, **kwargs)
+    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):  # transformers.pytorch_utils.Conv1D
+        return Linear(target, adapter_name, config, **kwargs)
+    raise TypeError(
+        f"SaRA cannot adapt {type(base).__name__}: supported are nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d and "
+        "transformers' Conv1D. Narrow `target_modules` to those layers."
+    )
+
+
+__all__ = ["SaRALayer", "Linear", "Conv", "dispatch_sara_layer"]

@@ -1,0 +1,48 @@
+"""Choosing the trainable ("temporarily ineffective") entries of a pre-trained weight.
+
+A selection is a sorted 1-D tensor of flat indices into the weight (int32 where the weight is small enough) plus the
+magnitude cutoff it implies, which progressive re-selection reuses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+INT32_LIMIT = 2**31 - 1
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """Smallest integer dtype that can address ``numel`` entries."""
+    return torch.int32 if numel <= INT32_LIMIT else torch.int64
+
+
+def select_trainable_indices(
+    weight: torch.Tensor, threshold: Optional[float] = None, trainable_fraction: Optional[float] = None
+) -> tuple[torch.Tensor, float]:
+    """Flat indices (ascending) of the entries to train, and the strict magnitude cutoff that selected them.
+
+    With ``threshold``: every entry with ``|w| < threshold`` (compared in float32). With ``trainable_fraction``: the
+    ``max(1, round(fraction * numel))`` smallest-magnitude entries; the cutoff is then the smallest magnitude left out
+    (``inf`` when everything is selected), so ``|w| < cutoff`` describes the same set up to ties.
+    """
+    if (threshold is None) == (trainable_fraction is None):
+        raise ValueError("Pass exactly one of `threshold` and `trainable_fraction`.")
+    magnitudes = weight.detach().reshape(-1).abs().float()
+    index_dtype = index_dtype_for(magnitudes.numel())
+    if threshold is not None:
+        indices = torch.nonzero(magnitudes < threshold).reshape(-1)
+        return indices.to(index_dtype), float(threshold)
+    numel = magnitudes.numel()
+    count = min(numel, max(1, round(trainable_fraction * numel)))
+    order = torch.argsort(magnitudes, stable=True)
+    cutoff = magnitudes[order[count]].item() if count < numel else math.inf
+    indices = torch.sort(order[:count]).values
+    return indices.to(index_dtype), cutoff
+
+
+def still_ineffective(current_values: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Boolean mask over a layer's trainable entries: those whose current value is still below the cutoff."""
+    return current_values.detach().float().abs() < cutoff

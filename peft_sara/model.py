@@ -1,0 +1,168 @@
+"""``SaRAModel``: injects SaRA layers through PEFT's ``BaseTuner`` machinery."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Optional
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import SaRAConfig
+from .layer import SaRALayer, dispatch_sara_layer
+from .serialization import cast_values_for_saving, fit_layers_to_checkpoint
+
+# Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
+# text encoders. Suffix lists, matched by PEFT's usual rules.
+UNET_TARGET_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+]
+DIT_TARGET_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+]
+CLIP_TEXT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+DIFFUSERS_TARGET_MODULES_MAPPING = {
+    "UNet2DConditionModel": UNET_TARGET_MODULES,
+    "UNet2DModel": UNET_TARGET_MODULES,
+    "UNetMotionModel": UNET_TARGET_MODULES,
+    "SD3Transformer2DModel": DIT_TARGET_MODULES,
+    "FluxTransformer2DModel": DIT_TARGET_MODULES,
+    "DiTTransformer2DModel": DIT_TARGET_MODULES,
+    "PixArtTransformer2DModel": DIT_TARGET_MODULES,
+}
+TRANSFORMERS_TARGET_MODULES_MAPPING = {
+    "clip_text_model": CLIP_TEXT_TARGET_MODULES,
+    "clip": CLIP_TEXT_TARGET_MODULES,
+    "clip_text_model_with_projection": CLIP_TEXT_TARGET_MODULES,
+    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+}
+
+
+def default_target_modules(model: nn.Module) -> Optional[list[str]]:
+    """SaRA's default targets for a known diffusers / transformers model, or None."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in DIFFUSERS_TARGET_MODULES_MAPPING:
+            return list(DIFFUSERS_TARGET_MODULES_MAPPING[cls.__name__])
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in TRANSFORMERS_TARGET_MODULES_MAPPING:
+        return list(TRANSFORMERS_TARGET_MODULES_MAPPING[model_type])
+    return None
+
+
+def base_model_id(model: nn.Module) -> Optional[str]:
+    """The hub id / path a (diffusers or transformers) model was loaded from, if it knows it."""
+    config = getattr(model, "config", None)
+    for candidate in (getattr(model, "name_or_path", None), getattr(config, "_name_or_path", None),
+                      getattr(config, "name_or_path", None)):
+        if isinstance(candidate, str) and candidate:
+            return candidate
+    return None
+
+
+class SaRAModel(BaseTuner):
+    """SaRA tuner: fine-tunes only the smallest-magnitude pre-trained weights, as a sparse update.
+
+    Paper: "SaRA: High-Efficient Diffusion Model Fine-tuning with Progressive Sparse Low-Rank Adaptation", ICLR 2025.
+
+    Example:
+        ```py
+        >>> import peft_sara
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(unet, peft_sara.SaRAConfig(threshold=2e-3))
+        >>> model.print_trainable_parameters()
+        ```
+    """
+
+    prefix: str = "sara_"
+    tuner_layer_cls = SaRALayer
+    target_module_mapping = TRANSFORMERS_TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = base_model_id(model)
+        tags = list(getattr(model, "model_tags", None) or [])
+        for tag in ("sara", "peft-sara"):
+            if tag not in tags:
+                tags.append(tag)
+        with contextlib.suppress(AttributeError, TypeError):
+            model.model_tags = tags
+
+    def _prepare_adapter_config(self, peft_config: SaRAConfig, model_config: dict) -> SaRAConfig:
+        if peft_config.target_modules is None:
+            defaults = default_target_modules(self.model)
+            if defaults is None:
+                raise ValueError(
+                    f"SaRA has no default `target_modules` for {type(self.model).__name__}: pass `target_modules` "
+                    "(a list of module names or suffixes, or a regex) in SaRAConfig."
+                )
+            peft_config.target_modules = set(defaults)
+        return peft_config
+
+    @staticmethod
+    def _create_new_module(config: SaRAConfig, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
+        return dispatch_sara_layer(target, adapter_name, config, **kwargs)
+
+    def _create_and_replace(
+        self,
+        config: SaRAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must be provided to create a SaRA layer.")
+        if isinstance(target, SaRALayer):
+            target.update_layer(adapter_name, config)
+            return
+        new_module = self._create_new_module(config, adapter_name, target)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "SaRA does not support `adapter_names=` (mixed-adapter batches) yet: call `set_adapter(...)` and run "
+                "one forward per adapter instead."
+            )
+        yield
+
+    # ----------------------------------------------------------------------------------------- state dicts
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return cast_values_for_saving(selected, getattr(config, "save_dtype", None))
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        return fit_layers_to_checkpoint(model, adapter_name, remapped)
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def sara_layers(self) -> Iterator[tuple[str, SaRALayer]]:
+        """(name, layer) for every SaRA layer of the model."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, SaRALayer):
+                yield name, module
+
+    def num_sara_parameters(self, adapter_name: Optional[str] = None) -> int:
+        """Trainable SaRA entries of one adapter (default: the active one) over all layers."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return sum(layer.num_trainable(adapter_name) for _, layer in self.sara_layers()
+                   if adapter_name in layer.sara_values)
+
+
+def is_sara_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a SaRA tuner layer."""
+    return isinstance(module, SaRALayer) and isinstance(module, BaseTunerLayer)
+
+
+__all__ = ["SaRAModel", "default_target_modules", "is_sara_layer"]
