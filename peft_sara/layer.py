@@ -14,7 +14,7 @@ from torch import nn
 from . import kernels
 from .config import SaRAConfig
 from .functional import ConvOp, LinearOp, effective_weight, sparse_delta_forward
-from .masks import index_dtype_for, select_trainable_indices
+from .masks import index_dtype_for, select_trainable_indices, still_ineffective
 
 # Scale of the random values drawn when `init_weights=False` (tests need a visible, non-identity update).
 RANDOM_INIT_STD = 0.02
@@ -105,6 +105,21 @@ class SaRALayer(BaseTunerLayer):
             self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
             self.sara_frozen_indices[adapter_name] = frozen_indices.to(device=device, dtype=index_dtype)
             self.sara_frozen_values[adapter_name] = frozen_values.detach().to(device=device, dtype=torch.float32)
+
+    def reselect(self, adapter_name: str) -> torch.Tensor:
+        """Progressive adjustment: keep training only the entries whose current weight is still below the cutoff.
+
+        Entries that grew past it move to the frozen set with their learned deltas. Returns the boolean mask over the
+        previous trainable entries that survived (used to carry optimizer state over).
+        """
+        indices = self.sara_indices[adapter_name]
+        values = self.sara_values[adapter_name].detach()
+        current = self.get_base_layer().weight.detach().reshape(-1).index_select(0, indices).float() + values
+        keep = still_ineffective(current, self.sara_cutoff[adapter_name])
+        frozen_indices = torch.cat([self.sara_frozen_indices[adapter_name], indices[~keep]])
+        frozen_values = torch.cat([self.sara_frozen_values[adapter_name], values[~keep]])
+        self.set_trainable_entries(adapter_name, indices[keep], values[keep], frozen_indices, frozen_values)
+        return keep
 
     def _check_entries(self, adapter_name, indices, values, what):
         numel = self.get_base_layer().weight.numel()
