@@ -206,6 +206,16 @@ class SaRALayer(BaseTunerLayer):
     def _present(self, adapter_names: list[str]) -> list[str]:
         return [name for name in adapter_names if name in self.sara_values]
 
+    @torch.no_grad()
+    def merge_is_finite(self, adapter_name: str) -> bool:
+        """Whether merging ``adapter_name`` would write only finite entries (no weight is changed)."""
+        flat_weight = self.get_base_layer().weight.detach().reshape(-1)
+        for idx, vals, scale in zip(*self._sparse_parts([adapter_name])):
+            merged = flat_weight.index_select(0, idx).float().add(vals.float(), alpha=scale).to(flat_weight.dtype)
+            if not torch.isfinite(merged).all():
+                return False
+        return True
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Write the adapters' updates into the base weight (only the changed entries are touched)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)

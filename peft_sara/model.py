@@ -135,6 +135,30 @@ class SaRAModel(BaseTuner):
             )
         yield
 
+    # ----------------------------------------------------------------------------------------- merging
+    def _check_merge_is_finite(self, adapter_names: Optional[list[str]]) -> None:
+        """Dry run of a safe merge over all layers, so a broken adapter leaves every weight untouched."""
+        for name, layer in self.sara_layers():
+            names = adapter_names if adapter_names is not None else layer.active_adapters
+            for adapter in layer._present(list(names)):
+                if not layer.merge_is_finite(adapter):
+                    raise ValueError(
+                        f"NaNs or infs detected while merging adapter '{adapter}' into layer '{name}': the adapter "
+                        "seems to be broken. Nothing was merged."
+                    )
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_merge_is_finite(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None,
+                                     **kwargs):
+        if merge and safe_merge:
+            self._check_merge_is_finite(adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names, **kwargs)
+
     # ----------------------------------------------------------------------------------------- state dicts
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

@@ -1,0 +1,89 @@
+"""Tiny, seeded models shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import peft_sara  # noqa: F401  (registers the method)
+
+
+class MLPConv(nn.Module):
+    """A small model with every supported layer type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1x1 = nn.Conv2d(8, 8, 1)
+        self.lin0 = nn.Linear(8 * 4 * 4, 32)
+        self.lin1 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1x1(torch.relu(self.conv(x))))
+        x = torch.relu(self.lin0(x.flatten(1)))
+        return self.head(torch.relu(self.lin1(x)))
+
+
+@pytest.fixture
+def mlp_conv() -> MLPConv:
+    torch.manual_seed(0)
+    return MLPConv().eval()
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def unet_inputs(batch: int = 2, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, 8, 8, generator=generator),
+        "timestep": torch.tensor([10] * batch),
+        "encoder_hidden_states": torch.randn(batch, 6, 32, generator=generator),
+    }
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+    ).eval()
+
+
+def sd3_inputs(batch: int = 2, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 4, 8, 8, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 5, 32, generator=generator),
+        "pooled_projections": torch.randn(batch, 16, generator=generator),
+        "timestep": torch.tensor([10] * batch),
+    }
+
+
+def tiny_clip_text(seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                            eos_token_id=1, pad_token_id=1)
+    return CLIPTextModel(config).eval()
