@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -58,8 +59,8 @@ def base_model_id(model: nn.Module) -> Optional[str]:
     config = getattr(model, "config", None)
     for candidate in (getattr(model, "name_or_path", None), getattr(config, "_name_or_path", None),
                       getattr(config, "name_or_path", None)):
-        if isinstance(candidate, str) and candidate:
-            return candidate
+        if isinstance(candidate, (str, os.PathLike)) and str(candidate):
+            return str(candidate)
     return None
 
 
