@@ -1,0 +1,269 @@
+"""Low-rank loss, progressive re-selection, resume, Trainer/accelerate hooks, adapter scaling and combination."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MLPConv, tiny_unet, unet_inputs
+from peft import get_peft_model
+
+from peft_sara import SaRAConfig
+from peft_sara.merging import combine_adapters, set_adapter_strength
+from peft_sara.regularizers import delta_rank_stats, layer_nuclear_norm
+from peft_sara.training import (
+    SaRATrainingHelper,
+    load_training_state,
+    paper_learning_rate,
+    save_training_state,
+)
+
+TARGETS = ["conv", "lin0", "lin1"]
+
+
+def make_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    if "threshold" not in kwargs:
+        kwargs.setdefault("trainable_fraction", 0.3)
+    kwargs.setdefault("init_weights", False)
+    return get_peft_model(MLPConv(), SaRAConfig(target_modules=TARGETS, **kwargs))
+
+
+def batches(count, seed=123):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 4, 4, generator=generator), torch.randn(4, 4, generator=generator))
+            for _ in range(count)]
+
+
+def dense_delta(layer, with_base=False):
+    weight = layer.get_base_layer().weight.detach()
+    values = layer.sara_values["default"]
+    indices = layer.sara_indices["default"].long()
+    base = weight.reshape(-1)[indices].float() if with_base else 0
+    flat = torch.zeros(weight.numel()).index_put((indices,), values + base)
+    return flat.view(weight.shape[0], -1)
+
+
+@pytest.mark.parametrize("target", ["delta", "masked_weight"])
+def test_nuclear_norm_and_gradient_match_dense_reference(target):
+    model = make_model()
+    layer = model.base_model.model.lin0
+    values = layer.sara_values["default"]
+    norm = layer_nuclear_norm(layer, "default", target=target)
+    (grad,) = torch.autograd.grad(norm, values)
+    reference = torch.linalg.svdvals(dense_delta(layer, with_base=target == "masked_weight")).sum()
+    (reference_grad,) = torch.autograd.grad(reference, values)
+    torch.testing.assert_close(norm, reference, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad, reference_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_nuclear_norm_uses_out_by_in_times_kernel_matrix():
+    model = make_model()
+    layer = model.base_model.model.conv
+    norm = layer_nuclear_norm(layer, "default")
+    assert dense_delta(layer).shape == (8, 27)
+    torch.testing.assert_close(norm, torch.linalg.svdvals(dense_delta(layer)).sum(), atol=1e-4, rtol=1e-5)
+    stats = delta_rank_stats(layer, "default")
+    assert stats["shape"] == [8, 27] and 0 < stats["effective_rank"] <= 8
+
+
+def test_randomized_nuclear_norm_is_exact_for_low_rank_updates():
+    model = make_model(trainable_fraction=1.0)
+    layer = model.base_model.model.lin0
+    low_rank = torch.randn(32, 2) @ torch.randn(2, 128)
+    with torch.no_grad():
+        layer.sara_values["default"].copy_(low_rank.reshape(-1)[layer.sara_indices["default"].long()])
+    exact = layer_nuclear_norm(layer, "default", method="svd")
+    approximate = layer_nuclear_norm(layer, "default", method="randomized", oversample=8)
+    torch.testing.assert_close(approximate, exact, rtol=1e-4, atol=1e-4)
+
+
+def train(model, steps, lr=1e-2, lambda_rank=None, helper_seed=0, data=None):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    helper = SaRATrainingHelper(model, optimizer, total_steps=steps, seed=helper_seed)
+    for x, y in data or batches(steps):
+        loss = torch.nn.functional.mse_loss(model(x), y) + helper.regularization()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        helper.step()
+    return optimizer, scheduler, helper
+
+
+def test_low_rank_loss_lowers_the_nuclear_norm_of_the_update():
+    norms = []
+    for lambda_rank in (0.0, 0.05):
+        model = make_model(init_weights=True, lambda_rank=lambda_rank, rank_layers_per_step="all", rank_min_dim=4,
+                           progressive_fraction=None)
+        train(model, 30)
+        norms.append(sum(delta_rank_stats(layer, "default")["nuclear_norm"]
+                         for _, layer in model.base_model.sara_layers()))
+    assert norms[1] < 0.9 * norms[0]
+
+
+def test_regularizer_samples_the_configured_number_of_layers():
+    model = make_model(lambda_rank=1.0, rank_layers_per_step=1, rank_min_dim=4)
+    helper = SaRATrainingHelper(model, total_steps=10)
+    assert len(helper.rank_layers) == 3
+    values = [helper.regularization().item() for _ in range(8)]
+    assert len({round(v, 5) for v in values}) > 1  # different layers are drawn
+    per_layer = {round(layer_nuclear_norm(layer, "default").item(), 5) for layer in helper.rank_layers}
+    assert {round(v, 5) for v in values} <= per_layer
+    assert SaRATrainingHelper(make_model(), total_steps=10).regularization().item() == 0.0
+
+
+def test_reselection_keeps_still_small_entries_and_their_adam_moments():
+    model = make_model(threshold=0.05, init_weights=True, progressive_fraction=None)
+    optimizer, _, helper = train(model, 6, lr=5e-2, data=batches(6))
+    layer = model.base_model.model.lin0
+    old_param = layer.sara_values["default"]
+    old_indices = layer.sara_indices["default"].clone()
+    old_state = {k: v.clone() for k, v in optimizer.state[old_param].items()}
+    current = layer.get_base_layer().weight.reshape(-1)[old_indices.long()] + old_param.detach()
+    expected_keep = current.abs() < 0.05
+    assert 0 < int(expected_keep.sum()) < old_indices.numel(), "the test needs some entries to leave the band"
+    frozen_values_expected = old_param.detach()[~expected_keep]
+    outputs_before = model(batches(1, seed=9)[0][0])
+
+    helper.reselect()
+    new_param = layer.sara_values["default"]
+    assert torch.equal(layer.sara_indices["default"], old_indices[expected_keep])
+    assert torch.equal(layer.sara_frozen_indices["default"], old_indices[~expected_keep])
+    assert torch.equal(layer.sara_frozen_values["default"], frozen_values_expected)
+    assert torch.equal(optimizer.state[new_param]["exp_avg"], old_state["exp_avg"][expected_keep])
+    assert torch.equal(optimizer.state[new_param]["exp_avg_sq"], old_state["exp_avg_sq"][expected_keep])
+    assert torch.equal(optimizer.state[new_param]["step"], old_state["step"])
+    assert old_param not in optimizer.state
+    assert any(p is new_param for group in optimizer.param_groups for p in group["params"])
+    assert torch.equal(model(batches(1, seed=9)[0][0]), outputs_before), "re-selection must not change the model"
+
+
+def test_progressive_step_defaults_to_half_of_planned_steps():
+    model = make_model(threshold=0.05)
+    helper = SaRATrainingHelper(model, total_steps=10)
+    assert helper.progressive_step == 5
+    assert [helper.step() for _ in range(6)] == [False] * 4 + [True, False]
+    assert SaRATrainingHelper(make_model(progressive_step=3), total_steps=10).progressive_step == 3
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
+    steps, split = 8, 5  # the re-selection happens at step 4, before the checkpoint
+    config = dict(threshold=0.05, init_weights=True, lambda_rank=0.01, rank_min_dim=4)
+    data = batches(steps)
+
+    reference = make_model(**config)
+    train(reference, steps, lr=5e-2, data=data)
+
+    def run(model, optimizer, scheduler, helper, chunk):
+        for x, y in chunk:
+            loss = torch.nn.functional.mse_loss(model(x), y) + helper.regularization()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            helper.step()
+
+    def build(model):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=1e-2)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return optimizer, scheduler, SaRATrainingHelper(model, optimizer, total_steps=steps)
+
+    first = make_model(**config)
+    optimizer, scheduler, helper = build(first)
+    run(first, optimizer, scheduler, helper, data[:split])
+    assert helper.reselected
+    save_training_state(tmp_path, first, optimizer, scheduler, helper)
+
+    resumed = make_model(**config)  # a fresh process would rebuild exactly this
+    optimizer, scheduler, helper = build(resumed)
+    load_training_state(tmp_path, resumed, optimizer, scheduler, helper)
+    run(resumed, optimizer, scheduler, helper, data[split:])
+
+    for (_, a), (_, b) in zip(reference.base_model.sara_layers(), resumed.base_model.sara_layers()):
+        assert torch.equal(a.sara_indices["default"], b.sara_indices["default"])
+        assert torch.equal(a.sara_values["default"], b.sara_values["default"])
+        assert torch.equal(a.sara_frozen_values["default"], b.sara_frozen_values["default"])
+
+
+def test_paper_learning_rate():
+    assert paper_learning_rate(2e-3) == pytest.approx(4.966e-4, rel=1e-3)
+
+
+def test_adapter_strength_and_combination(tmp_path):
+    model = make_model()
+    x = batches(1)[0][0]
+    with model.disable_adapter():
+        base_out = model(x)
+    full_out = model(x)
+    set_adapter_strength(model, 0.0)
+    assert torch.equal(model(x), base_out)
+    set_adapter_strength(model, 1.0)
+    assert torch.equal(model(x), full_out)
+
+    model.add_adapter("b", SaRAConfig(target_modules=["lin0", "lin1"], trainable_fraction=0.2, init_weights=False))
+    combine_adapters(model, ["default", "b"], [0.5, 0.25], "mix")
+    for name, layer in model.base_model.sara_layers():
+        expected = 0.5 * layer.get_delta_weight("default").float()
+        if "b" in layer.sara_values:
+            expected += 0.25 * layer.get_delta_weight("b").float()
+        torch.testing.assert_close(layer.get_delta_weight("mix").float(), expected, atol=1e-7, rtol=1e-6)
+    model.save_pretrained(tmp_path, selected_adapters=["mix"])
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    reloaded = PeftModel.from_pretrained(MLPConv(), tmp_path / "mix")
+    model.set_adapter("mix")
+    assert torch.equal(reloaded(x), model(x))
+
+
+def test_accelerate_loop_trains_a_tiny_unet():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = get_peft_model(tiny_unet(), SaRAConfig(trainable_fraction=0.05, lambda_rank=1e-3, rank_min_dim=16))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    helper = SaRATrainingHelper(accelerator.unwrap_model(model), optimizer, total_steps=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for step in range(4):
+        inputs = unet_inputs(batch=1, seed=step)
+        loss = model(**inputs).sample.pow(2).mean() + helper.regularization()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        helper.step()
+    assert helper.reselected and helper.last_regularization > 0
+    after = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(before[n][:1], after[n][:1]) for n in after if after[n].numel())
+
+
+def test_trainer_callback_runs_real_steps_on_a_tiny_unet(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from peft_sara.training import SaRATrainerCallback
+
+    class Noise(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            inputs = unet_inputs(batch=1, seed=index)
+            return {key: value[0] for key, value in inputs.items()}
+
+    class DenoisingTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            return model(**inputs).sample.pow(2).mean()
+
+    model = get_peft_model(tiny_unet(), SaRAConfig(trainable_fraction=0.05, lambda_rank=1e-3, rank_min_dim=16))
+    callback = SaRATrainerCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=2, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                             remove_unused_columns=False)
+    trainer = DenoisingTrainer(model=model, args=args, train_dataset=Noise(), callbacks=[callback])
+    before = model.get_nb_trainable_parameters()[0]
+    trainer.train()
+    assert callback.helper.global_step == 2 and callback.helper.reselected
+    assert model.get_nb_trainable_parameters()[0] <= before
+    assert callback.helper.last_regularization > 0
