@@ -206,15 +206,37 @@ def test_several_index_sets_and_degenerate_shapes():
     assert torch.equal(no_tokens, torch.zeros(dense_set.numel(), device=DEVICE))
 
 
+@needs_kernel_device
+def test_sddmm_accumulates_over_token_chunks_when_copies_exceed_the_budget(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "SDDMM_COPY_BUDGET_BYTES", 0)
+    monkeypatch.setattr(triton_kernels, "SDDMM_BLOCK_TOKENS", 16)  # 37 x 53 fp32 budget -> 16-token chunks
+    grad_output, inputs, indices = sampled_gradient_case(torch.float32, 0.1, torch.int32, n_tokens=40)
+    other_indices = random_indices(37 * 53, 0.01, torch.int64, seed=2)
+    sampled = triton_kernels.linear_weight_grad_values(grad_output, inputs, [indices, other_indices], strategy="sddmm")
+    assert_matches_reference(sampled[0], grad_output, inputs, indices)
+    assert_matches_reference(sampled[1], grad_output, inputs, other_indices)
+
+
 def test_auto_strategy_switches_at_the_density_cutoff(monkeypatch):
-    chosen = []
-    monkeypatch.setattr(triton_kernels, "_sddmm_sampled", lambda g, x, idx: chosen.append("sddmm") or idx.float())
-    monkeypatch.setattr(triton_kernels, "_gemm_sampled", lambda g, x, idx: chosen.append("gemm") or idx.float())
+    sizes_by_strategy = {"sddmm": [], "gemm": []}
+
+    def fake_sddmm(grad_output, inputs, index_sets):
+        sizes_by_strategy["sddmm"] += [indices.numel() for indices in index_sets]
+        return [indices.float() for indices in index_sets]
+
+    def fake_gemm(grad_output, inputs, indices):
+        sizes_by_strategy["gemm"].append(indices.numel())
+        return indices.float()
+
+    monkeypatch.setattr(triton_kernels, "_sddmm_sampled", fake_sddmm)
+    monkeypatch.setattr(triton_kernels, "_gemm_sampled", fake_gemm)
     grad_output, inputs = torch.zeros(4, 100, dtype=torch.bfloat16), torch.zeros(4, 100, dtype=torch.bfloat16)
-    cutoff = triton_kernels.SDDMM_MAX_DENSITY[torch.bfloat16]
-    at_cutoff, above = torch.arange(round(cutoff * 10_000)), torch.arange(round(cutoff * 10_000) + 1)
-    triton_kernels.linear_weight_grad_values(grad_output, inputs, [at_cutoff, above])
-    assert chosen == ["sddmm", "gemm"]
+    at_cutoff = round(triton_kernels.SDDMM_MAX_DENSITY[torch.bfloat16] * 100 * 100)
+    sampled = triton_kernels.linear_weight_grad_values(
+        grad_output, inputs, [torch.arange(at_cutoff + 1), torch.arange(at_cutoff)]
+    )
+    assert sizes_by_strategy == {"sddmm": [at_cutoff], "gemm": [at_cutoff + 1]}
+    assert [values.numel() for values in sampled] == [at_cutoff + 1, at_cutoff]  # results keep the input order
 
 
 def test_tile_plan_is_built_once_per_index_tensor():

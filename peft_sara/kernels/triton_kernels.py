@@ -43,6 +43,9 @@ GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PATCH_BLOCK = 1024
 SDDMM_BLOCK_ENTRIES = 32
 SDDMM_BLOCK_TOKENS = 128
+# The SDDMM reads token-major copies of its operands (coalesced rows); they are made for as many tokens at a time as
+# fit in the larger of this budget and the dense out x in gradient the reference would have allocated.
+SDDMM_COPY_BUDGET_BYTES = 32 * 2**20
 
 
 @triton.jit
@@ -99,7 +102,7 @@ def _sddmm_kernel(
     grad_rows = grad_t_ptr + (flat_positions // in_features) * stride_grad_row
     input_rows = inputs_t_ptr + (flat_positions % in_features) * stride_inputs_row
     tokens = tl.arange(0, BLOCK_TOKENS)
-    acc = tl.zeros([BLOCK_ENTRIES], dtype=tl.float32)
+    acc = tl.load(out_ptr + entries, mask=in_range, other=0.0)  # partial sums of earlier token chunks
     for start in range(0, n_tokens, BLOCK_TOKENS):
         token_ids = start + tokens
         valid = in_range[:, None] & (token_ids[None, :] < n_tokens)
@@ -229,35 +232,51 @@ def linear_weight_grad_values(
     if grad_output.dtype not in GEMM_DTYPES:
         return reference.linear_weight_grad_values(grad_output, inputs, indices_per_adapter)
     weight_numel = grad_output.shape[1] * inputs.shape[1]
-    transposed_operands = None  # (grad_output^T, inputs^T), built once for all SDDMM index sets
-    results = []
-    for indices in indices_per_adapter:
+    results: list[torch.Tensor | None] = [None] * len(indices_per_adapter)
+    sddmm_slots = []
+    for slot, indices in enumerate(indices_per_adapter):
         if indices.numel() == 0 or grad_output.shape[0] == 0:
-            results.append(torch.zeros(indices.numel(), dtype=torch.float32, device=grad_output.device))
+            results[slot] = torch.zeros(indices.numel(), dtype=torch.float32, device=grad_output.device)
             continue
         chosen = strategy
         if chosen == "auto":
             sddmm_cutoff = SDDMM_MAX_DENSITY[grad_output.dtype]
             chosen = "sddmm" if indices.numel() <= sddmm_cutoff * weight_numel else "gemm"
         if chosen == "sddmm":
-            if transposed_operands is None:
-                transposed_operands = _token_major(grad_output, inputs)
-            results.append(_sddmm_sampled(*transposed_operands, indices))
+            sddmm_slots.append(slot)
         else:
-            results.append(_gemm_sampled(grad_output, inputs, indices))
+            results[slot] = _gemm_sampled(grad_output, inputs, indices)
+    if sddmm_slots:
+        sampled = _sddmm_sampled(grad_output, inputs, [indices_per_adapter[slot] for slot in sddmm_slots])
+        for slot, values in zip(sddmm_slots, sampled):
+            results[slot] = values
     return results
 
 
-def _token_major(grad_output: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad_output^T`` (out, N) and ``inputs^T`` (in, N) contiguous in N, inputs in grad_output's dtype."""
-    grad_t = grad_output.t().to(memory_format=torch.contiguous_format)
-    inputs_t = inputs.t().to(dtype=grad_output.dtype, memory_format=torch.contiguous_format)
-    return grad_t, inputs_t
+def _sddmm_sampled(
+    grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_adapter: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Sampled entries by the SDDMM kernel, over token chunks whose token-major copies fit the copy budget."""
+    dtype = grad_output.dtype
+    n_tokens, out_features, in_features = grad_output.shape[0], grad_output.shape[1], inputs.shape[1]
+    budget = max(SDDMM_COPY_BUDGET_BYTES, out_features * in_features * dtype.itemsize)
+    chunk = budget // ((out_features + in_features) * dtype.itemsize)
+    chunk = max(SDDMM_BLOCK_TOKENS, chunk - chunk % SDDMM_BLOCK_TOKENS)
+    sampled = [
+        torch.zeros(indices.numel(), dtype=torch.float32, device=grad_output.device) for indices in indices_per_adapter
+    ]
+    for start in range(0, n_tokens, chunk):
+        # (out, chunk) and (in, chunk), contiguous along tokens; no copy where already so. Inputs are rounded to
+        # grad_output's dtype, as in the reference.
+        grad_t = grad_output[start : start + chunk].t().to(memory_format=torch.contiguous_format)
+        inputs_t = inputs[start : start + chunk].t().to(dtype=dtype, memory_format=torch.contiguous_format)
+        for indices, values in zip(indices_per_adapter, sampled):
+            _launch_sddmm(grad_t, inputs_t, indices, values)
+    return sampled
 
 
-def _sddmm_sampled(grad_t: torch.Tensor, inputs_t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Sampled entries by the SDDMM kernel; ``grad_t`` is (out, N) and ``inputs_t`` (in, N)."""
-    sampled = torch.empty(indices.numel(), dtype=torch.float32, device=grad_t.device)
+def _launch_sddmm(grad_t: torch.Tensor, inputs_t: torch.Tensor, indices: torch.Tensor, sampled: torch.Tensor) -> None:
+    """Add this token chunk's contribution to ``sampled``; ``grad_t`` is (out, chunk) and ``inputs_t`` (in, chunk)."""
     grid = (triton.cdiv(indices.numel(), SDDMM_BLOCK_ENTRIES),)
     _sddmm_kernel[grid](
         grad_t,
@@ -274,7 +293,6 @@ def _sddmm_sampled(grad_t: torch.Tensor, inputs_t: torch.Tensor, indices: torch.
         BLOCK_ENTRIES=SDDMM_BLOCK_ENTRIES,
         BLOCK_TOKENS=SDDMM_BLOCK_TOKENS,
     )
-    return sampled
 
 
 @dataclass(frozen=True)
