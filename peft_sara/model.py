@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import SaRAConfig
 from .layer import SaRALayer, dispatch_sara_layer
-from .serialization import cast_values_for_saving, fit_layers_to_checkpoint
+from .serialization import fit_layers_to_checkpoint, prepare_for_saving
 
 # Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
 # text encoders. Suffix lists, matched by PEFT's usual rules.
@@ -164,7 +164,7 @@ class SaRAModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return cast_values_for_saving(selected, getattr(config, "save_dtype", None))
+        return prepare_for_saving(selected, getattr(config, "save_dtype", None))
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -11,8 +11,12 @@ VALUE_KEYS = ("sara_values", "sara_frozen_values")
 INDEX_KEYS = ("sara_indices", "sara_frozen_indices")
 
 
-def cast_values_for_saving(state_dict: dict[str, torch.Tensor], save_dtype: Optional[str]) -> dict[str, torch.Tensor]:
-    """Cast the stored deltas to ``save_dtype`` (indices are never cast)."""
+def prepare_for_saving(state_dict: dict[str, torch.Tensor], save_dtype: Optional[str]) -> dict[str, torch.Tensor]:
+    """Drop empty frozen-entry tensors (nothing re-selected yet) and cast the deltas to ``save_dtype``."""
+    state_dict = {
+        key: value for key, value in state_dict.items()
+        if not (value.numel() == 0 and ".sara_frozen_" in f".{key}")
+    }
     if save_dtype is None:
         return state_dict
     dtype = getattr(torch, save_dtype)
@@ -74,8 +78,9 @@ def fit_layers_to_checkpoint(
         trainable = (state_dict.get(keys["sara_indices"]), state_dict.get(keys["sara_values"]))
         _check_pair(module_name, "trainable", *trainable, numel)
         frozen = (state_dict.get(keys["sara_frozen_indices"]), state_dict.get(keys["sara_frozen_values"]))
-        if frozen == (None, None):
+        if frozen == (None, None):  # saved before any re-selection: no frozen entries
             frozen = (torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+            state_dict[keys["sara_frozen_indices"]], state_dict[keys["sara_frozen_values"]] = frozen
         _check_pair(module_name, "frozen", *frozen, numel)
         plans.append((layer, trainable, frozen))
 
