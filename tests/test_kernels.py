@@ -328,13 +328,13 @@ def test_kernels_compile_for_hopper_without_a_gpu():
                 "scale": "fp32",
             },
             {"BLOCK": triton_kernels.PATCH_BLOCK, "ROUND_TO_BF16": True},
-            {},
+            {"enable_fp_fusion": triton_kernels.FP_FUSION},
         ),
         (
             triton_kernels._sddmm_kernel,
             {"grad_t_ptr": "*fp16", "inputs_t_ptr": "*fp16", "indices_ptr": "*i64", "out_ptr": "*fp32"},
             {"BLOCK_ENTRIES": triton_kernels.SDDMM_BLOCK_ENTRIES, "BLOCK_TOKENS": triton_kernels.SDDMM_BLOCK_TOKENS},
-            {},
+            {"enable_fp_fusion": triton_kernels.FP_FUSION},
         ),
     ]
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
@@ -348,6 +348,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             "EXACT_FP32": dtype == torch.float32,
         }
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        options["enable_fp_fusion"] = triton_kernels.FP_FUSION
         cases.append((triton_kernels._masked_gemm_kernel, pointers, constants, options))
     for kernel, pointers, constants, options in cases:
         names = kernel.arg_names

@@ -8,11 +8,13 @@ The weight gradient at the trainable entries has two strategies, picked per inde
 (:data:`SDDMM_MAX_DENSITY`):
 
 * ``"sddmm"``: sampled dense-dense matmul. Each program owns a block of trainable entries and reduces the rows of
-  ``grad_output^T`` and ``inputs^T`` they address over the tokens. Work is ``nnz * N``, but on CUDA cores with
-  gathered rows.
-* ``"gemm"``: a tiled ``grad_output^T @ inputs`` on tensor cores (fp32 accumulate) over the tiles that hold trainable
-  entries only; the epilogue stores just those entries. Work is ``out * in * N`` minus empty tiles. The per-index-set
-  tile plan is built once and cached.
+  ``grad_output^T`` and ``inputs^T`` they address over the tokens (token-major copies, made a bounded chunk of tokens
+  at a time). Work is ``nnz * N``, on CUDA cores with gathered rows.
+* ``"gemm"``: a tiled ``grad_output^T @ inputs`` (tensor cores for fp16 / bf16, exact fp32 dot for fp32; fp32
+  accumulate) over the tiles that hold trainable entries only; the epilogue stores just those entries. Work is
+  ``out * in * N`` minus empty tiles. The per-index-set tile plan is built once and cached.
+
+Neither strategy allocates anything of size out x in except the plan's one bit per weight of the non-empty tiles.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ SDDMM_BLOCK_TOKENS = 128
 # The SDDMM reads token-major copies of its operands (coalesced rows); they are made for as many tokens at a time as
 # fit in the larger of this budget and the dense out x in gradient the reference would have allocated.
 SDDMM_COPY_BUDGET_BYTES = 32 * 2**20
+# Contract a * b + c into fma in the reductions (Triton's current default, stated so a changed default changes nothing;
+# the patch kernel rounds once through an explicit fma either way).
+FP_FUSION = True
 
 
 @triton.jit
@@ -192,6 +197,7 @@ def patch_entries_(
             indices.numel(),
             BLOCK=PATCH_BLOCK,
             ROUND_TO_BF16=flat_weight.dtype == torch.bfloat16,
+            enable_fp_fusion=FP_FUSION,
         )
     return saved
 
@@ -202,7 +208,12 @@ def restore_entries_(flat_weight: torch.Tensor, indices: torch.Tensor, saved: to
         _check_flat(flat_weight)
         grid = (triton.cdiv(indices.numel(), PATCH_BLOCK),)
         _restore_entries_kernel[grid](
-            flat_weight, indices.contiguous(), saved.contiguous(), indices.numel(), BLOCK=PATCH_BLOCK
+            flat_weight,
+            indices.contiguous(),
+            saved.contiguous(),
+            indices.numel(),
+            BLOCK=PATCH_BLOCK,
+            enable_fp_fusion=FP_FUSION,
         )
 
 
@@ -292,6 +303,7 @@ def _launch_sddmm(grad_t: torch.Tensor, inputs_t: torch.Tensor, indices: torch.T
         inputs_t.stride(1),
         BLOCK_ENTRIES=SDDMM_BLOCK_ENTRIES,
         BLOCK_TOKENS=SDDMM_BLOCK_TOKENS,
+        enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -346,6 +358,7 @@ def _gemm_sampled(
         EXACT_FP32=grad_output.dtype == torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        enable_fp_fusion=FP_FUSION,
     )
     return sampled
 
