@@ -5,6 +5,8 @@ Importing this package registers the ``"sara"`` method with PEFT, so that ``get_
 """
 
 from .config import SaRAConfig
+from .diffusers_utils import load_sara_adapter, save_sara_adapter
+from .hub import push_sara_adapter, sara_model_card
 from .layer import Conv, Linear, SaRALayer
 from .model import SaRAModel
 from .registration import register
@@ -13,4 +15,7 @@ __version__ = "0.1.0"
 
 PEFT_TYPE = register()
 
-__all__ = ["SaRAConfig", "SaRAModel", "SaRALayer", "Linear", "Conv", "PEFT_TYPE", "__version__"]
+__all__ = [
+    "SaRAConfig", "SaRAModel", "SaRALayer", "Linear", "Conv", "PEFT_TYPE", "__version__",
+    "load_sara_adapter", "save_sara_adapter", "push_sara_adapter", "sara_model_card",
+]

@@ -1,0 +1,382 @@
+"""SaRA adapters in diffusers pipelines: save / load, and diffusers' own adapter API driving SaRA layers.
+
+Every pipeline is tiny, built from configs, saved to disk and loaded back with ``from_pretrained`` (no downloads).
+Adapters are random (``init_weights=False``), so "with adapter" and "base" images differ visibly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import peft_sara
+from peft_sara.diffusers_utils import load_sara_adapter, save_sara_adapter
+from peft_sara.layer import SaRALayer
+
+sys.path.insert(0, os.path.dirname(__file__))  # helper modules beside this file, with or without tests/__init__.py
+import tiny_pipelines  # noqa: E402
+from tiny_pipelines import generate  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAME = {"rtol": 0, "atol": 1e-6}  # same weights, same ops: equal up to float noise
+FUSED = {"rtol": 0, "atol": 1e-4}  # fused vs. patched-on-the-fly
+
+
+def load_sd(path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(path)
+
+
+def sara_layers(module):
+    return [layer for layer in module.modules() if isinstance(layer, SaRALayer)]
+
+
+def base_weights(module):
+    """Every parameter except the SaRA values, cloned, named as in the plain model (without ``.base_layer``)."""
+    return {
+        name.replace(".base_layer", ""): p.detach().clone()
+        for name, p in module.named_parameters()
+        if "sara_" not in name
+    }
+
+
+def assert_weights_equal(module, expected):
+    current = base_weights(module)
+    assert current.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(current[name], tensor), name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest, and steadily, on one thread (OpenMP spinning dominates on busy 2-core machines)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """A saved tiny SD pipeline, base images, and a SaRA adapter on unet + text_encoder saved with save_sara_adapter."""
+    root = tmp_path_factory.mktemp("sd")
+    pipeline_dir = tiny_pipelines.build_sd_pipeline(root)
+    pipe = load_sd(pipeline_dir)
+    base = generate(pipe)
+    tiny_pipelines.add_random_sara_adapter(pipe, "style", components=("unet", "text_encoder"))
+    adapted = generate(pipe)
+    adapter_dir = save_sara_adapter(pipe, root / "sara-style", base_model="org/tiny-sd")
+    assert not np.allclose(adapted, base, atol=1e-3), "the random adapter should change the images"
+    return SimpleNamespace(pipeline_dir=pipeline_dir, adapter_dir=adapter_dir, base=base, adapted=adapted, root=root)
+
+
+@pytest.fixture
+def pipe(sd):
+    return load_sd(sd.pipeline_dir)
+
+
+# ------------------------------------------------------------------------------------------------- saving
+def test_save_writes_one_folder_per_component_and_a_card(sd):
+    files = sorted(str(p.relative_to(sd.adapter_dir)) for p in sd.adapter_dir.rglob("*") if p.is_file())
+    assert files == [
+        "README.md",
+        "text_encoder/adapter_config.json",
+        "text_encoder/adapter_model.safetensors",
+        "unet/adapter_config.json",
+        "unet/adapter_model.safetensors",
+    ]
+    for component in ("unet", "text_encoder"):
+        config = json.loads((sd.adapter_dir / component / "adapter_config.json").read_text())
+        assert config["peft_type"] == "SARA"
+        assert config["base_model_name_or_path"] == "org/tiny-sd"
+        assert config["inference_mode"] is True
+    card = (sd.adapter_dir / "README.md").read_text()
+    assert "base_model: org/tiny-sd" in card and "import peft_sara" in card and "load_sara_adapter" in card
+
+
+def test_save_without_adapter_name_needs_exactly_one_adapter(pipe, tmp_path):
+    with pytest.raises(ValueError, match="no SaRA adapter"):
+        save_sara_adapter(pipe, tmp_path / "none")
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def test_loaded_adapter_reproduces_the_saving_pipeline(sd, pipe):
+    name = load_sara_adapter(pipe, sd.adapter_dir)
+    assert name == "sara-style"  # default: the folder name
+    assert pipe.get_list_adapters() == {"unet": ["sara-style"], "text_encoder": ["sara-style"]}
+    assert pipe.get_active_adapters() == ["sara-style"]
+    # Components stay diffusers / transformers models, so the pipeline can still save and load them.
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
+
+
+def test_fuse_matches_unfused_images_and_unfuse_restores_weights_bitwise(sd, pipe):
+    before = {"unet": base_weights(pipe.unet), "text_encoder": base_weights(pipe.text_encoder)}
+    load_sara_adapter(pipe, sd.adapter_dir, adapter_name="style")
+    pipe.fuse_lora()
+    assert pipe.num_fused_loras == 1
+    assert all(layer.merged for layer in sara_layers(pipe.unet) + sara_layers(pipe.text_encoder))
+    np.testing.assert_allclose(generate(pipe), sd.adapted, **FUSED)
+    pipe.unfuse_lora()
+    assert pipe.num_fused_loras == 0
+    for component in ("unet", "text_encoder"):
+        for layer in sara_layers(getattr(pipe, component)):
+            assert not layer.merged
+    # Unmerging writes the saved base entries back: the base weights are bitwise the ones before loading.
+    assert_weights_equal(pipe.unet, before["unet"])
+    assert_weights_equal(pipe.text_encoder, before["text_encoder"])
+
+
+def test_load_with_fuse_true_bakes_the_adapter_in(sd, pipe):
+    load_sara_adapter(pipe, sd.adapter_dir, fuse=True)
+    assert pipe.num_fused_loras == 1
+    np.testing.assert_allclose(generate(pipe), sd.adapted, **FUSED)
+
+
+def test_disable_lora_gives_the_base_images_exactly_and_enable_lora_restores(sd, pipe):
+    load_sara_adapter(pipe, sd.adapter_dir)
+    pipe.disable_lora()
+    assert np.array_equal(generate(pipe), sd.base)
+    pipe.enable_lora()
+    np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
+
+
+def test_set_adapters_weight_zero_gives_the_base_images_exactly(sd, pipe):
+    name = load_sara_adapter(pipe, sd.adapter_dir)
+    pipe.set_adapters([name], [0.0])
+    assert np.array_equal(generate(pipe), sd.base)
+    pipe.set_adapters([name], [1.0])
+    np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
+
+
+def test_cross_attention_scale_scales_unet_and_text_encoder_for_one_call(sd, pipe):
+    name = load_sara_adapter(pipe, sd.adapter_dir)
+    # scale=0 switches the update off in the UNet (cross_attention_kwargs) and the text encoder (lora_scale).
+    assert np.array_equal(generate(pipe, cross_attention_kwargs={"scale": 0.0}), sd.base)
+    half = generate(pipe, cross_attention_kwargs={"scale": 0.5})
+    assert not np.allclose(half, sd.base, atol=1e-4) and not np.allclose(half, sd.adapted, atol=1e-4)
+    # The scale applies to one call only, and matches the same strength set persistently.
+    pipe.set_adapters([name], [0.5])
+    np.testing.assert_allclose(generate(pipe), half, atol=1e-5, rtol=0)
+    assert all(layer.sara_scaling[name] == 0.5 for layer in sara_layers(pipe.unet))
+
+
+def test_load_scale_sets_the_adapter_strength(sd, pipe):
+    name = load_sara_adapter(pipe, sd.adapter_dir, scale=0.0)
+    assert all(layer.sara_scaling[name] == 0.0 for layer in sara_layers(pipe.unet) + sara_layers(pipe.text_encoder))
+    assert np.array_equal(generate(pipe), sd.base)
+
+
+def test_unload_lora_weights_removes_every_sara_layer(sd, pipe):
+    load_sara_adapter(pipe, sd.adapter_dir)
+    pipe.unload_lora_weights()
+    assert not sara_layers(pipe.unet) and not sara_layers(pipe.text_encoder)
+    assert not hasattr(pipe.unet, "peft_config")
+    assert np.array_equal(generate(pipe), sd.base)
+
+
+def test_delete_adapters_and_a_second_adapter_combine_with_set_adapters(sd, pipe):
+    first = load_sara_adapter(pipe, sd.adapter_dir, adapter_name="first")
+    second = load_sara_adapter(pipe, sd.adapter_dir, adapter_name="second", components=["unet"])
+    assert pipe.get_list_adapters() == {"unet": ["first", "second"], "text_encoder": ["first"]}
+    # The new adapter becomes the active one where it was loaded.
+    assert all(layer.active_adapters == ["second"] for layer in sara_layers(pipe.unet))
+    pipe.set_adapters([first, second], [1.0, 0.0])
+    np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
+    pipe.delete_adapters([first, second])
+    assert np.array_equal(generate(pipe), sd.base)
+
+
+def test_pipe_save_pretrained_after_loading_writes_a_loadable_pipeline(sd, pipe, tmp_path):
+    name = load_sara_adapter(pipe, sd.adapter_dir)
+    pipe.save_pretrained(tmp_path / "unfused")
+    # The SaRA layers are back and still active after saving.
+    np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
+    # Unfused adapters are not part of the saved weights: the reloaded pipeline is the base one.
+    reloaded = load_sd(tmp_path / "unfused")
+    assert not sara_layers(reloaded.unet)
+    assert np.array_equal(generate(reloaded), sd.base)
+    # Fused adapters are baked in.
+    pipe.fuse_lora(adapter_names=[name])
+    pipe.save_pretrained(tmp_path / "fused")
+    np.testing.assert_allclose(generate(load_sd(tmp_path / "fused")), sd.adapted, **FUSED)
+
+
+# ------------------------------------------------------------------------------------------------- layouts
+def test_single_model_adapter_at_the_root_loads_into_the_denoiser(sd, pipe, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from peft import get_peft_model
+
+    unet = UNet2DConditionModel.from_pretrained(sd.pipeline_dir, subfolder="unet")
+    torch.manual_seed(1)
+    peft_unet = get_peft_model(unet, peft_sara.SaRAConfig(trainable_fraction=0.05, init_weights=False))
+    peft_unet.save_pretrained(tmp_path / "my.unet", save_embedding_layers=False)
+    assert (tmp_path / "my.unet" / "adapter_config.json").is_file()
+
+    name = load_sara_adapter(pipe, tmp_path / "my.unet")
+    assert name == "my_unet"  # dots are not allowed in adapter names
+    assert pipe.get_list_adapters() == {"unet": ["my_unet"]}
+    expected = {k.replace(".default", ""): v for k, v in peft_unet.state_dict().items() if "sara_" in k}
+    loaded = {k.replace(".my_unet", ""): v for k, v in pipe.unet.state_dict().items() if "sara_" in k}
+    assert {f"base_model.model.{k}" for k in loaded} == set(expected)
+    for key, value in loaded.items():
+        assert torch.equal(value, expected[f"base_model.model.{key}"]), key
+
+
+def test_subfolder_and_components_select_what_is_loaded(sd, pipe, tmp_path):
+    import shutil
+
+    shutil.copytree(sd.adapter_dir, tmp_path / "repo" / "v1")
+    name = load_sara_adapter(pipe, tmp_path / "repo", subfolder="v1", components=["text_encoder"])
+    assert name == "repo"
+    assert pipe.get_list_adapters() == {"text_encoder": ["repo"]}
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def test_lora_adapter_is_rejected_with_a_pointer_to_load_lora_weights(pipe, tmp_path):
+    (tmp_path / "lora" / "unet").mkdir(parents=True)
+    (tmp_path / "lora" / "unet" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(ValueError, match="'LORA' adapter, not a SaRA adapter.*load_lora_weights"):
+        load_sara_adapter(pipe, tmp_path / "lora")
+    assert not hasattr(pipe.unet, "peft_config")
+
+
+def test_component_missing_in_the_pipeline_is_named(sd, pipe, tmp_path):
+    import shutil
+
+    shutil.copytree(sd.adapter_dir, tmp_path / "sdxl-like")
+    shutil.copytree(sd.adapter_dir / "text_encoder", tmp_path / "sdxl-like" / "text_encoder_2")
+    with pytest.raises(ValueError, match=r"weights for \['text_encoder_2'\].*components=\[\.\.\.\]"):
+        load_sara_adapter(pipe, tmp_path / "sdxl-like")
+    with pytest.raises(ValueError, match=r"no weights for \['transformer'\]"):
+        load_sara_adapter(pipe, sd.adapter_dir, components=["transformer"])
+    assert not sara_layers(pipe.unet)
+
+
+def test_missing_files_raise_file_not_found(sd, pipe, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="No 'adapter_config.json'"):
+        load_sara_adapter(pipe, tmp_path / "empty")
+    (tmp_path / "no-weights" / "unet").mkdir(parents=True)
+    (tmp_path / "no-weights" / "unet" / "adapter_config.json").write_text(
+        (sd.adapter_dir / "unet" / "adapter_config.json").read_text()
+    )
+    with pytest.raises(FileNotFoundError, match="no 'adapter_model.safetensors'"):
+        load_sara_adapter(pipe, tmp_path / "no-weights")
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a valid Hub repo id"):
+        load_sara_adapter(pipe, str(tmp_path / "does" / "not" / "exist"))
+    with pytest.raises(FileNotFoundError, match="no subfolder 'v2'"):
+        load_sara_adapter(pipe, sd.adapter_dir, subfolder="v2")
+
+
+def test_taken_adapter_name_is_refused_before_anything_changes(sd, pipe):
+    load_sara_adapter(pipe, sd.adapter_dir, adapter_name="style", components=["unet"])
+    with pytest.raises(ValueError, match="already has an adapter named 'style'"):
+        load_sara_adapter(pipe, sd.adapter_dir, adapter_name="style")
+    assert pipe.get_list_adapters() == {"unet": ["style"]}
+
+
+def test_failed_load_leaves_no_adapter_behind(sd, pipe, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sd.adapter_dir, broken)
+    weights = load_file(broken / "unet" / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("sara_indices"))
+    weights[key] = weights[key] + 10**9  # indices past the end of the weight
+    save_file(weights, broken / "unet" / "adapter_model.safetensors")
+    before = {"unet": base_weights(pipe.unet), "text_encoder": base_weights(pipe.text_encoder)}
+
+    with pytest.raises(ValueError, match="indices span"):
+        load_sara_adapter(pipe, broken)  # text_encoder loads first, then unet fails
+    assert not sara_layers(pipe.unet) and not sara_layers(pipe.text_encoder)
+    assert not hasattr(pipe.text_encoder, "peft_config")
+    assert_weights_equal(pipe.unet, before["unet"])
+    assert_weights_equal(pipe.text_encoder, before["text_encoder"])
+
+
+# ------------------------------------------------------------------------------------------------- SD3
+def test_sd3_transformer_and_text_encoders_round_trip(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    def load_sd3():
+        return StableDiffusion3Pipeline.from_pretrained(pipeline_dir, text_encoder_3=None, tokenizer_3=None)
+
+    pipeline_dir = tiny_pipelines.build_sd3_pipeline(tmp_path)
+    pipe = load_sd3()
+    base = generate(pipe)
+    tiny_pipelines.add_random_sara_adapter(pipe, "a", components=("transformer", "text_encoder_2"))
+    adapted = generate(pipe)
+    assert not np.allclose(adapted, base, atol=1e-3)
+    save_sara_adapter(pipe, tmp_path / "sd3-adapter")
+    assert sorted(p.name for p in (tmp_path / "sd3-adapter").iterdir()) == [
+        "README.md",
+        "text_encoder_2",
+        "transformer",
+    ]
+
+    fresh = load_sd3()
+    name = load_sara_adapter(fresh, tmp_path / "sd3-adapter")
+    assert fresh.get_list_adapters() == {"transformer": [name], "text_encoder_2": [name]}
+    np.testing.assert_allclose(generate(fresh), adapted, **SAME)
+    assert np.array_equal(generate(fresh, joint_attention_kwargs={"scale": 0.0}), base)
+    fresh.disable_lora()
+    assert np.array_equal(generate(fresh), base)
+    fresh.enable_lora()
+    fresh.fuse_lora()
+    np.testing.assert_allclose(generate(fresh), adapted, **FUSED)
+
+
+# ------------------------------------------------------------------------------------------------- example
+def test_inference_example_writes_a_comparison_grid(sd, tmp_path):
+    spec = importlib.util.spec_from_file_location("sara_inference_example", REPO_ROOT / "examples" / "inference.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    output = example.main(
+        [
+            "--pretrained_model_name_or_path",
+            str(sd.pipeline_dir),
+            "--adapter",
+            str(sd.adapter_dir),
+            "--prompt",
+            tiny_pipelines.PROMPT,
+            "--num_images",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "0",
+            "--scale",
+            "1.0",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--guidance_scale",
+            "1.0",
+            "--compare",
+            "--fuse",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path / "grid.png"),
+        ]
+    )
+    from PIL import Image
+
+    grid = np.asarray(Image.open(output)).astype(np.float32) / 255
+    assert grid.shape == (2 * 32, 2 * 32, 3)
+    # Top-left tile: seed 0 without the adapter; bottom-left: seed 0 with it.
+    np.testing.assert_allclose(grid[:32, :32], sd.base[0], atol=1 / 255 + 1e-6)
+    np.testing.assert_allclose(grid[32:, :32], sd.adapted[0], atol=1 / 255 + 1e-3)
