@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
+import inspect
 import json
 import logging
 import os
@@ -289,17 +289,29 @@ def base_layers_swapped_in(module: nn.Module) -> Iterator[nn.Module]:
             module._hf_peft_config_loaded = flag
 
 
-def install_save_bridge(module: nn.Module) -> None:
-    """Make ``module.save_pretrained`` write the plain (base, or fused) model while SaRA layers are injected."""
-    if not hasattr(module, "save_pretrained") or getattr(module.save_pretrained, "_sara_save_bridge", False):
-        return
-    original = module.save_pretrained
+class _SaveWithBaseLayers:
+    """``save_pretrained`` of one module, run with its tuner layers swapped for their base layers.
 
-    @functools.wraps(original)
-    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+    Stored as an instance attribute, so it shadows the class method for that module only. It holds the module
+    rather than a bound method, so that ``copy.deepcopy`` of the module yields a bridge to the copy, and it exposes the
+    original signature, which ``DiffusionPipeline.save_pretrained`` inspects to choose its keyword arguments.
+    """
+
+    _sara_save_bridge = True
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.module).save_pretrained.__get__(self.module))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        layers = [layer for layer in module.modules() if isinstance(layer, SaRALayer)]
         unfused = sorted(
-            {name for layer in module.modules() if isinstance(layer, SaRALayer) for name in layer.sara_values}
-            - {name for layer in module.modules() if isinstance(layer, SaRALayer) for name in layer.merged_adapters}
+            {name for layer in layers for name in layer.sara_values}
+            - {name for layer in layers for name in layer.merged_adapters}
         )
         if unfused:
             logger.warning(
@@ -309,10 +321,18 @@ def install_save_bridge(module: nn.Module) -> None:
                 unfused,
             )
         with base_layers_swapped_in(module):
-            return original(*args, **kwargs)
+            return type(module).save_pretrained(module, *args, **kwargs)
 
-    save_pretrained._sara_save_bridge = True
-    module.save_pretrained = save_pretrained
+    def __deepcopy__(self, memo: dict) -> _SaveWithBaseLayers:
+        # While the module itself is deep-copied, `memo` already maps it to its copy.
+        return _SaveWithBaseLayers(memo.get(id(self.module), self.module))
+
+
+def install_save_bridge(module: nn.Module) -> None:
+    """Make ``module.save_pretrained`` write the plain (base, or fused) model while tuner layers are injected."""
+    if not hasattr(type(module), "save_pretrained") or getattr(module.save_pretrained, "_sara_save_bridge", False):
+        return
+    module.save_pretrained = _SaveWithBaseLayers(module)
 
 
 # ------------------------------------------------------------------------------------------------- public API

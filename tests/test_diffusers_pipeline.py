@@ -213,6 +213,21 @@ def test_pipe_save_pretrained_after_loading_writes_a_loadable_pipeline(sd, pipe,
     np.testing.assert_allclose(generate(load_sd(tmp_path / "fused")), sd.adapted, **FUSED)
 
 
+def test_save_bridge_follows_deep_copies(sd, pipe, tmp_path):
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    load_sara_adapter(pipe, sd.adapter_dir)
+    clone = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        clone.conv_in.weight.zero_()
+    clone.save_pretrained(tmp_path / "clone")
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "clone")
+    assert torch.count_nonzero(saved.conv_in.weight) == 0  # the copy was saved, not the original
+    assert torch.count_nonzero(pipe.unet.conv_in.weight) > 0
+
+
 # ------------------------------------------------------------------------------------------------- layouts
 def test_single_model_adapter_at_the_root_loads_into_the_denoiser(sd, pipe, tmp_path):
     from diffusers import UNet2DConditionModel
