@@ -92,6 +92,13 @@ class SaRAModel(BaseTuner):
         with contextlib.suppress(AttributeError, TypeError):
             model.model_tags = tags
 
+    def _post_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
+        # diffusers' `add_adapter` path: keep `model.save_pretrained` writing a loadable base (or fused) checkpoint.
+        from .diffusers_utils import install_save_bridge
+
+        if any(cls.__name__ in ("ModelMixin", "PreTrainedModel") for cls in type(model).__mro__):
+            install_save_bridge(model)
+
     def _prepare_adapter_config(self, peft_config: SaRAConfig, model_config: dict) -> SaRAConfig:
         if peft_config.target_modules is None:
             defaults = default_target_modules(self.model)

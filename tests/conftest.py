@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+if "triton" not in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        # Without a GPU, Triton kernels can only run through its interpreter, which must be chosen before Triton is
+        # first imported: this lets tests/test_kernels.py check the kernels in this process.
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 from torch import nn

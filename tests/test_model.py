@@ -207,7 +207,7 @@ def test_default_targets_for_unet_sd3_and_clip_text():
     }
 
 
-def test_diffusers_add_adapter_injects_in_place():
+def test_diffusers_add_adapter_injects_in_place(tmp_path):
     unet = tiny_unet()
     base_out = unet(**unet_inputs()).sample
     unet.add_adapter(SaRAConfig(trainable_fraction=0.1, init_weights=False), adapter_name="style")
@@ -219,3 +219,7 @@ def test_diffusers_add_adapter_injects_in_place():
     unet.enable_adapters()
     assert torch.equal(unet(**unet_inputs()).sample, adapted)
     assert unet.active_adapters() == ["style"]
+    # The component still saves as a plain diffusers model (the base weights; adapters are saved separately).
+    unet.save_pretrained(tmp_path / "unet")
+    reloaded = type(unet).from_pretrained(tmp_path / "unet")
+    assert torch.equal(reloaded(**unet_inputs()).sample, base_out)
