@@ -306,12 +306,17 @@ def sd3_loss(denoiser, noise_scheduler, latents, conditioning, args) -> torch.Te
 def save_checkpoint(save_path: str, denoiser, optimizer, lr_scheduler, helper: SaRATrainingHelper) -> None:
     """Adapter-only checkpoint: the adapter in PEFT format plus optimizer, scheduler, SaRA-helper and RNG states."""
     # `save_training_state` writes the adapter with `model.save_pretrained`, which on a diffusers model writes the
-    # whole model; point that call at the adapter-only writer while it runs.
+    # whole model; point that call at the adapter-only writer while it runs, then put back what was there (the
+    # instance-level save bridge peft_sara installs on adapted models).
+    previous = denoiser.__dict__.get("save_pretrained")
     denoiser.save_pretrained = functools.partial(save_component_adapter, denoiser, adapter_name=ADAPTER_NAME)
     try:
         save_training_state(save_path, denoiser, optimizer, lr_scheduler, helper)
     finally:
-        del denoiser.save_pretrained
+        if previous is None:
+            del denoiser.save_pretrained
+        else:
+            denoiser.save_pretrained = previous
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:

@@ -308,10 +308,38 @@ def test_sd3_run_trains_the_transformer_with_flow_matching(runs):
     assert any(value.abs().sum() > 0 for key, value in values.items() if "sara_values" in key)
 
 
-def test_threshold_and_trainable_fraction_are_mutually_exclusive(capsys):
+@pytest.fixture(scope="module")
+def script():
+    """The example imported as a module, for its helpers."""
     spec = importlib.util.spec_from_file_location("train_text_to_image_sara", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_checkpoints_are_adapter_only_and_leave_the_models_save_pretrained_alone(script, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from peft_sara import SaRAConfig
+    from peft_sara.training import SaRATrainingHelper
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip
+    unet.add_adapter(SaRAConfig(), adapter_name=script.ADAPTER_NAME)
+    save_pretrained = unet.save_pretrained
+    optimizer = torch.optim.AdamW([param for param in unet.parameters() if param.requires_grad])
+    helper = SaRATrainingHelper(unet, optimizer, total_steps=4)
+
+    script.save_checkpoint(str(tmp_path / "checkpoint-1"), unet, optimizer, None, helper)
+    assert {path.name for path in (tmp_path / "checkpoint-1").iterdir()} == CHECKPOINT_FILES
+    assert unet.save_pretrained == save_pretrained
+
+
+def test_threshold_and_trainable_fraction_are_mutually_exclusive(script, capsys):
     required = ["--pretrained_model_name_or_path", "x", "--train_data_dir", "d"]
     with pytest.raises(SystemExit):
         script.parse_args([*required, "--threshold", "1e-3", "--trainable_fraction", "0.1"])
