@@ -1,0 +1,230 @@
+"""Inference cost of a SaRA adapter: base forward vs SaRA unmerged vs SaRA merged, and the time to merge / unmerge.
+
+Builds the preset's seeded random-init model, times the plain model, injects a SaRA adapter with random (non-zero)
+values, times the unmerged forward (entries patched into the weight on the fly), merges, times the merged forward
+(the plain model's cost plus the layers' dispatch), and unmerges. Also checks that the merged output equals the unmerged
+one within tolerance and that unmerging restores every base weight bitwise. Prints a table and writes
+``benchmarks/results/inference-<preset>-bs<B>-<device>.json``.
+
+    python -m benchmarks.inference --preset small
+    python -m benchmarks.inference --preset sd15 --device cuda --dtype bfloat16 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python benchmarks/inference.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from peft import get_peft_model
+
+import peft_sara
+from benchmarks.common import (
+    PRESETS,
+    RESULTS_DIR,
+    build_model,
+    cuda_device_name,
+    format_table,
+    machine_info,
+    make_batch,
+    median,
+    model_output,
+    resolve_device,
+    set_threads,
+    synchronize,
+    time_call,
+    write_json,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Merged and unmerged runs compute with the same effective weight entries, so they should agree to rounding.
+TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-3), torch.float16: (1e-3, 1e-4)}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
+    """All measurements of one run (on the current process)."""
+    set_threads(spec["threads"])
+    device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
+    preset = PRESETS[spec["preset"]]
+    model = build_model(preset, spec["seed"], device, dtype).eval()
+    batch = make_batch(preset, spec["batch_size"], spec["seed"], device, dtype)
+    repeats, warmup = spec["repeats"], spec["warmup"]
+
+    def forward(target) -> torch.Tensor:
+        with torch.no_grad():
+            return model_output(target, batch.inputs)
+
+    base_times = time_call(lambda: forward(model), device, repeats, warmup)
+    base_output = forward(model)
+    model_parameters = sum(param.numel() for param in model.parameters())
+
+    config = peft_sara.SaRAConfig(**spec["sara_selection"], init_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    layers = [layer for _, layer in peft_model.base_model.sara_layers()]
+    base_weights = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+
+    unmerged_times = time_call(lambda: forward(peft_model), device, repeats, warmup)
+    unmerged_output = forward(peft_model)
+
+    merge_times, unmerge_times, merged_times, merged_output = [], [], [], None
+    for _ in range(spec["merge_repeats"]):
+        synchronize(device)
+        merge_times.append(_timed(lambda: (peft_model.merge_adapter(), synchronize(device))))
+        if merged_output is None:
+            merged_times = time_call(lambda: forward(peft_model), device, repeats, warmup)
+            merged_output = forward(peft_model)
+        unmerge_times.append(_timed(lambda: (peft_model.unmerge_adapter(), synchronize(device))))
+
+    restored_bitwise = all(
+        torch.equal(layer.get_base_layer().weight, saved) for layer, saved in zip(layers, base_weights)
+    )
+    with peft_model.disable_adapter():
+        output_after_unmerge = forward(peft_model)
+
+    rtol, atol = TOLERANCES[dtype]
+    difference = (merged_output.float() - unmerged_output.float()).abs()
+    base_time = median(base_times)
+    return {
+        "sara_trainable": sum(layer.num_trainable("default") for layer in layers),
+        "sara_layers": len(layers),
+        "model_parameters": model_parameters,
+        "times_s": {
+            "base_forward": base_time,
+            "sara_unmerged_forward": median(unmerged_times),
+            "sara_merged_forward": median(merged_times),
+            "merge": median(merge_times),
+            "unmerge": median(unmerge_times),
+        },
+        "times_s_all": {
+            "base_forward": base_times,
+            "sara_unmerged_forward": unmerged_times,
+            "sara_merged_forward": merged_times,
+            "merge": merge_times,
+            "unmerge": unmerge_times,
+        },
+        "checks": {
+            "merged_matches_unmerged": bool(torch.allclose(merged_output, unmerged_output, rtol=rtol, atol=atol)),
+            "merged_equals_unmerged_bitwise": bool(torch.equal(merged_output, unmerged_output)),
+            "merged_vs_unmerged_max_abs_diff": float(difference.max()),
+            "tolerance": {"rtol": rtol, "atol": atol},
+            "unmerge_restores_base_bitwise": bool(restored_bitwise),
+            "base_output_restored_bitwise": bool(torch.equal(output_after_unmerge, base_output)),
+            "adapter_changes_output": not bool(torch.allclose(unmerged_output, base_output, rtol=rtol, atol=atol)),
+        },
+        "device_name": cuda_device_name(device),
+    }
+
+
+TABLE_COLUMNS = [("what", "what", ""), ("ms", "median ms", ".2f"), ("vs_base", "x base forward", ".3f")]
+
+
+def table_rows(times: dict[str, float]) -> list[dict[str, Any]]:
+    base = times["base_forward"]
+    return [{"what": what, "ms": seconds * 1e3, "vs_base": seconds / base} for what, seconds in times.items()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards before each timed series")
+    parser.add_argument("--merge-repeats", type=int, default=5, help="merge / unmerge cycles timed")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: usable cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument(
+        "--sara-fraction", type=float, default=None, help="SaRA trainable_fraction (default: the preset's)"
+    )
+    selection.add_argument("--sara-threshold", type=float, default=None, help="SaRA threshold instead of a fraction")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/inference-<preset>-bs<B>-<device>.json)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    resolved = resolve_device(args.device, args.threads)
+    if args.sara_threshold is not None:
+        selection = {"threshold": args.sara_threshold}
+    else:
+        selection = {"trainable_fraction": args.sara_fraction or preset.sara_fraction}
+    spec = {
+        "preset": preset.name,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "merge_repeats": args.merge_repeats,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "threads": resolved.threads,
+        "device": str(resolved.device),
+        "sara_selection": selection,
+    }
+    machine = machine_info(resolved.device, resolved.threads)
+    print(
+        f"preset {preset.name}: {preset.description}; batch {args.batch_size}; {args.dtype}; device "
+        f"{resolved.device}; {resolved.threads} threads; SaRA {selection}",
+        flush=True,
+    )
+
+    result = run_inference(spec)
+    machine["load_average_at_end"] = list(os.getloadavg())
+    if result["device_name"]:
+        machine["device_name"] = result["device_name"]
+    table = format_table(table_rows(result["times_s"]), TABLE_COLUMNS)
+    print(f"\nSaRA: {result['sara_trainable'] / 1e6:.3f}M entries in {result['sara_layers']} layers\n")
+    print(table)
+    print()
+    for name, value in result["checks"].items():
+        print(f"  {name}: {value}")
+
+    out = args.out or RESULTS_DIR / f"inference-{preset.name}-bs{args.batch_size}-{resolved.device.type}.json"
+    payload = {
+        "benchmark": "inference",
+        "preset": {
+            "name": preset.name,
+            "description": preset.description,
+            "config": preset.config,
+            "latent_size": preset.latent_size,
+            "text_tokens": preset.text_tokens,
+        },
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "merge_repeats": args.merge_repeats,
+        "seed": args.seed,
+        "sara_selection": selection,
+        "machine": machine,
+        **result,
+        "table": table,
+    }
+    write_json(out, payload)
+    print(f"\nwrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,555 @@
+"""Time and memory of one training step: SaRA against full fine-tuning, LoRA, SHiRA, Super-Tuning and a masked baseline.
+
+Every method runs on the same seeded random-init model, the same batch and the same loss (MSE between the model's
+prediction and a random target, random timesteps and text embeddings), each in a fresh process forked from this one,
+so their memory peaks do not mix. Prints a table and the ratios to full fine-tuning and to LoRA r=8, and writes
+``benchmarks/results/train_step-<preset>-bs<B>-<device>.json``.
+
+    python -m benchmarks.train_step --preset small --batch-size 4
+    python -m benchmarks.train_step --preset sd15 --batch-size 4 --device cuda --steps 20 --warmup 5
+    python -m benchmarks.train_step --methods full_ft,lora_r8,sara
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python benchmarks/train_step.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
+from safetensors.torch import save_file
+from torch import nn
+
+import peft_sara
+from benchmarks.common import (
+    PRESETS,
+    RESULTS_DIR,
+    Batch,
+    MemoryProbe,
+    ModelPreset,
+    PhaseClock,
+    build_model,
+    cuda_device_name,
+    diffusion_loss,
+    directory_bytes,
+    format_table,
+    machine_info,
+    make_batch,
+    max_rss_bytes,
+    median,
+    mib,
+    resolve_device,
+    run_in_fresh_process,
+    set_threads,
+    target_layers,
+    write_json,
+)
+from peft_sara.masks import select_trainable_indices
+
+METHODS: dict[str, str] = {
+    "frozen_forward": "frozen base, forward only (torch.no_grad)",
+    "floor": "frozen base, forward + backward to the input latents only (no trainable parameters)",
+    "full_ft": "full fine-tuning, AdamW on every parameter",
+    "lora_r8": "PEFT LoRA r=8 (alpha 8) on SaRA's target modules (Linear + Conv2d)",
+    "lora_matched": "PEFT LoRA on SaRA's target modules at the rank whose trainable count matches SaRA's",
+    "shira": "PEFT SHiRA (random sparse support) on SaRA's Linear targets, r matched to SaRA's Linear count",
+    "supertuning": "PEFT Super-Tuning bottom-k (select_top=False) on SaRA's Linear targets, SaRA's Linear count",
+    "masked_dense": "target weights fully trainable, dense grads masked to SaRA's entries after backward, AdamW",
+    "sara": "peft-sara SaRA, AdamW on the sparse values",
+}
+REFERENCE_FULL, REFERENCE_LORA, FLOOR = "full_ft", "lora_r8", "floor"
+LEARNING_RATE, WEIGHT_DECAY = 1e-4, 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def sara_config(plan_or_args: dict[str, Any], **overrides: Any) -> peft_sara.SaRAConfig:
+    """The SaRA config of this run: default diffusers targets, selection by fraction or threshold."""
+    selection = plan_or_args["sara_selection"]
+    return peft_sara.SaRAConfig(**selection, **overrides)
+
+
+def make_plan(spec: dict[str, Any]) -> dict[str, Any]:
+    """SaRA's targets and per-layer trainable counts, and the matched settings of the other methods (in a child)."""
+    set_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    preset = PRESETS[spec["preset"]]
+    model = build_model(preset, spec["seed"], device)
+    total_params = sum(param.numel() for param in model.parameters())
+    peft_model = get_peft_model(model, sara_config(spec))
+    layers = []
+    for name, layer in peft_model.base_model.sara_layers():
+        base = layer.get_base_layer()
+        is_conv = isinstance(base, nn.Conv2d)
+        kernel = base.kernel_size[0] * base.kernel_size[1] if is_conv else 1
+        groups = base.groups if is_conv else 1
+        layers.append(
+            {
+                "name": name,
+                "kind": "conv" if is_conv else "linear",
+                "in": layer.in_features,
+                "out": layer.out_features,
+                "numel": base.weight.numel(),
+                "sara_count": layer.num_trainable("default"),
+                # LoRA's trainable count per unit of rank: A is (r, in/groups, k, k), B is (out, r, 1, 1) / Linear.
+                "lora_per_rank": layer.in_features // groups * kernel + layer.out_features,
+            }
+        )
+    linear = [layer for layer in layers if layer["kind"] == "linear"]
+    sara_total = sum(layer["sara_count"] for layer in layers)
+    sara_linear = sum(layer["sara_count"] for layer in linear)
+    linear_numel = sum(layer["numel"] for layer in linear)
+
+    lora_matched_rank = max(1, round(sara_total / sum(layer["lora_per_rank"] for layer in layers)))
+    # SHiRA trains r * (in + out) entries per layer (at most in * out): one global r.
+    shira_rank = max(1, round(sara_linear / sum(layer["in"] + layer["out"] for layer in linear)))
+    shira_rank = min([shira_rank] + [layer["in"] * layer["out"] // (layer["in"] + layer["out"]) for layer in linear])
+    return {
+        "sara_selection": spec["sara_selection"],
+        "model_parameters": total_params,
+        "sara_trainable": sara_total,
+        "sara_trainable_linear": sara_linear,
+        "targeted_weight_entries": sum(layer["numel"] for layer in layers),
+        "linear_weight_entries": linear_numel,
+        "target_names": [layer["name"] for layer in layers],
+        "linear_target_names": [layer["name"] for layer in linear],
+        "num_target_layers": {"linear": len(linear), "conv": len(layers) - len(linear)},
+        "lora_matched_rank": lora_matched_rank,
+        "shira_rank": shira_rank,
+        "supertuning_sparsity": 1.0 - sara_linear / linear_numel,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ one method
+class TrainingStep:
+    """One method's model, optimizer and step; ``mode`` is 'forward', 'input_grad' or 'train'."""
+
+    def __init__(self, model: nn.Module, batch: Batch, mode: str, optimizer=None, grad_masks=(), save=None):
+        self.model, self.batch, self.mode = model, batch, mode
+        self.optimizer, self.grad_masks, self.save = optimizer, list(grad_masks), save
+
+    def run(self, clock: PhaseClock) -> None:
+        if self.mode == "forward":
+            with torch.no_grad():
+                diffusion_loss(self.model, self.batch)
+            clock.mark("forward")
+            return
+        loss = diffusion_loss(self.model, self.batch)
+        clock.mark("forward")
+        loss.backward()
+        clock.mark("backward")
+        if self.mode == "input_grad":
+            for tensor in self.batch.inputs.values():
+                tensor.grad = None
+            clock.mark("optimizer")
+            return
+        for param, mask in self.grad_masks:
+            param.grad.mul_(mask)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clock.mark("optimizer")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [param for param in self.model.parameters() if param.requires_grad]
+
+
+def _adamw(params: Sequence[nn.Parameter], weight_decay: float = WEIGHT_DECAY) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=weight_decay)
+
+
+def _peft_step(model: nn.Module, batch: Batch, config) -> TrainingStep:
+    peft_model = get_peft_model(model, config)
+    params = [param for param in peft_model.parameters() if param.requires_grad]
+    return TrainingStep(peft_model, batch, "train", _adamw(params), save=peft_model.save_pretrained)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor]):
+    def save(directory: str) -> None:
+        save_file(
+            {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
+            os.path.join(directory, "weights.safetensors"),
+        )
+
+    return save
+
+
+def setup_method(
+    method: str, model: nn.Module, batch: Batch, preset: ModelPreset, plan: dict[str, Any], seed: int
+) -> TrainingStep:
+    """Prepare ``method`` on ``model`` (in place) and return its step."""
+    if method in ("frozen_forward", "floor"):
+        model.requires_grad_(False)
+        if method == "floor":
+            batch.inputs[preset.input_key].requires_grad_(True)
+            return TrainingStep(model, batch, "input_grad")
+        return TrainingStep(model, batch, "forward")
+    if method == "full_ft":
+        model.requires_grad_(True)
+        return TrainingStep(
+            model, batch, "train", _adamw(list(model.parameters())), save=_save_tensors(model.state_dict())
+        )
+    if method in ("lora_r8", "lora_matched"):
+        rank = 8 if method == "lora_r8" else plan["lora_matched_rank"]
+        return _peft_step(
+            model, batch, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=plan["target_names"])
+        )
+    if method == "shira":
+        return _peft_step(
+            model,
+            batch,
+            ShiraConfig(r=plan["shira_rank"], random_seed=seed, target_modules=plan["linear_target_names"]),
+        )
+    if method == "supertuning":
+        return _peft_step(
+            model,
+            batch,
+            SupertuningConfig(
+                sparsity=plan["supertuning_sparsity"], select_top=False, target_modules=plan["linear_target_names"]
+            ),
+        )
+    if method == "sara":
+        return _peft_step(model, batch, sara_config(plan))
+    if method == "masked_dense":
+        model.requires_grad_(False)
+        layers = target_layers(model, plan["target_names"])
+        grad_masks = []
+        for layer in layers.values():
+            weight = layer.weight
+            weight.requires_grad_(True)
+            indices, _ = select_trainable_indices(weight, **plan["sara_selection"])
+            mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+            mask[indices.long()] = True
+            grad_masks.append((weight, mask.view_as(weight)))
+        # No weight decay: AdamW's decay would move the frozen entries, which a masked baseline must keep.
+        optimizer = _adamw([weight for weight, _ in grad_masks], weight_decay=0.0)
+        step = TrainingStep(
+            model,
+            batch,
+            "train",
+            optimizer,
+            grad_masks,
+            save=_save_tensors({f"{name}.weight": layer.weight for name, layer in layers.items()}),
+        )
+        return step
+    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
+
+
+def run_method(spec: dict[str, Any], plan: dict[str, Any], method: str) -> dict[str, Any]:
+    """Measure one method (runs in a fresh child process)."""
+    set_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    preset = PRESETS[spec["preset"]]
+    probe = MemoryProbe(device)
+    model = build_model(preset, spec["seed"], device)
+    batch = make_batch(preset, spec["batch_size"], spec["seed"], device)
+    memory_after_build = probe.current()
+
+    probe.reset_peak()
+    step = setup_method(method, model, batch, preset, plan, spec["seed"])
+    setup_peak = probe.peak()
+    memory_after_setup = probe.current()
+
+    probe.reset_peak()
+    wall, cpu = [], []
+    for index in range(spec["warmup"] + spec["steps"]):
+        clock = PhaseClock(device)
+        step.run(clock)
+        if index >= spec["warmup"]:
+            wall.append(clock.wall)
+            cpu.append(clock.cpu)
+    peak = probe.peak()
+
+    trainable = step.trainable_parameters()
+    result = {
+        "method": method,
+        "description": METHODS[method],
+        "trainable_params": sum(param.numel() for param in trainable),
+        "phases_s": {phase: median([w[phase] for w in wall]) for phase in wall[0]},
+        "step_s": median([sum(w.values()) for w in wall]),
+        "step_cpu_s": median([sum(c.values()) for c in cpu]),
+        "step_s_all": [sum(w.values()) for w in wall],
+        "memory_after_build_bytes": memory_after_build,
+        "memory_after_setup_bytes": memory_after_setup,
+        "setup_peak_bytes": setup_peak,
+        "peak_bytes": peak,
+        "peak_delta_bytes": peak - memory_after_build,
+        "peak_measure": "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else (
+            "RSS high-water mark (VmHWM, reset after setup)"
+            if probe.can_reset_cpu_peak
+            else "RSS high-water mark since process start (could not reset)"
+        ),
+        "process_max_rss_bytes": max_rss_bytes(),
+        "adapter_bytes": None,
+        "device_name": cuda_device_name(device),
+    }
+    if method == "masked_dense":
+        result["trainable_params"] = sum(int(mask.sum()) for _, mask in step.grad_masks)
+        result["dense_params_in_optimizer"] = sum(param.numel() for param, _ in step.grad_masks)
+    if spec.get("profile"):
+        result["profile_top_ops"] = profile_step(step, device, spec["profile"])
+    if step.save is not None:
+        with tempfile.TemporaryDirectory() as directory:
+            step.save(directory)
+            result["adapter_bytes"] = directory_bytes(Path(directory))
+    return result
+
+
+def profile_step(step: TrainingStep, device: torch.device, top: int) -> list[dict[str, Any]]:
+    """The ``top`` operators by self time in one extra (untimed) step, under ``torch.profiler``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        step.run(PhaseClock(device))
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(profiler.key_averages(), key=lambda event: getattr(event, key), reverse=True)
+    total = sum(getattr(event, key) for event in events) or 1
+    return [
+        {
+            "op": event.key,
+            "self_ms": getattr(event, key) / 1e3,
+            "share": getattr(event, key) / total,
+            "calls": event.count,
+        }
+        for event in events[:top]
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def add_ratios(results: dict[str, dict[str, Any]]) -> None:
+    """Memory cost (peak minus the floor's peak) and the ratios of step time and cost to full FT and LoRA r=8."""
+    floor = results.get(FLOOR)
+    for result in results.values():
+        result["memory_cost_bytes"] = None if floor is None else result["peak_bytes"] - floor["peak_bytes"]
+    for result in results.values():
+        for reference, suffix in ((REFERENCE_FULL, "full_ft"), (REFERENCE_LORA, "lora_r8")):
+            base = results.get(reference)
+            result[f"step_vs_{suffix}"] = None if base is None else result["step_s"] / base["step_s"]
+            cost, base_cost = result["memory_cost_bytes"], None if base is None else base["memory_cost_bytes"]
+            result[f"memory_cost_vs_{suffix}"] = (
+                None if cost is None or not base_cost or base_cost <= 0 else cost / base_cost
+            )
+
+
+def check_targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The project's performance targets for SaRA, with the measured values (nothing is adjusted)."""
+    sara = results.get("sara")
+    if sara is None:
+        return []
+    targets = []
+
+    def add(name: str, value: float | None, limit: float, below: bool = True) -> None:
+        met = None if value is None else (value <= limit if below else value >= limit)
+        targets.append({"target": name, "measured": value, "limit": limit, "met": met})
+
+    add("SaRA step time <= 0.95 x full fine-tuning", sara.get("step_vs_full_ft"), 0.95)
+    add("SaRA step time <= 1.05 x LoRA r=8", sara.get("step_vs_lora_r8"), 1.05)
+    add("SaRA memory cost < LoRA r=8 memory cost (ratio < 1)", sara.get("memory_cost_vs_lora_r8"), 1.0)
+    add("SaRA memory cost < full fine-tuning memory cost (ratio < 1)", sara.get("memory_cost_vs_full_ft"), 1.0)
+    if "lora_matched" in results:
+        lora = results["lora_matched"]
+        add("SaRA step time <= LoRA at matched trainable count", sara["step_s"] / lora["step_s"], 1.0)
+    if "masked_dense" in results and results["masked_dense"]["memory_cost_bytes"]:
+        ratio = sara["memory_cost_bytes"] / results["masked_dense"]["memory_cost_bytes"]
+        add("SaRA memory cost < masked dense baseline (ratio < 1)", ratio, 1.0)
+    return targets
+
+
+TABLE_COLUMNS = [
+    ("method", "method", ""),
+    ("trainable_M", "trainable M", ".3f"),
+    ("adapter_MiB", "adapter MiB", ".2f"),
+    ("forward_s", "fwd s", ".3f"),
+    ("backward_s", "bwd s", ".3f"),
+    ("optimizer_s", "opt s", ".3f"),
+    ("step_s", "step s", ".3f"),
+    ("step_cpu_s", "cpu s", ".3f"),
+    ("peak_MiB", "peak MiB", ".0f"),
+    ("peak_delta_MiB", "peak-build MiB", ".0f"),
+    ("cost_MiB", "cost MiB", ".0f"),
+    ("step_vs_full_ft", "step/full", ".2f"),
+    ("step_vs_lora_r8", "step/lora8", ".2f"),
+    ("memory_cost_vs_full_ft", "cost/full", ".2f"),
+    ("memory_cost_vs_lora_r8", "cost/lora8", ".2f"),
+]
+
+
+def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for method, result in results.items():
+        phases = result["phases_s"]
+        rows.append(
+            {
+                "method": method,
+                "trainable_M": result["trainable_params"] / 1e6,
+                "adapter_MiB": mib(result["adapter_bytes"]),
+                "forward_s": phases.get("forward"),
+                "backward_s": phases.get("backward"),
+                "optimizer_s": phases.get("optimizer"),
+                "step_s": result["step_s"],
+                "step_cpu_s": result["step_cpu_s"],
+                "peak_MiB": mib(result["peak_bytes"]),
+                "peak_delta_MiB": mib(result["peak_delta_bytes"]),
+                "cost_MiB": mib(result["memory_cost_bytes"]),
+                **{
+                    key: result.get(key)
+                    for key in (
+                        "step_vs_full_ft",
+                        "step_vs_lora_r8",
+                        "memory_cost_vs_full_ft",
+                        "memory_cost_vs_lora_r8",
+                    )
+                },
+            }
+        )
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
+    parser.add_argument("--methods", default="all", help=f"comma-separated subset of: {', '.join(METHODS)}")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: usable cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument(
+        "--sara-fraction", type=float, default=None, help="SaRA trainable_fraction (default: the preset's)"
+    )
+    selection.add_argument(
+        "--sara-threshold",
+        type=float,
+        default=None,
+        help="SaRA threshold instead of a fraction (pre-trained weights only)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile one more step per method and print / store its N top operators by self time",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/train_step-<preset>-bs<B>-<device>.json)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    methods = list(METHODS) if args.methods == "all" else [name.strip() for name in args.methods.split(",")]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise SystemExit(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
+    preset = PRESETS[args.preset]
+    resolved = resolve_device(args.device, args.threads)
+    if args.sara_threshold is not None:
+        selection = {"threshold": args.sara_threshold}
+    else:
+        selection = {"trainable_fraction": args.sara_fraction or preset.sara_fraction}
+    spec = {
+        "preset": preset.name,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "threads": resolved.threads,
+        "device": str(resolved.device),
+        "sara_selection": selection,
+        "profile": args.profile,
+    }
+    machine = machine_info(resolved.device, resolved.threads)
+
+    print(
+        f"preset {preset.name}: {preset.description}; batch {args.batch_size}; device {resolved.device}; "
+        f"{resolved.threads} threads; {args.warmup} warmup + {args.steps} timed steps per method",
+        flush=True,
+    )
+    plan = run_in_fresh_process(make_plan, spec)
+    print(
+        f"model {plan['model_parameters'] / 1e6:.2f}M parameters; SaRA ({selection}) trains "
+        f"{plan['sara_trainable'] / 1e6:.3f}M of {plan['targeted_weight_entries'] / 1e6:.2f}M targeted weight "
+        f"entries in {plan['num_target_layers']} layers ({plan['sara_trainable_linear'] / 1e6:.3f}M in Linear); "
+        f"LoRA matched rank {plan['lora_matched_rank']}, SHiRA r {plan['shira_rank']}, "
+        f"Super-Tuning sparsity {plan['supertuning_sparsity']:.4f}",
+        flush=True,
+    )
+
+    results: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        results[method] = run_in_fresh_process(run_method, spec, plan, method)
+        print(
+            f"  {method:15s} step {results[method]['step_s']:.3f} s  peak {mib(results[method]['peak_bytes']):.0f} MiB",
+            flush=True,
+        )
+    add_ratios(results)
+    targets = check_targets(results)
+    machine["load_average_at_end"] = list(os.getloadavg())
+    device_names = {result["device_name"] for result in results.values() if result["device_name"]}
+    if device_names:
+        machine["device_name"] = device_names.pop()
+
+    table = format_table(table_rows(results), TABLE_COLUMNS)
+    print()
+    print(table)
+    print()
+    for target in targets:
+        value = "n/a" if target["measured"] is None else f"{target['measured']:.3f}"
+        verdict = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
+        print(f"  {target['target']}: measured {value} (limit {target['limit']}) -> {verdict}")
+    for method, result in results.items():
+        if "profile_top_ops" in result:
+            print(f"\nprofile of one {method} step (self time):")
+            for row in result["profile_top_ops"]:
+                print(f"  {row['self_ms']:10.1f} ms  {row['share']:6.1%}  {row['calls']:6d}x  {row['op']}")
+
+    out = args.out or RESULTS_DIR / f"train_step-{preset.name}-bs{args.batch_size}-{resolved.device.type}.json"
+    payload = {
+        "benchmark": "train_step",
+        "preset": {
+            "name": preset.name,
+            "description": preset.description,
+            "config": preset.config,
+            "latent_size": preset.latent_size,
+            "text_tokens": preset.text_tokens,
+        },
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "threads": resolved.threads,
+        "optimizer": {
+            "name": "AdamW",
+            "lr": LEARNING_RATE,
+            "weight_decay": WEIGHT_DECAY,
+            "masked_dense_weight_decay": 0.0,
+        },
+        "loss": "MSE(model(latents, random timesteps, random text embeddings), random target)",
+        "machine": machine,
+        "plan": {key: value for key, value in plan.items() if not key.endswith("target_names")},
+        "methods": results,
+        "targets": targets,
+        "table": table,
+    }
+    write_json(out, payload)
+    print(f"\nwrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
