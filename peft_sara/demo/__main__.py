@@ -1,0 +1,5 @@
+"""``python -m peft_sara.demo``."""
+
+from . import main
+
+raise SystemExit(main())

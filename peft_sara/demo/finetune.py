@@ -1,0 +1,130 @@
+"""Fine-tuning the pretrained base to the new style, with SaRA and (for comparison) PEFT LoRA.
+
+Both methods run through the same loop with the same batches, noise, timesteps, schedule and seed; only the
+adapter, its learning rate and SaRA's training helper differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm.auto import tqdm
+
+from ..config import SaRAConfig
+from ..training import SaRATrainingHelper, sara_layers
+from .diffusion import BatchSampler, diffusion_loss
+
+WEIGHT_DECAY = 1e-2  # the paper's AdamW setting, used for both methods
+
+
+def make_sara_model(base: UNet2DModel, trainable_fraction: float, lambda_rank: float, rank_min_dim: int) -> PeftModel:
+    """A copy of ``base`` with a SaRA adapter on diffusers' default UNet targets (``target_modules=None``)."""
+    config = SaRAConfig(
+        trainable_fraction=trainable_fraction,
+        lambda_rank=lambda_rank,
+        rank_min_dim=rank_min_dim,
+        progressive_fraction=0.5,
+    )
+    return get_peft_model(copy.deepcopy(base), config)
+
+
+def adapted_module_names(model: PeftModel) -> list[str]:
+    """Dotted names (relative to the UNet) of the modules carrying a SaRA layer."""
+    return sorted(name for name, _ in sara_layers(model.get_base_model()))
+
+
+def selection_summary(model: PeftModel) -> dict:
+    """How SaRA's selection came out: per-layer |w| cutoffs and the number of selected entries."""
+    cutoffs, selected, targeted = [], 0, 0
+    for _, layer in sara_layers(model.get_base_model()):
+        cutoffs.append(layer.sara_cutoff["default"])
+        selected += layer.num_trainable("default")
+        targeted += layer.get_base_layer().weight.numel()
+    cutoffs.sort()
+    return {
+        "rule": model.peft_config["default"].selection_rule,
+        "layers": len(cutoffs),
+        "targeted_weights": targeted,
+        "selected_entries": selected,
+        "cutoff_min": cutoffs[0],
+        "cutoff_median": cutoffs[len(cutoffs) // 2],
+        "cutoff_max": cutoffs[-1],
+    }
+
+
+def make_lora_model(base: UNet2DModel, target_names: list[str], parameter_budget: int, seed: int) -> PeftModel:
+    """A copy of ``base`` with a LoRA adapter on exactly ``target_names``, at the rank whose trainable-parameter
+    count is closest to ``parameter_budget`` (LoRA's count grows linearly with the rank)."""
+    per_rank, _ = get_peft_model(copy.deepcopy(base), _lora_config(target_names, 1)).get_nb_trainable_parameters()
+    rank = max(1, round(parameter_budget / per_rank))
+    torch.manual_seed(seed)  # LoRA draws its A matrices from the global generator
+    return get_peft_model(copy.deepcopy(base), _lora_config(target_names, rank))
+
+
+def _lora_config(target_names: list[str], rank: int) -> LoraConfig:
+    # alpha = rank keeps the LoRA scale at 1, so the learning rate alone sets the step size
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_names), init_lora_weights=True)
+
+
+@dataclass
+class FinetuneHistory:
+    """What one fine-tuning run did."""
+
+    losses: list[float] = field(default_factory=list)  # diffusion loss per step (without the low-rank term)
+    rank_losses: list[float] = field(default_factory=list)  # SaRA's low-rank loss per step (0 for LoRA)
+    reselected_at_step: int | None = None
+    trainable_after_reselection: int | None = None
+    seconds: float = 0.0
+
+
+def finetune(
+    model: PeftModel,
+    noise_scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    description: str,
+    use_sara_helper: bool,
+) -> FinetuneHistory:
+    """Train ``model``'s adapter on (images, labels); with ``use_sara_helper`` the SaRA training helper adds the
+    low-rank loss and performs the progressive re-selection (it keeps the optimizer in step)."""
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=WEIGHT_DECAY)
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    helper = SaRATrainingHelper(model, optimizer, total_steps=steps, seed=seed) if use_sara_helper else None
+    batches = BatchSampler(images, labels, batch_size, seed)
+    history = FinetuneHistory()
+    model.train()
+    start = time.perf_counter()
+    progress = tqdm(range(steps), desc=description, unit="step", dynamic_ncols=True)
+    for step in progress:
+        loss = diffusion_loss(model, noise_scheduler, *batches.next())
+        rank_loss = helper.regularization() if helper is not None else torch.zeros(())
+        (loss + rank_loss).backward()
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.losses.append(loss.item())
+        history.rank_losses.append(rank_loss.item())
+        if helper is not None and helper.step():
+            history.reselected_at_step = step + 1
+            history.trainable_after_reselection = helper.trainable_count()
+            progress.write(
+                f"  progressive re-selection at step {step + 1}: {history.trainable_after_reselection:,} entries "
+                "still below their cutoff stay trainable, the rest are frozen at their learned values"
+            )
+        recent = history.losses[-50:]
+        progress.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+    history.seconds = time.perf_counter() - start
+    model.eval()
+    return history

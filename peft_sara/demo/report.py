@@ -1,0 +1,113 @@
+"""The demo's outputs: sample grids, the comparison figure, the loss-curve plot and the printed summary table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CELL_SCALE = 6  # each 8x8 digit is drawn as a 48x48 block of pixels
+GAP_VALUE = 128  # grey lines between digits, visible on both dark and light styles
+
+
+def grid_array(images: torch.Tensor, per_row: int) -> np.ndarray:
+    """uint8 array tiling ``images`` (N, 1, H, W in [-1, 1]) ``per_row`` to a row, with one-pixel grey gaps."""
+    pixels = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    count, height, width = pixels.shape
+    rows = -(-count // per_row)
+    grid = np.full((rows * (height + 1) + 1, per_row * (width + 1) + 1), GAP_VALUE, dtype=np.uint8)
+    for position, image in enumerate(pixels):
+        row, column = divmod(position, per_row)
+        grid[
+            1 + row * (height + 1) : 1 + row * (height + 1) + height,
+            1 + column * (width + 1) : 1 + column * (width + 1) + width,
+        ] = image
+    return grid
+
+
+def save_grid(images: torch.Tensor, per_row: int, path: Path) -> None:
+    """Save ``images`` as a PNG grid, scaled up (nearest neighbour) so single pixels stay crisp."""
+    from PIL import Image
+
+    grid = grid_array(images, per_row)
+    picture = Image.fromarray(grid)
+    picture.resize((grid.shape[1] * CELL_SCALE, grid.shape[0] * CELL_SCALE), Image.NEAREST).save(path)
+
+
+def save_comparison_figure(
+    panels: Sequence[Sequence[tuple[str, torch.Tensor]]], row_titles: Sequence[str], per_row: int, path: Path
+) -> None:
+    """One figure: a row of titled grids per class group (e.g. held-out target, base, SaRA, LoRA)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(row) for row in panels)
+    figure, axes = plt.subplots(len(panels), columns, figsize=(3.1 * columns, 3.0 * len(panels)), squeeze=False)
+    for row_axes, row, row_title in zip(axes, panels, row_titles):
+        for axis, (title, images) in zip(row_axes, row):
+            axis.imshow(grid_array(images, per_row), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            axis.set_title(title, fontsize=9)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        row_axes[0].set_ylabel(row_title, fontsize=9)
+        for axis in row_axes[len(row) :]:
+            axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    smoothed, running = [], None
+    for value in values:
+        running = value if running is None else weight * running + (1 - weight) * value
+        smoothed.append(running)
+    return smoothed
+
+
+def save_loss_plot(curves: dict[str, Sequence[float]], markers: dict[str, int], path: Path, title: str) -> None:
+    """Training loss per step (faint) and its moving average (bold) for each method; ``markers`` draws a dashed
+    line at a named step (e.g. SaRA's progressive re-selection)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for (name, losses), color in zip(curves.items(), ("tab:red", "tab:blue", "tab:green")):
+        steps = range(1, len(losses) + 1)
+        axis.plot(steps, losses, color=color, alpha=0.2, linewidth=0.8)
+        axis.plot(steps, _smooth(losses), color=color, linewidth=2, label=f"{name} (moving average)")
+    for label, step in markers.items():
+        axis.axvline(step, color="gray", linestyle="--", linewidth=1)
+        axis.text(step, axis.get_ylim()[1], f" {label}", va="top", fontsize=8, color="gray")
+    axis.set_xlabel("fine-tuning step")
+    axis.set_ylabel("diffusion loss (MSE on noise)")
+    axis.set_title(title, fontsize=10)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table with columns padded to their widest cell."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    line = "  ".join("-" * width for width in widths)
+    render = lambda cells: "  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths))  # noqa: E731
+    return "\n".join([render(header), line, *(render(row) for row in rows)])
+
+
+def human_bytes(size: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
