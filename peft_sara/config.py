@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -68,40 +68,40 @@ class SaRAConfig(PeftConfig):
             together with `progressive_step=None` disables re-selection.
     """
 
-    threshold: Optional[float] = field(default=None, metadata={"help": "Train entries with |w| < threshold."})
-    trainable_fraction: Optional[float] = field(
+    threshold: float | None = field(default=None, metadata={"help": "Train entries with |w| < threshold."})
+    trainable_fraction: float | None = field(
         default=None, metadata={"help": "Train the smallest fraction of each weight by magnitude."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names (list, suffixes) or a full-match regex to adapt."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex never to adapt."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Layer indices to adapt (list targets only)."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list that layers_to_transform indexes."}
     )
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise the update (identity adapter); False for random tests."}
     )
-    save_dtype: Optional[str] = field(
+    save_dtype: str | None = field(
         default=None, metadata={"help": "Dtype of stored values: float32, float16 or bfloat16."}
     )
     kernel: Literal["auto", "triton", "reference"] = field(
         default="auto", metadata={"help": "Masked-weight kernel: auto, triton or reference."}
     )
     lambda_rank: float = field(default=0.0, metadata={"help": "Weight of the nuclear-norm low-rank loss."})
-    rank_layers_per_step: Union[int, str] = field(
+    rank_layers_per_step: int | str = field(
         default=1, metadata={"help": "Layers sampled per step by the low-rank loss, or 'all'."}
     )
     rank_min_dim: int = field(default=64, metadata={"help": "Minimum matrix dimension for the low-rank loss."})
-    rank_target_modules: Optional[Union[list[str], str]] = field(
+    rank_target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Adapted modules the low-rank loss may sample (None: all that qualify)."}
     )
     rank_method: Literal["svd", "randomized"] = field(
@@ -111,10 +111,10 @@ class SaRAConfig(PeftConfig):
     rank_target: Literal["delta", "masked_weight"] = field(
         default="delta", metadata={"help": "Nuclear norm of the sparse update or of the masked effective weight."}
     )
-    progressive_step: Optional[int] = field(
+    progressive_step: int | None = field(
         default=None, metadata={"help": "Step of the progressive re-selection (overrides progressive_fraction)."}
     )
-    progressive_fraction: Optional[float] = field(
+    progressive_fraction: float | None = field(
         default=0.5, metadata={"help": "Re-select after this fraction of the planned steps; None disables."}
     )
 

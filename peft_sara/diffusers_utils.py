@@ -64,6 +64,7 @@ PICKLE_NAME = "adapter_model.bin"
 CARD_NAME = "README.md"
 # Components a root (single-model) adapter is loaded into, in order of preference.
 DENOISER_COMPONENTS = ("unet", "transformer", "prior", "decoder")
+KNOWN_COMPONENTS = DENOISER_COMPONENTS + ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 # Files fetched from a Hub repo: never the base model or anything else that happens to live there.
 ADAPTER_FILE_PATTERNS = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
 
@@ -144,7 +145,13 @@ def _resolve_folder(
 
 def _component_folders(folder: Path, pipe_modules: dict[str, nn.Module], components: Sequence[str] | None):
     """Map component name -> adapter folder, following the layout described in the module docstring."""
-    found = {child.name: child for child in sorted(folder.iterdir()) if (child / CONFIG_NAME).is_file()}
+    # Only subfolders named like pipeline components count (training output folders also hold checkpoint-*/).
+    component_like = set(pipe_modules) | set(components or ()) | set(KNOWN_COMPONENTS)
+    found = {
+        child.name: child
+        for child in sorted(folder.iterdir())
+        if (child / CONFIG_NAME).is_file() and child.name in component_like
+    }
     if not found and (folder / CONFIG_NAME).is_file():
         wanted = list(components) if components else [name for name in DENOISER_COMPONENTS if name in pipe_modules]
         if not wanted:

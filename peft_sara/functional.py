@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +52,7 @@ class LinearOp:
 
     transposed: bool = False
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight.t() if self.transposed else weight, bias)
 
     def backward(self, grad_output, x, weight, bias, need_input, indices_per_adapter, need_values, backend):
@@ -88,7 +87,7 @@ class ConvOp:
     dilation: tuple[int, ...]
     groups: int
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
         return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -158,7 +157,7 @@ def sparse_delta_forward(
     op: LinearOp | ConvOp,
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     indices_per_adapter: Sequence[torch.Tensor],
     values_per_adapter: Sequence[torch.Tensor],
     scales: Sequence[float],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,9 +83,9 @@ class SaRALayer(BaseTunerLayer):
         self,
         adapter_name: str,
         indices: torch.Tensor,
-        values: Optional[torch.Tensor] = None,
-        frozen_indices: Optional[torch.Tensor] = None,
-        frozen_values: Optional[torch.Tensor] = None,
+        values: torch.Tensor | None = None,
+        frozen_indices: torch.Tensor | None = None,
+        frozen_values: torch.Tensor | None = None,
     ) -> None:
         """Replace an adapter's trainable (and frozen) entries, e.g. after re-selection or to fit a checkpoint.
 
@@ -136,7 +136,7 @@ class SaRALayer(BaseTunerLayer):
                 f"{tuple(indices.shape)}."
             )
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # Keep the values in float32 whatever the base dtype; only follow the base weight's device.
         device = device if device is not None else self.get_base_layer().weight.device
         for container in (self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values):
@@ -178,7 +178,7 @@ class SaRALayer(BaseTunerLayer):
             if adapter in self.sara_scaling:
                 self.sara_scaling[adapter] *= scale
 
-    def unscale_layer(self, scale: Optional[float] = None) -> None:
+    def unscale_layer(self, scale: float | None = None) -> None:
         """Undo :meth:`scale_layer` (``None`` resets the active adapters to strength 1.0)."""
         for adapter in self.active_adapters:
             if adapter not in self.sara_scaling:
@@ -198,7 +198,7 @@ class SaRALayer(BaseTunerLayer):
             delta.index_add_(0, idx.long(), vals.detach().float() * scale)
         return delta.view_as(weight).to(weight.dtype)
 
-    def get_effective_weight(self, adapter_names: Optional[list[str]] = None) -> torch.Tensor:
+    def get_effective_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
         """Dense copy of the weight the layer computes with (base with the adapters' entries patched)."""
         adapter_names = self._present(adapter_names if adapter_names is not None else self.active_adapters)
         return effective_weight(self.get_base_layer().weight, *self._sparse_parts(adapter_names))
@@ -216,7 +216,7 @@ class SaRALayer(BaseTunerLayer):
                 return False
         return True
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write the adapters' updates into the base weight (only the changed entries are touched)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
@@ -241,7 +241,7 @@ class SaRALayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the base weight bitwise."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         flat_weight = self.get_base_layer().weight.data.view(-1)
         while self.merged_adapters:

@@ -7,7 +7,6 @@ magnitude cutoff it implies, which progressive re-selection reuses.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -20,7 +19,7 @@ def index_dtype_for(numel: int) -> torch.dtype:
 
 
 def select_trainable_indices(
-    weight: torch.Tensor, threshold: Optional[float] = None, trainable_fraction: Optional[float] = None
+    weight: torch.Tensor, threshold: float | None = None, trainable_fraction: float | None = None
 ) -> tuple[torch.Tensor, float]:
     """Flat indices (ascending) of the entries to train, and the strict magnitude cutoff that selected them.
 

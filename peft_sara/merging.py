@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from torch import nn
 from .training import sara_layers
 
 
-def set_adapter_strength(model: nn.Module, strength: float, adapter_name: Optional[str] = None) -> None:
+def set_adapter_strength(model: nn.Module, strength: float, adapter_name: str | None = None) -> None:
     """Apply an adapter at ``strength`` (0 = base model, 1 = as trained, >1 = exaggerated) in every layer."""
     for _, layer in sara_layers(model):
         names = [adapter_name] if adapter_name is not None else layer.active_adapters

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
@@ -43,7 +43,7 @@ TRANSFORMERS_TARGET_MODULES_MAPPING = {
 }
 
 
-def default_target_modules(model: nn.Module) -> Optional[list[str]]:
+def default_target_modules(model: nn.Module) -> list[str] | None:
     """SaRA's default targets for a known diffusers / transformers model, or None."""
     for cls in type(model).__mro__:
         if cls.__name__ in DIFFUSERS_TARGET_MODULES_MAPPING:
@@ -54,7 +54,7 @@ def default_target_modules(model: nn.Module) -> Optional[list[str]]:
     return None
 
 
-def base_model_id(model: nn.Module) -> Optional[str]:
+def base_model_id(model: nn.Module) -> str | None:
     """The hub id / path a (diffusers or transformers) model was loaded from, if it knows it."""
     config = getattr(model, "config", None)
     for candidate in (getattr(model, "name_or_path", None), getattr(config, "_name_or_path", None),
@@ -144,7 +144,7 @@ class SaRAModel(BaseTuner):
         yield
 
     # ----------------------------------------------------------------------------------------- merging
-    def _check_merge_is_finite(self, adapter_names: Optional[list[str]]) -> None:
+    def _check_merge_is_finite(self, adapter_names: list[str] | None) -> None:
         """Dry run of a safe merge over all layers, so a broken adapter leaves every weight untouched."""
         for name, layer in self.sara_layers():
             names = adapter_names if adapter_names is not None else layer.active_adapters
@@ -155,7 +155,7 @@ class SaRAModel(BaseTuner):
                         "seems to be broken. Nothing was merged."
                     )
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         if safe_merge:
             self._check_merge_is_finite(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
@@ -175,6 +175,11 @@ class SaRAModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # Adapters saved from a model with injected layers (diffusers' add_adapter, load_sara_adapter) have keys
+        # without PEFT's "base_model.model." prefix; accept them in a PeftModel too.
+        prefix = "base_model.model."
+        if any(name.startswith(prefix) for name, _ in model.named_parameters()):
+            state_dict = {key if key.startswith(prefix) else prefix + key: value for key, value in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         return fit_layers_to_checkpoint(model, adapter_name, remapped)
 
@@ -185,7 +190,7 @@ class SaRAModel(BaseTuner):
             if isinstance(module, SaRALayer):
                 yield name, module
 
-    def num_sara_parameters(self, adapter_name: Optional[str] = None) -> int:
+    def num_sara_parameters(self, adapter_name: str | None = None) -> int:
         """Trainable SaRA entries of one adapter (default: the active one) over all layers."""
         adapter_name = adapter_name or self.active_adapters[0]
         return sum(layer.num_trainable(adapter_name) for _, layer in self.sara_layers()

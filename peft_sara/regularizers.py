@@ -9,7 +9,6 @@ trainable entries (gathered row by row from U and V, chunked), so no second dens
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -112,7 +111,7 @@ def qualifies_for_rank_loss(layer, min_dim: int) -> bool:
     return min(rows, cols) > min_dim
 
 
-def sample_layers(candidates: list, count: Optional[int], generator: torch.Generator) -> list:
+def sample_layers(candidates: list, count: int | None, generator: torch.Generator) -> list:
     """``count`` distinct candidates drawn uniformly with ``generator`` (all of them when ``count`` is None)."""
     if count is None or count >= len(candidates):
         return list(candidates)

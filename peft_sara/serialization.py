@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -11,7 +9,7 @@ VALUE_KEYS = ("sara_values", "sara_frozen_values")
 INDEX_KEYS = ("sara_indices", "sara_frozen_indices")
 
 
-def prepare_for_saving(state_dict: dict[str, torch.Tensor], save_dtype: Optional[str]) -> dict[str, torch.Tensor]:
+def prepare_for_saving(state_dict: dict[str, torch.Tensor], save_dtype: str | None) -> dict[str, torch.Tensor]:
     """Drop empty frozen-entry tensors (nothing re-selected yet) and cast the deltas to ``save_dtype``."""
     state_dict = {
         key: value for key, value in state_dict.items()

@@ -18,7 +18,7 @@ import math
 import os
 import random
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ def sara_layers(model: nn.Module) -> Iterator[tuple[str, SaRALayer]]:
             yield name, module
 
 
-def _sara_config(model: nn.Module, adapter_name: Optional[str]) -> tuple[str, SaRAConfig]:
+def _sara_config(model: nn.Module, adapter_name: str | None) -> tuple[str, SaRAConfig]:
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or not configs:
         raise ValueError("The model carries no PEFT config: wrap it with get_peft_model or add_adapter first.")
@@ -82,10 +82,20 @@ def replace_optimizer_parameters(
             group["params"][position] = new_param
             old_state = optimizer.state.pop(param, None)
             if old_state is not None:
-                optimizer.state[new_param] = {
-                    key: value[keep].clone() if torch.is_tensor(value) and value.shape == param.shape else value
-                    for key, value in old_state.items()
-                }
+                optimizer.state[new_param] = {key: _keep_entries(key, value, param, keep)
+                                              for key, value in old_state.items()}
+
+
+def _keep_entries(key: str, value: Any, param: nn.Parameter, keep: torch.Tensor) -> Any:
+    if not torch.is_tensor(value) or value.numel() <= 1:
+        return value  # step counters and other scalars
+    if value.shape == param.shape:
+        return value[keep].clone()
+    raise ValueError(
+        f"Cannot carry optimizer state '{key}' of shape {tuple(value.shape)} over to the re-selected entries of a "
+        f"parameter of shape {tuple(param.shape)} (e.g. block-quantized 8-bit optimizer state). Clear that "
+        "optimizer's state before re-selection, or use an optimizer with per-entry state such as torch.optim.AdamW."
+    )
 
 
 class SaRATrainingHelper:
@@ -103,10 +113,10 @@ class SaRATrainingHelper:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: Optional[torch.optim.Optimizer] = None,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
-        total_steps: Optional[int] = None,
-        adapter_name: Optional[str] = None,
+        total_steps: int | None = None,
+        adapter_name: str | None = None,
         seed: int = 0,
     ) -> None:
         self.model = model
@@ -125,7 +135,7 @@ class SaRATrainingHelper:
             and self._matches_rank_targets(name)
         ]
 
-    def _progressive_step(self) -> Optional[int]:
+    def _progressive_step(self) -> int | None:
         if self.config.progressive_step is not None:
             return self.config.progressive_step
         if self.config.progressive_fraction is None or self.total_steps is None:
@@ -203,12 +213,26 @@ def _trainable_parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
     return {param: name for name, param in model.named_parameters() if param.requires_grad}
 
 
+def _save_adapter(model: nn.Module, output_dir: str) -> None:
+    """PEFT-format adapter files of a PeftModel, or of a model with injected adapters (diffusers' add_adapter)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.save_pretrained(output_dir)
+        return
+    from .diffusers_utils import save_component_adapter
+
+    for adapter_name in getattr(model, "peft_config", {}):
+        target = output_dir if adapter_name == "default" else os.path.join(output_dir, adapter_name)
+        save_component_adapter(model, target, adapter_name)
+
+
 def save_training_state(
     output_dir: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    lr_scheduler: Optional[Any] = None,
-    helper: Optional[SaRATrainingHelper] = None,
+    lr_scheduler: Any | None = None,
+    helper: SaRATrainingHelper | None = None,
 ) -> None:
     """Save everything needed to resume bitwise: adapter, optimizer, scheduler, helper and RNG states.
 
@@ -216,7 +240,7 @@ def save_training_state(
     ``sara_training_state.pt`` beside it.
     """
     os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir)
+    _save_adapter(model, output_dir)
     names = _trainable_parameter_names(model)
     inner = _unwrap_optimizer(optimizer)
     state = {
@@ -240,9 +264,9 @@ def load_training_state(
     input_dir: str,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    lr_scheduler: Optional[Any] = None,
-    helper: Optional[SaRATrainingHelper] = None,
-    adapter_name: Optional[str] = None,
+    lr_scheduler: Any | None = None,
+    helper: SaRATrainingHelper | None = None,
+    adapter_name: str | None = None,
 ) -> None:
     """Resume from :func:`save_training_state`: loads the adapter into ``model`` (resizing layers to the saved
     trainable sets), points ``optimizer`` at the current parameters and restores all states."""
@@ -250,7 +274,8 @@ def load_training_state(
     from peft.utils import load_peft_weights
 
     adapter_name, _ = _sara_config(model, adapter_name)
-    load_result = set_peft_model_state_dict(model, load_peft_weights(input_dir, device="cpu"), adapter_name)
+    adapter_dir = input_dir if adapter_name == "default" else os.path.join(input_dir, adapter_name)
+    load_result = set_peft_model_state_dict(model, load_peft_weights(adapter_dir, device="cpu"), adapter_name)
     missing = [k for k in getattr(load_result, "missing_keys", []) if "sara_" in k]
     if missing:
         raise ValueError(f"Checkpoint {input_dir} lacks SaRA tensors the model has: {missing[:5]}")
@@ -300,10 +325,10 @@ class SaRATrainerCallback(_trainer_callback_base()):
     Trainer's own optimizer. The regulariser's value is added to the Trainer's logs as ``sara_rank_loss``.
     """
 
-    def __init__(self, adapter_name: Optional[str] = None, seed: int = 0) -> None:
+    def __init__(self, adapter_name: str | None = None, seed: int = 0) -> None:
         self.adapter_name = adapter_name
         self.seed = seed
-        self.helper: Optional[SaRATrainingHelper] = None
+        self.helper: SaRATrainingHelper | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.helper = SaRATrainingHelper(model, optimizer, total_steps=state.max_steps,

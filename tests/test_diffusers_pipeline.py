@@ -279,6 +279,15 @@ def test_component_missing_in_the_pipeline_is_named(sd, pipe, tmp_path):
     assert not sara_layers(pipe.unet)
 
 
+def test_training_checkpoint_subfolders_are_not_mistaken_for_components(sd, pipe, tmp_path):
+    import shutil
+
+    shutil.copytree(sd.adapter_dir, tmp_path / "run")
+    shutil.copytree(sd.adapter_dir / "unet", tmp_path / "run" / "checkpoint-2")
+    load_sara_adapter(pipe, tmp_path / "run")
+    assert pipe.get_list_adapters() == {"unet": ["run"], "text_encoder": ["run"]}
+
+
 def test_missing_files_raise_file_not_found(sd, pipe, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="No 'adapter_config.json'"):

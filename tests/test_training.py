@@ -203,7 +203,7 @@ def test_adapter_strength_and_combination(tmp_path):
 
     model.add_adapter("b", SaRAConfig(target_modules=["lin0", "lin1"], trainable_fraction=0.2, init_weights=False))
     combine_adapters(model, ["default", "b"], [0.5, 0.25], "mix")
-    for name, layer in model.base_model.sara_layers():
+    for _, layer in model.base_model.sara_layers():
         expected = 0.5 * layer.get_delta_weight("default").float()
         if "b" in layer.sara_values:
             expected += 0.25 * layer.get_delta_weight("b").float()
@@ -267,3 +267,39 @@ def test_trainer_callback_runs_real_steps_on_a_tiny_unet(tmp_path):
     assert callback.helper.global_step == 2 and callback.helper.reselected
     assert model.get_nb_trainable_parameters()[0] <= before
     assert callback.helper.last_regularization > 0
+
+
+def test_training_state_round_trip_on_a_diffusers_model_with_an_injected_adapter(tmp_path):
+    from peft import PeftModel
+
+    unet = tiny_unet()
+    unet.add_adapter(SaRAConfig(trainable_fraction=0.05, init_weights=False, progressive_step=1))
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
+    helper = SaRATrainingHelper(unet, optimizer, total_steps=2)
+    unet(**unet_inputs(batch=1)).sample.pow(2).mean().backward()
+    optimizer.step()
+    helper.step()  # re-selects: trainable sets shrink
+    save_training_state(tmp_path, unet, optimizer, helper=helper)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+
+    fresh = tiny_unet()
+    fresh.add_adapter(SaRAConfig(trainable_fraction=0.05, progressive_step=1))
+    fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
+    fresh_helper = SaRATrainingHelper(fresh, fresh_optimizer, total_steps=2)
+    load_training_state(tmp_path, fresh, fresh_optimizer, helper=fresh_helper)
+    assert fresh_helper.reselected and fresh_helper.global_step == 1
+    assert torch.equal(fresh(**unet_inputs()).sample, unet(**unet_inputs()).sample)
+    # The same files load into a PeftModel, although their keys lack PEFT's "base_model.model." prefix.
+    as_peft_model = PeftModel.from_pretrained(tiny_unet(), tmp_path)
+    assert torch.equal(as_peft_model(**unet_inputs()).sample, unet(**unet_inputs()).sample)
+
+
+def test_reselection_refuses_optimizer_state_it_cannot_reindex():
+    from peft_sara.training import replace_optimizer_parameters
+
+    old = torch.nn.Parameter(torch.zeros(8))
+    new = torch.nn.Parameter(torch.zeros(5))
+    optimizer = torch.optim.SGD([old], lr=0.1)
+    optimizer.state[old] = {"step": torch.tensor(3.0), "blockwise_scale": torch.ones(2)}
+    with pytest.raises(ValueError, match="Cannot carry optimizer state 'blockwise_scale' of shape \\(2,\\)"):
+        replace_optimizer_parameters(optimizer, {old: (new, torch.ones(8, dtype=torch.bool)[:8])})
