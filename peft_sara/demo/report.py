@@ -46,7 +46,7 @@ def save_comparison_figure(
     import matplotlib.pyplot as plt
 
     columns = max(len(row) for row in panels)
-    figure, axes = plt.subplots(len(panels), columns, figsize=(3.1 * columns, 3.0 * len(panels)), squeeze=False)
+    figure, axes = plt.subplots(len(panels), columns, figsize=(3.1 * columns, 2.5 * len(panels)), squeeze=False)
     for row_axes, row, row_title in zip(axes, panels, row_titles):
         for axis, (title, images) in zip(row_axes, row):
             axis.imshow(grid_array(images, per_row), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
