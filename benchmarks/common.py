@@ -353,6 +353,19 @@ def mib(num_bytes: float | None) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------------ processes
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process if its parent dies (so an interrupted run leaves no orphans)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_in_fresh_process(fn: Callable[..., dict], *args: Any) -> dict:
     """Run ``fn(*args)`` in a forked child and return its (picklable) result; re-raise its errors here.
 
@@ -363,6 +376,7 @@ def run_in_fresh_process(fn: Callable[..., dict], *args: Any) -> dict:
     receiver, sender = context.Pipe(duplex=False)
 
     def child() -> None:
+        _die_with_parent()
         try:
             result = ("ok", fn(*args))
         except BaseException:  # noqa: BLE001 - report everything to the parent
