@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -92,6 +93,7 @@ class SaRALayer(BaseTunerLayer):
         The values Parameter is replaced by a new one: rebuild optimizers afterwards (see ``peft_sara.training``).
         """
         self._check_entries(adapter_name, indices, values, "trainable")
+        self.__dict__.pop("_sara_int64_cache", None)
         device = self.get_base_layer().weight.device
         index_dtype = index_dtype_for(self.get_base_layer().weight.numel())
         requires_grad = self.sara_values[adapter_name].requires_grad
@@ -147,22 +149,44 @@ class SaRALayer(BaseTunerLayer):
         """Number of trainable entries of an adapter in this layer."""
         return self.sara_values[adapter_name].numel()
 
-    def _sparse_parts(self, adapter_names: list[str]):
-        """(indices, values, scale) triples of the trainable and frozen entries of the given adapters."""
+    def _sparse_parts(self, adapter_names: list[str], int64_indices: bool = True):
+        """(indices, values, scale) lists of the trainable and frozen entries of the given adapters.
+
+        With ``int64_indices`` the indices come as int64 copies cached per index tensor (PyTorch's scatter/gather
+        need int64; converting on every forward would cost a pass over the indices each time).
+        """
         indices, values, scales = [], [], []
         for name in adapter_names:
             scale = self.sara_scaling[name]
             for idx, vals in ((self.sara_indices[name], self.sara_values[name]),
                               (self.sara_frozen_indices[name], self.sara_frozen_values[name])):
                 if idx.numel():
-                    indices.append(idx)
+                    indices.append(self._int64(idx) if int64_indices else idx)
                     values.append(vals)
                     scales.append(scale)
         return indices, values, scales
 
+    def _int64(self, indices: torch.Tensor) -> torch.Tensor:
+        if indices.dtype == torch.int64:
+            return indices
+        cache = self.__dict__.setdefault("_sara_int64_cache", {})
+        key = id(indices)
+        cached = cache.get(key)
+        # Valid while it is the same tensor, unmodified (load_state_dict's copy_ bumps `_version`).
+        if cached is None or cached[0] is not indices or cached[1] != indices._version:
+            if len(cache) > 64:
+                cache.clear()
+            cached = cache[key] = (indices, indices._version, indices.long())
+        return cached[2]
+
     def _backend(self, adapter_names: list[str]) -> str:
         device = self.get_base_layer().weight.device
-        return kernels.resolve_backend(self.sara_kernel[adapter_names[0]], device)
+        preference = self.sara_kernel[adapter_names[0]]
+        key = (preference, device, os.environ.get(kernels.ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+        cached = self.__dict__.get("_sara_backend_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_sara_backend_cache"] = (key, kernels.resolve_backend(preference, device))
+        return cached[1]
 
     # ------------------------------------------------------------------------------------------------ scaling
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -229,7 +253,7 @@ class SaRALayer(BaseTunerLayer):
                     backups.append((idx, kernels.reference.patch_entries_(flat_weight, idx, vals, scale)))
                 if safe_merge and not all(torch.isfinite(flat_weight.index_select(0, idx)).all() for idx, _ in backups):
                     for idx, old in reversed(backups):
-                        flat_weight.index_put_((idx,), old)
+                        kernels.reference.restore_entries_(flat_weight, idx, old)
                     raise ValueError(
                         f"NaNs or infs detected while merging adapter '{name}' into "
                         f"{type(self.get_base_layer()).__name__} of shape {tuple(weight.shape)}: the adapter "
@@ -248,7 +272,7 @@ class SaRALayer(BaseTunerLayer):
             name = self.merged_adapters.pop()
             with torch.no_grad():
                 for idx, old in reversed(self._sara_merge_backup.pop(name, [])):
-                    flat_weight.index_put_((idx,), old)
+                    kernels.reference.restore_entries_(flat_weight, idx, old)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """SaRA is additive (W' = W + Delta_W), so its update can be approximated by LoRA via SVD."""
@@ -266,14 +290,15 @@ class SaRALayer(BaseTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = self._present(self.active_adapters)
-        indices, values, scales = self._sparse_parts(active)
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        backend = self._backend(active)
+        indices, values, scales = self._sparse_parts(active, int64_indices=backend == "reference")
         if not indices:
             return self.base_layer(x, *args, **kwargs)
         base_layer = self.get_base_layer()
         op, x = self._op(x)
-        return sparse_delta_forward(
-            op, x, base_layer.weight, base_layer.bias, indices, values, scales, self._backend(active)
-        )
+        return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, indices, values, scales, backend)
 
 
 class Linear(nn.Module, SaRALayer):
