@@ -43,8 +43,12 @@ def quick_runs(tmp_path_factory):
     """Two --quick runs sharing a cache folder: the first pretrains, the second must reuse the base model."""
     cache_dir = tmp_path_factory.mktemp("cache")
     first_dir, second_dir = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
-    first = run_from_args(["--quick", "--output-dir", str(first_dir), "--cache-dir", str(cache_dir)])
-    second = run_from_args(["--quick", "--output-dir", str(second_dir), "--cache-dir", str(cache_dir)])
+    threads = torch.get_num_threads()  # the demo sets its own thread count; give the other tests theirs back
+    try:
+        first = run_from_args(["--quick", "--output-dir", str(first_dir), "--cache-dir", str(cache_dir)])
+        second = run_from_args(["--quick", "--output-dir", str(second_dir), "--cache-dir", str(cache_dir)])
+    finally:
+        torch.set_num_threads(threads)
     return first, second
 
 
@@ -129,11 +133,12 @@ def test_second_run_reuses_cached_base_and_reproduces_the_numbers(quick_runs):
 
 
 def test_no_cache_flag_neither_reads_nor_writes_the_cache(tmp_path, monkeypatch):
-    import peft_sara.demo.run as demo_run
+    import peft_sara.demo.cli as demo_cli
 
-    monkeypatch.setattr(demo_run, "run_demo", lambda settings, output_dir, cache_root: cache_root)
-    assert demo_run.run_from_args(["--quick", "--no-cache", "--output-dir", str(tmp_path)]) is None
-    cache_root = demo_run.run_from_args(["--quick", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path)])
+    monkeypatch.setattr(demo_cli, "run_demo", lambda settings, output_dir, cache_root: cache_root)
+    monkeypatch.setattr(demo_cli.torch, "set_num_threads", lambda threads: None)
+    assert demo_cli.run_from_args(["--quick", "--no-cache", "--output-dir", str(tmp_path)]) is None
+    cache_root = demo_cli.run_from_args(["--quick", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path)])
     assert cache_root == tmp_path / "c"
 
 

@@ -4,10 +4,12 @@ Pretrains (once, then cached) a small class-conditional diffusion UNet on scikit
 new style on half of the classes with SaRA and with LoRA at the same trainable-parameter count, measures the new-style
 loss and the forgetting on the other classes, and writes sample grids, the adapters, a loss plot and metrics.json.
 
-Layout: ``data.py`` (digits and styles), ``diffusion.py`` (model, loss, sampling, pretraining cache), ``finetune.py``
-(SaRA / LoRA set-up and the training loop), ``report.py`` (pictures and tables), ``run.py`` (settings, CLI, the run).
+Layout: ``data.py`` (digits and styles), ``diffusion.py`` (model, loss, sampling, pretraining cache),
+``finetune.py`` (SaRA / LoRA set-up, the training loop, the reload check), ``report.py`` (pictures and tables),
+``run.py`` (settings and the run), ``cli.py`` (command line).
 """
 
-from .run import DemoResult, DemoSettings, main, run_demo, run_from_args
+from .cli import main, run_from_args
+from .run import DemoResult, DemoSettings, run_demo
 
 __all__ = ["DemoResult", "DemoSettings", "main", "run_demo", "run_from_args"]

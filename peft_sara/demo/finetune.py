@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import SaRAConfig
 from ..training import SaRATrainingHelper, sara_layers
-from .diffusion import BatchSampler, diffusion_loss
+from .diffusion import BatchSampler, diffusion_loss, predict_noise
 
 WEIGHT_DECAY = 1e-2  # the paper's AdamW setting, used for both methods
 
@@ -128,3 +129,19 @@ def finetune(
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
+
+
+@torch.no_grad()
+def reload_max_difference(trained: PeftModel, base: UNet2DModel, adapter_dir: Path, seed: int) -> float:
+    """Load ``adapter_dir`` into a fresh copy of ``base`` with ``PeftModel.from_pretrained`` and return the largest
+    absolute difference between its noise prediction and ``trained``'s on a fixed batch."""
+    fresh = UNet2DModel.from_config(base.config)
+    fresh.load_state_dict(base.state_dict())
+    reloaded = PeftModel.from_pretrained(fresh, adapter_dir).eval()
+    generator = torch.Generator().manual_seed(seed)
+    size = base.config.sample_size
+    noisy = torch.randn((10, 1, size, size), generator=generator)
+    timesteps = torch.linspace(0, 999, 10).long()
+    labels = torch.arange(10)
+    expected = predict_noise(trained.eval(), noisy, timesteps, labels)
+    return float((predict_noise(reloaded, noisy, timesteps, labels) - expected).abs().max())

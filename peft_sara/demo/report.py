@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,11 +85,11 @@ def save_loss_plot(curves: dict[str, Sequence[float]], markers: dict[str, int], 
         axis.plot(steps, _smooth(losses), color=color, linewidth=2, label=f"{name} (moving average)")
     for label, step in markers.items():
         axis.axvline(step, color="gray", linestyle="--", linewidth=1)
-        axis.text(step, axis.get_ylim()[1], f" {label}", va="top", fontsize=8, color="gray")
+        axis.text(step, 0.02, f" {label}", transform=axis.get_xaxis_transform(), fontsize=8, color="gray")
     axis.set_xlabel("fine-tuning step")
     axis.set_ylabel("diffusion loss (MSE on noise)")
     axis.set_title(title, fontsize=10)
-    axis.legend()
+    axis.legend(loc="upper right")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -111,3 +112,65 @@ def human_bytes(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
+    """The table printed at the end of the demo."""
+    data, sara, lora = metrics["data"], metrics["sara"], metrics["lora"]
+    styled = ",".join(map(str, data["styled_classes"]))
+    other = ",".join(map(str, data["other_classes"]))
+    rows = []
+    for name, values in (("SaRA", sara), (f"LoRA r={lora['rank']}", lora)):
+        rows.append(
+            [
+                name,
+                f"{values['trainable_params']:,}",
+                f"{values['learning_rate']:g}",
+                f"{values['new_style_loss_before']:.4f} -> {values['new_style_loss_after']:.4f} "
+                f"({values['new_style_loss_change_pct']:+.1f}%)",
+                f"{values['other_classes_loss_before']:.4f} -> {values['other_classes_loss_after']:.4f} "
+                f"({values['other_classes_loss_change']:+.4f}, {values['other_classes_loss_change_pct']:+.1f}%)",
+                human_bytes(values["adapter_file_bytes"]),
+                f"{values['train_seconds']:.0f} s",
+            ]
+        )
+    print()
+    print(
+        f"Summary: fine-tuned on {data['finetune_images']} {data['style']} images of digits {styled} "
+        f"({metrics['settings']['finetune_steps']} steps, batch {metrics['settings']['finetune_batch_size']}); "
+        f"held-out loss on {data['heldout_styled_images']} {data['style']} images of {styled} (new style, lower "
+        f"is better) and on {data['heldout_other_images']} original images of {other} (forgetting, lower is better)"
+    )
+    print(
+        format_table(
+            [
+                "method",
+                "trainable",
+                "lr",
+                f"new-style loss ({styled})",
+                f"other-classes loss ({other})",
+                "adapter file",
+                "train time",
+            ],
+            rows,
+        )
+    )
+    if sara["reselected_at_step"] is not None:
+        print(
+            f"SaRA selection: {metrics['selection']['rule']}; progressive re-selection at step "
+            f"{sara['reselected_at_step']} left {sara['trainable_after_reselection']:,} of "
+            f"{sara['trainable_params']:,} entries trainable. Adapter reload max |diff| "
+            f"{sara['reload_max_abs_diff']:.1e}."
+        )
+    pretrained = metrics["pretrained_model"]
+    source = "reused from cache" if pretrained["reused_from_cache"] else "pretrained in this run"
+    print(
+        f"Base model: {pretrained['parameters']:,} parameters, {source}"
+        + (f" ({pretrained['cache_folder']})" if pretrained["cache_folder"] else "")
+        + "."
+    )
+    print(
+        f"Outputs in {output_dir}: comparison.png (start here), samples_*.png, heldout_styled_classes.png, "
+        "loss_curves.png, sara_adapter/, lora_adapter/, metrics.json"
+    )
+    print(f"Total time {metrics['times']['total_seconds']:.0f} s.")
