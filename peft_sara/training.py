@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -134,6 +135,14 @@ class SaRATrainingHelper:
             and qualifies_for_rank_loss(layer, self.config.rank_min_dim)
             and self._matches_rank_targets(name)
         ]
+        if self.config.lambda_rank > 0 and not self.rank_layers:
+            warnings.warn(
+                f"lambda_rank={self.config.lambda_rank} but no SaRA layer qualifies for the low-rank loss "
+                f"(both matrix dimensions > rank_min_dim={self.config.rank_min_dim}"
+                + (", and matching rank_target_modules" if self.config.rank_target_modules is not None else "")
+                + "): the loss is 0. Lower `rank_min_dim` for small models.",
+                stacklevel=2,
+            )
 
     def _progressive_step(self) -> int | None:
         if self.config.progressive_step is not None:

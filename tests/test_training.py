@@ -303,3 +303,8 @@ def test_reselection_refuses_optimizer_state_it_cannot_reindex():
     optimizer.state[old] = {"step": torch.tensor(3.0), "blockwise_scale": torch.ones(2)}
     with pytest.raises(ValueError, match="Cannot carry optimizer state 'blockwise_scale' of shape \\(2,\\)"):
         replace_optimizer_parameters(optimizer, {old: (new, torch.ones(8, dtype=torch.bool)[:8])})
+
+
+def test_helper_warns_when_no_layer_qualifies_for_the_low_rank_loss():
+    with pytest.warns(UserWarning, match="no SaRA layer qualifies for the low-rank loss"):
+        SaRATrainingHelper(make_model(lambda_rank=1e-3, rank_min_dim=1000), total_steps=4)
