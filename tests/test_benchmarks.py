@@ -118,3 +118,19 @@ def test_train_step_runs_every_method_on_a_unet_with_convolutions(tmp_path):
     assert list(report["methods"]) == list(METHODS)
     assert report["plan"]["num_target_layers"]["conv"] > 0
     assert report["methods"]["sara"]["trainable_params"] == report["plan"]["sara_trainable"]
+
+
+def test_regularizer_benchmark_reports_overhead_and_rank(tmp_path):
+    out = tmp_path / "regularizer.json"
+    command = [sys.executable, "-m", "benchmarks.regularizer", "--preset", "tiny", "--batch-size", "1", "--steps", "1",
+               "--warmup", "0", "--train-steps", "2", "--rank-min-dim", "16", "--threads", "1", "--out", str(out)]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    result = json.loads(out.read_text())
+    default = result["timing"]["default (1 layer/step, exact SVD)"]
+    assert default["eligible_layers"] > 0 and default["regularizer_s"] > 0
+    assert 0 < default["regularizer_pct_of_step"] < 100
+    ranks = result["rank"]
+    assert all(row["layers"] > 0 and row["mean_effective_rank"] > 0 for row in ranks.values())
+    with_all = next(row for name, row in ranks.items() if "all layers" in name)
+    assert with_all["total_nuclear_norm"] < ranks["lambda_rank=0"]["total_nuclear_norm"]
