@@ -170,6 +170,17 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
+def preset_summary(preset: ModelPreset) -> dict[str, Any]:
+    """The preset fields recorded in every result JSON."""
+    return {
+        "name": preset.name,
+        "description": preset.description,
+        "config": preset.config,
+        "latent_size": preset.latent_size,
+        "text_tokens": preset.text_tokens,
+    }
+
+
 def build_model(preset: ModelPreset, seed: int, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The preset's model with seeded random weights (drawn in float32), on ``device`` in ``dtype``, in train mode."""
     model_class = UNet2DConditionModel if preset.family == "unet" else SD3Transformer2DModel

@@ -37,6 +37,7 @@ from benchmarks.common import (
     make_batch,
     median,
     model_output,
+    preset_summary,
     resolve_device,
     set_threads,
     synchronize,
@@ -203,13 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.out or RESULTS_DIR / f"inference-{preset.name}-bs{args.batch_size}-{resolved.device.type}.json"
     payload = {
         "benchmark": "inference",
-        "preset": {
-            "name": preset.name,
-            "description": preset.description,
-            "config": preset.config,
-            "latent_size": preset.latent_size,
-            "text_tokens": preset.text_tokens,
-        },
+        "preset": preset_summary(preset),
         "batch_size": args.batch_size,
         "dtype": args.dtype,
         "repeats": args.repeats,

@@ -47,6 +47,7 @@ from benchmarks.common import (
     max_rss_bytes,
     median,
     mib,
+    preset_summary,
     resolve_device,
     run_in_fresh_process,
     set_threads,
@@ -585,13 +586,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.out or RESULTS_DIR / f"train_step-{preset.name}-bs{args.batch_size}-{resolved.device.type}.json"
     payload = {
         "benchmark": "train_step",
-        "preset": {
-            "name": preset.name,
-            "description": preset.description,
-            "config": preset.config,
-            "latent_size": preset.latent_size,
-            "text_tokens": preset.text_tokens,
-        },
+        "preset": preset_summary(preset),
         "batch_size": args.batch_size,
         "steps": args.steps,
         "warmup": args.warmup,

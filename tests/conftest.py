@@ -37,6 +37,15 @@ class MLPConv(nn.Module):
         return self.head(torch.relu(self.lin1(x)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest, and steadily, on one thread (OpenMP spinning dominates on busy 2-core machines)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def mlp_conv() -> MLPConv:
     torch.manual_seed(0)

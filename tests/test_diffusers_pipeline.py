@@ -57,13 +57,7 @@ def assert_weights_equal(module, expected):
         assert torch.equal(current[name], tensor), name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest, and steadily, on one thread (OpenMP spinning dominates on busy 2-core machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
