@@ -46,10 +46,9 @@ def combine_adapters(
         for adapter, weight in zip(adapter_names, weights):
             if adapter not in layer.sara_values:
                 continue
-            for indices, values in ((layer.sara_indices[adapter], layer.sara_values[adapter]),
-                                    (layer.sara_frozen_indices[adapter], layer.sara_frozen_values[adapter])):
-                parts_indices.append(indices.long())
-                parts_values.append(values.detach().float() * weight)
+            indices, values, _ = layer._sparse_parts([adapter])  # trainable and frozen entries, int64 indices
+            parts_indices += indices
+            parts_values += [part.detach().float() * weight for part in values]
         if parts_indices:
             union, inverse = torch.unique(torch.cat(parts_indices), return_inverse=True)
             summed = torch.zeros(union.numel(), dtype=torch.float32, device=union.device)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import SaRAConfig
@@ -186,20 +186,9 @@ class SaRAModel(BaseTuner):
     # ----------------------------------------------------------------------------------------- helpers
     def sara_layers(self) -> Iterator[tuple[str, SaRALayer]]:
         """(name, layer) for every SaRA layer of the model."""
-        for name, module in self.model.named_modules():
-            if isinstance(module, SaRALayer):
-                yield name, module
+        from .training import sara_layers
 
-    def num_sara_parameters(self, adapter_name: str | None = None) -> int:
-        """Trainable SaRA entries of one adapter (default: the active one) over all layers."""
-        adapter_name = adapter_name or self.active_adapters[0]
-        return sum(layer.num_trainable(adapter_name) for _, layer in self.sara_layers()
-                   if adapter_name in layer.sara_values)
+        return sara_layers(self.model)
 
 
-def is_sara_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a SaRA tuner layer."""
-    return isinstance(module, SaRALayer) and isinstance(module, BaseTunerLayer)
-
-
-__all__ = ["SaRAModel", "default_target_modules", "is_sara_layer"]
+__all__ = ["SaRAModel", "default_target_modules"]

@@ -54,20 +54,10 @@ def mlp_conv() -> MLPConv:
 
 def tiny_unet(seed: int = 0):
     from diffusers import UNet2DConditionModel
+    from tiny_pipelines import TINY_UNET_CONFIG
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    return UNet2DConditionModel(**TINY_UNET_CONFIG, sample_size=8).eval()
 
 
 def unet_inputs(batch: int = 2, seed: int = 1):

@@ -16,6 +16,29 @@ import torch
 PROMPT = "a red cat"
 TOKENIZER_MAX_LENGTH = 16
 HEIGHT = WIDTH = 32
+# The tiny SD1.x-shaped UNet used across the tests (tests/conftest.py builds the same one without a pipeline).
+TINY_UNET_CONFIG = dict(
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=4,
+    sample_size=HEIGHT,
+)
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -83,29 +106,8 @@ def build_sd_pipeline(directory: Path) -> Path:
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=HEIGHT // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=HEIGHT,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET_CONFIG, sample_size=HEIGHT // 2)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
     text_encoder = CLIPTextModel(_clip_text_config())
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -153,15 +155,7 @@ def build_sd3_pipeline(directory: Path) -> Path:
         pooled_projection_dim=64,
     )
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=HEIGHT,
+        **TINY_VAE_CONFIG,
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=0.0609,
