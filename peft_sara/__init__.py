@@ -2,20 +2,36 @@
 
 Importing this package registers the ``"sara"`` method with PEFT, so that ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``inject_adapter_in_model`` and diffusers' ``add_adapter`` accept ``SaRAConfig``.
+
+Layers, bottom to top (nothing imports upward; ``lint-imports`` checks it): ``constants`` / ``peft_type`` /
+``config`` / ``masks`` -> ``kernels`` -> ``functional`` (the sparse-update op) -> ``layer`` -> tuner (``serialization``,
+``save_bridge``, ``model``, ``merging``, ``regularizers``, ``registration``) -> integrations (``cards``, ``resolve``,
+``pipelines``, ``hub``, ``conversion``) -> ``training`` -> applications (``cli``, ``demo``).
 """
 
+from .cards import sara_model_card
 from .config import SaRAConfig
-from .diffusers_utils import load_sara_adapter, save_sara_adapter
-from .hub import push_sara_adapter, sara_model_card
-from .layer import Conv, Linear, SaRALayer
+from .constants import __version__
+from .hub import push_sara_adapter
+from .layer import Conv, Linear, SaRALayer, SparseUpdate, sara_layers
 from .model import SaRAModel
+from .pipelines import load_sara_adapter, save_sara_adapter
 from .registration import register
-
-__version__ = "0.1.0"
 
 PEFT_TYPE = register()
 
 __all__ = [
-    "SaRAConfig", "SaRAModel", "SaRALayer", "Linear", "Conv", "PEFT_TYPE", "__version__",
-    "load_sara_adapter", "save_sara_adapter", "push_sara_adapter", "sara_model_card",
+    "SaRAConfig",
+    "SaRAModel",
+    "SaRALayer",
+    "SparseUpdate",
+    "Linear",
+    "Conv",
+    "sara_layers",
+    "PEFT_TYPE",
+    "__version__",
+    "load_sara_adapter",
+    "save_sara_adapter",
+    "push_sara_adapter",
+    "sara_model_card",
 ]

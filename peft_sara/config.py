@@ -7,13 +7,8 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from .registration import PEFT_TYPE_NAME
-
-DEFAULT_THRESHOLD = 2e-3
-SAVE_DTYPES = ("float32", "float16", "bfloat16")
-KERNELS = ("auto", "triton", "reference")
-RANK_METHODS = ("svd", "randomized")
-RANK_TARGETS = ("delta", "masked_weight")
+from .constants import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES
+from .peft_type import sara_peft_type
 
 
 @dataclass
@@ -120,9 +115,7 @@ class SaRAConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from peft.utils import PeftType
-
-        self.peft_type = PeftType[PEFT_TYPE_NAME]
+        self.peft_type = sara_peft_type()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -149,10 +142,13 @@ class SaRAConfig(PeftConfig):
             raise ValueError(f"`kernel` must be one of {KERNELS}, got {self.kernel!r}.")
         if self.lambda_rank < 0:
             raise ValueError(f"`lambda_rank` must be >= 0, got {self.lambda_rank}.")
-        if not (self.rank_layers_per_step == "all" or (
-            isinstance(self.rank_layers_per_step, int) and self.rank_layers_per_step > 0
-        )):
-            raise ValueError(f"`rank_layers_per_step` must be a positive int or 'all', got {self.rank_layers_per_step!r}.")
+        if not (
+            self.rank_layers_per_step == "all"
+            or (isinstance(self.rank_layers_per_step, int) and self.rank_layers_per_step > 0)
+        ):
+            raise ValueError(
+                f"`rank_layers_per_step` must be a positive int or 'all', got {self.rank_layers_per_step!r}."
+            )
         if self.rank_method not in RANK_METHODS:
             raise ValueError(f"`rank_method` must be one of {RANK_METHODS}, got {self.rank_method!r}.")
         if self.rank_target not in RANK_TARGETS:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import kernels
 
@@ -44,6 +46,31 @@ def patched_weight(
         finally:
             for indices, saved in zip(reversed(indices_per_adapter[: len(saved_entries)]), reversed(saved_entries)):
                 kernels.restore_entries_(flat_weight, indices, saved, backend)
+
+
+@runtime_checkable
+class SparseDeltaOp(Protocol):
+    """The contract between a SaRA layer and :func:`sparse_delta_forward`: the dense op of one module kind.
+
+    A new module type (e.g. ``nn.Embedding``) is a layer class whose ``_op`` returns one of these, plus the op itself.
+    ``forward`` computes the module's output from an (already patched) weight; ``backward`` returns the input
+    gradient, the weight gradient sampled at each adapter's flat ``indices`` (float32, ``None`` where not needed)
+    and the bias gradient.
+    """
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def backward(
+        self,
+        grad_output: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        need_input: bool,
+        indices_per_adapter: Sequence[torch.Tensor],
+        need_values: Sequence[bool],
+        backend: str,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], torch.Tensor | None]: ...
 
 
 @dataclass(frozen=True)
@@ -86,6 +113,28 @@ class ConvOp:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     groups: int
+
+    @classmethod
+    def for_module(cls, conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[ConvOp, torch.Tensor]:
+        """The op of ``conv`` and its input after the padding the op cannot express (padding modes, odd "same")."""
+        spatial = len(conv.kernel_size)
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = (0,) * spatial
+        elif padding == "valid":
+            padding = (0,) * spatial
+        elif padding == "same":
+            totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+            if all(total % 2 == 0 for total in totals):
+                padding = tuple(total // 2 for total in totals)
+            else:  # asymmetric: pad explicitly (extra element on the right, as PyTorch does)
+                pads = []
+                for total in reversed(totals):
+                    pads += [total // 2, total - total // 2]
+                x = F.pad(x, pads)
+                padding = (0,) * spatial
+        return cls(tuple(conv.stride), tuple(padding), tuple(conv.dilation), conv.groups), x
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
@@ -154,7 +203,7 @@ class _SparseDeltaFunction(torch.autograd.Function):
 
 
 def sparse_delta_forward(
-    op: LinearOp | ConvOp,
+    op: SparseDeltaOp,
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,

@@ -1,24 +1,51 @@
-"""SaRA tuner layers: the ``SaRALayer`` mixin and one class per wrapped module type."""
+"""SaRA tuner layers: the ``SaRALayer`` mixin, one class per wrapped module type, and the layer walker.
+
+Everything outside this module reads a layer through its public API: :meth:`SaRALayer.get_sparse_update` (indices,
+values and scale of an adapter, frozen entries included), :meth:`SaRALayer.trainable_entries` /
+:meth:`SaRALayer.frozen_entries`, :meth:`SaRALayer.get_delta_weight` and :meth:`SaRALayer.num_entries`.
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 
 from . import kernels
 from .config import SaRAConfig
-from .functional import ConvOp, LinearOp, effective_weight, sparse_delta_forward
-from .masks import index_dtype_for, select_trainable_indices, still_ineffective
+from .constants import KERNEL_ENV_VAR
+from .functional import ConvOp, LinearOp, SparseDeltaOp, effective_weight, sparse_delta_forward
+from .masks import check_entries, index_dtype_for, select_trainable_indices, still_ineffective
 
 # Scale of the random values drawn when `init_weights=False` (tests need a visible, non-identity update).
 RANDOM_INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    """One adapter's update of one layer: ``weight.view(-1)[indices] += scale * values`` (trainable and frozen entries).
+
+    ``indices`` are int64 flat indices into the base weight (row-major), ``values`` the float32 deltas (detached),
+    ``weight_shape`` the base weight's shape.
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    scale: float
+    weight_shape: torch.Size
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense float32 ``scale * Delta_W`` shaped like the base weight."""
+        dense = torch.zeros(self.weight_shape.numel(), dtype=torch.float32, device=self.values.device)
+        dense.index_add_(0, self.indices, self.values.float() * self.scale)
+        return dense.view(self.weight_shape)
 
 
 class SaRALayer(BaseTunerLayer):
@@ -32,8 +59,14 @@ class SaRALayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("sara_values",)
-    other_param_names = ("sara_indices", "sara_frozen_indices", "sara_frozen_values", "sara_scaling", "sara_cutoff",
-                         "sara_kernel")
+    other_param_names = (
+        "sara_indices",
+        "sara_frozen_indices",
+        "sara_frozen_values",
+        "sara_scaling",
+        "sara_cutoff",
+        "sara_kernel",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -50,13 +83,7 @@ class SaRALayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
 
-        weight = self.get_base_layer().weight
-        if isinstance(self.get_base_layer(), nn.Linear):
-            self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        elif isinstance(self.get_base_layer(), nn.modules.conv._ConvNd):
-            self.in_features, self.out_features = self.get_base_layer().in_channels, self.get_base_layer().out_channels
-        else:  # transformers Conv1D stores (in, out)
-            self.in_features, self.out_features = weight.shape[0], weight.shape[1]
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
     # ----------------------------------------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
@@ -123,20 +150,9 @@ class SaRALayer(BaseTunerLayer):
         self.set_trainable_entries(adapter_name, indices[keep], values[keep], frozen_indices, frozen_values)
         return keep
 
-    def _check_entries(self, adapter_name, indices, values, what):
+    def _check_entries(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None, what: str) -> None:
         numel = self.get_base_layer().weight.numel()
-        if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ValueError(f"{what} indices of adapter '{adapter_name}' must be a 1-D integer tensor.")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-            raise ValueError(
-                f"{what} indices of adapter '{adapter_name}' fall outside the weight ({numel} entries): "
-                f"range [{int(indices.min())}, {int(indices.max())}]."
-            )
-        if values is not None and values.shape != indices.shape:
-            raise ValueError(
-                f"{what} values of adapter '{adapter_name}' have shape {tuple(values.shape)}, indices "
-                f"{tuple(indices.shape)}."
-            )
+        check_entries(indices, values, numel, f"{what} entries of SaRA adapter '{adapter_name}'")
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # Keep the values in float32 whatever the base dtype; only follow the base weight's device.
@@ -145,9 +161,43 @@ class SaRALayer(BaseTunerLayer):
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device)
 
+    # ------------------------------------------------------------------------------------------------ public API
+    @property
+    def weight_shape(self) -> torch.Size:
+        """Shape of the base weight the flat indices address."""
+        return self.get_base_layer().weight.shape
+
+    def present_adapters(self, adapter_names: list[str]) -> list[str]:
+        """The names among ``adapter_names`` that this layer has an update for (in order)."""
+        return [name for name in adapter_names if name in self.sara_values]
+
+    def trainable_entries(self, adapter_name: str) -> tuple[torch.Tensor, nn.Parameter]:
+        """Flat indices of an adapter's trainable entries and the Parameter of their deltas (differentiable)."""
+        return self.sara_indices[adapter_name], self.sara_values[adapter_name]
+
+    def frozen_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices and deltas of the entries frozen by progressive re-selection (empty before it)."""
+        return self.sara_frozen_indices[adapter_name], self.sara_frozen_values[adapter_name]
+
+    def get_sparse_update(self, adapter_name: str) -> SparseUpdate:
+        """An adapter's whole update of this layer (trainable then frozen entries, int64 indices, detached)."""
+        indices, values = self.trainable_entries(adapter_name)
+        frozen_indices, frozen_values = self.frozen_entries(adapter_name)
+        return SparseUpdate(
+            indices=torch.cat([indices, frozen_indices]).long(),
+            values=torch.cat([values.detach().float(), frozen_values.float()]),
+            scale=self.sara_scaling[adapter_name],
+            weight_shape=self.weight_shape,
+        )
+
+    def num_entries(self, adapter_name: str, trainable_only: bool = False) -> int:
+        """Number of stored entries of an adapter in this layer (trainable, plus frozen unless ``trainable_only``)."""
+        count = self.sara_values[adapter_name].numel()
+        return count if trainable_only else count + self.sara_frozen_values[adapter_name].numel()
+
     def num_trainable(self, adapter_name: str) -> int:
         """Number of trainable entries of an adapter in this layer."""
-        return self.sara_values[adapter_name].numel()
+        return self.num_entries(adapter_name, trainable_only=True)
 
     def _sparse_parts(self, adapter_names: list[str], int64_indices: bool = True):
         """(indices, values, scale) lists of the trainable and frozen entries of the given adapters.
@@ -158,8 +208,10 @@ class SaRALayer(BaseTunerLayer):
         indices, values, scales = [], [], []
         for name in adapter_names:
             scale = self.sara_scaling[name]
-            for idx, vals in ((self.sara_indices[name], self.sara_values[name]),
-                              (self.sara_frozen_indices[name], self.sara_frozen_values[name])):
+            for idx, vals in (
+                (self.sara_indices[name], self.sara_values[name]),
+                (self.sara_frozen_indices[name], self.sara_frozen_values[name]),
+            ):
                 if idx.numel():
                     indices.append(self._int64(idx) if int64_indices else idx)
                     values.append(vals)
@@ -182,7 +234,7 @@ class SaRALayer(BaseTunerLayer):
     def _backend(self, adapter_names: list[str]) -> str:
         device = self.get_base_layer().weight.device
         preference = self.sara_kernel[adapter_names[0]]
-        key = (preference, device, os.environ.get(kernels.ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+        key = (preference, device, os.environ.get(KERNEL_ENV_VAR), os.environ.get("TRITON_INTERPRET"))
         cached = self.__dict__.get("_sara_backend_cache")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_sara_backend_cache"] = (key, kernels.resolve_backend(preference, device))
@@ -215,20 +267,12 @@ class SaRALayer(BaseTunerLayer):
     # ------------------------------------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ``scale * Delta_W`` of one adapter, shaped like the base weight, in the base dtype."""
-        weight = self.get_base_layer().weight
-        indices, values, scales = self._sparse_parts([adapter_name])
-        delta = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
-        for idx, vals, scale in zip(indices, values, scales):
-            delta.index_add_(0, idx.long(), vals.detach().float() * scale)
-        return delta.view_as(weight).to(weight.dtype)
+        return self.get_sparse_update(adapter_name).to_dense().to(self.get_base_layer().weight.dtype)
 
     def get_effective_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
         """Dense copy of the weight the layer computes with (base with the adapters' entries patched)."""
-        adapter_names = self._present(adapter_names if adapter_names is not None else self.active_adapters)
+        adapter_names = self.present_adapters(adapter_names if adapter_names is not None else self.active_adapters)
         return effective_weight(self.get_base_layer().weight, *self._sparse_parts(adapter_names))
-
-    def _present(self, adapter_names: list[str]) -> list[str]:
-        return [name for name in adapter_names if name in self.sara_values]
 
     @torch.no_grad()
     def merge_is_finite(self, adapter_name: str) -> bool:
@@ -245,7 +289,7 @@ class SaRALayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
         flat_weight = weight.data.view(-1)
-        for name in self._present(adapter_names):
+        for name in self.present_adapters(adapter_names):
             indices, values, scales = self._sparse_parts([name])
             backups = []
             with torch.no_grad():
@@ -279,7 +323,8 @@ class SaRALayer(BaseTunerLayer):
         return True
 
     # ------------------------------------------------------------------------------------------------ forward
-    def _op(self, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    def _op(self, x: torch.Tensor) -> tuple[SparseDeltaOp, torch.Tensor]:
+        """The dense op of the wrapped module and the input to run it on (after any padding the module applies)."""
         raise NotImplementedError
 
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -289,7 +334,7 @@ class SaRALayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        active = self._present(self.active_adapters)
+        active = self.present_adapters(self.active_adapters)
         if not active:
             return self.base_layer(x, *args, **kwargs)
         backend = self._backend(active)
@@ -331,25 +376,7 @@ class Conv(nn.Module, SaRALayer):
         self.update_layer(adapter_name, config)
 
     def _op(self, x):
-        conv = self.get_base_layer()
-        spatial = len(conv.kernel_size)
-        padding = conv.padding
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = (0,) * spatial
-        elif padding == "valid":
-            padding = (0,) * spatial
-        elif padding == "same":
-            totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-            if all(total % 2 == 0 for total in totals):
-                padding = tuple(total // 2 for total in totals)
-            else:  # asymmetric: pad explicitly (extra element on the right, as PyTorch does)
-                pads = []
-                for total in reversed(totals):
-                    pads += [total // 2, total - total // 2]
-                x = F.pad(x, pads)
-                padding = (0,) * spatial
-        return ConvOp(tuple(conv.stride), tuple(padding), tuple(conv.dilation), conv.groups), x
+        return ConvOp.for_module(self.get_base_layer(), x)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._sara_forward(x, *args, **kwargs)
@@ -358,19 +385,57 @@ class Conv(nn.Module, SaRALayer):
         return "sara." + super().__repr__()
 
 
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers.pytorch_utils.Conv1D
+
+
+# Wrapped module kinds, in order: (test on the base module, SaRA layer class). A new kind is one entry here.
+LAYER_CLASSES: list[tuple[Any, type[SaRALayer]]] = [
+    (lambda module: isinstance(module, nn.Linear), Linear),
+    (lambda module: isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), Conv),
+    (_is_transformers_conv1d, Linear),
+]
+
+
 def dispatch_sara_layer(target: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> nn.Module:
     """Wrap ``target`` in the SaRA layer class for its type, or raise a clear error for unsupported modules."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if isinstance(base, nn.Linear):
-        return Linear(target, adapter_name, config, **kwargs)
-    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return Conv(target, adapter_name, config, **kwargs)
-    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):  # transformers.pytorch_utils.Conv1D
-        return Linear(target, adapter_name, config, **kwargs)
+    for matches, layer_class in LAYER_CLASSES:
+        if matches(base):
+            return layer_class(target, adapter_name, config, **kwargs)
     raise TypeError(
         f"SaRA cannot adapt {type(base).__name__}: supported are nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d and "
         "transformers' Conv1D. Narrow `target_modules` to those layers."
     )
 
 
-__all__ = ["SaRALayer", "Linear", "Conv", "dispatch_sara_layer"]
+def sara_layers(model: nn.Module) -> Iterator[tuple[str, SaRALayer]]:
+    """(name, layer) for every SaRA layer in ``model`` (a PeftModel, or a model with injected adapters)."""
+    for name, module in model.named_modules():
+        if isinstance(module, SaRALayer):
+            yield name, module
+
+
+def sara_adapter_names(model: nn.Module) -> list[str]:
+    """Names of the SaRA adapters present in ``model``'s layers, in insertion order."""
+    names: dict[str, None] = {}
+    for _, layer in sara_layers(model):
+        names.update(dict.fromkeys(layer.sara_values.keys()))
+    return list(names)
+
+
+def count_entries(model: nn.Module, adapter_name: str) -> int:
+    """Stored entries (trainable and frozen) of one adapter over all of ``model``'s SaRA layers."""
+    return sum(layer.num_entries(adapter_name) for _, layer in sara_layers(model) if adapter_name in layer.sara_values)
+
+
+__all__ = [
+    "SaRALayer",
+    "SparseUpdate",
+    "Linear",
+    "Conv",
+    "dispatch_sara_layer",
+    "sara_layers",
+    "sara_adapter_names",
+    "count_entries",
+]

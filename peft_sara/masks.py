@@ -45,3 +45,26 @@ def select_trainable_indices(
 def still_ineffective(current_values: torch.Tensor, cutoff: float) -> torch.Tensor:
     """Boolean mask over a layer's trainable entries: those whose current value is still below the cutoff."""
     return current_values.detach().float().abs() < cutoff
+
+
+def check_entries(indices: torch.Tensor, values: torch.Tensor | None, numel: int, where: str) -> None:
+    """Raise a ``ValueError`` that starts with ``where`` unless ``indices`` (and ``values``) are valid flat entries.
+
+    Valid: 1-D integer indices within ``[0, numel)``; 1-D floating values, one per index.
+    """
+    if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype in (torch.bool, torch.uint8):
+        raise ValueError(
+            f"{where}: indices must be a 1-D integer tensor, got dtype {indices.dtype} and shape {tuple(indices.shape)}."
+        )
+    if values is not None:
+        if values.dim() != 1 or not values.dtype.is_floating_point:
+            raise ValueError(
+                f"{where}: values must be a 1-D floating tensor, got dtype {values.dtype} and shape "
+                f"{tuple(values.shape)}."
+            )
+        if values.numel() != indices.numel():
+            raise ValueError(f"{where}: {indices.numel()} indices but {values.numel()} values.")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+        raise ValueError(
+            f"{where}: indices span [{int(indices.min())}, {int(indices.max())}] but the weight has {numel} entries."
+        )

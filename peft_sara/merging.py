@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .training import sara_layers
+from .layer import sara_layers
 
 
 def set_adapter_strength(model: nn.Module, strength: float, adapter_name: str | None = None) -> None:
@@ -43,12 +43,10 @@ def combine_adapters(
     combined_per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in sara_layers(model.base_model.model):
         parts_indices, parts_values = [], []
-        for adapter, weight in zip(adapter_names, weights):
-            if adapter not in layer.sara_values:
-                continue
-            indices, values, _ = layer._sparse_parts([adapter])  # trainable and frozen entries, int64 indices
-            parts_indices += indices
-            parts_values += [part.detach().float() * weight for part in values]
+        for adapter in layer.present_adapters(list(adapter_names)):
+            update = layer.get_sparse_update(adapter)  # trainable and frozen entries
+            parts_indices.append(update.indices)
+            parts_values.append(update.values * weights[list(adapter_names).index(adapter)])
         if parts_indices:
             union, inverse = torch.unique(torch.cat(parts_indices), return_inverse=True)
             summed = torch.zeros(union.numel(), dtype=torch.float32, device=union.device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,18 +10,41 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import SaRAConfig
-from .layer import SaRALayer, dispatch_sara_layer
-from .serialization import fit_layers_to_checkpoint, prepare_for_saving
+from .constants import PREFIX, SARA_TAGS
+from .layer import SaRALayer, dispatch_sara_layer, sara_layers
+from .save_bridge import install_save_bridge
+from .serialization import base_model_id, fit_layers_to_checkpoint, prepare_for_saving
 
 # Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
 # text encoders. Suffix lists, matched by PEFT's usual rules.
 UNET_TARGET_MODULES = [
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "time_emb_proj",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
 ]
 DIT_TARGET_MODULES = [
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
 ]
 CLIP_TEXT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -54,16 +76,6 @@ def default_target_modules(model: nn.Module) -> list[str] | None:
     return None
 
 
-def base_model_id(model: nn.Module) -> str | None:
-    """The hub id / path a (diffusers or transformers) model was loaded from, if it knows it."""
-    config = getattr(model, "config", None)
-    for candidate in (getattr(model, "name_or_path", None), getattr(config, "_name_or_path", None),
-                      getattr(config, "name_or_path", None)):
-        if isinstance(candidate, (str, os.PathLike)) and str(candidate):
-            return str(candidate)
-    return None
-
-
 class SaRAModel(BaseTuner):
     """SaRA tuner: fine-tunes only the smallest-magnitude pre-trained weights, as a sparse update.
 
@@ -78,7 +90,7 @@ class SaRAModel(BaseTuner):
         ```
     """
 
-    prefix: str = "sara_"
+    prefix: str = PREFIX
     tuner_layer_cls = SaRALayer
     target_module_mapping = TRANSFORMERS_TARGET_MODULES_MAPPING
 
@@ -86,7 +98,7 @@ class SaRAModel(BaseTuner):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = base_model_id(model)
         tags = list(getattr(model, "model_tags", None) or [])
-        for tag in ("sara", "peft-sara"):
+        for tag in SARA_TAGS:
             if tag not in tags:
                 tags.append(tag)
         with contextlib.suppress(AttributeError, TypeError):
@@ -94,10 +106,18 @@ class SaRAModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
         # diffusers' `add_adapter` path: keep `model.save_pretrained` writing a loadable base (or fused) checkpoint.
-        from .diffusers_utils import install_save_bridge
-
         if any(cls.__name__ in ("ModelMixin", "PreTrainedModel") for cls in type(model).__mro__):
             install_save_bridge(model)
+
+    def _check_new_adapter_config(self, config: SaRAConfig) -> None:
+        super()._check_new_adapter_config(config)
+        # One layer runs all its active adapters through one kernel: they must agree on it.
+        kernels_in_use = sorted({adapter_config.kernel for adapter_config in self.peft_config.values()})
+        if len(kernels_in_use) > 1:
+            raise ValueError(
+                f"All SaRA adapters of a model must use the same `kernel`, got {kernels_in_use}. Set the same "
+                "`kernel` in every SaRAConfig (or use the PEFT_SARA_KERNEL environment variable)."
+            )
 
     def _prepare_adapter_config(self, peft_config: SaRAConfig, model_config: dict) -> SaRAConfig:
         if peft_config.target_modules is None:
@@ -148,7 +168,7 @@ class SaRAModel(BaseTuner):
         """Dry run of a safe merge over all layers, so a broken adapter leaves every weight untouched."""
         for name, layer in self.sara_layers():
             names = adapter_names if adapter_names is not None else layer.active_adapters
-            for adapter in layer._present(list(names)):
+            for adapter in layer.present_adapters(list(names)):
                 if not layer.merge_is_finite(adapter):
                     raise ValueError(
                         f"NaNs or infs detected while merging adapter '{adapter}' into layer '{name}': the adapter "
@@ -160,12 +180,14 @@ class SaRAModel(BaseTuner):
             self._check_merge_is_finite(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
-    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None,
-                                     **kwargs):
+    def _unload_and_optionally_merge(
+        self, merge=True, progressbar=False, safe_merge=False, adapter_names=None, **kwargs
+    ):
         if merge and safe_merge:
             self._check_merge_is_finite(adapter_names)
-        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-                                                    adapter_names=adapter_names, **kwargs)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names, **kwargs
+        )
 
     # ----------------------------------------------------------------------------------------- state dicts
     @classmethod
@@ -186,8 +208,6 @@ class SaRAModel(BaseTuner):
     # ----------------------------------------------------------------------------------------- helpers
     def sara_layers(self) -> Iterator[tuple[str, SaRALayer]]:
         """(name, layer) for every SaRA layer of the model."""
-        from .training import sara_layers
-
         return sara_layers(self.model)
 
 

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .layer import SaRALayer
+
 # Chunk of trainable entries whose subgradient is gathered at once (bounds the U[rows] * V[cols] temporary).
 SUBGRADIENT_CHUNK = 16384
 
@@ -59,18 +61,18 @@ class _SparseNuclearNorm(torch.autograd.Function):
         return grad_values * grad_norm, None, None, None, None, None, None, None
 
 
-def layer_nuclear_norm(layer, adapter_name: str, method: str = "svd", oversample: int = 32,
-                       target: str = "delta") -> torch.Tensor:
+def layer_nuclear_norm(
+    layer: SaRALayer, adapter_name: str, method: str = "svd", oversample: int = 32, target: str = "delta"
+) -> torch.Tensor:
     """||Delta_W||_* of one SaRA layer's adapter, differentiable in its trainable values.
 
     ``target="masked_weight"`` uses the paper's written form instead: the effective weight restricted to the
     adapter's entries (base + delta at those entries, zero elsewhere).
     """
     weight = layer.get_base_layer().weight
-    indices = layer.sara_indices[adapter_name]
-    values = layer.sara_values[adapter_name]
-    fixed_indices = layer.sara_frozen_indices[adapter_name]
-    fixed_values = layer.sara_frozen_values[adapter_name].float()
+    indices, values = layer.trainable_entries(adapter_name)
+    fixed_indices, fixed_values = layer.frozen_entries(adapter_name)
+    fixed_values = fixed_values.float()
     flat_weight = weight.detach().reshape(-1)
     if target == "masked_weight":
         base_entries = flat_weight.index_select(0, indices).float()
@@ -79,16 +81,17 @@ def layer_nuclear_norm(layer, adapter_name: str, method: str = "svd", oversample
     else:
         base_entries = torch.zeros((), dtype=torch.float32, device=values.device)
     shape = delta_matrix_shape(weight)
-    return _SparseNuclearNorm.apply(values, indices, base_entries, fixed_indices, fixed_values, shape, method,
-                                    oversample)
+    return _SparseNuclearNorm.apply(
+        values, indices, base_entries, fixed_indices, fixed_values, shape, method, oversample
+    )
 
 
 @torch.no_grad()
-def delta_rank_stats(layer, adapter_name: str) -> dict[str, float]:
+def delta_rank_stats(layer: SaRALayer, adapter_name: str) -> dict[str, float]:
     """Nuclear norm, numerical rank and effective rank (exp of the singular-value entropy) of a layer's update."""
     weight = layer.get_base_layer().weight
     rows, cols = delta_matrix_shape(weight)
-    dense = layer.get_delta_weight(adapter_name).float().reshape(rows, cols)
+    dense = layer.get_sparse_update(adapter_name).to_dense().reshape(rows, cols)
     singular_values = torch.linalg.svdvals(dense)
     del dense
     total = float(singular_values.sum())
@@ -105,7 +108,7 @@ def delta_rank_stats(layer, adapter_name: str) -> dict[str, float]:
     }
 
 
-def qualifies_for_rank_loss(layer, min_dim: int) -> bool:
+def qualifies_for_rank_loss(layer: SaRALayer, min_dim: int) -> bool:
     """Whether a layer's 2-D update is large enough for the low-rank loss (both dimensions > min_dim)."""
     rows, cols = delta_matrix_shape(layer.get_base_layer().weight)
     return min(rows, cols) > min_dim

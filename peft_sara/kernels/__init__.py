@@ -12,10 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..constants import KERNEL_ENV_VAR as ENV_VAR
+from ..constants import KERNELS as BACKENDS
 from . import reference
-
-ENV_VAR = "PEFT_SARA_KERNEL"
-BACKENDS = ("auto", "triton", "reference")
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,313 @@
+"""Loading and saving SaRA adapters for the components of a diffusers ``DiffusionPipeline``.
+
+An adapter for a pipeline is a folder (or a Hub repo) with one PEFT adapter per adapted component::
+
+    README.md                           # model card (see ``peft_sara.hub``)
+    unet/adapter_config.json            # or transformer/ for DiT pipelines
+    unet/adapter_model.safetensors
+    text_encoder/adapter_config.json    # optional, likewise text_encoder_2/, ...
+    text_encoder/adapter_model.safetensors
+
+A single-model adapter (``adapter_config.json`` at the root, as ``PeftModel.save_pretrained`` writes it) is accepted
+for the denoiser (``unet`` or ``transformer``).
+
+Loading injects SaRA layers in place, so components stay diffusers ``ModelMixin`` / transformers ``PreTrainedModel``
+instances and the pipeline's own adapter API drives them like LoRA adapters: ``pipe.set_adapters([...], weights)``,
+``pipe.fuse_lora()`` / ``unfuse_lora()``, ``pipe.disable_lora()`` / ``enable_lora()``, ``pipe.unload_lora_weights()``,
+``pipe.delete_adapters(...)`` and ``cross_attention_kwargs={"scale": s}`` / ``joint_attention_kwargs``.
+
+transformers' ``PreTrainedModel.add_adapter`` refuses ``peft<0.22`` (transformers 5.x), and peft-sara pins ``peft<0.22``.
+Every component is therefore injected with PEFT's ``inject_adapter_in_model`` (which also sets
+``component.peft_config``), followed by what ``add_adapter`` adds on top: ``component._hf_peft_config_loaded = True``
+and activating the new adapter on every SaRA layer. diffusers' pipeline methods only need ``peft_config`` and the
+tuner layers, so they work unchanged. ``pipe.save_pretrained`` keeps writing the plain model (``peft_sara.save_bridge``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.utils.peft_utils import recurse_remove_peft_layers
+from peft import inject_adapter_in_model, set_peft_model_state_dict
+from torch import nn
+
+from .cards import sara_model_card
+from .config import SaRAConfig
+from .constants import CARD_NAME, CONFIG_NAME
+from .layer import count_entries, sara_adapter_names, sara_layers
+from .resolve import default_adapter_name, resolve_adapter_folder
+from .save_bridge import install_save_bridge
+from .serialization import base_model_id, read_adapter_weights, read_sara_config, save_injected_adapter
+
+logger = logging.getLogger(__name__)
+
+# Components a root (single-model) adapter is loaded into, in order of preference.
+DENOISER_COMPONENTS = ("unet", "transformer", "prior", "decoder")
+KNOWN_COMPONENTS = DENOISER_COMPONENTS + ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
+
+
+def pipeline_modules(pipe: Any) -> dict[str, nn.Module]:
+    """The ``nn.Module`` components of a pipeline, by name (``unet``, ``transformer``, ``text_encoder``, ...)."""
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        raise TypeError(f"Expected a diffusers DiffusionPipeline, got {type(pipe).__name__} (it has no `components`).")
+    return {name: module for name, module in components.items() if isinstance(module, nn.Module)}
+
+
+def _component_folders(folder: Path, pipe_modules: dict[str, nn.Module], components: Sequence[str] | None):
+    """Map component name -> adapter folder, following the layout described in the module docstring."""
+    # Only subfolders named like pipeline components count (training output folders also hold checkpoint-*/).
+    component_like = set(pipe_modules) | set(components or ()) | set(KNOWN_COMPONENTS)
+    found = {
+        child.name: child
+        for child in sorted(folder.iterdir())
+        if (child / CONFIG_NAME).is_file() and child.name in component_like
+    }
+    if not found and (folder / CONFIG_NAME).is_file():
+        wanted = list(components) if components else [name for name in DENOISER_COMPONENTS if name in pipe_modules]
+        if not wanted:
+            raise ValueError(
+                f"'{folder}' holds a single-model adapter, which is loaded into the denoiser, but the pipeline has none "
+                f"of {DENOISER_COMPONENTS}. Pass `components=[...]` to choose one of {sorted(pipe_modules)}."
+            )
+        if len(wanted) > 1:
+            raise ValueError(
+                f"'{folder}' holds a single-model adapter; pass exactly one component to load it into, got {wanted}."
+            )
+        found = {wanted[0]: folder}
+    elif not found:
+        listing = sorted(child.name for child in folder.iterdir()) if folder.is_dir() else []
+        raise FileNotFoundError(
+            f"No '{CONFIG_NAME}' in '{folder}' or in its component subfolders (found: {listing}). A pipeline adapter "
+            "has one subfolder per component (unet/, text_encoder/, ...), each with adapter_config.json and "
+            "adapter_model.safetensors."
+        )
+
+    if components:
+        missing = [name for name in components if name not in found]
+        if missing:
+            raise ValueError(f"The adapter in '{folder}' has no weights for {missing}; it has {sorted(found)}.")
+        found = {name: found[name] for name in components}
+    absent = [name for name in found if name not in pipe_modules]
+    if absent:
+        raise ValueError(
+            f"The adapter has weights for {absent}, which this pipeline does not have (its model components"
+            f": {sorted(pipe_modules)}). Pass `components=[...]` to load only some of them."
+        )
+    return found
+
+
+# ------------------------------------------------------------------------------------------------- injection
+def _align_text_model_prefix(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept text-encoder checkpoints written before / after transformers flattened ``CLIPTextModel.text_model``."""
+    has_text_model = hasattr(module, "text_model")
+    saved_with_prefix = any(key.startswith("text_model.") for key in state_dict)
+    if saved_with_prefix and not has_text_model:
+        return {key.removeprefix("text_model."): value for key, value in state_dict.items()}
+    if has_text_model and state_dict and not saved_with_prefix and type(module).__name__.startswith("CLIPText"):
+        return {f"text_model.{key}": value for key, value in state_dict.items()}
+    return state_dict
+
+
+# ------------------------------------------------------------------------------------------------- injection
+def _activate(module: nn.Module, adapter_name: str) -> None:
+    for _, layer in sara_layers(module):
+        layer.set_adapter([adapter_name], inference_mode=True)
+
+
+def _remove_adapter(module: nn.Module, adapter_name: str) -> None:
+    """Undo a (possibly partial) injection of ``adapter_name`` into ``module``."""
+    for _, layer in sara_layers(module):
+        if adapter_name in layer.sara_values:
+            if adapter_name in layer.merged_adapters:
+                layer.unmerge()
+            layer.delete_adapter(adapter_name)
+    peft_config = getattr(module, "peft_config", None)
+    if isinstance(peft_config, dict):
+        peft_config.pop(adapter_name, None)
+        if not peft_config:
+            recurse_remove_peft_layers(module)
+            del module.peft_config
+            module._hf_peft_config_loaded = None
+
+
+def inject_sara_adapter(module: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
+    """Inject a SaRA adapter into a pipeline component in place and make it the active adapter.
+
+    Equivalent to ``component.add_adapter(config, adapter_name)`` for diffusers models and transformers text encoders,
+    without transformers' ``peft>=0.22`` check (see the module docstring), and with ``save_pretrained`` kept writing
+    the plain model.
+    """
+    existing = getattr(module, "peft_config", None) or {}
+    if adapter_name in existing:
+        raise ValueError(
+            f"{type(module).__name__} already has an adapter named '{adapter_name}': pass another `adapter_name`, or "
+            "remove it first with `pipe.delete_adapters(...)`."
+        )
+    with warnings.catch_warnings():
+        # PEFT warns whenever a second adapter joins `peft_config`; several adapters per component are intended here.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(config, module, adapter_name)
+    module._hf_peft_config_loaded = True
+    _activate(module, adapter_name)
+    install_save_bridge(module)
+
+
+# ------------------------------------------------------------------------------------------------- public API
+def load_sara_adapter(
+    pipe: Any,
+    pretrained_model_name_or_path: str | os.PathLike,
+    adapter_name: str | None = None,
+    subfolder: str | None = None,
+    components: Sequence[str] | None = None,
+    fuse: bool = False,
+    scale: float = 1.0,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> str:
+    """Load a SaRA adapter into a diffusers pipeline's components, in place, and make it the active adapter.
+
+    Args:
+        pipe: A ``DiffusionPipeline`` (its ``unet`` / ``transformer`` / ``text_encoder*`` are adapted).
+        pretrained_model_name_or_path: A local folder or a Hub repo id. Repo ids are resolved with
+            ``huggingface_hub.snapshot_download`` (only the adapter files are fetched), which honours the cache,
+            ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``.
+        adapter_name: Name of the adapter in the pipeline. Default: the repo / folder name.
+        subfolder: Folder inside the repo / folder that holds the adapter.
+        components: Load only these components (default: every component the adapter has). For a single-model
+            adapter at the root, the one component to load it into (default: the denoiser).
+        fuse: Merge the adapter into the weights right away (undo with ``pipe.unfuse_lora()``).
+        scale: Strength of the adapter (1.0 = as trained); change later with ``pipe.set_adapters``.
+        revision: Branch, tag or commit of the Hub repo.
+        token: Hub token for private repos.
+        cache_dir: Hub cache to use instead of the default one.
+        local_files_only: Only look in the Hub cache (like ``HF_HUB_OFFLINE=1``).
+
+    Returns:
+        The adapter name, for ``pipe.set_adapters([...])`` and friends.
+
+    Raises:
+        FileNotFoundError: the folder / repo lacks the adapter files.
+        ValueError: the adapter is not a SaRA adapter, targets a component the pipeline lacks, its name is taken, or
+            its weights do not fit the model (nothing stays injected in that case).
+    """
+    pipe_modules = pipeline_modules(pipe)
+    folder = resolve_adapter_folder(
+        pretrained_model_name_or_path, subfolder, revision, token, cache_dir, local_files_only
+    )
+    adapter_name = adapter_name or default_adapter_name(pretrained_model_name_or_path)
+    plan = []
+    for component, component_folder in _component_folders(folder, pipe_modules, components).items():
+        config = read_sara_config(component_folder)
+        config.inference_mode = True
+        module = pipe_modules[component]
+        if adapter_name in (getattr(module, "peft_config", None) or {}):
+            raise ValueError(
+                f"pipe.{component} already has an adapter named '{adapter_name}': pass another `adapter_name`, or "
+                "remove it first with `pipe.delete_adapters(...)`."
+            )
+        plan.append((component, module, config, read_adapter_weights(component_folder)))
+
+    done = []
+    try:
+        for component, module, config, state_dict in plan:
+            inject_sara_adapter(module, config, adapter_name)
+            done.append(module)
+            state_dict = _align_text_model_prefix(module, state_dict)
+            result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
+            unexpected = [key for key in result.unexpected_keys if "sara_" in key or adapter_name in key]
+            if unexpected:
+                raise ValueError(
+                    f"The adapter for pipe.{component} has {len(unexpected)} tensors that match no layer of "
+                    f"{type(module).__name__}, e.g. {unexpected[:3]}. Was it made for another model?"
+                )
+            for _, layer in sara_layers(module):
+                if adapter_name not in layer.sara_values:
+                    continue
+                if scale != 1.0:
+                    layer.set_scale(adapter_name, scale)
+                if fuse:
+                    layer.merge(adapter_names=[adapter_name])
+    except Exception:
+        for module in done:
+            _remove_adapter(module, adapter_name)
+        raise
+    if fuse and hasattr(pipe, "_merged_adapters"):
+        pipe._merged_adapters = set(pipe._merged_adapters) | {adapter_name}
+    logger.info("Loaded SaRA adapter '%s' into %s.", adapter_name, [component for component, *_ in plan])
+    return adapter_name
+
+
+def _single_adapter_name(modules: dict[str, nn.Module]) -> str:
+    names = sorted({name for module in modules.values() for name in sara_adapter_names(module)})
+    if len(names) != 1:
+        raise ValueError(
+            "Pass `adapter_name=`: the pipeline has "
+            + (f"several SaRA adapters: {names}." if names else "no SaRA adapter.")
+        )
+    return names[0]
+
+
+def save_sara_adapter(
+    pipe: Any,
+    save_directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    components: Sequence[str] | None = None,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    model_card: bool = True,
+) -> Path:
+    """Save a SaRA adapter of a pipeline as one subfolder per adapted component, plus a model card.
+
+    Args:
+        pipe: The ``DiffusionPipeline`` holding the adapter.
+        save_directory: Folder to write (created if needed).
+        adapter_name: Which adapter; may be omitted when the pipeline holds exactly one.
+        components: Save only these components (default: every component that has the adapter).
+        base_model: Hub id of the base pipeline, written to ``adapter_config.json`` and the card. Default: the path /
+            id the pipeline was loaded from.
+        repo_id: Hub repo the adapter is meant for, used in the card's usage snippet.
+        model_card: Write ``README.md`` (see ``peft_sara.hub.sara_model_card``).
+
+    Returns:
+        The folder written.
+    """
+    pipe_modules = pipeline_modules(pipe)
+    adapter_name = adapter_name or _single_adapter_name(pipe_modules)
+    adapted = {name: module for name, module in pipe_modules.items() if adapter_name in sara_adapter_names(module)}
+    if components is not None:
+        missing = [name for name in components if name not in adapted]
+        if missing:
+            raise ValueError(f"SaRA adapter '{adapter_name}' is not in {missing}; it adapts {sorted(adapted)}.")
+        adapted = {name: adapted[name] for name in components}
+    if not adapted:
+        raise ValueError(f"No component of the pipeline has a SaRA adapter named '{adapter_name}'.")
+
+    base_model = base_model or base_model_id(pipe)
+    directory = Path(save_directory)
+    for name, module in adapted.items():
+        save_injected_adapter(module, directory / name, adapter_name, base_model)
+    if model_card:
+        configs = {name: module.peft_config[adapter_name] for name, module in adapted.items()}
+        sizes = {name: count_entries(module, adapter_name) for name, module in adapted.items()}
+        card = sara_model_card(
+            base_model=base_model,
+            configs=configs,
+            trainable_entries=sizes,
+            repo_id=repo_id,
+            adapter_name=adapter_name,
+            pipeline_class=type(pipe).__name__,
+        )
+        card.save(str(directory / CARD_NAME))
+    return directory
+
+
+__all__ = ["load_sara_adapter", "save_sara_adapter", "inject_sara_adapter", "pipeline_modules"]

@@ -1,0 +1,69 @@
+"""Finding an adapter: a local folder, or the adapter files of a Hugging Face Hub repo."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+
+from .constants import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+
+# Files fetched from a Hub repo: never the base model or anything else that happens to live there.
+ADAPTER_FILE_PATTERNS = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
+
+
+def default_adapter_name(source: str | os.PathLike) -> str:
+    """An adapter name derived from a folder / repo id (its last path component, made safe for module dicts)."""
+    name = Path(str(source).rstrip("/\\")).name or "default"
+    # Adapter names become keys of `nn.ParameterDict`s, which refuse dots.
+    return re.sub(r"[^0-9A-Za-z_-]", "_", name)
+
+
+def resolve_adapter_folder(
+    source: str | os.PathLike,
+    subfolder: str | None,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: str | os.PathLike | None,
+    local_files_only: bool,
+) -> Path:
+    """A local folder holding the adapter: ``source`` itself, or a snapshot of the Hub repo ``source``.
+
+    Repo ids are resolved with ``huggingface_hub.snapshot_download``, fetching only adapter files (never a base model
+    that lives in the same repo); it honours the cache, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``.
+    """
+    if os.path.isdir(source):
+        root = Path(source)
+    elif os.path.exists(source):
+        raise ValueError(
+            f"'{source}' is a file: pass the folder that holds '{CONFIG_NAME}' (or the component folders)."
+        )
+    else:
+        prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+        patterns = [f"{prefix}{name}" for name in ADAPTER_FILE_PATTERNS]
+        patterns += [f"{prefix}*/{name}" for name in ADAPTER_FILE_PATTERNS]
+        try:
+            root = Path(
+                snapshot_download(
+                    repo_id=str(source),
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    allow_patterns=patterns,
+                )
+            )
+        except HFValidationError as err:
+            raise FileNotFoundError(
+                f"'{source}' is neither an existing folder nor a valid Hub repo id ('user/name')."
+            ) from err
+    folder = root / subfolder if subfolder else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"The adapter '{source}' has no subfolder '{subfolder}'.")
+    return folder
+
+
+__all__ = ["resolve_adapter_folder", "default_adapter_name", "ADAPTER_FILE_PATTERNS"]

@@ -1,0 +1,177 @@
+"""``SaRATrainingHelper``: step counting, the low-rank loss and progressive re-selection for any training loop.
+
+The helper never changes a learning rate; :func:`paper_learning_rate` gives the paper's fitted default.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+from ..config import SaRAConfig
+from ..layer import sara_layers
+from ..regularizers import layer_nuclear_norm, qualifies_for_rank_loss, sample_layers
+from .optimizer import replace_optimizer_parameters
+
+
+def paper_learning_rate(threshold: float) -> float:
+    """The paper's fitted learning rate for a threshold: ``1e-3 * exp(-350 * threshold)`` (4.97e-4 at 2e-3)."""
+    return 1e-3 * math.exp(-350.0 * threshold)
+
+
+def resolve_sara_adapter(model: nn.Module, adapter_name: str | None) -> tuple[str, SaRAConfig]:
+    """The SaRA adapter to train (``adapter_name``, or the model's active one) and its config; clear errors otherwise."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        raise ValueError("The model carries no PEFT config: wrap it with get_peft_model or add_adapter first.")
+    if adapter_name is None:
+        active = getattr(model, "active_adapter", None)
+        adapter_name = active if isinstance(active, str) and active in configs else next(iter(configs))
+    if adapter_name not in configs:
+        raise ValueError(f"Adapter '{adapter_name}' not found; available: {sorted(configs)}.")
+    config = configs[adapter_name]
+    if not isinstance(config, SaRAConfig):
+        raise ValueError(f"Adapter '{adapter_name}' is a {type(config).__name__}, not a SaRAConfig.")
+    return adapter_name, config
+
+
+class SaRATrainingHelper:
+    """Owns SaRA's per-step training logic: step counting, low-rank loss sampling and progressive re-selection.
+
+    Args:
+        model: a PeftModel (or a diffusers/transformers model with a SaRA adapter added in place).
+        optimizer: the optimizer over the SaRA values; re-selection updates it in place. May be None if you rebuild
+            your optimizer yourself (then use the mapping returned by :meth:`reselect`).
+        total_steps: planned optimizer steps; with ``progressive_fraction`` it sets the re-selection step.
+        adapter_name: the SaRA adapter to train (default: the active one).
+        seed: seed of the generator that samples layers for the low-rank loss.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        total_steps: int | None = None,
+        adapter_name: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.adapter_name, self.config = resolve_sara_adapter(model, adapter_name)
+        self.total_steps = total_steps
+        self.progressive_step = self._progressive_step()
+        self.global_step = 0
+        self.reselected = False
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last_regularization: float = 0.0
+        self.rank_layers = [
+            layer
+            for name, layer in sara_layers(model)
+            if self.adapter_name in layer.sara_values
+            and qualifies_for_rank_loss(layer, self.config.rank_min_dim)
+            and self._matches_rank_targets(name)
+        ]
+        if self.config.lambda_rank > 0 and not self.rank_layers:
+            warnings.warn(
+                f"lambda_rank={self.config.lambda_rank} but no SaRA layer qualifies for the low-rank loss "
+                f"(both matrix dimensions > rank_min_dim={self.config.rank_min_dim}"
+                + (", and matching rank_target_modules" if self.config.rank_target_modules is not None else "")
+                + "): the loss is 0. Lower `rank_min_dim` for small models.",
+                stacklevel=2,
+            )
+
+    def _progressive_step(self) -> int | None:
+        if self.config.progressive_step is not None:
+            return self.config.progressive_step
+        if self.config.progressive_fraction is None or self.total_steps is None:
+            return None
+        return max(1, round(self.config.progressive_fraction * self.total_steps))
+
+    def _matches_rank_targets(self, name: str) -> bool:
+        targets = self.config.rank_target_modules
+        if targets is None:
+            return True
+        # PEFT's own module matching (exact name, dotted suffix, or full-match regex), on a config holding only the
+        # low-rank targets. Layer names inside a PeftModel carry its "base_model.model." prefix, as PEFT expects.
+        rank_targets = SimpleNamespace(
+            target_modules=targets,
+            exclude_modules=None,
+            modules_to_save=None,
+            target_parameters=None,
+            layers_to_transform=None,
+            layers_pattern=None,
+        )
+        return bool(check_target_module_exists(rank_targets, name))
+
+    def regularization(self) -> torch.Tensor:
+        """``lambda_rank * sum ||Delta_W||_*`` over this step's sampled layers (a differentiable scalar)."""
+        device = next((layer.sara_values[self.adapter_name].device for layer in self.rank_layers), torch.device("cpu"))
+        if self.config.lambda_rank == 0 or not self.rank_layers:
+            self.last_regularization = 0.0
+            return torch.zeros((), device=device)
+        count = None if self.config.rank_layers_per_step == "all" else self.config.rank_layers_per_step
+        chosen = sample_layers(self.rank_layers, count, self.generator)
+        total = sum(
+            layer_nuclear_norm(
+                layer, self.adapter_name, self.config.rank_method, self.config.rank_oversample, self.config.rank_target
+            )
+            for layer in chosen
+        )
+        loss = self.config.lambda_rank * total
+        self.last_regularization = float(loss.detach())
+        return loss
+
+    def step(self) -> bool:
+        """Advance one optimizer step; returns True when this step performed the progressive re-selection."""
+        self.global_step += 1
+        if self.progressive_step is not None and not self.reselected and self.global_step >= self.progressive_step:
+            self.reselect()
+            return True
+        return False
+
+    @torch.no_grad()
+    def reselect(self) -> dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]]:
+        """Shrink every layer's trainable set to the entries still below its cutoff; update the optimizer in place."""
+        replacements = {}
+        for _, layer in sara_layers(self.model):
+            if self.adapter_name not in layer.sara_values:
+                continue
+            old_param = layer.sara_values[self.adapter_name]
+            keep = layer.reselect(self.adapter_name)
+            replacements[old_param] = (layer.sara_values[self.adapter_name], keep)
+        if self.optimizer is not None:
+            replace_optimizer_parameters(self.optimizer, replacements)
+        self.reselected = True
+        return replacements
+
+    def trainable_count(self) -> int:
+        """Current number of trainable SaRA entries."""
+        return sum(
+            layer.num_trainable(self.adapter_name)
+            for _, layer in sara_layers(self.model)
+            if self.adapter_name in layer.sara_values
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "reselected": self.reselected,
+            "generator": self.generator.get_state(),
+            "progressive_step": self.progressive_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step = state["global_step"]
+        self.reselected = state["reselected"]
+        self.generator.set_state(state["generator"])
+        self.progressive_step = state["progressive_step"]
+
+
+__all__ = ["SaRATrainingHelper", "paper_learning_rate", "resolve_sara_adapter"]
