@@ -1,11 +1,15 @@
-"""Shared pieces of the training-step and inference benchmarks: model presets, inputs, timing, memory and machine info.
+"""What every benchmark script shares: the model presets and inputs, the command-line flags, timing, memory, machine
+and library versions, and writing results (JSON under ``benchmarks/results/``, plain-text tables).
 
-Everything here is deterministic given a seed, so every method of one benchmark run sees the same random-init model,
-the same batch and the same timesteps.
+Every script runs as ``python -m benchmarks.<name>`` and imports this module as ``benchmarks.common``. Models and
+inputs are deterministic given a seed, so every method of one benchmark run sees the same random-init model, the same
+batch and the same timesteps. Importing this module does not import diffusers, PEFT or Triton (``kernels.py`` must set
+``TRITON_INTERPRET`` before Triton is first imported).
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.metadata
 import json
@@ -24,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -32,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 # ------------------------------------------------------------------------------------------------------ presets
@@ -183,6 +188,8 @@ def preset_summary(preset: ModelPreset) -> dict[str, Any]:
 
 def build_model(preset: ModelPreset, seed: int, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The preset's model with seeded random weights (drawn in float32), on ``device`` in ``dtype``, in train mode."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel  # here, so importing this module stays light
+
     model_class = UNet2DConditionModel if preset.family == "unet" else SD3Transformer2DModel
     torch.manual_seed(seed)
     model = model_class(**preset.config)
@@ -256,6 +263,7 @@ def set_threads(threads: int) -> None:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work on ``device`` (no-op on CPU), so a clock read covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -281,6 +289,7 @@ class PhaseClock:
 
 
 def median(values: Sequence[float]) -> float | None:
+    """The median, or None for no values."""
     return statistics.median(values) if values else None
 
 
@@ -360,6 +369,7 @@ def directory_bytes(path: Path) -> int:
 
 
 def mib(num_bytes: float | None) -> float | None:
+    """Bytes in MiB (None stays None)."""
     return None if num_bytes is None else num_bytes / 2**20
 
 
@@ -433,7 +443,8 @@ def _git_commit() -> str | None:
         return None
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``, or None if it is not installed."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -442,7 +453,7 @@ def _version(package: str) -> str | None:
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
     """What the numbers were measured on (call in the parent: it does not touch CUDA)."""
-    info = {
+    return {
         "device": str(device),
         "device_name": _cpu_model() if device.type == "cpu" else None,
         "cpu_model": _cpu_model(),
@@ -453,13 +464,19 @@ def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "diffusers": _version("diffusers"),
-        "peft": _version("peft"),
-        "peft_sara": _version("peft-sara"),
+        "diffusers": package_version("diffusers"),
+        "peft": package_version("peft"),
+        "peft_sara": package_version("peft-sara"),
         "git_commit": _git_commit(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return info
+
+
+def finish_machine_info(machine: dict[str, Any], device_name: str | None = None) -> None:
+    """Add the load average at the end of the run, and the GPU's name once a child has reported it."""
+    machine["load_average_at_end"] = list(os.getloadavg())
+    if device_name:
+        machine["device_name"] = device_name
 
 
 def cuda_device_name(device: torch.device) -> str | None:
@@ -489,10 +506,22 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(out)
 
 
+def results_path(out: Path | None, benchmark: str, preset: ModelPreset, batch_size: int, device: torch.device) -> Path:
+    """``--out``, or the default ``benchmarks/results/<benchmark>-<preset>-bs<B>-<device type>.json``."""
+    return out or RESULTS_DIR / f"{benchmark}-{preset.name}-bs{batch_size}-{device.type}.json"
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON (creating the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_results(path: Path, payload: dict[str, Any]) -> None:
+    """Write a benchmark's result JSON and say where."""
+    write_json(path, payload)
+    print(f"\nwrote {path}")
 
 
 @dataclass
@@ -507,9 +536,82 @@ def _cuda_available() -> dict:
     return {"cuda": torch.cuda.is_available()}
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def resolve_device(device_flag: str, threads_flag: int | None) -> ThreadsAndDevice:
     """``auto`` picks CUDA when present (asked in a child, so this process never initialises CUDA before forking)."""
     if device_flag == "auto":
         device_flag = "cuda" if run_in_fresh_process(_cuda_available)["cuda"] else "cpu"
-    threads = threads_flag or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    return ThreadsAndDevice(torch.device(device_flag), int(threads))
+    return ThreadsAndDevice(torch.device(device_flag), int(threads_flag or usable_cores()))
+
+
+def child_setup(spec: dict[str, Any]) -> tuple[ModelPreset, torch.device]:
+    """In a measuring (child) process: use the run's thread count; return its preset and device."""
+    set_threads(spec["threads"])
+    return PRESETS[spec["preset"]], torch.device(spec["device"])
+
+
+# ------------------------------------------------------------------------------------------------------ flags
+def add_common_arguments(parser: argparse.ArgumentParser, benchmark: str, batch_size: int = 1) -> None:
+    """The flags every model benchmark takes: --preset, --batch-size, --device, --threads, --seed, --out."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: usable cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON path (default benchmarks/results/{benchmark}-<preset>-bs<B>-<device>.json)",
+    )
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser, threshold_help: str) -> None:
+    """--sara-fraction or --sara-threshold (see :func:`sara_selection`)."""
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument(
+        "--sara-fraction", type=float, default=None, help="SaRA trainable_fraction (default: the preset's)"
+    )
+    selection.add_argument("--sara-threshold", type=float, default=None, help=threshold_help)
+
+
+@dataclass
+class RunSetup:
+    """A benchmark run's resolved flags: the preset, device and threads, the spec its measuring code receives (plain
+    data, so it can go to a forked child), and the machine info recorded with the results."""
+
+    preset: ModelPreset
+    device: torch.device
+    threads: int
+    selection: dict[str, float]
+    spec: dict[str, Any]
+    machine: dict[str, Any]
+
+
+def setup_run(args: argparse.Namespace, **spec_fields: Any) -> RunSetup:
+    """Resolve the common and selection flags of ``args``; ``spec_fields`` are the script's own spec entries."""
+    preset = PRESETS[args.preset]
+    resolved = resolve_device(args.device, args.threads)
+    selection = sara_selection(args, preset)
+    spec = {
+        "preset": preset.name,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "threads": resolved.threads,
+        "device": str(resolved.device),
+        "sara_selection": selection,
+        **spec_fields,
+    }
+    machine = machine_info(resolved.device, resolved.threads)
+    return RunSetup(preset, resolved.device, resolved.threads, selection, spec, machine)
+
+
+def sara_selection(args: argparse.Namespace, preset: ModelPreset) -> dict[str, float]:
+    """SaRAConfig selection keywords: ``--sara-threshold``, else ``--sara-fraction`` or the preset's fraction."""
+    if args.sara_threshold is not None:
+        return {"threshold": args.sara_threshold}
+    return {"trainable_fraction": args.sara_fraction or preset.sara_fraction}

@@ -13,9 +13,7 @@ one within tolerance and that unmerging restores every base weight bitwise. Prin
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,39 +26,33 @@ from peft import get_peft_model
 
 import peft_sara
 from benchmarks.common import (
-    PRESETS,
-    RESULTS_DIR,
+    DTYPES,
+    add_common_arguments,
+    add_selection_arguments,
     build_model,
+    child_setup,
     cuda_device_name,
+    finish_machine_info,
     format_table,
-    machine_info,
     make_batch,
     median,
     model_output,
     preset_summary,
-    resolve_device,
-    set_threads,
-    synchronize,
+    results_path,
+    setup_run,
     time_call,
-    write_json,
+    write_results,
 )
+from peft_sara.training import sara_layers
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Merged and unmerged runs compute with the same effective weight entries, so they should agree to rounding.
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-3), torch.float16: (1e-3, 1e-4)}
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
     """All measurements of one run (on the current process)."""
-    set_threads(spec["threads"])
-    device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
-    preset = PRESETS[spec["preset"]]
+    preset, device = child_setup(spec)
+    dtype = DTYPES[spec["dtype"]]
     model = build_model(preset, spec["seed"], device, dtype).eval()
     batch = make_batch(preset, spec["batch_size"], spec["seed"], device, dtype)
     repeats, warmup = spec["repeats"], spec["warmup"]
@@ -75,7 +67,7 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
 
     config = peft_sara.SaRAConfig(**spec["sara_selection"], init_weights=False)
     peft_model = get_peft_model(model, config).eval()
-    layers = [layer for _, layer in peft_model.base_model.sara_layers()]
+    layers = [layer for _, layer in sara_layers(peft_model.get_base_model())]
     base_weights = [layer.get_base_layer().weight.detach().clone() for layer in layers]
 
     unmerged_times = time_call(lambda: forward(peft_model), device, repeats, warmup)
@@ -83,12 +75,11 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
 
     merge_times, unmerge_times, merged_times, merged_output = [], [], [], None
     for _ in range(spec["merge_repeats"]):
-        synchronize(device)
-        merge_times.append(_timed(lambda: (peft_model.merge_adapter(), synchronize(device))))
+        merge_times += time_call(peft_model.merge_adapter, device, repeats=1, warmup=0)
         if merged_output is None:
             merged_times = time_call(lambda: forward(peft_model), device, repeats, warmup)
             merged_output = forward(peft_model)
-        unmerge_times.append(_timed(lambda: (peft_model.unmerge_adapter(), synchronize(device))))
+        unmerge_times += time_call(peft_model.unmerge_adapter, device, repeats=1, warmup=0)
 
     restored_bitwise = all(
         torch.equal(layer.get_base_layer().weight, saved) for layer, saved in zip(layers, base_weights)
@@ -140,60 +131,27 @@ def table_rows(times: dict[str, float]) -> list[dict[str, Any]]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--batch-size", type=int, default=1)
+    add_common_arguments(parser, "inference")
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards before each timed series")
     parser.add_argument("--merge-repeats", type=int, default=5, help="merge / unmerge cycles timed")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: usable cores)")
-    parser.add_argument("--seed", type=int, default=0)
-    selection = parser.add_mutually_exclusive_group()
-    selection.add_argument(
-        "--sara-fraction", type=float, default=None, help="SaRA trainable_fraction (default: the preset's)"
-    )
-    selection.add_argument("--sara-threshold", type=float, default=None, help="SaRA threshold instead of a fraction")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON path (default benchmarks/results/inference-<preset>-bs<B>-<device>.json)",
-    )
+    add_selection_arguments(parser, "SaRA threshold instead of a fraction")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    preset = PRESETS[args.preset]
-    resolved = resolve_device(args.device, args.threads)
-    if args.sara_threshold is not None:
-        selection = {"threshold": args.sara_threshold}
-    else:
-        selection = {"trainable_fraction": args.sara_fraction or preset.sara_fraction}
-    spec = {
-        "preset": preset.name,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "merge_repeats": args.merge_repeats,
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "threads": resolved.threads,
-        "device": str(resolved.device),
-        "sara_selection": selection,
-    }
-    machine = machine_info(resolved.device, resolved.threads)
+    run = setup_run(args, repeats=args.repeats, warmup=args.warmup, merge_repeats=args.merge_repeats, dtype=args.dtype)
+    preset, selection = run.preset, run.selection
     print(
         f"preset {preset.name}: {preset.description}; batch {args.batch_size}; {args.dtype}; device "
-        f"{resolved.device}; {resolved.threads} threads; SaRA {selection}",
+        f"{run.device}; {run.threads} threads; SaRA {selection}",
         flush=True,
     )
 
-    result = run_inference(spec)
-    machine["load_average_at_end"] = list(os.getloadavg())
-    if result["device_name"]:
-        machine["device_name"] = result["device_name"]
+    result = run_inference(run.spec)
+    finish_machine_info(run.machine, result["device_name"])
     table = format_table(table_rows(result["times_s"]), TABLE_COLUMNS)
     print(f"\nSaRA: {result['sara_trainable'] / 1e6:.3f}M entries in {result['sara_layers']} layers\n")
     print(table)
@@ -201,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, value in result["checks"].items():
         print(f"  {name}: {value}")
 
-    out = args.out or RESULTS_DIR / f"inference-{preset.name}-bs{args.batch_size}-{resolved.device.type}.json"
+    out = results_path(args.out, "inference", preset, args.batch_size, run.device)
     payload = {
         "benchmark": "inference",
         "preset": preset_summary(preset),
@@ -212,12 +170,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "merge_repeats": args.merge_repeats,
         "seed": args.seed,
         "sara_selection": selection,
-        "machine": machine,
+        "machine": run.machine,
         **result,
         "table": table,
     }
-    write_json(out, payload)
-    print(f"\nwrote {out}")
+    write_results(out, payload)
     return payload
 
 

@@ -8,15 +8,15 @@ with ``triton_kernels.SDDMM_MAX_DENSITY``.
 On CPU Triton timings mean nothing (kernels need a GPU); the script times the reference only and, with
 ``--interpret``, runs each Triton kernel once through the interpreter on a tiny shape to show the path works.
 
-    python benchmarks/kernels.py                       # bf16, N=4096, 320x320 / 640x2560 / 1280x1280
-    python benchmarks/kernels.py --dtype fp32 --tokens 16384
+    python -m benchmarks.kernels                       # bf16, N=4096, 320x320 / 640x2560 / 1280x1280
+    python -m benchmarks.kernels --dtype fp32 --tokens 16384
+    python benchmarks/kernels.py --interpret           # (running the file directly works too)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
+import functools
 import os
 import re
 import sys
@@ -24,10 +24,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+if __package__ in (None, ""):  # run as `python benchmarks/kernels.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+# benchmarks.common imports neither peft_sara nor Triton, so TRITON_INTERPRET can still be set in main().
+from benchmarks.common import (
+    DTYPES,
+    RESULTS_DIR,
+    SHORT_DTYPE_NAMES,
+    MemoryProbe,
+    median,
+    mib,
+    package_version,
+    synchronize,
+    time_call,
+    write_results,
+)
+
 DEFAULT_SHAPES = "320x320,640x2560,1280x1280"
 DEFAULT_DENSITIES = "0.001,0.005,0.01,0.02,0.05,0.1,0.2,0.5"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,56 +52,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=4096, help="rows N of grad_output (N, out) and inputs (N, in)")
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated out x in weight shapes")
     parser.add_argument("--densities", default=DEFAULT_DENSITIES, help="comma-separated trainable fractions")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of activations and weights")
+    parser.add_argument(
+        "--dtype", choices=sorted(SHORT_DTYPE_NAMES), default="bf16", help="dtype of activations and weights"
+    )
     parser.add_argument("--interpret", action="store_true", help="on CPU: run the Triton kernels via the interpreter")
-    parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/kernels-<device>.json)")
+    parser.add_argument(
+        "--out", "--output", type=Path, default=None, help="JSON path (default results/kernels-<device>.json)"
+    )
     return parser.parse_args(argv)
 
 
-def device_slug(torch) -> str:
+def device_slug() -> str:
     """``cpu`` or the GPU's name in lower-case-with-dashes, for the results file name."""
     if not torch.cuda.is_available():
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
-def time_ms(function: Callable[[], object], on_cuda: bool) -> float:
+def time_ms(function: Callable[[], object], device: torch.device) -> float:
     """Median milliseconds per call (Triton's ``do_bench`` on CUDA, which flushes L2 between calls)."""
-    if on_cuda:
+    if device.type == "cuda":
         from triton.testing import do_bench
 
         return float(do_bench(function, warmup=25, rep=100))
-    function()
-    timings = []
-    for _ in range(5):
-        start = time.perf_counter()
-        function()
-        timings.append((time.perf_counter() - start) * 1e3)
-    return sorted(timings)[len(timings) // 2]
+    return median(time_call(function, device, repeats=5, warmup=1)) * 1e3
 
 
-def extra_mib(function: Callable[[], object], torch) -> float | None:
-    """Peak CUDA memory allocated by one call beyond what was live before it, in MiB."""
-    if not torch.cuda.is_available():
+def extra_mib(function: Callable[[], object], device: torch.device) -> float | None:
+    """Peak CUDA memory allocated by one call beyond what was live before it, in MiB (None on CPU)."""
+    if device.type != "cuda":
         return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    probe = MemoryProbe(device)
+    synchronize(device)
+    before = probe.current()
+    probe.reset_peak()
     function()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    synchronize(device)
+    return mib(probe.peak() - before)
 
 
-def random_indices(torch, numel: int, density: float, device) -> object:
+def random_indices(numel: int, density: float, device: torch.device) -> torch.Tensor:
     """Sorted distinct int32 flat indices, like a selection from ``peft_sara.masks``."""
     count = max(1, round(density * numel))
     return torch.randperm(numel, device=device)[:count].sort().values.to(torch.int32)
 
 
-def benchmark(args: argparse.Namespace, torch, reference, triton_kernels) -> dict:
-    on_cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if on_cuda else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype])
+def benchmark(args: argparse.Namespace, device: torch.device, reference, triton_kernels) -> dict:
+    """Time every method at every shape and density; rows as measured and the SDDMM / GEMM crossover per shape."""
+    dtype = DTYPES[SHORT_DTYPE_NAMES[args.dtype]]
     shapes = [tuple(int(size) for size in shape.split("x")) for shape in args.shapes.split(",")]
     densities = [float(density) for density in args.densities.split(",")]
     rows, crossovers = [], {}
@@ -96,18 +111,17 @@ def benchmark(args: argparse.Namespace, torch, reference, triton_kernels) -> dic
         flat_weight = weight.view(-1)
         sddmm_faster = []
         for density in densities:
-            indices = random_indices(torch, weight.numel(), density, device)
+            indices = random_indices(weight.numel(), density, device)
             values = torch.randn(indices.numel(), device=device) * 1e-3
             methods = candidate_methods(grad_output, inputs, flat_weight, indices, values, reference, triton_kernels)
             if "grad/triton-gemm" in methods:
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                triton_kernels.tile_plan(indices, out_features, in_features, *_tile_shape(triton_kernels, dtype))
-                torch.cuda.synchronize()
-                plan_ms = (time.perf_counter() - start) * 1e3  # once per index set; later calls reuse the plan
+                plan = functools.partial(
+                    triton_kernels.tile_plan, indices, out_features, in_features, *_tile_shape(triton_kernels, dtype)
+                )
+                plan_ms = time_call(plan, device, repeats=1, warmup=0)[0] * 1e3  # once per index set, then reused
             timings = {}
             for name, function in methods.items():
-                timings[name] = time_ms(function, on_cuda)
+                timings[name] = time_ms(function, device)
                 row = {
                     "op": name,
                     "shape": f"{out_features}x{in_features}",
@@ -115,7 +129,7 @@ def benchmark(args: argparse.Namespace, torch, reference, triton_kernels) -> dic
                     "density": density,
                     "nnz": indices.numel(),
                     "ms": round(timings[name], 4),
-                    "extra_mib": extra_mib(function, torch),
+                    "extra_mib": extra_mib(function, device),
                 }
                 if name == "grad/triton-gemm":
                     row["plan_build_ms"] = round(plan_ms, 3)
@@ -159,7 +173,7 @@ def _format_row(row: dict) -> str:
     return f"{row['op']:26s} {row['shape']:>10s} N={row['tokens']:<6d} d={row['density']:<6g} {row['ms']:10.4f} ms {memory}"
 
 
-def interpreter_smoke_run(torch, reference, triton_kernels) -> None:
+def interpreter_smoke_run(reference, triton_kernels) -> None:
     """Each Triton kernel once on a tiny CPU problem, against the reference."""
     grad_output, inputs = torch.randn(16, 24), torch.randn(16, 40)
     indices = torch.arange(0, 24 * 40, 7)
@@ -179,21 +193,12 @@ def interpreter_smoke_run(torch, reference, triton_kernels) -> None:
     print(f"interpreter patch+restore: bitwise restored = {torch.equal(weight, original)}")
 
 
-def _installed_version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import torch
-
     on_cuda = torch.cuda.is_available()
+    triton_imported_early = "triton" in sys.modules
     if args.interpret and not on_cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from peft_sara import kernels
     from peft_sara.kernels import reference
 
@@ -203,26 +208,24 @@ def main(argv: list[str] | None = None) -> None:
     if not on_cuda:
         print("No CUDA device: Triton kernel timings need a GPU. Timing the PyTorch reference only.")
         if args.interpret:
-            if triton_kernels is None or not triton_kernels._interpreted():
+            if triton_kernels is None or triton_imported_early or os.environ.get("TRITON_INTERPRET") != "1":
                 print("Cannot run the interpreter: Triton is missing or was imported before TRITON_INTERPRET=1.")
             else:
-                interpreter_smoke_run(torch, reference, triton_kernels)
+                interpreter_smoke_run(reference, triton_kernels)
     report = {
         "device": torch.cuda.get_device_name() if on_cuda else "cpu",
         "torch": torch.__version__,
-        "triton": _installed_version("triton"),
+        "triton": package_version("triton"),
         "dtype": args.dtype,
         "sddmm_max_density_setting": None
         if triton_kernels is None
         else {str(dtype).removeprefix("torch."): cut for dtype, cut in triton_kernels.SDDMM_MAX_DENSITY.items()},
-        **benchmark(args, torch, reference, triton_kernels),
+        **benchmark(args, torch.device("cuda" if on_cuda else "cpu"), reference, triton_kernels),
     }
-    output = args.output or RESULTS_DIR / f"kernels-{device_slug(torch)}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
     if report["sddmm_slower_from_density"]:
         print("Smallest density where the masked GEMM beat the SDDMM, per shape:", report["sddmm_slower_from_density"])
-    print(f"Wrote {output}")
+    write_results(args.out or RESULTS_DIR / f"kernels-{device_slug()}.json", report)
+    return report
 
 
 if __name__ == "__main__":

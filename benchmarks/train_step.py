@@ -31,30 +31,32 @@ from torch import nn
 
 import peft_sara
 from benchmarks.common import (
-    PRESETS,
-    RESULTS_DIR,
     Batch,
     MemoryProbe,
     ModelPreset,
     PhaseClock,
+    add_common_arguments,
+    add_selection_arguments,
     build_model,
+    child_setup,
     cuda_device_name,
     diffusion_loss,
     directory_bytes,
+    finish_machine_info,
     format_table,
-    machine_info,
     make_batch,
     max_rss_bytes,
     median,
     mib,
     preset_summary,
-    resolve_device,
+    results_path,
     run_in_fresh_process,
-    set_threads,
+    setup_run,
     target_layers,
-    write_json,
+    write_results,
 )
 from peft_sara.masks import select_trainable_indices
+from peft_sara.training import sara_layers
 
 METHODS: dict[str, str] = {
     "frozen_forward": "frozen base, forward only (torch.no_grad)",
@@ -80,14 +82,12 @@ def sara_config(plan_or_args: dict[str, Any], **overrides: Any) -> peft_sara.SaR
 
 def make_plan(spec: dict[str, Any]) -> dict[str, Any]:
     """SaRA's targets and per-layer trainable counts, and the matched settings of the other methods (in a child)."""
-    set_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    preset = PRESETS[spec["preset"]]
+    preset, device = child_setup(spec)
     model = build_model(preset, spec["seed"], device)
     total_params = sum(param.numel() for param in model.parameters())
     peft_model = get_peft_model(model, sara_config(spec))
     layers = []
-    for name, layer in peft_model.base_model.sara_layers():
+    for name, layer in sara_layers(peft_model.get_base_model()):
         base = layer.get_base_layer()
         is_conv = isinstance(base, nn.Conv2d)
         kernel = base.kernel_size[0] * base.kernel_size[1] if is_conv else 1
@@ -245,9 +245,7 @@ def setup_method(
 
 def run_method(spec: dict[str, Any], plan: dict[str, Any], method: str) -> dict[str, Any]:
     """Measure one method (runs in a fresh child process)."""
-    set_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    preset = PRESETS[spec["preset"]]
+    preset, device = child_setup(spec)
     probe = MemoryProbe(device)
     model = build_model(preset, spec["seed"], device)
     batch = make_batch(preset, spec["batch_size"], spec["seed"], device)
@@ -464,8 +462,7 @@ def render_tables(results: dict[str, dict[str, Any]], device: torch.device) -> s
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--batch-size", type=int, default=1)
+    add_common_arguments(parser, "train_step")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method and round before timing")
     parser.add_argument(
@@ -475,31 +472,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="fresh processes per method, run round-robin across methods; medians pool all rounds' steps",
     )
     parser.add_argument("--methods", default="all", help=f"comma-separated subset of: {', '.join(METHODS)}")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: usable cores)")
-    parser.add_argument("--seed", type=int, default=0)
-    selection = parser.add_mutually_exclusive_group()
-    selection.add_argument(
-        "--sara-fraction", type=float, default=None, help="SaRA trainable_fraction (default: the preset's)"
-    )
-    selection.add_argument(
-        "--sara-threshold",
-        type=float,
-        default=None,
-        help="SaRA threshold instead of a fraction (pre-trained weights only)",
-    )
+    add_selection_arguments(parser, "SaRA threshold instead of a fraction (pre-trained weights only)")
     parser.add_argument(
         "--profile",
         type=int,
         default=0,
         metavar="N",
         help="after timing, profile one more step per method and print / store its N top operators by self time",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON path (default benchmarks/results/train_step-<preset>-bs<B>-<device>.json)",
     )
     return parser.parse_args(argv)
 
@@ -510,28 +489,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unknown = [name for name in methods if name not in METHODS]
     if unknown:
         raise SystemExit(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
-    preset = PRESETS[args.preset]
-    resolved = resolve_device(args.device, args.threads)
-    if args.sara_threshold is not None:
-        selection = {"threshold": args.sara_threshold}
-    else:
-        selection = {"trainable_fraction": args.sara_fraction or preset.sara_fraction}
-    spec = {
-        "preset": preset.name,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "seed": args.seed,
-        "threads": resolved.threads,
-        "device": str(resolved.device),
-        "sara_selection": selection,
-        "profile": args.profile,
-    }
-    machine = machine_info(resolved.device, resolved.threads)
-
+    run = setup_run(args, steps=args.steps, warmup=args.warmup, profile=args.profile)
+    preset, selection, spec, machine, device = run.preset, run.selection, run.spec, run.machine, run.device
     print(
-        f"preset {preset.name}: {preset.description}; batch {args.batch_size}; device {resolved.device}; "
-        f"{resolved.threads} threads; {args.rounds} rounds of {args.warmup} warmup + {args.steps} timed steps per method",
+        f"preset {preset.name}: {preset.description}; batch {args.batch_size}; device {device}; "
+        f"{run.threads} threads; {args.rounds} rounds of {args.warmup} warmup + {args.steps} timed steps per method",
         flush=True,
     )
     plan = run_in_fresh_process(make_plan, spec)
@@ -563,13 +525,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
     results = {method: summarize_rounds(rounds[method]) for method in methods}
     add_ratios(results)
-    targets = check_targets(results, resolved.device)
-    machine["load_average_at_end"] = list(os.getloadavg())
-    device_names = {result["device_name"] for result in results.values() if result["device_name"]}
-    if device_names:
-        machine["device_name"] = device_names.pop()
+    targets = check_targets(results, device)
+    finish_machine_info(
+        machine, next((result["device_name"] for result in results.values() if result["device_name"]), None)
+    )
 
-    table = render_tables(results, resolved.device)
+    table = render_tables(results, device)
     print()
     print(table)
     print()
@@ -583,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for row in result["profile_top_ops"]:
                 print(f"  {row['self_ms']:10.1f} ms  {row['share']:6.1%}  {row['calls']:6d}x  {row['op']}")
 
-    out = args.out or RESULTS_DIR / f"train_step-{preset.name}-bs{args.batch_size}-{resolved.device.type}.json"
+    out = results_path(args.out, "train_step", preset, args.batch_size, device)
     payload = {
         "benchmark": "train_step",
         "preset": preset_summary(preset),
@@ -592,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "warmup": args.warmup,
         "rounds": args.rounds,
         "seed": args.seed,
-        "threads": resolved.threads,
+        "threads": run.threads,
         "optimizer": {
             "name": "AdamW",
             "lr": LEARNING_RATE,
@@ -606,8 +567,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "targets": targets,
         "table": table,
     }
-    write_json(out, payload)
-    print(f"\nwrote {out}")
+    write_results(out, payload)
     return payload
 
 

@@ -59,9 +59,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import peft_sara  # noqa: F401  (registers the SaRA method with PEFT)
-from peft_sara import SaRAConfig
-from peft_sara.config import DEFAULT_THRESHOLD
-from peft_sara.diffusers_utils import load_sara_adapter, save_component_adapter, save_sara_adapter
+from peft_sara import SaRAConfig, load_sara_adapter, save_sara_adapter
+from peft_sara.constants import DEFAULT_THRESHOLD
+from peft_sara.serialization import save_injected_adapter
 from peft_sara.training import SaRATrainingHelper, load_training_state, paper_learning_rate, save_training_state
 
 logger = get_logger(__name__, log_level="INFO")
@@ -309,7 +309,7 @@ def save_checkpoint(save_path: str, denoiser, optimizer, lr_scheduler, helper: S
     # whole model; point that call at the adapter-only writer while it runs, then put back what was there (the
     # instance-level save bridge peft_sara installs on adapted models).
     previous = denoiser.__dict__.get("save_pretrained")
-    denoiser.save_pretrained = functools.partial(save_component_adapter, denoiser, adapter_name=ADAPTER_NAME)
+    denoiser.save_pretrained = functools.partial(save_injected_adapter, denoiser, adapter_name=ADAPTER_NAME)
     try:
         save_training_state(save_path, denoiser, optimizer, lr_scheduler, helper)
     finally:

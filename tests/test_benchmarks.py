@@ -122,8 +122,27 @@ def test_train_step_runs_every_method_on_a_unet_with_convolutions(tmp_path):
 
 def test_regularizer_benchmark_reports_overhead_and_rank(tmp_path):
     out = tmp_path / "regularizer.json"
-    command = [sys.executable, "-m", "benchmarks.regularizer", "--preset", "tiny", "--batch-size", "1", "--steps", "1",
-               "--warmup", "0", "--train-steps", "2", "--rank-min-dim", "16", "--threads", "1", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.regularizer",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--train-steps",
+        "2",
+        "--rank-min-dim",
+        "16",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     result = json.loads(out.read_text())
@@ -134,3 +153,21 @@ def test_regularizer_benchmark_reports_overhead_and_rank(tmp_path):
     assert all(row["layers"] > 0 and row["mean_effective_rank"] > 0 for row in ranks.values())
     with_all = next(row for name, row in ranks.items() if "all layers" in name)
     assert with_all["total_nuclear_norm"] < ranks["lambda_rank=0"]["total_nuclear_norm"]
+
+
+def test_kernels_benchmark_runs_as_a_module_and_times_the_reference_on_cpu(tmp_path):
+    out = tmp_path / "kernels.json"
+    command = [sys.executable, "-m", "benchmarks.kernels", "--tokens", "16", "--shapes", "16x24", "--densities", "0.1"]
+    completed = subprocess.run(
+        [*command, "--dtype", "fp32", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "fp32" and report["torch"]
+    ops = {row["op"] for row in report["rows"]}
+    assert {"grad/reference", "patch+restore/reference"} <= ops
+    assert all(row["ms"] > 0 and row["nnz"] == 38 for row in report["rows"])

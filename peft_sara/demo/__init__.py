@@ -6,10 +6,12 @@ loss and the forgetting on the other classes, and writes sample grids, the adapt
 
 Layout: ``data.py`` (digits and styles), ``diffusion.py`` (model, loss, sampling, pretraining cache),
 ``finetune.py`` (SaRA / LoRA set-up, the training loop, the reload check), ``report.py`` (pictures and tables),
-``run.py`` (settings and the run), ``cli.py`` (command line).
+``settings.py`` (the knobs and the cache key), ``run.py`` (the run, step by step), ``metrics.py`` (metrics.json),
+``cli.py`` (command line).
 """
 
 from .cli import main, run_from_args
-from .run import DemoResult, DemoSettings, run_demo
+from .run import DemoResult, run_demo
+from .settings import DemoSettings
 
 __all__ = ["DemoResult", "DemoSettings", "main", "run_demo", "run_from_args"]

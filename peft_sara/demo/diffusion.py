@@ -155,12 +155,13 @@ def pretrain(
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        progress.set_postfix(loss=f"{_recent_mean(losses):.4f}")
+        progress.set_postfix(loss=f"{recent_mean(losses):.4f}")
     unet.eval()
     return losses
 
 
-def _recent_mean(values: list[float], window: int = 50) -> float:
+def recent_mean(values: list[float], window: int = 50) -> float:
+    """Mean of the last ``window`` values (the smoothed loss shown in progress bars and recorded as final)."""
     recent = values[-window:]
     return sum(recent) / len(recent)
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import SaRAConfig
 from ..training import SaRATrainingHelper, sara_layers
-from .diffusion import BatchSampler, diffusion_loss, predict_noise
+from .diffusion import BatchSampler, diffusion_loss, predict_noise, recent_mean
 
 WEIGHT_DECAY = 1e-2  # the paper's AdamW setting, used for both methods
 
@@ -124,8 +124,7 @@ def finetune(
                 f"  progressive re-selection at step {step + 1}: {history.trainable_after_reselection:,} entries "
                 "still below their cutoff stay trainable, the rest are frozen at their learned values"
             )
-        recent = history.losses[-50:]
-        progress.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+        progress.set_postfix(loss=f"{recent_mean(history.losses):.4f}")
     history.seconds = time.perf_counter() - start
     model.eval()
     return history
