@@ -11,6 +11,7 @@ so no dense gradient or mask persists and optimizer state exists only for the tr
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -20,6 +21,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .masks import compute_dtype
+
+_STORAGE_LOCKS: dict[tuple[str, int], threading.RLock] = {}
+_STORAGE_LOCKS_GUARD = threading.Lock()
+
+
+def storage_lock(tensor: torch.Tensor) -> threading.RLock:
+    """The lock of ``tensor``'s storage: held while its entries are patched, so that concurrent forwards (inference
+    servers), merges and state-dict reads of one weight never see each other's patched entries."""
+    key = (str(tensor.device), tensor.untyped_storage().data_ptr())
+    with _STORAGE_LOCKS_GUARD:
+        lock = _STORAGE_LOCKS.get(key)
+        if lock is None:
+            lock = _STORAGE_LOCKS[key] = threading.RLock()
+        return lock
 
 
 @contextlib.contextmanager
@@ -30,7 +46,11 @@ def patched_weight(
     scales: Sequence[float],
     backend: str,
 ) -> Iterator[torch.Tensor]:
-    """Temporarily write each adapter's update into ``weight``; restores the base entries bitwise on exit."""
+    """Temporarily write each adapter's update into ``weight``; restores the base entries bitwise on exit.
+
+    Holds the weight's :func:`storage_lock` throughout. The weight's autograd version counter is preserved: its content
+    is bitwise the same afterwards, so an untargeted op that saved the same weight for backward stays valid.
+    """
     if not weight.is_contiguous():
         raise RuntimeError(
             f"SaRA needs a contiguous base weight, got strides {weight.stride()} for shape {tuple(weight.shape)}. "
@@ -38,7 +58,7 @@ def patched_weight(
         )
     flat_weight = weight.detach().view(-1)
     saved_entries = []
-    with torch.no_grad():
+    with storage_lock(weight), torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(weight):
         try:
             for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
                 saved_entries.append(kernels.patch_entries_(flat_weight, indices, values, scale, backend))
@@ -46,6 +66,27 @@ def patched_weight(
         finally:
             for indices, saved in zip(reversed(indices_per_adapter[: len(saved_entries)]), reversed(saved_entries)):
                 kernels.restore_entries_(flat_weight, indices, saved, backend)
+
+
+@dataclass(frozen=True)
+class SparseUpdate:
+    """One adapter's update of one layer: ``weight.view(-1)[indices] += scale * values`` (trainable and frozen entries).
+
+    ``indices`` are int64 flat indices into the base weight (row-major), ``values`` the deltas (detached; float32, or
+    float64 for a float64 base),
+    ``weight_shape`` the base weight's shape.
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    scale: float
+    weight_shape: torch.Size
+
+    def to_dense(self) -> torch.Tensor:
+        """Dense ``scale * Delta_W`` (in the values' dtype) shaped like the base weight."""
+        dense = torch.zeros(self.weight_shape.numel(), dtype=self.values.dtype, device=self.values.device)
+        dense.index_add_(0, self.indices, self.values * self.scale)
+        return dense.view(self.weight_shape)
 
 
 @runtime_checkable
@@ -162,7 +203,7 @@ class ConvOp:
             flat_grad = grad_weight.reshape(-1)
             for i, (indices, need) in enumerate(zip(indices_per_adapter, need_values)):
                 if need:
-                    grad_values[i] = flat_grad.index_select(0, indices).float()
+                    grad_values[i] = flat_grad.index_select(0, indices).to(compute_dtype(flat_grad.dtype))
         return grad_input, grad_values, grad_bias.to(bias.dtype) if need_bias else None
 
 
@@ -181,6 +222,8 @@ class _SparseDeltaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, *values_per_adapter = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients themselves must be differentiable
+            return _differentiable_backward(ctx, grad_output, x, values_per_adapter)
         need_values = [need and scale != 0 for need, scale in zip(ctx.needs_input_grad[7:], ctx.scales)]
         with patched_weight(ctx.weight, ctx.indices_per_adapter, values_per_adapter, ctx.scales, ctx.backend):
             grad_input, grad_values, grad_bias = ctx.op.backward(
@@ -200,6 +243,41 @@ class _SparseDeltaFunction(torch.autograd.Function):
         if grad_input is not None:
             grad_input = grad_input.to(x.dtype)
         return (grad_input, None, grad_bias, None, None, None, None, *grad_values)
+
+
+def differentiable_effective_weight(
+    weight: torch.Tensor,
+    indices_per_adapter: Sequence[torch.Tensor],
+    values_per_adapter: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> torch.Tensor:
+    """The patched weight as an out-of-place tensor, differentiable in the values (a dense copy: double backward,
+    and base layers that cannot be patched in place)."""
+    flat = weight.detach().reshape(-1)
+    for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
+        entries = flat.index_select(0, indices)
+        compute = compute_dtype(entries.dtype, values.dtype)
+        patched = entries.to(compute) + values.to(compute) * scale
+        flat = flat.index_put((indices,), patched.to(flat.dtype))
+    return flat.view(weight.shape)
+
+
+def _differentiable_backward(ctx, grad_output, x, values_per_adapter):
+    """Backward through a dense, differentiable re-computation, so that ``create_graph=True`` (gradient penalties,
+    double backward) gets gradients with a graph, equal to the dense reference."""
+    needs = ctx.needs_input_grad
+    inputs = {0: x} | {7 + i: values for i, values in enumerate(values_per_adapter)}
+    if ctx.bias is not None and needs[2]:
+        inputs[2] = ctx.bias
+    wanted = {position: tensor for position, tensor in inputs.items() if needs[position]}
+    with torch.enable_grad():
+        weight = differentiable_effective_weight(ctx.weight, ctx.indices_per_adapter, values_per_adapter, ctx.scales)
+        output = ctx.op.forward(x, weight.to(x.dtype), ctx.bias)
+        grads = torch.autograd.grad(output, list(wanted.values()), grad_output, create_graph=True, allow_unused=True)
+    result = [None] * (7 + len(values_per_adapter))
+    for position, grad in zip(wanted, grads):
+        result[position] = grad
+    return tuple(result)
 
 
 def sparse_delta_forward(
@@ -231,3 +309,39 @@ def effective_weight(
         for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
             kernels.reference.patch_entries_(flat_dense, indices, values, scale)
     return dense
+
+
+def composable_reason(base_layer: nn.Module) -> str | None:
+    """Why the in-place patch is unsafe for ``base_layer`` (its hooks would not run, or its weight cannot be patched),
+    or ``None`` when it is safe. Layers with a reason run the base layer itself plus :func:`update_contribution`."""
+    weight = base_layer.weight
+    # torch hooks, or a forward replaced on the instance (accelerate's `_hf_hook`, diffusers' hook registry).
+    if base_layer._forward_pre_hooks or base_layer._forward_hooks or "forward" in vars(base_layer):
+        return "the base layer has forward hooks (offloading, layerwise casting, ...)"
+    if weight.device.type == "meta":
+        return "the base weight is on the meta device (offloaded)"
+    if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
+        return f"the base weight is a {type(weight).__name__} of dtype {weight.dtype} (quantized storage)"
+    if weight.dtype.itemsize < 2:
+        return f"the base weight is stored in {weight.dtype}"
+    return None
+
+
+def update_contribution(
+    op: SparseDeltaOp,
+    x: torch.Tensor,
+    weight_shape: torch.Size,
+    indices_per_adapter: Sequence[torch.Tensor],
+    values_per_adapter: Sequence[torch.Tensor],
+    scales: Sequence[float],
+) -> torch.Tensor:
+    """``op(x, Delta_W)`` without bias: the sparse update's share of the output, differentiable in ``x`` and the values.
+
+    The composable path adds this to the base layer's own output; it never reads the base weight, so offloaded, cast
+    or quantized storage is fine. ``Delta_W`` is formed densely for the call (one weight-sized temporary).
+    """
+    compute = compute_dtype(*(values.dtype for values in values_per_adapter))
+    delta = torch.zeros(weight_shape.numel(), dtype=compute, device=x.device)
+    for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
+        delta = delta.index_add(0, indices.to(x.device), values.to(device=x.device, dtype=compute) * scale)
+    return op.forward(x, delta.view(weight_shape).to(x.dtype), None)

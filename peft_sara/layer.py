@@ -7,10 +7,9 @@ values and scale of an adapter, frozen entries included), :meth:`SaRALayer.train
 
 from __future__ import annotations
 
-import os
+import contextlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,32 +19,28 @@ from torch import nn
 
 from . import kernels
 from .config import SaRAConfig
-from .constants import KERNEL_ENV_VAR
-from .functional import ConvOp, LinearOp, SparseDeltaOp, effective_weight, sparse_delta_forward
-from .masks import check_entries, index_dtype_for, select_trainable_indices, still_ineffective
+from .functional import (
+    ConvOp,
+    LinearOp,
+    SparseDeltaOp,
+    SparseUpdate,
+    composable_reason,
+    effective_weight,
+    sparse_delta_forward,
+    storage_lock,
+    update_contribution,
+)
+from .masks import (
+    check_entries,
+    compute_dtype,
+    index_dtype_for,
+    select_trainable_indices,
+    still_ineffective,
+    value_dtype_for,
+)
 
 # Scale of the random values drawn when `init_weights=False` (tests need a visible, non-identity update).
 RANDOM_INIT_STD = 0.02
-
-
-@dataclass(frozen=True)
-class SparseUpdate:
-    """One adapter's update of one layer: ``weight.view(-1)[indices] += scale * values`` (trainable and frozen entries).
-
-    ``indices`` are int64 flat indices into the base weight (row-major), ``values`` the float32 deltas (detached),
-    ``weight_shape`` the base weight's shape.
-    """
-
-    indices: torch.Tensor
-    values: torch.Tensor
-    scale: float
-    weight_shape: torch.Size
-
-    def to_dense(self) -> torch.Tensor:
-        """Dense float32 ``scale * Delta_W`` shaped like the base weight."""
-        dense = torch.zeros(self.weight_shape.numel(), dtype=torch.float32, device=self.values.device)
-        dense.index_add_(0, self.indices, self.values.float() * self.scale)
-        return dense.view(self.weight_shape)
 
 
 class SaRALayer(BaseTunerLayer):
@@ -59,6 +54,8 @@ class SaRALayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("sara_values",)
+    # PEFT's protocol for diffusers' layerwise casting: SaRA layers may cast their input to the compute dtype.
+    cast_input_dtype_enabled: bool = True
     other_param_names = (
         "sara_indices",
         "sara_frozen_indices",
@@ -88,20 +85,28 @@ class SaRALayer(BaseTunerLayer):
     # ----------------------------------------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
         """Select the trainable entries of the base weight and create the adapter's (zero) update."""
+        if self.merged:
+            raise RuntimeError(
+                f"Cannot add SaRA adapter '{adapter_name}' while adapters {self.merged_adapters} are merged: the "
+                "selection would read the merged weight. Call `unmerge_adapter()` first."
+            )
         base_layer = self.get_base_layer()
         if not base_layer.weight.is_contiguous():
             # Flat indices address the logical (row-major) layout; keep the base weight in it. Values are unchanged.
             base_layer.weight.data = base_layer.weight.data.contiguous()
         weight = base_layer.weight
         indices, cutoff = select_trainable_indices(weight, config.threshold, config.trainable_fraction)
+        # Created in the base dtype, like PEFT's other tuners: PeftModel upcasts half-precision adapter values to
+        # float32 unless `autocast_adapter_dtype=False`; float64 bases keep float64 values.
+        value_dtype = value_dtype_for(weight.dtype)
         if config.init_weights:
-            values = torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device)
+            values = torch.zeros(indices.numel(), dtype=value_dtype, device=weight.device)
         else:
-            values = torch.randn(indices.numel(), dtype=torch.float32, device=weight.device) * RANDOM_INIT_STD
+            values = (torch.randn(indices.numel(), device=weight.device) * RANDOM_INIT_STD).to(value_dtype)
         self.sara_indices[adapter_name] = indices.to(weight.device)
         self.sara_values[adapter_name] = nn.Parameter(values)
         self.sara_frozen_indices[adapter_name] = torch.zeros(0, dtype=indices.dtype, device=weight.device)
-        self.sara_frozen_values[adapter_name] = torch.zeros(0, dtype=torch.float32, device=weight.device)
+        self.sara_frozen_values[adapter_name] = torch.zeros(0, dtype=value_dtype, device=weight.device)
         self.sara_scaling[adapter_name] = 1.0
         self.sara_cutoff[adapter_name] = cutoff
         self.sara_kernel[adapter_name] = config.kernel
@@ -124,16 +129,17 @@ class SaRALayer(BaseTunerLayer):
         device = self.get_base_layer().weight.device
         index_dtype = index_dtype_for(self.get_base_layer().weight.numel())
         requires_grad = self.sara_values[adapter_name].requires_grad
+        value_dtype = self.sara_values[adapter_name].dtype  # keep the dtype PEFT's autocast chose
         if values is None:
-            values = torch.zeros(indices.numel(), dtype=torch.float32)
+            values = torch.zeros(indices.numel(), dtype=value_dtype)
         self.sara_indices[adapter_name] = indices.to(device=device, dtype=index_dtype)
         self.sara_values[adapter_name] = nn.Parameter(
-            values.detach().to(device=device, dtype=torch.float32), requires_grad=requires_grad
+            values.detach().to(device=device, dtype=value_dtype), requires_grad=requires_grad
         )
         if frozen_indices is not None:
             self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
             self.sara_frozen_indices[adapter_name] = frozen_indices.to(device=device, dtype=index_dtype)
-            self.sara_frozen_values[adapter_name] = frozen_values.detach().to(device=device, dtype=torch.float32)
+            self.sara_frozen_values[adapter_name] = frozen_values.detach().to(device=device, dtype=value_dtype)
 
     def reselect(self, adapter_name: str) -> torch.Tensor:
         """Progressive adjustment: keep training only the entries whose current weight is still below the cutoff.
@@ -141,9 +147,15 @@ class SaRALayer(BaseTunerLayer):
         Entries that grew past it move to the frozen set with their learned deltas. Returns the boolean mask over the
         previous trainable entries that survived (used to carry optimizer state over).
         """
+        if self.merged:
+            raise RuntimeError(
+                f"Cannot re-select SaRA adapter '{adapter_name}' while adapters {self.merged_adapters} are merged: "
+                "the test would read the merged weight. Call `unmerge_adapter()` first."
+            )
         indices = self.sara_indices[adapter_name]
         values = self.sara_values[adapter_name].detach()
-        current = self.get_base_layer().weight.detach().reshape(-1).index_select(0, indices).float() + values
+        base_entries = self.get_base_layer().weight.detach().reshape(-1).index_select(0, indices)
+        current = base_entries.to(compute_dtype(base_entries.dtype, values.dtype)) + values
         keep = still_ineffective(current, self.sara_cutoff[adapter_name])
         frozen_indices = torch.cat([self.sara_frozen_indices[adapter_name], indices[~keep]])
         frozen_values = torch.cat([self.sara_frozen_values[adapter_name], values[~keep]])
@@ -155,7 +167,7 @@ class SaRALayer(BaseTunerLayer):
         check_entries(indices, values, numel, f"{what} entries of SaRA adapter '{adapter_name}'")
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        # Keep the values in float32 whatever the base dtype; only follow the base weight's device.
+        # Only follow the base weight's device: the values keep their dtype (set at creation and by PEFT's autocast).
         device = device if device is not None else self.get_base_layer().weight.device
         for container in (self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values):
             if adapter_name in container:
@@ -185,7 +197,7 @@ class SaRALayer(BaseTunerLayer):
         frozen_indices, frozen_values = self.frozen_entries(adapter_name)
         return SparseUpdate(
             indices=torch.cat([indices, frozen_indices]).long(),
-            values=torch.cat([values.detach().float(), frozen_values.float()]),
+            values=torch.cat([values.detach(), frozen_values]).to(compute_dtype(values.dtype)),
             scale=self.sara_scaling[adapter_name],
             weight_shape=self.weight_shape,
         )
@@ -219,26 +231,10 @@ class SaRALayer(BaseTunerLayer):
         return indices, values, scales
 
     def _int64(self, indices: torch.Tensor) -> torch.Tensor:
-        if indices.dtype == torch.int64:
-            return indices
-        cache = self.__dict__.setdefault("_sara_int64_cache", {})
-        key = id(indices)
-        cached = cache.get(key)
-        # Valid while it is the same tensor, unmodified (load_state_dict's copy_ bumps `_version`).
-        if cached is None or cached[0] is not indices or cached[1] != indices._version:
-            if len(cache) > 64:
-                cache.clear()
-            cached = cache[key] = (indices, indices._version, indices.long())
-        return cached[2]
+        return kernels.int64_indices(indices, self.__dict__.setdefault("_sara_int64_cache", {}))
 
     def _backend(self, adapter_names: list[str]) -> str:
-        device = self.get_base_layer().weight.device
-        preference = self.sara_kernel[adapter_names[0]]
-        key = (preference, device, os.environ.get(KERNEL_ENV_VAR), os.environ.get("TRITON_INTERPRET"))
-        cached = self.__dict__.get("_sara_backend_cache")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_sara_backend_cache"] = (key, kernels.resolve_backend(preference, device))
-        return cached[1]
+        return kernels.resolve_backend(self.sara_kernel[adapter_names[0]], self.get_base_layer().weight.device)
 
     # ------------------------------------------------------------------------------------------------ scaling
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -279,7 +275,9 @@ class SaRALayer(BaseTunerLayer):
         """Whether merging ``adapter_name`` would write only finite entries (no weight is changed)."""
         flat_weight = self.get_base_layer().weight.detach().reshape(-1)
         for idx, vals, scale in zip(*self._sparse_parts([adapter_name])):
-            merged = flat_weight.index_select(0, idx).float().add(vals.float(), alpha=scale).to(flat_weight.dtype)
+            entries = flat_weight.index_select(0, idx)
+            compute = compute_dtype(entries.dtype, vals.dtype)
+            merged = entries.to(compute).add(vals.to(compute), alpha=scale).to(flat_weight.dtype)
             if not torch.isfinite(merged).all():
                 return False
         return True
@@ -288,11 +286,18 @@ class SaRALayer(BaseTunerLayer):
         """Write the adapters' updates into the base weight (only the changed entries are touched)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
+        reason = self.composable_reason()
+        if reason is not None and "hooks" not in reason:
+            raise ValueError(
+                f"Cannot merge SaRA adapters {adapter_names} into this {type(self.get_base_layer()).__name__}: "
+                f"{reason}. Keep the adapter unmerged (it runs through the base layer), or load the base in a plain "
+                "float dtype to merge."
+            )
         flat_weight = weight.data.view(-1)
         for name in self.present_adapters(adapter_names):
             indices, values, scales = self._sparse_parts([name])
             backups = []
-            with torch.no_grad():
+            with storage_lock(weight), torch.no_grad():
                 for idx, vals, scale in zip(indices, values, scales):
                     backups.append((idx, kernels.reference.patch_entries_(flat_weight, idx, vals, scale)))
                 if safe_merge and not all(torch.isfinite(flat_weight.index_select(0, idx)).all() for idx, _ in backups):
@@ -314,7 +319,7 @@ class SaRALayer(BaseTunerLayer):
         flat_weight = self.get_base_layer().weight.data.view(-1)
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            with torch.no_grad():
+            with storage_lock(flat_weight), torch.no_grad():
                 for idx, old in reversed(self._sara_merge_backup.pop(name, [])):
                     kernels.reference.restore_entries_(flat_weight, idx, old)
 
@@ -327,6 +332,11 @@ class SaRALayer(BaseTunerLayer):
         """The dense op of the wrapped module and the input to run it on (after any padding the module applies)."""
         raise NotImplementedError
 
+    def composable_reason(self) -> str | None:
+        """Why this layer cannot patch its base weight in place (see :func:`peft_sara.functional.composable_reason`),
+        or ``None`` when the fast in-place path is safe."""
+        return composable_reason(self.get_base_layer())
+
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -337,27 +347,51 @@ class SaRALayer(BaseTunerLayer):
         active = self.present_adapters(self.active_adapters)
         if not active:
             return self.base_layer(x, *args, **kwargs)
+        base_layer = self.get_base_layer()
+        if base_layer.weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"The base weight of this SaRA layer ({type(base_layer).__name__}, shape "
+                f"{tuple(base_layer.weight.shape)}) requires grad, but SaRA trains only its sparse values and would "
+                "silently give the weight no gradient. Freeze it (`requires_grad_(False)`), or train the whole module "
+                "with `modules_to_save` instead."
+            )
+        if self.composable_reason() is not None:
+            with self._adapter_tensors_onloaded():
+                return self.base_layer(x, *args, **kwargs) + self._update_contribution(x, active)
         backend = self._backend(active)
         indices, values, scales = self._sparse_parts(active, int64_indices=backend == "reference")
         if not indices:
             return self.base_layer(x, *args, **kwargs)
-        base_layer = self.get_base_layer()
         op, x = self._op(x)
         return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, indices, values, scales, backend)
 
+    @contextlib.contextmanager
+    def _adapter_tensors_onloaded(self) -> Iterator[None]:
+        # accelerate's cpu_offload hooks every module that holds tensors, our containers too, but loads a module's
+        # tensors only when that module's forward runs; the containers have none, so run their hooks around the use.
+        containers = (self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values)
+        hooked = [container for container in containers if hasattr(container, "_hf_hook")]
+        for container in hooked:
+            container._hf_hook.pre_forward(container)
+        try:
+            yield
+        finally:
+            for container in hooked:
+                container._hf_hook.post_forward(container, None)
 
-class Linear(nn.Module, SaRALayer):
-    """SaRA on ``nn.Linear`` (and transformers' ``Conv1D``, whose weight is stored transposed)."""
+    def _update_contribution(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        op, x = self._op(x)
+        return update_contribution(op, x, self.weight_shape, *self._sparse_parts(adapter_names))
+
+
+class _SaRAModule(nn.Module, SaRALayer):
+    """A SaRA layer module: wraps ``base_layer`` and creates the first adapter. Subclasses only provide ``_op``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
         super().__init__()
         SaRALayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self._linear_op = LinearOp(transposed=not isinstance(self.get_base_layer(), nn.Linear))
         self.update_layer(adapter_name, config)
-
-    def _op(self, x):
-        return self._linear_op, x
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._sara_forward(x, *args, **kwargs)
@@ -366,23 +400,18 @@ class Linear(nn.Module, SaRALayer):
         return "sara." + super().__repr__()
 
 
-class Conv(nn.Module, SaRALayer):
-    """SaRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: any kernel, stride, padding, dilation, groups, bias."""
+class Linear(_SaRAModule):
+    """SaRA on ``nn.Linear`` (and transformers' ``Conv1D``, whose weight is stored transposed)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
-        super().__init__()
-        SaRALayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+    def _op(self, x):
+        return LinearOp(transposed=not isinstance(self.get_base_layer(), nn.Linear)), x
+
+
+class Conv(_SaRAModule):
+    """SaRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: any kernel, stride, padding, dilation, groups, bias."""
 
     def _op(self, x):
         return ConvOp.for_module(self.get_base_layer(), x)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._sara_forward(x, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return "sara." + super().__repr__()
 
 
 def _is_transformers_conv1d(module: nn.Module) -> bool:

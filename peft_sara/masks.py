@@ -13,6 +13,22 @@ import torch
 INT32_LIMIT = 2**31 - 1
 
 
+def value_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of an adapter's values for a base weight of ``weight_dtype``: the base's own floating dtype (PEFT's
+    convention: ``autocast_adapter_dtype=True``, the default, then upcasts float16 / bfloat16 values to float32), and
+    float32 for non-floating (quantized) storage."""
+    return weight_dtype if weight_dtype.is_floating_point and weight_dtype.itemsize >= 2 else torch.float32
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype ``w + scale * delta`` is computed in: float32, or wider if an operand is (float64 stays float64)."""
+    result = torch.float32
+    for dtype in dtypes:
+        if dtype.is_floating_point and dtype.itemsize > 4:
+            result = dtype
+    return result
+
+
 def index_dtype_for(numel: int) -> torch.dtype:
     """Smallest integer dtype that can address ``numel`` entries."""
     return torch.int32 if numel <= INT32_LIMIT else torch.int64

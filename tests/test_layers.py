@@ -23,7 +23,9 @@ def dense_reference_weight(layer, adapter: str = "default") -> torch.Tensor:
 
 def wrap(module: nn.Module, dtype=torch.float32, fraction=0.3):
     model = nn.Sequential(module).to(dtype)
-    peft_model = get_peft_model(model, SaRAConfig(trainable_fraction=fraction, target_modules=["0"], init_weights=False))
+    peft_model = get_peft_model(
+        model, SaRAConfig(trainable_fraction=fraction, target_modules=["0"], init_weights=False)
+    )
     return peft_model, peft_model.base_model.model[0]
 
 
@@ -133,8 +135,9 @@ def test_only_sparse_values_get_gradients_and_optimizer_state(mlp_conv):
 
 def test_base_weight_is_untouched_after_forward_and_backward(mlp_conv):
     before = {k: v.clone() for k, v in mlp_conv.state_dict().items()}
-    model = get_peft_model(mlp_conv, SaRAConfig(trainable_fraction=0.2, target_modules=["conv", "lin0"],
-                                                init_weights=False))
+    model = get_peft_model(
+        mlp_conv, SaRAConfig(trainable_fraction=0.2, target_modules=["conv", "lin0"], init_weights=False)
+    )
     model(torch.randn(2, 3, 4, 4)).sum().backward()
     after = {k.replace("base_layer.", ""): v for k, v in mlp_conv.state_dict().items() if "sara_" not in k}
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -31,7 +31,9 @@ def weights_of(peft_model):
 
 def test_threshold_selects_exactly_the_small_weights(mlp_conv):
     threshold = 0.02
-    expected = {name: int((m.weight.abs() < threshold).sum()) for name, m in mlp_conv.named_modules() if name in TARGETS}
+    expected = {
+        name: int((m.weight.abs() < threshold).sum()) for name, m in mlp_conv.named_modules() if name in TARGETS
+    }
     model = get_peft_model(mlp_conv, SaRAConfig(threshold=threshold, target_modules=TARGETS))
     for name, layer in model.base_model.sara_layers():
         assert layer.num_trainable("default") == expected[name]
@@ -115,9 +117,7 @@ def test_multiple_adapters_set_disable_delete(mlp_conv):
     model.set_adapter("other")
     out_other = model(X)
     assert not torch.equal(out_default, out_other)
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
-        "base_model.model.lin0.sara_values.other"
-    ]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["base_model.model.lin0.sara_values.other"]
     with model.disable_adapter():
         assert torch.equal(model(X), base_out)
     model.base_model.set_adapter(["default", "other"])
@@ -203,7 +203,12 @@ def test_default_targets_for_unet_sd3_and_clip_text():
         assert not torch.equal(dit(**sd3_inputs()).sample, out)
     clip = get_peft_model(tiny_clip_text(), SaRAConfig(trainable_fraction=0.1))
     assert {name.split(".")[-1] for name, _ in clip.base_model.sara_layers()} == {
-        "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "fc1",
+        "fc2",
     }
 
 

@@ -70,13 +70,13 @@ def test_load_in_a_fresh_process_reproduces_outputs(tmp_path):
     torch.save({"x": X, "out": model(X).detach()}, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})
+        sys.path.insert(0, {str(REPO_ROOT / "tests")!r})
         import peft_sara
         from peft import PeftModel
         from conftest import MLPConv
         torch.manual_seed(0)
-        model = PeftModel.from_pretrained(MLPConv().eval(), {str(tmp_path / 'adapter')!r})
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        model = PeftModel.from_pretrained(MLPConv().eval(), {str(tmp_path / "adapter")!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
         assert torch.equal(model(expected["x"]), expected["out"]), "outputs differ"
         print("ok")
     """)

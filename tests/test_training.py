@@ -30,8 +30,9 @@ def make_model(seed=0, **kwargs):
 
 def batches(count, seed=123):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 3, 4, 4, generator=generator), torch.randn(4, 4, generator=generator))
-            for _ in range(count)]
+    return [
+        (torch.randn(4, 3, 4, 4, generator=generator), torch.randn(4, 4, generator=generator)) for _ in range(count)
+    ]
 
 
 def dense_delta(layer, with_base=False):
@@ -94,11 +95,17 @@ def train(model, steps, lr=1e-2, lambda_rank=None, helper_seed=0, data=None):
 def test_low_rank_loss_lowers_the_nuclear_norm_of_the_update():
     norms = []
     for lambda_rank in (0.0, 0.05):
-        model = make_model(init_weights=True, lambda_rank=lambda_rank, rank_layers_per_step="all", rank_min_dim=4,
-                           progressive_fraction=None)
+        model = make_model(
+            init_weights=True,
+            lambda_rank=lambda_rank,
+            rank_layers_per_step="all",
+            rank_min_dim=4,
+            progressive_fraction=None,
+        )
         train(model, 30)
-        norms.append(sum(delta_rank_stats(layer, "default")["nuclear_norm"]
-                         for _, layer in model.base_model.sara_layers()))
+        norms.append(
+            sum(delta_rank_stats(layer, "default")["nuclear_norm"] for _, layer in model.base_model.sara_layers())
+        )
     assert norms[1] < 0.9 * norms[0]
 
 
@@ -258,9 +265,17 @@ def test_trainer_callback_runs_real_steps_on_a_tiny_unet(tmp_path):
 
     model = get_peft_model(tiny_unet(), SaRAConfig(trainable_fraction=0.05, lambda_rank=1e-3, rank_min_dim=16))
     callback = SaRATrainerCallback()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=2, learning_rate=1e-3,
-                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                             remove_unused_columns=False)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        max_steps=2,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        remove_unused_columns=False,
+    )
     trainer = DenoisingTrainer(model=model, args=args, train_dataset=Noise(), callbacks=[callback])
     before = model.get_nb_trainable_parameters()[0]
     trainer.train()

@@ -33,12 +33,16 @@ def _interpreting() -> bool:
 
 def resolve_backend(preference: str, device: torch.device) -> str:
     """The backend that will run for tensors on ``device`` given a layer preference (env var wins)."""
-    choice = os.environ.get(ENV_VAR, preference) or "auto"
+    return _resolve_backend(os.environ.get(ENV_VAR, preference) or "auto", device, _interpreting())
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_backend(choice: str, device: torch.device, interpreting: bool) -> str:
     if choice not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {choice!r}.")
     if choice == "reference":
         return "reference"
-    usable = triton_available() and (device.type == "cuda" or _interpreting())
+    usable = triton_available() and (device.type == "cuda" or interpreting)
     if choice == "triton":
         if not usable:
             raise RuntimeError(
@@ -47,6 +51,22 @@ def resolve_backend(preference: str, device: torch.device) -> str:
             )
         return "triton"
     return "triton" if usable and device.type == "cuda" else "reference"
+
+
+def int64_indices(indices: torch.Tensor, cache: dict) -> torch.Tensor:
+    """``indices`` as int64 (what PyTorch's scatter/gather need), converted once and cached in ``cache``.
+
+    A cached copy is valid while it is the same tensor, unmodified (``load_state_dict``'s ``copy_`` bumps
+    ``_version``); converting on every forward would cost a pass over the indices each time.
+    """
+    if indices.dtype == torch.int64:
+        return indices
+    cached = cache.get(id(indices))
+    if cached is None or cached[0] is not indices or cached[1] != indices._version:
+        if len(cache) > 64:
+            cache.clear()
+        cached = cache[id(indices)] = (indices, indices._version, indices.long())
+    return cached[2]
 
 
 def _module(backend: str):

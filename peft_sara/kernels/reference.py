@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..masks import compute_dtype
+
 
 def patch_entries_(
     flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float
@@ -17,7 +19,8 @@ def patch_entries_(
     """Write ``w[i] = cast(float(w[i]) + scale * values)`` in place; return the overwritten entries."""
     indices = indices.long()  # no-op for int64; scatter_ with int64 is several times faster than index_put_
     saved = flat_weight.index_select(0, indices)
-    patched = saved.float().add(values.float(), alpha=scale).to(flat_weight.dtype)
+    compute = compute_dtype(flat_weight.dtype, values.dtype)
+    patched = saved.to(compute).add(values.to(compute), alpha=scale).to(flat_weight.dtype)
     flat_weight.scatter_(0, indices, patched)
     return saved
 
@@ -30,9 +33,10 @@ def restore_entries_(flat_weight: torch.Tensor, indices: torch.Tensor, saved: to
 def linear_weight_grad_values(
     grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_adapter: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Entries of ``grad_output.T @ inputs`` (an out x in weight gradient) at each flat index set, as float32.
+    """Entries of ``grad_output.T @ inputs`` (an out x in weight gradient) at each flat index set, as float32 (float64 for
+    float64 inputs).
 
     ``grad_output`` is (N, out) and ``inputs`` (N, in), both 2-D.
     """
     dense = (grad_output.t() @ inputs.to(grad_output.dtype)).reshape(-1)
-    return [dense.index_select(0, indices).float() for indices in indices_per_adapter]
+    return [dense.index_select(0, indices).to(compute_dtype(dense.dtype)) for indices in indices_per_adapter]
