@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
 from .cards import sara_model_card
@@ -154,6 +155,8 @@ def inject_sara_adapter(module: nn.Module, config: SaRAConfig, adapter_name: str
         # PEFT warns whenever a second adapter joins `peft_config`; several adapters per component are intended here.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         inject_adapter_in_model(config, module, adapter_name)
+    # As PeftModel does by default: float16 / bfloat16 adapter values are kept in float32 (the sum is cast anyway).
+    cast_adapter_dtype(module, adapter_name)
     module._hf_peft_config_loaded = True
     _activate(module, adapter_name)
     install_save_bridge(module)
