@@ -345,3 +345,20 @@ def update_contribution(
     for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
         delta = delta.index_add(0, indices.to(x.device), values.to(device=x.device, dtype=compute) * scale)
     return op.forward(x, delta.view(weight_shape).to(x.dtype), None)
+
+
+@contextlib.contextmanager
+def offload_hooks_run(*containers: nn.Module) -> Iterator[None]:
+    """Run accelerate's offload hooks of tensor containers around their use.
+
+    ``cpu_offload`` hooks every module that holds tensors, a SaRA layer's value / index dicts too, but loads a module's
+    tensors only when that module's forward runs; the dicts have no forward, so their hooks run here instead.
+    """
+    hooked = [container for container in containers if hasattr(container, "_hf_hook")]
+    for container in hooked:
+        container._hf_hook.pre_forward(container)
+    try:
+        yield
+    finally:
+        for container in hooked:
+            container._hf_hook.post_forward(container, None)

@@ -7,7 +7,6 @@ values and scale of an adapter, frozen entries included), :meth:`SaRALayer.train
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +25,7 @@ from .functional import (
     SparseUpdate,
     composable_reason,
     effective_weight,
+    offload_hooks_run,
     sparse_delta_forward,
     storage_lock,
     update_contribution,
@@ -356,7 +356,9 @@ class SaRALayer(BaseTunerLayer):
                 "with `modules_to_save` instead."
             )
         if self.composable_reason() is not None:
-            with self._adapter_tensors_onloaded():
+            with offload_hooks_run(
+                self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values
+            ):
                 return self.base_layer(x, *args, **kwargs) + self._update_contribution(x, active)
         backend = self._backend(active)
         indices, values, scales = self._sparse_parts(active, int64_indices=backend == "reference")
@@ -364,20 +366,6 @@ class SaRALayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         op, x = self._op(x)
         return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, indices, values, scales, backend)
-
-    @contextlib.contextmanager
-    def _adapter_tensors_onloaded(self) -> Iterator[None]:
-        # accelerate's cpu_offload hooks every module that holds tensors, our containers too, but loads a module's
-        # tensors only when that module's forward runs; the containers have none, so run their hooks around the use.
-        containers = (self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values)
-        hooked = [container for container in containers if hasattr(container, "_hf_hook")]
-        for container in hooked:
-            container._hf_hook.pre_forward(container)
-        try:
-            yield
-        finally:
-            for container in hooked:
-                container._hf_hook.post_forward(container, None)
 
     def _update_contribution(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         op, x = self._op(x)
