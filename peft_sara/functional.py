@@ -84,9 +84,7 @@ class SparseUpdate:
 
     def to_dense(self) -> torch.Tensor:
         """Dense ``scale * Delta_W`` (in the values' dtype) shaped like the base weight."""
-        dense = torch.zeros(self.weight_shape.numel(), dtype=self.values.dtype, device=self.values.device)
-        dense.index_add_(0, self.indices, self.values * self.scale)
-        return dense.view(self.weight_shape)
+        return dense_delta(self.weight_shape, [self.indices], [self.values], [self.scale], self.values.device)
 
 
 @runtime_checkable
@@ -245,20 +243,19 @@ class _SparseDeltaFunction(torch.autograd.Function):
         return (grad_input, None, grad_bias, None, None, None, None, *grad_values)
 
 
-def differentiable_effective_weight(
+def effective_weight(
     weight: torch.Tensor,
     indices_per_adapter: Sequence[torch.Tensor],
     values_per_adapter: Sequence[torch.Tensor],
     scales: Sequence[float],
 ) -> torch.Tensor:
-    """The patched weight as an out-of-place tensor, differentiable in the values (a dense copy: double backward,
-    and base layers that cannot be patched in place)."""
+    """The patched weight as a dense out-of-place copy, differentiable in the values when grad is enabled (double
+    backward); under ``no_grad`` a plain copy for export, merge checks and tests. Never used by the fast path."""
     flat = weight.detach().reshape(-1)
     for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
-        entries = flat.index_select(0, indices)
-        compute = compute_dtype(entries.dtype, values.dtype)
-        patched = entries.to(compute) + values.to(compute) * scale
-        flat = flat.index_put((indices,), patched.to(flat.dtype))
+        flat = flat.index_put(
+            (indices,), kernels.reference.patched_values(flat.index_select(0, indices), values, scale)
+        )
     return flat.view(weight.shape)
 
 
@@ -271,7 +268,7 @@ def _differentiable_backward(ctx, grad_output, x, values_per_adapter):
         inputs[2] = ctx.bias
     wanted = {position: tensor for position, tensor in inputs.items() if needs[position]}
     with torch.enable_grad():
-        weight = differentiable_effective_weight(ctx.weight, ctx.indices_per_adapter, values_per_adapter, ctx.scales)
+        weight = effective_weight(ctx.weight, ctx.indices_per_adapter, values_per_adapter, ctx.scales)
         output = ctx.op.forward(x, weight.to(x.dtype), ctx.bias)
         grads = torch.autograd.grad(output, list(wanted.values()), grad_output, create_graph=True, allow_unused=True)
     result = [None] * (7 + len(values_per_adapter))
@@ -296,28 +293,17 @@ def sparse_delta_forward(
     )
 
 
-def effective_weight(
-    weight: torch.Tensor,
-    indices_per_adapter: Sequence[torch.Tensor],
-    values_per_adapter: Sequence[torch.Tensor],
-    scales: Sequence[float],
-) -> torch.Tensor:
-    """A dense copy of the patched weight (for export, merge checks and tests; never used in training)."""
-    dense = weight.detach().clone()
-    flat_dense = dense.view(-1)
-    with torch.no_grad():
-        for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
-            kernels.reference.patch_entries_(flat_dense, indices, values, scale)
-    return dense
-
-
 def composable_reason(base_layer: nn.Module) -> str | None:
     """Why the in-place patch is unsafe for ``base_layer`` (its hooks would not run, or its weight cannot be patched),
     or ``None`` when it is safe. Layers with a reason run the base layer itself plus :func:`update_contribution`."""
-    weight = base_layer.weight
     # torch hooks, or a forward replaced on the instance (accelerate's `_hf_hook`, diffusers' hook registry).
     if base_layer._forward_pre_hooks or base_layer._forward_hooks or "forward" in vars(base_layer):
         return "the base layer has forward hooks (offloading, layerwise casting, ...)"
+    return unpatchable_storage_reason(base_layer.weight)
+
+
+def unpatchable_storage_reason(weight: torch.Tensor) -> str | None:
+    """Why SaRA cannot write into ``weight`` (meta, quantized or 8-bit storage), or ``None`` when it can."""
     if weight.device.type == "meta":
         return "the base weight is on the meta device (offloaded)"
     if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
@@ -340,11 +326,23 @@ def update_contribution(
     The composable path adds this to the base layer's own output; it never reads the base weight, so offloaded, cast
     or quantized storage is fine. ``Delta_W`` is formed densely for the call (one weight-sized temporary).
     """
+    delta = dense_delta(weight_shape, indices_per_adapter, values_per_adapter, scales, x.device)
+    return op.forward(x, delta.to(x.dtype), None)
+
+
+def dense_delta(
+    weight_shape: torch.Size,
+    indices_per_adapter: Sequence[torch.Tensor],
+    values_per_adapter: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    device: torch.device,
+) -> torch.Tensor:
+    """Dense ``sum scale * Delta_W`` shaped like the weight, in the values' compute dtype, differentiable in them."""
     compute = compute_dtype(*(values.dtype for values in values_per_adapter))
-    delta = torch.zeros(weight_shape.numel(), dtype=compute, device=x.device)
+    delta = torch.zeros(weight_shape.numel(), dtype=compute, device=device)
     for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
-        delta = delta.index_add(0, indices.to(x.device), values.to(device=x.device, dtype=compute) * scale)
-    return op.forward(x, delta.view(weight_shape).to(x.dtype), None)
+        delta = delta.index_add(0, indices.to(device), values.to(device=device, dtype=compute) * scale)
+    return delta.view(weight_shape)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ values and scale of an adapter, frozen entries included), :meth:`SaRALayer.train
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,7 @@ from .functional import (
     offload_hooks_run,
     sparse_delta_forward,
     storage_lock,
+    unpatchable_storage_reason,
     update_contribution,
 )
 from .masks import (
@@ -193,11 +195,12 @@ class SaRALayer(BaseTunerLayer):
 
     def get_sparse_update(self, adapter_name: str) -> SparseUpdate:
         """An adapter's whole update of this layer (trainable then frozen entries, int64 indices, detached)."""
-        indices, values = self.trainable_entries(adapter_name)
-        frozen_indices, frozen_values = self.frozen_entries(adapter_name)
+        indices, values, _ = self._sparse_parts([adapter_name])
+        value_dtype = compute_dtype(self.sara_values[adapter_name].dtype)
+        empty = torch.zeros(0, dtype=value_dtype, device=self.sara_values[adapter_name].device)
         return SparseUpdate(
-            indices=torch.cat([indices, frozen_indices]).long(),
-            values=torch.cat([values.detach(), frozen_values]).to(compute_dtype(values.dtype)),
+            indices=torch.cat(indices) if indices else empty.long(),
+            values=torch.cat([part.detach().to(value_dtype) for part in values]) if values else empty,
             scale=self.sara_scaling[adapter_name],
             weight_shape=self.weight_shape,
         )
@@ -268,16 +271,15 @@ class SaRALayer(BaseTunerLayer):
     def get_effective_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
         """Dense copy of the weight the layer computes with (base with the adapters' entries patched)."""
         adapter_names = self.present_adapters(adapter_names if adapter_names is not None else self.active_adapters)
-        return effective_weight(self.get_base_layer().weight, *self._sparse_parts(adapter_names))
+        with torch.no_grad():
+            return effective_weight(self.get_base_layer().weight, *self._sparse_parts(adapter_names))
 
     @torch.no_grad()
     def merge_is_finite(self, adapter_name: str) -> bool:
         """Whether merging ``adapter_name`` would write only finite entries (no weight is changed)."""
         flat_weight = self.get_base_layer().weight.detach().reshape(-1)
         for idx, vals, scale in zip(*self._sparse_parts([adapter_name])):
-            entries = flat_weight.index_select(0, idx)
-            compute = compute_dtype(entries.dtype, vals.dtype)
-            merged = entries.to(compute).add(vals.to(compute), alpha=scale).to(flat_weight.dtype)
+            merged = kernels.reference.patched_values(flat_weight.index_select(0, idx), vals, scale)
             if not torch.isfinite(merged).all():
                 return False
         return True
@@ -286,8 +288,8 @@ class SaRALayer(BaseTunerLayer):
         """Write the adapters' updates into the base weight (only the changed entries are touched)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         weight = self.get_base_layer().weight
-        reason = self.composable_reason()
-        if reason is not None and "hooks" not in reason:
+        reason = unpatchable_storage_reason(weight)
+        if reason is not None:
             raise ValueError(
                 f"Cannot merge SaRA adapters {adapter_names} into this {type(self.get_base_layer()).__name__}: "
                 f"{reason}. Keep the adapter unmerged (it runs through the base layer), or load the base in a plain "
@@ -391,8 +393,12 @@ class _SaRAModule(nn.Module, SaRALayer):
 class Linear(_SaRAModule):
     """SaRA on ``nn.Linear`` (and transformers' ``Conv1D``, whose weight is stored transposed)."""
 
+    @functools.cached_property
+    def _linear_op(self) -> LinearOp:
+        return LinearOp(transposed=not isinstance(self.get_base_layer(), nn.Linear))
+
     def _op(self, x):
-        return LinearOp(transposed=not isinstance(self.get_base_layer(), nn.Linear)), x
+        return self._linear_op, x
 
 
 class Conv(_SaRAModule):

@@ -63,10 +63,13 @@ def still_ineffective(current_values: torch.Tensor, cutoff: float) -> torch.Tens
     return current_values.detach().float().abs() < cutoff
 
 
-def check_entries(indices: torch.Tensor, values: torch.Tensor | None, numel: int, where: str) -> None:
+def check_entries(
+    indices: torch.Tensor, values: torch.Tensor | None, numel: int, where: str, out_of_range_hint: str = ""
+) -> None:
     """Raise a ``ValueError`` that starts with ``where`` unless ``indices`` (and ``values``) are valid flat entries.
 
-    Valid: 1-D integer indices within ``[0, numel)``; 1-D floating values, one per index.
+    Valid: 1-D integer indices within ``[0, numel)``; 1-D floating values, one per index. ``out_of_range_hint`` ends
+    the message of an index outside the weight.
     """
     if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype in (torch.bool, torch.uint8):
         raise ValueError(
@@ -83,4 +86,5 @@ def check_entries(indices: torch.Tensor, values: torch.Tensor | None, numel: int
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
         raise ValueError(
             f"{where}: indices span [{int(indices.min())}, {int(indices.max())}] but the weight has {numel} entries."
+            + (f" {out_of_range_hint}" if out_of_range_hint else "")
         )

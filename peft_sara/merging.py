@@ -40,13 +40,14 @@ def combine_adapters(
     if new_adapter_name in configs:
         raise ValueError(f"Adapter '{new_adapter_name}' already exists; choose a new name.")
 
+    weight_of = dict(zip(adapter_names, weights))
     combined_per_layer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in sara_layers(model.base_model.model):
         parts_indices, parts_values = [], []
         for adapter in layer.present_adapters(list(adapter_names)):
             update = layer.get_sparse_update(adapter)  # trainable and frozen entries
             parts_indices.append(update.indices)
-            parts_values.append(update.values * weights[list(adapter_names).index(adapter)])
+            parts_values.append(update.values * weight_of[adapter])
         if parts_indices:
             union, inverse = torch.unique(torch.cat(parts_indices), return_inverse=True)
             summed = torch.zeros(union.numel(), dtype=torch.float32, device=union.device)

@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import cast_adapter_dtype
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from torch import nn
 
 from .cards import sara_model_card
 from .config import SaRAConfig
-from .constants import CARD_NAME, CONFIG_NAME
+from .constants import CARD_NAME, CONFIG_NAME, PREFIX
 from .layer import count_entries, sara_adapter_names, sara_layers
 from .resolve import default_adapter_name, resolve_adapter_folder
 from .save_bridge import install_save_bridge
@@ -118,8 +118,10 @@ def _align_text_model_prefix(module: nn.Module, state_dict: dict[str, torch.Tens
 
 # ------------------------------------------------------------------------------------------------- injection
 def _activate(module: nn.Module, adapter_name: str) -> None:
-    for _, layer in sara_layers(module):
-        layer.set_adapter([adapter_name], inference_mode=True)
+    # Every tuner layer of the component, as `add_adapter` does: other methods' layers (e.g. LoRA) switch too.
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.set_adapter([adapter_name], inference_mode=True)
 
 
 def _remove_adapter(module: nn.Module, adapter_name: str) -> None:
@@ -226,7 +228,7 @@ def load_sara_adapter(
             done.append(module)
             state_dict = _align_text_model_prefix(module, state_dict)
             result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
-            unexpected = [key for key in result.unexpected_keys if "sara_" in key or adapter_name in key]
+            unexpected = [key for key in result.unexpected_keys if PREFIX in key or adapter_name in key]
             if unexpected:
                 raise ValueError(
                     f"The adapter for pipe.{component} has {len(unexpected)} tensors that match no layer of "

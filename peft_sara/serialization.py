@@ -160,12 +160,8 @@ def _check_pair(layer_name: str, what: str, indices: torch.Tensor | None, values
     if indices is None or values is None:
         missing = "indices" if indices is None else "values"
         raise ValueError(f"The checkpoint has no {what} {missing} for SaRA layer '{layer_name}'.")
-    try:
-        check_entries(indices, values, numel, f"SaRA layer '{layer_name}': the checkpoint's {what} entries")
-    except ValueError as error:
-        if "span" in str(error):
-            raise ValueError(f"{error} The checkpoint was made for a different model.") from None
-        raise
+    where = f"SaRA layer '{layer_name}': the checkpoint's {what} entries"
+    check_entries(indices, values, numel, where, "The checkpoint was made for a different model.")
 
 
 def fit_layers_to_checkpoint(

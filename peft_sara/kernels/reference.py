@@ -13,15 +13,20 @@ import torch
 from ..masks import compute_dtype
 
 
+def patched_values(entries: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """``cast(entries + scale * values)`` in the entries' dtype, summed in :func:`~peft_sara.masks.compute_dtype`
+    (differentiable in ``values``): the one definition of a patched weight entry, for patch, merge and dense copies."""
+    compute = compute_dtype(entries.dtype, values.dtype)
+    return entries.to(compute).add(values.to(compute), alpha=scale).to(entries.dtype)
+
+
 def patch_entries_(
     flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Write ``w[i] = cast(float(w[i]) + scale * values)`` in place; return the overwritten entries."""
     indices = indices.long()  # no-op for int64; scatter_ with int64 is several times faster than index_put_
     saved = flat_weight.index_select(0, indices)
-    compute = compute_dtype(flat_weight.dtype, values.dtype)
-    patched = saved.to(compute).add(values.to(compute), alpha=scale).to(flat_weight.dtype)
-    flat_weight.scatter_(0, indices, patched)
+    flat_weight.scatter_(0, indices, patched_values(saved, values, scale))
     return saved
 
 
