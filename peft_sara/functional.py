@@ -23,19 +23,19 @@ from torch import nn
 from . import kernels
 from .masks import compute_dtype
 
-_STORAGE_LOCKS: dict[tuple[str, int], threading.RLock] = {}
+_STORAGE_LOCKS: dict[tuple[str, int | None, int], threading.RLock] = {}
 _STORAGE_LOCKS_GUARD = threading.Lock()
 
 
 def storage_lock(tensor: torch.Tensor) -> threading.RLock:
     """The lock of ``tensor``'s storage: held while its entries are patched, so that concurrent forwards (inference
-    servers), merges and state-dict reads of one weight never see each other's patched entries."""
-    key = (str(tensor.device), tensor.untyped_storage().data_ptr())
-    with _STORAGE_LOCKS_GUARD:
-        lock = _STORAGE_LOCKS.get(key)
-        if lock is None:
-            lock = _STORAGE_LOCKS[key] = threading.RLock()
-        return lock
+    servers), merges and unmerges of one weight never see each other's patched entries."""
+    key = (tensor.device.type, tensor.device.index, tensor.untyped_storage().data_ptr())
+    lock = _STORAGE_LOCKS.get(key)  # a plain dict read is atomic; only creation needs the guard
+    if lock is None:
+        with _STORAGE_LOCKS_GUARD:
+            lock = _STORAGE_LOCKS.setdefault(key, threading.RLock())
+    return lock
 
 
 @contextlib.contextmanager

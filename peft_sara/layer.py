@@ -236,9 +236,6 @@ class SaRALayer(BaseTunerLayer):
     def _int64(self, indices: torch.Tensor) -> torch.Tensor:
         return kernels.int64_indices(indices, self.__dict__.setdefault("_sara_int64_cache", {}))
 
-    def _backend(self, adapter_names: list[str]) -> str:
-        return kernels.resolve_backend(self.sara_kernel[adapter_names[0]], self.get_base_layer().weight.device)
-
     # ------------------------------------------------------------------------------------------------ scaling
     def set_scale(self, adapter: str, scale: float) -> None:
         """Set the strength of ``adapter`` (1.0 = as trained)."""
@@ -357,12 +354,12 @@ class SaRALayer(BaseTunerLayer):
                 "silently give the weight no gradient. Freeze it (`requires_grad_(False)`), or train the whole module "
                 "with `modules_to_save` instead."
             )
-        if self.composable_reason() is not None:
+        if composable_reason(base_layer) is not None:
             with offload_hooks_run(
                 self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values
             ):
                 return self.base_layer(x, *args, **kwargs) + self._update_contribution(x, active)
-        backend = self._backend(active)
+        backend = kernels.resolve_backend(self.sara_kernel[active[0]], base_layer.weight.device)
         indices, values, scales = self._sparse_parts(active, int64_indices=backend == "reference")
         if not indices:
             return self.base_layer(x, *args, **kwargs)
