@@ -253,6 +253,8 @@ def run_method(spec: dict[str, Any], plan: dict[str, Any], method: str) -> dict[
 
     probe.reset_peak()
     step = setup_method(method, model, batch, preset, plan, spec["seed"])
+    if spec.get("compile"):
+        step.model = torch.compile(step.model)
     setup_peak = probe.peak()
     memory_after_setup = probe.current()
 
@@ -474,6 +476,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default="all", help=f"comma-separated subset of: {', '.join(METHODS)}")
     add_selection_arguments(parser, "SaRA threshold instead of a fraction (pre-trained weights only)")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run every method's model through torch.compile (inductor); warmup steps absorb the compilation",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -489,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unknown = [name for name in methods if name not in METHODS]
     if unknown:
         raise SystemExit(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
-    run = setup_run(args, steps=args.steps, warmup=args.warmup, profile=args.profile)
+    run = setup_run(args, steps=args.steps, warmup=args.warmup, profile=args.profile, compile=args.compile)
     preset, selection, spec, machine, device = run.preset, run.selection, run.spec, run.machine, run.device
     print(
         f"preset {preset.name}: {preset.description}; batch {args.batch_size}; device {device}; "
@@ -552,6 +559,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "steps": args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        "compile": args.compile,
         "seed": args.seed,
         "threads": run.threads,
         "optimizer": {

@@ -22,6 +22,13 @@ Outputs in ``--output_dir``: the adapter in PEFT format under ``unet/`` (``trans
 Resuming reproduces an uninterrupted run exactly when data preprocessing draws no random numbers: with
 ``--center_crop`` (or square images at ``--resolution``) and ``--dataloader_num_workers 0``. ``--random_flip`` is
 applied in the training loop and keeps resumption exact.
+
+Multi-process: ``accelerate launch --multi_gpu --num_processes N ...`` (DDP; add ``ACCELERATE_USE_CPU=1`` for CPU
+processes over gloo). Progressive re-selection compacts the SaRA values in place, so the DDP wrapper built by
+``accelerator.prepare`` stays valid and every rank keeps the same entries. Under DeepSpeed (ZeRO-2) checkpoints go
+through ``accelerator.save_state`` (every rank writes its optimizer partition; the adapter is written beside them) and
+re-selection is refused: DeepSpeed optimizes flattened fp32 copies whose state cannot be re-ordered. See
+``docs/DISTRIBUTED.md`` for accelerate configs (FSDP: in your own loop, not with this script's checkpoints).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -62,7 +69,13 @@ import peft_sara  # noqa: F401  (registers the SaRA method with PEFT)
 from peft_sara import SaRAConfig, load_sara_adapter, save_sara_adapter
 from peft_sara.constants import DEFAULT_THRESHOLD
 from peft_sara.serialization import save_injected_adapter
-from peft_sara.training import SaRATrainingHelper, load_training_state, paper_learning_rate, save_training_state
+from peft_sara.training import (
+    SaRATrainingHelper,
+    load_training_state,
+    paper_learning_rate,
+    save_training_state,
+    unwrap_optimizer,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -319,6 +332,13 @@ def save_checkpoint(save_path: str, denoiser, optimizer, lr_scheduler, helper: S
             denoiser.save_pretrained = previous
 
 
+def save_adapter_hook(accelerator: Accelerator, models: list, weights: list, output_dir: str) -> None:
+    """accelerate's save-state hook (DeepSpeed): write the adapter in PEFT format beside DeepSpeed's own states."""
+    if accelerator.is_main_process:
+        save_injected_adapter(accelerator.unwrap_model(models[0]), output_dir, adapter_name=ADAPTER_NAME)
+    weights.clear()  # nothing else to write for the denoiser outside DeepSpeed's checkpoint
+
+
 def checkpoint_steps(output_dir: str) -> list[int]:
     """Steps of the ``checkpoint-<step>`` folders in ``output_dir``, oldest first."""
     if not os.path.isdir(output_dir):
@@ -551,19 +571,41 @@ def main(args: argparse.Namespace) -> None:
         denoiser, optimizer, total_steps=args.max_train_steps, adapter_name=ADAPTER_NAME, seed=args.seed
     )
 
-    # 4. Resume before `prepare`: loading may resize the SaRA parameters (after re-selection), and DDP must wrap the
-    #    final ones. Restores adapter, optimizer, scheduler, helper (global step, re-selection) and RNG states.
+    # Checkpoints: single processes and DDP use SaRA's adapter-only ones (save_training_state). DeepSpeed keeps its own
+    # partitioned optimizer state: save and resume it through accelerate's save_state / load_state, with the adapter
+    # written beside it in PEFT format.
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            "This script checkpoints with peft_sara.training.save_training_state, which reads whole (unsharded) SaRA "
+            "values: train it with DDP or DeepSpeed. FSDP2 works in your own loop (see docs/DISTRIBUTED.md)."
+        )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        if helper.progressive_step is not None:
+            raise ValueError(
+                "DeepSpeed optimizes flattened fp32 copies of the SaRA values, whose state progressive re-selection "
+                "cannot re-order: pass --progressive_fraction 0 with DeepSpeed, or train with DDP or FSDP2."
+            )
+        accelerator.register_save_state_pre_hook(functools.partial(save_adapter_hook, accelerator))
+        accelerator.register_for_checkpointing(helper)
+
+    # 4. Resume. Loading writes the adapter into the SaRA values in place (their size and identity never change), so
+    #    wrappers stay valid; SaRA checkpoints load before `prepare`, into the plain optimizer. Restores adapter,
+    #    optimizer, scheduler, helper (global step, re-selection) and RNG states.
     checkpoint = resolve_checkpoint(args) if args.resume_from_checkpoint else None
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info(f"No checkpoint in {args.output_dir}: starting a new run.")
-    if checkpoint is not None:
+    if checkpoint is not None and not deepspeed:
         load_training_state(checkpoint, denoiser, optimizer, lr_scheduler, helper, adapter_name=ADAPTER_NAME)
-        logger.info(f"Resumed from {checkpoint} at step {helper.global_step}")
-    global_step = helper.global_step
 
     denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         denoiser, optimizer, train_dataloader, lr_scheduler
     )
+    if checkpoint is not None and deepspeed:
+        accelerator.load_state(checkpoint, load_module_strict=False)  # the adapter-only module state
+    if checkpoint is not None:
+        logger.info(f"Resumed from {checkpoint} at step {helper.global_step}")
+    global_step = helper.global_step
     if accelerator.is_main_process:
         config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers("text2image-sara", config=config)
@@ -634,12 +676,11 @@ def main(args: argparse.Namespace) -> None:
                 continue
             global_step += 1
             progress_bar.update(1)
-            if helper.step():  # progressive re-selection: new (smaller) parameters, optimizer updated in place
+            if args.use_8bit_adam and helper.reselection_due():
+                # Blockwise-quantized moments cannot be re-ordered entry by entry: restart them.
+                unwrap_optimizer(optimizer).state.clear()
+            if helper.step():  # progressive re-selection, in place: same Parameters, optimizer state re-ordered
                 logger.info(f"Step {global_step}: re-selected, {helper.trainable_count():,} trainable entries left")
-                if args.use_8bit_adam:  # blockwise-quantized moments cannot be subset entry by entry: restart them
-                    optimizer.optimizer.state.clear()
-                if accelerator.num_processes > 1:  # DDP holds the old parameters: wrap the new ones
-                    denoiser = accelerator.prepare_model(accelerator.unwrap_model(denoiser))
             logs = {
                 "loss": loss.detach().item(),
                 "rank_loss": helper.last_regularization,
@@ -648,12 +689,16 @@ def main(args: argparse.Namespace) -> None:
             progress_bar.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
 
-            if accelerator.is_main_process:
-                if global_step % args.checkpointing_steps == 0:
+            if global_step % args.checkpointing_steps == 0:
+                save_path = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+                if accelerator.is_main_process:
                     make_room_for_checkpoint(args.output_dir, args.checkpoints_total_limit)
-                    save_path = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+                if deepspeed:  # every rank writes its part
+                    accelerator.save_state(save_path, exclude_frozen_parameters=True)
+                elif accelerator.is_main_process:
                     save_checkpoint(save_path, accelerator.unwrap_model(denoiser), optimizer, lr_scheduler, helper)
-                    logger.info(f"Saved {save_path}")
+                logger.info(f"Saved {save_path}")
+            if accelerator.is_main_process:
                 if args.validation_prompt and global_step % args.validation_steps == 0:
                     denoiser.eval()
                     log_validation(pipe, args, accelerator, f"step-{global_step}", global_step)

@@ -30,6 +30,15 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    umask = os.umask(0o022)  # os.umask only reads by setting: done once, at import
+    os.umask(umask)
+    return umask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; on success it replaces ``path`` atomically.
@@ -46,6 +55,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as file:
             yield file
             file.flush()
+            os.chmod(temp_path, _FILE_MODE)  # mkstemp creates 0600; give the usual umask-based mode
             os.fsync(file.fileno())
         os.replace(temp_path, path)
     except BaseException:

@@ -1,7 +1,13 @@
 """The ``peft-sara`` command line (also ``python -m peft_sara``).
 
-Each subcommand is a module with a ``main(argv) -> int`` that owns its own arguments and ``--help``:
+Each subcommand is a module with a ``main(argv) -> int`` that owns its own arguments and ``--help``
+(``peft_sara/commands/``, and the demo's own command line):
 
+    peft-sara inspect ADAPTER                         # per-layer entries, density, ||dW||, effective rank, file size
+    peft-sara analyze MODEL [--inputs x.safetensors]  # the paper's small-weight observation on a local model
+    peft-sara export ADAPTER --format kohya --rank 16 -o style.safetensors   # LoRA / .diff for other tools
+    peft-sara merge BASE ADAPTER -o OUT               # the base with the adapter baked in (save_pretrained)
+    peft-sara push ADAPTER user/name                  # upload with the full SaRA model card
     peft-sara demo [--quick] [--output-dir DIR] ...   # the built-in SaRA vs LoRA fine-tune (python -m peft_sara.demo)
 """
 
@@ -13,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import demo
+from .commands import analyze_cmd, export_cmd, inspect_cmd, merge_cmd, push_cmd
 from .constants import __version__
 
 
@@ -25,6 +32,11 @@ class Subcommand:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
+    "inspect": Subcommand("per-layer statistics of a saved SaRA adapter (folder or Hub id)", inspect_cmd.main),
+    "analyze": Subcommand("fraction of tiny weights per layer of a model, histogram, zeroing test", analyze_cmd.main),
+    "export": Subcommand("write an adapter as a LoRA (peft-lora, diffusers, kohya) or a .diff file", export_cmd.main),
+    "merge": Subcommand("save a base pipeline / model with the adapter merged into its weights", merge_cmd.main),
+    "push": Subcommand("upload an adapter folder to the Hub with the full SaRA model card", push_cmd.main),
     "demo": Subcommand("fine-tune a small digit diffusion model with SaRA and LoRA on CPU, and compare", demo.main),
 }
 

@@ -94,7 +94,7 @@ class SparseDeltaOp(Protocol):
     A new module type (e.g. ``nn.Embedding``) is a layer class whose ``_op`` returns one of these, plus the op itself.
     ``forward`` computes the module's output from an (already patched) weight; ``backward`` returns the input
     gradient, the weight gradient sampled at each adapter's flat ``indices`` (float32, ``None`` where not needed)
-    and the bias gradient.
+    and the bias gradient (``None`` unless ``need_bias``).
     """
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
@@ -106,6 +106,7 @@ class SparseDeltaOp(Protocol):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         need_input: bool,
+        need_bias: bool,
         indices_per_adapter: Sequence[torch.Tensor],
         need_values: Sequence[bool],
         backend: str,
@@ -121,7 +122,7 @@ class LinearOp:
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight.t() if self.transposed else weight, bias)
 
-    def backward(self, grad_output, x, weight, bias, need_input, indices_per_adapter, need_values, backend):
+    def backward(self, grad_output, x, weight, bias, need_input, need_bias, indices_per_adapter, need_values, backend):
         out_weight = weight.t() if self.transposed else weight
         grad_input = None
         if need_input:
@@ -139,7 +140,7 @@ class LinearOp:
             for i, values in zip(wanted, sampled):
                 grad_values[i] = values
         grad_bias = None
-        if bias is not None and bias.requires_grad:
+        if bias is not None and need_bias:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(bias.dtype)
         return grad_input, grad_values, grad_bias
 
@@ -179,9 +180,9 @@ class ConvOp:
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
         return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def backward(self, grad_output, x, weight, bias, need_input, indices_per_adapter, need_values, backend):
+    def backward(self, grad_output, x, weight, bias, need_input, need_bias, indices_per_adapter, need_values, backend):
         need_weight = any(need_values)
-        need_bias = bias is not None and bias.requires_grad
+        need_bias = bias is not None and need_bias
         dtype = grad_output.dtype
         grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_output,
@@ -230,6 +231,7 @@ class _SparseDeltaFunction(torch.autograd.Function):
                 ctx.weight,
                 ctx.bias,
                 ctx.needs_input_grad[0],
+                ctx.needs_input_grad[2],
                 ctx.indices_per_adapter,
                 need_values,
                 ctx.backend,
@@ -241,6 +243,37 @@ class _SparseDeltaFunction(torch.autograd.Function):
         if grad_input is not None:
             grad_input = grad_input.to(x.dtype)
         return (grad_input, None, grad_bias, None, None, None, None, *grad_values)
+
+
+# Dense kernels (oneDNN / MKL on CPU) may round differently depending on an operand's address modulo the vector width;
+# a copy at the same offset keeps a zero-scale or untouched update bitwise equal to the base layer.
+_ALIGNMENT_BYTES = 64
+
+
+def _empty_aligned_like(weight: torch.Tensor) -> torch.Tensor:
+    """An empty contiguous tensor like ``weight`` whose address has the same offset modulo 64 bytes."""
+    itemsize = weight.element_size()
+    offset = weight.data_ptr() % _ALIGNMENT_BYTES
+    buffer = torch.empty(weight.numel() + 2 * _ALIGNMENT_BYTES // itemsize, dtype=weight.dtype, device=weight.device)
+    shift = ((offset - buffer.data_ptr() % _ALIGNMENT_BYTES) % _ALIGNMENT_BYTES) // itemsize
+    return buffer[shift : shift + weight.numel()].view(weight.shape)
+
+
+def patched_copy(
+    weight: torch.Tensor,
+    indices_per_adapter: Sequence[torch.Tensor],
+    values_per_adapter: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    backend: str,
+) -> torch.Tensor:
+    """A copy of ``weight`` with each adapter's entries patched (not differentiable): what no-grad inference computes
+    with, so that concurrent forwards and ``state_dict()`` never see a modified base weight."""
+    copy = _empty_aligned_like(weight)
+    copy.copy_(weight.detach())
+    flat = copy.view(-1)
+    for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
+        kernels.patch_entries_(flat, indices, values.detach(), scale, backend)
+    return copy
 
 
 def effective_weight(

@@ -7,7 +7,7 @@ values and scale of an adapter, frozen entries included), :meth:`SaRALayer.train
 
 from __future__ import annotations
 
-import functools
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +18,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from . import kernels
+from .base_weight import MergeBackup, logical_weight_shape, merge_entries_, readable_weight, unmerge_entries_
 from .config import SaRAConfig
+from .constants import CACHE_ENV_VAR
+from .custom_ops import compiled_sparse_delta
 from .functional import (
     ConvOp,
     LinearOp,
@@ -27,18 +30,21 @@ from .functional import (
     composable_reason,
     effective_weight,
     offload_hooks_run,
+    patched_copy,
     sparse_delta_forward,
-    storage_lock,
     unpatchable_storage_reason,
     update_contribution,
 )
 from .masks import (
     check_entries,
+    compact_,
     compute_dtype,
+    gathered,
     index_dtype_for,
     select_trainable_indices,
     still_ineffective,
     value_dtype_for,
+    write_prefix_,
 )
 
 # Scale of the random values drawn when `init_weights=False` (tests need a visible, non-identity update).
@@ -65,6 +71,7 @@ class SaRALayer(BaseTunerLayer):
         "sara_scaling",
         "sara_cutoff",
         "sara_kernel",
+        "sara_num_trainable",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -76,8 +83,14 @@ class SaRALayer(BaseTunerLayer):
         self.sara_scaling: dict[str, float] = {}
         self.sara_cutoff: dict[str, float] = {}
         self.sara_kernel: dict[str, str] = {}
+        # Live (trainable) entries at the front of `sara_values` / `sara_indices`; re-selection compacts the survivors
+        # there and leaves an inert, zeroed tail, so the Parameter keeps its size and identity for the whole run.
+        self.sara_num_trainable: dict[str, int] = {}
+        # The state dict holds only the live entries; loading pads them back to the layer's capacity.
+        self.register_state_dict_post_hook(SaRALayer._state_dict_live_entries_only)
+        self.register_load_state_dict_pre_hook(SaRALayer._load_state_dict_into_capacity)
         # Base entries overwritten by `merge`, per merged adapter; written back bitwise by `unmerge`.
-        self._sara_merge_backup: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sara_merge_backup: dict[str, MergeBackup] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -93,22 +106,25 @@ class SaRALayer(BaseTunerLayer):
                 "selection would read the merged weight. Call `unmerge_adapter()` first."
             )
         base_layer = self.get_base_layer()
-        if not base_layer.weight.is_contiguous():
+        if unpatchable_storage_reason(base_layer.weight) is None and not base_layer.weight.is_contiguous():
             # Flat indices address the logical (row-major) layout; keep the base weight in it. Values are unchanged.
             base_layer.weight.data = base_layer.weight.data.contiguous()
-        weight = base_layer.weight
-        indices, cutoff = select_trainable_indices(weight, config.threshold, config.trainable_fraction)
+        # Selection reads the dense weight: dequantized (bitsandbytes), upcast (fp8) or onloaded (offloaded to meta).
+        with readable_weight(base_layer) as weight:
+            indices, cutoff = select_trainable_indices(weight, config.threshold, config.trainable_fraction)
+            device = weight.device
         # Created in the base dtype, like PEFT's other tuners: PeftModel upcasts half-precision adapter values to
-        # float32 unless `autocast_adapter_dtype=False`; float64 bases keep float64 values.
-        value_dtype = value_dtype_for(weight.dtype)
+        # float32 unless `autocast_adapter_dtype=False`; float64 bases keep float64 values; quantized bases float32.
+        value_dtype = value_dtype_for(base_layer.weight.dtype)
         if config.init_weights:
-            values = torch.zeros(indices.numel(), dtype=value_dtype, device=weight.device)
+            values = torch.zeros(indices.numel(), dtype=value_dtype, device=device)
         else:
-            values = (torch.randn(indices.numel(), device=weight.device) * RANDOM_INIT_STD).to(value_dtype)
-        self.sara_indices[adapter_name] = indices.to(weight.device)
+            values = (torch.randn(indices.numel(), device=device) * RANDOM_INIT_STD).to(value_dtype)
+        self.sara_indices[adapter_name] = indices.to(device)
         self.sara_values[adapter_name] = nn.Parameter(values)
-        self.sara_frozen_indices[adapter_name] = torch.zeros(0, dtype=indices.dtype, device=weight.device)
-        self.sara_frozen_values[adapter_name] = torch.zeros(0, dtype=value_dtype, device=weight.device)
+        self.sara_num_trainable[adapter_name] = indices.numel()  # all entries live until a re-selection
+        self.sara_frozen_indices[adapter_name] = torch.zeros(0, dtype=indices.dtype, device=device)
+        self.sara_frozen_values[adapter_name] = torch.zeros(0, dtype=value_dtype, device=device)
         self.sara_scaling[adapter_name] = 1.0
         self.sara_cutoff[adapter_name] = cutoff
         self.sara_kernel[adapter_name] = config.kernel
@@ -122,55 +138,153 @@ class SaRALayer(BaseTunerLayer):
         frozen_indices: torch.Tensor | None = None,
         frozen_values: torch.Tensor | None = None,
     ) -> None:
-        """Replace an adapter's trainable (and frozen) entries, e.g. after re-selection or to fit a checkpoint.
+        """Set an adapter's trainable (and frozen) entries, e.g. to fit a checkpoint or a combination of adapters.
 
-        The values Parameter is replaced by a new one: rebuild optimizers afterwards (see ``peft_sara.training``).
+        Entries that fit into the current capacity are written in place (the values Parameter keeps its identity, so
+        optimizers and DDP / FSDP wrappers stay valid; pending gradients are dropped); more entries than that replace
+        the Parameter by a larger one (rebuild optimizers then).
         """
         self._check_entries(adapter_name, indices, values, "trainable")
-        self.__dict__.pop("_sara_int64_cache", None)
-        device = self.get_base_layer().weight.device
-        index_dtype = index_dtype_for(self.get_base_layer().weight.numel())
-        requires_grad = self.sara_values[adapter_name].requires_grad
-        value_dtype = self.sara_values[adapter_name].dtype  # keep the dtype PEFT's autocast chose
-        if values is None:
-            values = torch.zeros(indices.numel(), dtype=value_dtype)
-        self.sara_indices[adapter_name] = indices.to(device=device, dtype=index_dtype)
-        self.sara_values[adapter_name] = nn.Parameter(
-            values.detach().to(device=device, dtype=value_dtype), requires_grad=requires_grad
-        )
         if frozen_indices is not None:
             self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
+        self._clear_index_caches()
+        device = self.get_base_layer().weight.device
+        index_dtype = index_dtype_for(self.get_base_layer().weight.numel())
+        param = self.sara_values[adapter_name]
+        if values is None:
+            values = torch.zeros(indices.numel(), dtype=param.dtype)
+        if indices.numel() <= param.shape[0]:
+            write_prefix_(param, values.detach())
+            write_prefix_(self.sara_indices[adapter_name], indices)
+            param.grad = None
+        else:
+            self.sara_indices[adapter_name] = indices.to(device=device, dtype=index_dtype)
+            # keep the dtype PEFT's autocast chose, and whether the adapter trains
+            self.sara_values[adapter_name] = nn.Parameter(
+                values.detach().to(device=device, dtype=param.dtype), requires_grad=param.requires_grad
+            )
+        self.sara_num_trainable[adapter_name] = indices.numel()
+        if frozen_indices is not None:
             self.sara_frozen_indices[adapter_name] = frozen_indices.to(device=device, dtype=index_dtype)
-            self.sara_frozen_values[adapter_name] = frozen_values.detach().to(device=device, dtype=value_dtype)
+            self.sara_frozen_values[adapter_name] = frozen_values.detach().to(device=device, dtype=param.dtype)
 
-    def reselect(self, adapter_name: str) -> torch.Tensor:
-        """Progressive adjustment: keep training only the entries whose current weight is still below the cutoff.
+    def reselect(self, adapter_name: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Progressive adjustment: keep training only the entries whose current weight is still within the cutoff.
 
-        Entries that grew past it move to the frozen set with their learned deltas. Returns the boolean mask over the
-        previous trainable entries that survived (used to carry optimizer state over).
+        Entries that grew past it move to the frozen set with their learned deltas. In place: the survivors move to the
+        front of the values Parameter, of its pending gradient and of the index buffer; the freed tail is zeroed and
+        inert (never written to the weight, never saved, zero gradient). Parameters keep their size and identity.
+
+        ``keep`` overrides the decision (a boolean mask over the trainable entries, as :meth:`reselection_mask`
+        returns; :class:`peft_sara.training.SaRATrainingHelper` passes rank 0's on every rank). Returns the mask used:
+        re-order per-entry optimizer state with it (:func:`peft_sara.masks.compact_`).
         """
         if self.merged:
             raise RuntimeError(
                 f"Cannot re-select SaRA adapter '{adapter_name}' while adapters {self.merged_adapters} are merged: "
                 "the test would read the merged weight. Call `unmerge_adapter()` first."
             )
-        indices = self.sara_indices[adapter_name]
-        values = self.sara_values[adapter_name].detach()
-        base_entries = self.get_base_layer().weight.detach().reshape(-1).index_select(0, indices)
-        current = base_entries.to(compute_dtype(base_entries.dtype, values.dtype)) + values
-        keep = still_ineffective(current, self.sara_cutoff[adapter_name])
-        frozen_indices = torch.cat([self.sara_frozen_indices[adapter_name], indices[~keep]])
-        frozen_values = torch.cat([self.sara_frozen_values[adapter_name], values[~keep]])
-        self.set_trainable_entries(adapter_name, indices[keep], values[keep], frozen_indices, frozen_values)
+        count = self.num_trainable(adapter_name)
+        if keep is None:
+            keep = self.reselection_mask(adapter_name)
+        if keep.dtype != torch.bool or keep.shape != (count,):
+            raise ValueError(
+                f"The re-selection mask of SaRA adapter '{adapter_name}' must be a bool tensor of shape ({count},), one "
+                f"entry per trainable entry; got {keep.dtype} of shape {tuple(keep.shape)}."
+            )
+        param, indices = self.sara_values[adapter_name], self.sara_indices[adapter_name]
+        keep = keep.to(indices.device)
+        live_values = gathered(param).detach()[:count]
+        leaving = ~keep
+        frozen_indices = torch.cat([self.sara_frozen_indices[adapter_name], indices[:count][leaving]])
+        frozen_values = self.sara_frozen_values[adapter_name]
+        frozen_values = torch.cat([frozen_values, live_values[leaving].to(frozen_values)])
+        compact_(param, keep)
+        if param.grad is not None:  # gradients accumulated for the next step follow their entries
+            compact_(param.grad, keep)
+        compact_(indices, keep)
+        self.sara_frozen_indices[adapter_name] = frozen_indices
+        self.sara_frozen_values[adapter_name] = frozen_values
+        self.sara_num_trainable[adapter_name] = int(keep.sum())
+        self._clear_index_caches()
         return keep
 
+    @torch.no_grad()
+    def reselection_mask(self, adapter_name: str) -> torch.Tensor:
+        """Boolean mask over the trainable entries: those whose current weight (base + delta) is within the cutoff.
+
+        A pure function of the base weight and the values, so ranks holding bitwise-identical copies agree on it.
+        """
+        count = self.num_trainable(adapter_name)
+        indices = self.sara_indices[adapter_name][:count]
+        values = gathered(self.sara_values[adapter_name]).detach()[:count]
+        base_entries = gathered(self.get_base_layer().weight).detach().reshape(-1).index_select(0, indices)
+        current = base_entries.to(compute_dtype(base_entries.dtype, values.dtype)) + values
+        return still_ineffective(current, self.sara_cutoff[adapter_name])
+
+    def _clear_index_caches(self) -> None:
+        self.__dict__.pop("_sara_int64_cache", None)
+        self.__dict__.pop("_sara_live_views", None)
+
+    def _live_prefix(self, tensor: torch.Tensor, count: int) -> torch.Tensor:
+        """``tensor[:count]``, the same view object while ``tensor`` and ``count`` stay (index caches key on it)."""
+        if torch.compiler.is_compiling():
+            return tensor[:count]
+        views = self.__dict__.setdefault("_sara_live_views", {})
+        cached = views.get(id(tensor))
+        if cached is None or cached[0] is not tensor or cached[1] != count:
+            cached = views[id(tensor)] = (tensor, count, tensor[:count])
+        return cached[2]
+
+    @staticmethod
+    def _state_dict_live_entries_only(
+        module: SaRALayer, state_dict: dict[str, Any], prefix: str, local_metadata: dict
+    ) -> None:
+        # State-dict post-hook: trim `sara_values` / `sara_indices` to the live entries (copies, not views, so
+        # `torch.save` does not write the whole capacity's storage).
+        for name in module.sara_values:
+            count = module.num_trainable(name)
+            for key in (f"{prefix}sara_values.{name}", f"{prefix}sara_indices.{name}"):
+                value = state_dict.get(key)
+                if value is not None and value.shape[0] > count:
+                    state_dict[key] = value.detach()[:count].clone()
+
+    @staticmethod
+    def _load_state_dict_into_capacity(module: SaRALayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Load pre-hook: a state dict holds the live entries only. Pad them to the layer's capacity (growing it when
+        # they do not fit) and record their number; resize the frozen buffers to the incoming ones (a state dict
+        # without frozen entries was saved before any re-selection: none).
+        for name, param in module.sara_values.items():
+            values_key, indices_key = f"{prefix}sara_values.{name}", f"{prefix}sara_indices.{name}"
+            values, indices = state_dict.get(values_key), state_dict.get(indices_key)
+            if values is None or indices is None or values.dim() != 1 or values.shape != indices.shape:
+                continue  # nothing to fit; PyTorch reports missing keys and size mismatches
+            count, capacity = values.shape[0], param.shape[0]
+            if count > capacity:
+                index_buffer = module.sara_indices[name]
+                module.sara_indices[name] = index_buffer.new_zeros(count)
+                module.sara_values[name] = nn.Parameter(param.detach().new_zeros(count), param.requires_grad)
+                capacity = count
+            state_dict[values_key] = torch.cat([values, values.new_zeros(capacity - count)])
+            state_dict[indices_key] = torch.cat([indices, indices.new_zeros(capacity - count)])
+            module.sara_num_trainable[name] = count
+            module._clear_index_caches()
+            for container_name in ("sara_frozen_indices", "sara_frozen_values"):
+                container = getattr(module, container_name)
+                incoming = state_dict.get(f"{prefix}{container_name}.{name}")
+                shape = incoming.shape if incoming is not None else torch.Size([0])
+                if container[name].shape != shape:
+                    container[name] = container[name].new_zeros(shape)
+
     def _check_entries(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None, what: str) -> None:
-        numel = self.get_base_layer().weight.numel()
+        numel = self.weight_shape.numel()
         check_entries(indices, values, numel, f"{what} entries of SaRA adapter '{adapter_name}'")
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # Only follow the base weight's device: the values keep their dtype (set at creation and by PEFT's autocast).
         device = device if device is not None else self.get_base_layer().weight.device
+        if torch.device(device).type == "meta":  # an offloaded base: the adapter stays where it was created
+            return
         for container in (self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values):
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device)
@@ -178,16 +292,24 @@ class SaRALayer(BaseTunerLayer):
     # ------------------------------------------------------------------------------------------------ public API
     @property
     def weight_shape(self) -> torch.Size:
-        """Shape of the base weight the flat indices address."""
-        return self.get_base_layer().weight.shape
+        """Shape of the base weight the flat indices address (the logical shape of a packed 4-bit weight)."""
+        return logical_weight_shape(self.get_base_layer())
 
     def present_adapters(self, adapter_names: list[str]) -> list[str]:
         """The names among ``adapter_names`` that this layer has an update for (in order)."""
         return [name for name in adapter_names if name in self.sara_values]
 
-    def trainable_entries(self, adapter_name: str) -> tuple[torch.Tensor, nn.Parameter]:
-        """Flat indices of an adapter's trainable entries and the Parameter of their deltas (differentiable)."""
-        return self.sara_indices[adapter_name], self.sara_values[adapter_name]
+    def trainable_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices of an adapter's trainable entries and their deltas, differentiable into ``sara_values``.
+
+        Only the live entries: after a re-selection both are prefixes (views) of the fixed-capacity index buffer and
+        values Parameter; before it, the buffer and the Parameter themselves.
+        """
+        count = self.num_trainable(adapter_name)
+        indices, values = self.sara_indices[adapter_name], self.sara_values[adapter_name]
+        if count == values.shape[0]:
+            return indices, values
+        return self._live_prefix(indices, count), values[:count]  # slicing keeps autograd to the Parameter
 
     def frozen_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat indices and deltas of the entries frozen by progressive re-selection (empty before it)."""
@@ -207,15 +329,15 @@ class SaRALayer(BaseTunerLayer):
 
     def num_entries(self, adapter_name: str, trainable_only: bool = False) -> int:
         """Number of stored entries of an adapter in this layer (trainable, plus frozen unless ``trainable_only``)."""
-        count = self.sara_values[adapter_name].numel()
+        count = self.num_trainable(adapter_name)
         return count if trainable_only else count + self.sara_frozen_values[adapter_name].numel()
 
     def num_trainable(self, adapter_name: str) -> int:
-        """Number of trainable entries of an adapter in this layer."""
-        return self.num_entries(adapter_name, trainable_only=True)
+        """Number of trainable (live) entries of an adapter in this layer; the values Parameter may hold more."""
+        return self.sara_num_trainable.get(adapter_name, self.sara_values[adapter_name].shape[0])
 
     def _sparse_parts(self, adapter_names: list[str], int64_indices: bool = True):
-        """(indices, values, scale) lists of the trainable and frozen entries of the given adapters.
+        """(indices, values, scale) lists of the live trainable and the frozen entries of the given adapters.
 
         With ``int64_indices`` the indices come as int64 copies cached per index tensor (PyTorch's scatter/gather
         need int64; converting on every forward would cost a pass over the indices each time).
@@ -223,10 +345,7 @@ class SaRALayer(BaseTunerLayer):
         indices, values, scales = [], [], []
         for name in adapter_names:
             scale = self.sara_scaling[name]
-            for idx, vals in (
-                (self.sara_indices[name], self.sara_values[name]),
-                (self.sara_frozen_indices[name], self.sara_frozen_values[name]),
-            ):
+            for idx, vals in (self.trainable_entries(name), self.frozen_entries(name)):
                 if idx.numel():
                     indices.append(self._int64(idx) if int64_indices else idx)
                     values.append(vals)
@@ -262,52 +381,41 @@ class SaRALayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Dense ``scale * Delta_W`` of one adapter, shaped like the base weight, in the base dtype."""
-        return self.get_sparse_update(adapter_name).to_dense().to(self.get_base_layer().weight.dtype)
+        """Dense ``scale * Delta_W`` of one adapter, shaped like the base weight, in the base dtype (float32 for
+        quantized storage)."""
+        return self.get_sparse_update(adapter_name).to_dense().to(value_dtype_for(self.get_base_layer().weight.dtype))
 
     def get_effective_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
         """Dense copy of the weight the layer computes with (base with the adapters' entries patched)."""
         adapter_names = self.present_adapters(adapter_names if adapter_names is not None else self.active_adapters)
-        with torch.no_grad():
-            return effective_weight(self.get_base_layer().weight, *self._sparse_parts(adapter_names))
+        with torch.no_grad(), readable_weight(self.get_base_layer()) as weight:
+            return effective_weight(weight, *self._sparse_parts(adapter_names))
 
     @torch.no_grad()
     def merge_is_finite(self, adapter_name: str) -> bool:
         """Whether merging ``adapter_name`` would write only finite entries (no weight is changed)."""
-        flat_weight = self.get_base_layer().weight.detach().reshape(-1)
-        for idx, vals, scale in zip(*self._sparse_parts([adapter_name])):
-            merged = kernels.reference.patched_values(flat_weight.index_select(0, idx), vals, scale)
-            if not torch.isfinite(merged).all():
-                return False
+        with readable_weight(self.get_base_layer()) as weight:
+            flat_weight = weight.reshape(-1)
+            for idx, vals, scale in zip(*self._sparse_parts([adapter_name])):
+                merged = kernels.reference.patched_values(flat_weight.index_select(0, idx), vals, scale)
+                if not torch.isfinite(merged).all():
+                    return False
         return True
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Write the adapters' updates into the base weight (only the changed entries are touched)."""
+        """Write the adapters' updates into the base weight (only the changed entries are touched; a bitsandbytes
+        weight is requantized). Layers that share their weight with another SaRA layer refuse."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.get_base_layer().weight
-        reason = unpatchable_storage_reason(weight)
-        if reason is not None:
+        tied = getattr(self, "_sara_tied_layers", None)
+        if tied and self.present_adapters(adapter_names):
             raise ValueError(
-                f"Cannot merge SaRA adapters {adapter_names} into this {type(self.get_base_layer()).__name__}: "
-                f"{reason}. Keep the adapter unmerged (it runs through the base layer), or load the base in a plain "
-                "float dtype to merge."
+                f"Cannot merge SaRA adapters {adapter_names}: this layer shares its weight with {tied}, so a merged "
+                "weight would apply every sharing layer's update in each of them. Keep these adapters unmerged."
             )
-        flat_weight = weight.data.view(-1)
+        base_layer = self.get_base_layer()
         for name in self.present_adapters(adapter_names):
-            indices, values, scales = self._sparse_parts([name])
-            backups = []
-            with storage_lock(weight), torch.no_grad():
-                for idx, vals, scale in zip(indices, values, scales):
-                    backups.append((idx, kernels.reference.patch_entries_(flat_weight, idx, vals, scale)))
-                if safe_merge and not all(torch.isfinite(flat_weight.index_select(0, idx)).all() for idx, _ in backups):
-                    for idx, old in reversed(backups):
-                        kernels.reference.restore_entries_(flat_weight, idx, old)
-                    raise ValueError(
-                        f"NaNs or infs detected while merging adapter '{name}' into "
-                        f"{type(self.get_base_layer()).__name__} of shape {tuple(weight.shape)}: the adapter "
-                        "seems to be broken. Nothing was merged for it."
-                    )
-            self._sara_merge_backup[name] = backups
+            where = f"SaRA adapter '{name}' into {type(base_layer).__name__} of shape {tuple(self.weight_shape)}"
+            self._sara_merge_backup[name] = merge_entries_(base_layer, *self._sparse_parts([name]), safe_merge, where)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -315,16 +423,16 @@ class SaRALayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        flat_weight = self.get_base_layer().weight.data.view(-1)
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with storage_lock(flat_weight), torch.no_grad():
-                for idx, old in reversed(self._sara_merge_backup.pop(name, [])):
-                    kernels.reference.restore_entries_(flat_weight, idx, old)
+            backup = self._sara_merge_backup.pop(self.merged_adapters.pop(), None)
+            if backup is not None:
+                unmerge_entries_(self.get_base_layer(), backup)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """SaRA is additive (W' = W + Delta_W), so its update can be approximated by LoRA via SVD."""
-        return True
+        """Whether PEFT's ``convert_to_lora`` handles this layer: SaRA is additive (W' = W + Delta_W), so a matrix
+        update (Linear, transformers' Conv1D) is approximated by SVD; PEFT treats a conv kernel as a batch of matrices,
+        so convolutions are exported with ``peft_sara.conversion`` (LoCon layout) instead."""
+        return len(self.weight_shape) == 2
 
     # ------------------------------------------------------------------------------------------------ forward
     def _op(self, x: torch.Tensor) -> tuple[SparseDeltaOp, torch.Tensor]:
@@ -360,15 +468,36 @@ class SaRALayer(BaseTunerLayer):
             ):
                 return self.base_layer(x, *args, **kwargs) + self._update_contribution(x, active)
         backend = kernels.resolve_backend(self.sara_kernel[active[0]], base_layer.weight.device)
-        indices, values, scales = self._sparse_parts(active, int64_indices=backend == "reference")
+        compiling = torch.compiler.is_compiling()  # the registered op: traced whole, no data-dependent Python
+        indices, values, scales = self._sparse_parts(active, int64_indices=backend == "reference" and not compiling)
         if not indices:
             return self.base_layer(x, *args, **kwargs)
         op, x = self._op(x)
+        if compiling:
+            return compiled_sparse_delta(op, x, base_layer.weight, base_layer.bias, indices, values, scales, backend)
+        if not torch.is_grad_enabled():  # inference: never write into the base weight (threads, state_dict)
+            return op.forward(
+                x, self._inference_weight(base_layer.weight, indices, values, scales, backend), base_layer.bias
+            )
+        self.__dict__.pop("_sara_inference_weight", None)  # training holds no inference copy
         return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, indices, values, scales, backend)
+
+    def _inference_weight(self, weight, indices, values, scales, backend) -> torch.Tensor:
+        """The patched weight for no-grad forwards: a copy, kept while the weight, values and scales are unchanged
+        (one weight-sized tensor per layer; ``PEFT_SARA_CACHE_PATCHED_WEIGHTS=0`` rebuilds it on every call)."""
+        key = (id(weight), weight._version, tuple(scales), tuple((id(v), v._version) for v in values), backend)
+        cached = self.__dict__.get("_sara_inference_weight")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        patched = patched_copy(weight, indices, values, scales, backend)
+        if os.environ.get(CACHE_ENV_VAR, "1") != "0":
+            self.__dict__["_sara_inference_weight"] = (key, patched)
+        return patched
 
     def _update_contribution(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         op, x = self._op(x)
-        return update_contribution(op, x, self.weight_shape, *self._sparse_parts(adapter_names))
+        parts = self._sparse_parts(adapter_names, int64_indices=False)  # index_add takes int32 indices as they are
+        return update_contribution(op, x, self.weight_shape, *parts)
 
 
 class _SaRAModule(nn.Module, SaRALayer):
@@ -390,12 +519,11 @@ class _SaRAModule(nn.Module, SaRALayer):
 class Linear(_SaRAModule):
     """SaRA on ``nn.Linear`` (and transformers' ``Conv1D``, whose weight is stored transposed)."""
 
-    @functools.cached_property
-    def _linear_op(self) -> LinearOp:
-        return LinearOp(transposed=not isinstance(self.get_base_layer(), nn.Linear))
-
     def _op(self, x):
-        return self._linear_op, x
+        op = self.__dict__.get("_linear_op")  # built once (a cached_property's lock would stop torch.compile)
+        if op is None:
+            op = self.__dict__["_linear_op"] = LinearOp(transposed=not isinstance(self.get_base_layer(), nn.Linear))
+        return op, x
 
 
 class Conv(_SaRAModule):

@@ -1,14 +1,21 @@
 """Choosing the trainable ("temporarily ineffective") entries of a pre-trained weight.
 
 A selection is a sorted 1-D tensor of flat indices into the weight (int32 where the weight is small enough) plus the
-magnitude cutoff it implies, which progressive re-selection reuses.
+magnitude cutoff it implies, which progressive re-selection reuses: an entry counts as ineffective while
+``|w| <= cutoff`` (compared in float32), so the cutoff is the largest magnitude that still counts.
+
+Re-selection only shrinks a trainable set, in place (:func:`compact_`): the survivors move to the front of the
+fixed-capacity tensors (values, indices, gradients, optimizer moments) and the freed tail is zeroed.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+try:  # torch.distributed is optional in PyTorch builds; without it there are no sharded (DTensor) parameters
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover
+    DTensor = Replicate = None
 
 INT32_LIMIT = 2**31 - 1
 
@@ -34,33 +41,82 @@ def index_dtype_for(numel: int) -> torch.dtype:
     return torch.int32 if numel <= INT32_LIMIT else torch.int64
 
 
+def threshold_cutoff(threshold: float) -> float:
+    """The cutoff of ``|w| < threshold``: the largest float32 magnitude below the threshold (as float32), so that
+    ``|w| <= threshold_cutoff(threshold)`` selects exactly the entries with ``|w| < threshold``."""
+    as_float32 = torch.tensor(threshold, dtype=torch.float32)
+    return torch.nextafter(as_float32, torch.tensor(-torch.inf)).item()
+
+
 def select_trainable_indices(
     weight: torch.Tensor, threshold: float | None = None, trainable_fraction: float | None = None
 ) -> tuple[torch.Tensor, float]:
-    """Flat indices (ascending) of the entries to train, and the strict magnitude cutoff that selected them.
+    """Flat indices (ascending) of the entries to train, and the inclusive magnitude cutoff that selected them.
 
-    With ``threshold``: every entry with ``|w| < threshold`` (compared in float32). With ``trainable_fraction``: the
-    ``max(1, round(fraction * numel))`` smallest-magnitude entries; the cutoff is then the smallest magnitude left out
-    (``inf`` when everything is selected), so ``|w| < cutoff`` describes the same set up to ties.
+    With ``threshold``: every entry with ``|w| < threshold`` (the paper's rule, compared in float32); the cutoff is
+    :func:`threshold_cutoff` of it. With ``trainable_fraction``: the ``max(1, round(fraction * numel))``
+    smallest-magnitude entries (ties broken by position); the cutoff is the largest selected magnitude. Either way an
+    entry is ineffective while ``|w| <= cutoff``, so entries tied with the cutoff (zero-initialised layers, quantised
+    weights) stay trainable at re-selection as long as they have not grown.
     """
     if (threshold is None) == (trainable_fraction is None):
         raise ValueError("Pass exactly one of `threshold` and `trainable_fraction`.")
-    magnitudes = weight.detach().reshape(-1).abs().float()
+    magnitudes = gathered(weight).detach().reshape(-1).abs().float()
     index_dtype = index_dtype_for(magnitudes.numel())
     if threshold is not None:
-        indices = torch.nonzero(magnitudes < threshold).reshape(-1)
-        return indices.to(index_dtype), float(threshold)
+        cutoff = threshold_cutoff(threshold)
+        indices = torch.nonzero(magnitudes <= cutoff).reshape(-1)
+        return indices.to(index_dtype), cutoff
     numel = magnitudes.numel()
     count = min(numel, max(1, round(trainable_fraction * numel)))
     order = torch.argsort(magnitudes, stable=True)
-    cutoff = magnitudes[order[count]].item() if count < numel else math.inf
+    cutoff = magnitudes[order[count - 1]].item()
     indices = torch.sort(order[:count]).values
     return indices.to(index_dtype), cutoff
 
 
 def still_ineffective(current_values: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """Boolean mask over a layer's trainable entries: those whose current value is still below the cutoff."""
-    return current_values.detach().float().abs() < cutoff
+    """Boolean mask over a layer's trainable entries: those whose current value is still within the cutoff
+    (``|w| <= cutoff`` in float32; see :func:`select_trainable_indices`)."""
+    return current_values.detach().float().abs() <= cutoff
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded ``DTensor`` (FSDP2) is all-gathered (a collective: call it on every rank)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+@torch.no_grad()
+def write_prefix_(tensor: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """In place: ``tensor`` becomes ``prefix`` followed by zeros, keeping its size, storage and identity.
+
+    A sharded ``DTensor`` (FSDP2) keeps its placements: each rank writes its own shard of the result.
+    """
+    if prefix.numel() > tensor.shape[0]:
+        raise ValueError(f"{prefix.numel()} entries do not fit into a tensor of capacity {tensor.shape[0]}.")
+    result = torch.zeros(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    result[: prefix.numel()] = prefix.to(device=result.device, dtype=result.dtype)
+    if is_sharded(tensor):
+        mesh = tensor.device_mesh
+        result = DTensor.from_local(result, mesh, [Replicate()] * mesh.ndim).redistribute(mesh, tensor.placements)
+    tensor.copy_(result)
+    return tensor
+
+
+def compact_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Re-selection, in place: move the kept entries of ``tensor``'s live prefix to its front, zero everything after.
+
+    ``keep`` is a boolean mask over the first ``keep.numel()`` entries (the live ones); their order is kept. The
+    tensor keeps its size, storage and identity, so a Parameter stays the one that DDP, FSDP, optimizers and compiled
+    graphs hold. Used alike for values, indices, gradients and per-entry optimizer state. Returns ``tensor``.
+    """
+    full = gathered(tensor)
+    return write_prefix_(tensor, full[: keep.numel()][keep.to(full.device)])
 
 
 def check_entries(

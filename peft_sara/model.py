@@ -13,7 +13,7 @@ from .config import SaRAConfig
 from .constants import PREFIX, SARA_TAGS
 from .layer import SaRALayer, dispatch_sara_layer, sara_layers
 from .save_bridge import install_save_bridge
-from .serialization import base_model_id, fit_layers_to_checkpoint, prepare_for_saving
+from .serialization import base_model_id, check_peft_load_source, fit_layers_to_checkpoint, prepare_for_saving
 
 # Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
 # text encoders. Suffix lists, matched by PEFT's usual rules.
@@ -76,6 +76,21 @@ def default_target_modules(model: nn.Module) -> list[str] | None:
     return None
 
 
+def mark_tied_layers(model: nn.Module) -> dict[tuple, list[str]]:
+    """Record on each SaRA layer the other SaRA layers whose base weight shares its storage (tied weights); merging
+    such a layer is refused. Returns the groups of tied layer names (by storage)."""
+    groups: dict[tuple, list[str]] = {}
+    layers = dict(sara_layers(model))
+    for name, layer in layers.items():
+        weight = layer.get_base_layer().weight
+        if weight.device.type != "meta":
+            groups.setdefault((weight.device, weight.data_ptr(), weight.shape), []).append(name)
+    for names in groups.values():
+        for name in names:
+            layers[name]._sara_tied_layers = [other for other in names if other != name]
+    return {key: names for key, names in groups.items() if len(names) > 1}
+
+
 class SaRAModel(BaseTuner):
     """SaRA tuner: fine-tunes only the smallest-magnitude pre-trained weights, as a sparse update.
 
@@ -97,20 +112,24 @@ class SaRAModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = base_model_id(model)
+
+    def _post_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
+        # Tagged once injected, so that a refused injection leaves the model's tags as they were.
         tags = list(getattr(model, "model_tags", None) or [])
         for tag in SARA_TAGS:
             if tag not in tags:
                 tags.append(tag)
         with contextlib.suppress(AttributeError, TypeError):
             model.model_tags = tags
-
-    def _post_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
+        mark_tied_layers(model)
         # diffusers' `add_adapter` path: keep `model.save_pretrained` writing a loadable base (or fused) checkpoint.
         if any(cls.__name__ in ("ModelMixin", "PreTrainedModel") for cls in type(model).__mro__):
             install_save_bridge(model)
 
     def _check_new_adapter_config(self, config: SaRAConfig) -> None:
         super()._check_new_adapter_config(config)
+        # PEFT's from_pretrained / load_adapter inject before reading the weights: check the source first.
+        check_peft_load_source(self.model, config)
         # One layer runs all its active adapters through one kernel: they must agree on it.
         kernels_in_use = sorted({adapter_config.kernel for adapter_config in self.peft_config.values()})
         if len(kernels_in_use) > 1:
@@ -154,6 +173,14 @@ class SaRAModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(new_module, SaRALayer) and new_module.get_base_layer().weight.device.type == "meta":
+            # Offloaded base (accelerate): PEFT would move the adapter to the meta device, losing its values; it stays
+            # on the device its selection was read on (the hook's execution device).
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         if kwargs.get("adapter_names") is not None:
@@ -164,11 +191,19 @@ class SaRAModel(BaseTuner):
         yield
 
     # ----------------------------------------------------------------------------------------- merging
-    def _check_merge_is_finite(self, adapter_names: list[str] | None) -> None:
-        """Dry run of a safe merge over all layers, so a broken adapter leaves every weight untouched."""
+    def _check_mergeable(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        """Dry run over all layers before any is merged, so a refusal leaves every weight untouched: tied layers
+        refuse, and with ``safe_merge`` a broken (non-finite) adapter does."""
         for name, layer in self.sara_layers():
             names = adapter_names if adapter_names is not None else layer.active_adapters
-            for adapter in layer.present_adapters(list(names)):
+            adapters = layer.present_adapters(list(names))
+            if adapters and getattr(layer, "_sara_tied_layers", None):
+                raise ValueError(
+                    f"Cannot merge SaRA adapters {adapters}: layer '{name}' shares its weight with "
+                    f"{layer._sara_tied_layers}, so a merged weight would apply every sharing layer's update in each "
+                    "of them. Keep these adapters unmerged (the unmerged forward is exact). Nothing was merged."
+                )
+            for adapter in adapters if safe_merge else ():
                 if not layer.merge_is_finite(adapter):
                     raise ValueError(
                         f"NaNs or infs detected while merging adapter '{adapter}' into layer '{name}': the adapter "
@@ -176,15 +211,14 @@ class SaRAModel(BaseTuner):
                     )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        if safe_merge:
-            self._check_merge_is_finite(adapter_names)
+        self._check_mergeable(adapter_names, safe_merge)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(
         self, merge=True, progressbar=False, safe_merge=False, adapter_names=None, **kwargs
     ):
-        if merge and safe_merge:
-            self._check_merge_is_finite(adapter_names)
+        if merge:
+            self._check_mergeable(adapter_names, safe_merge)
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names, **kwargs
         )
@@ -193,7 +227,7 @@ class SaRAModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return prepare_for_saving(selected, getattr(config, "save_dtype", None))
+        return prepare_for_saving(model, adapter_name, selected, getattr(config, "save_dtype", None))
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -211,4 +245,4 @@ class SaRAModel(BaseTuner):
         return sara_layers(self.model)
 
 
-__all__ = ["SaRAModel", "default_target_modules"]
+__all__ = ["SaRAModel", "default_target_modules", "mark_tied_layers"]

@@ -29,22 +29,32 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from safetensors.torch import load_file
 from torch import nn
 
+from .atomic import write_text_atomic
 from .cards import sara_model_card
 from .config import SaRAConfig
-from .constants import CARD_NAME, CONFIG_NAME, PREFIX
+from .constants import CARD_NAME, CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from .layer import count_entries, sara_adapter_names, sara_layers
 from .resolve import default_adapter_name, resolve_adapter_folder
 from .save_bridge import install_save_bridge
-from .serialization import base_model_id, read_adapter_weights, read_sara_config, save_injected_adapter
+from .serialization import (
+    ModelSnapshot,
+    base_model_id,
+    read_adapter_weights,
+    read_sara_config,
+    remove_adapter,
+    save_injected_adapter,
+)
+from .validation import InvalidAdapterError, allow_non_finite_values
 
 logger = logging.getLogger(__name__)
 
@@ -124,22 +134,6 @@ def _activate(module: nn.Module, adapter_name: str) -> None:
             layer.set_adapter([adapter_name], inference_mode=True)
 
 
-def _remove_adapter(module: nn.Module, adapter_name: str) -> None:
-    """Undo a (possibly partial) injection of ``adapter_name`` into ``module``."""
-    for _, layer in sara_layers(module):
-        if adapter_name in layer.sara_values:
-            if adapter_name in layer.merged_adapters:
-                layer.unmerge()
-            layer.delete_adapter(adapter_name)
-    peft_config = getattr(module, "peft_config", None)
-    if isinstance(peft_config, dict):
-        peft_config.pop(adapter_name, None)
-        if not peft_config:
-            recurse_remove_peft_layers(module)
-            del module.peft_config
-            module._hf_peft_config_loaded = None
-
-
 def inject_sara_adapter(module: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
     """Inject a SaRA adapter into a pipeline component in place and make it the active adapter.
 
@@ -164,6 +158,35 @@ def inject_sara_adapter(module: nn.Module, config: SaRAConfig, adapter_name: str
     install_save_bridge(module)
 
 
+# ------------------------------------------------------------------------------------------------- diffusers-style arguments
+def _components_for_prefix(prefix: str | None, components: Sequence[str] | None) -> Sequence[str] | None:
+    """``prefix=`` as diffusers' loaders take it: the one component to load (``"unet"``, ``"text_encoder"``, ...)."""
+    if prefix is None:
+        return components
+    if components is not None and list(components) != [prefix]:
+        raise ValueError(f"Pass either `prefix={prefix!r}` or `components={list(components)}`, not both.")
+    return [prefix]
+
+
+def _read_component_weights(folder: Path, weight_name: str | None) -> dict[str, torch.Tensor]:
+    """The adapter tensors of one component folder, from ``weight_name`` when given (diffusers' argument)."""
+    if weight_name is None or weight_name == SAFETENSORS_NAME:
+        return read_adapter_weights(folder)
+    path = folder / weight_name
+    if not weight_name.endswith(".safetensors"):
+        raise ValueError(f"`weight_name` must name a .safetensors file, got {weight_name!r}.")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"'{folder}' has no '{weight_name}'. SaRA adapters keep their weights in '{SAFETENSORS_NAME}' next to "
+            f"'{CONFIG_NAME}'; LoRA exports of them (pytorch_lora_weights.safetensors, kohya files) load with "
+            "`pipe.load_lora_weights` instead."
+        )
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:  # safetensors raises its own error types for truncated / foreign files
+        raise InvalidAdapterError(f"'{path}' is not a readable safetensors file: {err}") from err
+
+
 # ------------------------------------------------------------------------------------------------- public API
 def load_sara_adapter(
     pipe: Any,
@@ -177,8 +200,15 @@ def load_sara_adapter(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    allow_non_finite: bool | None = None,
+    weight_name: str | None = None,
+    prefix: str | None = None,
 ) -> str:
     """Load a SaRA adapter into a diffusers pipeline's components, in place, and make it the active adapter.
+
+    Every file is checked before it is used (``peft_sara.validation``): config, weight shapes recorded in the file
+    against the pipeline's, checksums, index ranges, duplicates, non-finite values. If anything fails, the components
+    are left exactly as they were.
 
     Args:
         pipe: A ``DiffusionPipeline`` (its ``unet`` / ``transformer`` / ``text_encoder*`` are adapted).
@@ -195,6 +225,12 @@ def load_sara_adapter(
         token: Hub token for private repos.
         cache_dir: Hub cache to use instead of the default one.
         local_files_only: Only look in the Hub cache (like ``HF_HUB_OFFLINE=1``).
+        allow_non_finite: Accept NaN / inf values (refused by default). ``None`` follows the environment variable
+            ``PEFT_SARA_ALLOW_NON_FINITE``.
+        weight_name: Name of the weights file in each adapter folder, as in diffusers' ``load_lora_weights``
+            (default: ``adapter_model.safetensors``, PEFT's name). Only ``.safetensors`` files.
+        prefix: The one component to load, as diffusers' ``load_lora_adapter(prefix=...)`` takes it (``"unet"``,
+            ``"text_encoder"``, ...); the same as ``components=[prefix]``.
 
     Returns:
         The adapter name, for ``pipe.set_adapters([...])`` and friends.
@@ -202,8 +238,10 @@ def load_sara_adapter(
     Raises:
         FileNotFoundError: the folder / repo lacks the adapter files.
         ValueError: the adapter is not a SaRA adapter, targets a component the pipeline lacks, its name is taken, or
-            its weights do not fit the model (nothing stays injected in that case).
+            its weights do not fit the model (nothing stays injected in that case). Problems of the files themselves
+            raise :class:`peft_sara.validation.InvalidAdapterError`, a ``ValueError``.
     """
+    components = _components_for_prefix(prefix, components)
     pipe_modules = pipeline_modules(pipe)
     folder = resolve_adapter_folder(
         pretrained_model_name_or_path, subfolder, revision, token, cache_dir, local_files_only
@@ -219,31 +257,39 @@ def load_sara_adapter(
                 f"pipe.{component} already has an adapter named '{adapter_name}': pass another `adapter_name`, or "
                 "remove it first with `pipe.delete_adapters(...)`."
             )
-        plan.append((component, module, config, read_adapter_weights(component_folder)))
+        plan.append((component, module, config, _read_component_weights(component_folder, weight_name)))
 
+    snapshots = {component: ModelSnapshot.of(module) for component, module, *_ in plan}
     done = []
+    non_finite = allow_non_finite_values(allow_non_finite) if allow_non_finite is not None else nullcontext()
     try:
-        for component, module, config, state_dict in plan:
-            inject_sara_adapter(module, config, adapter_name)
-            done.append(module)
-            state_dict = _align_text_model_prefix(module, state_dict)
-            result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
-            unexpected = [key for key in result.unexpected_keys if PREFIX in key or adapter_name in key]
-            if unexpected:
-                raise ValueError(
-                    f"The adapter for pipe.{component} has {len(unexpected)} tensors that match no layer of "
-                    f"{type(module).__name__}, e.g. {unexpected[:3]}. Was it made for another model?"
-                )
-            for _, layer in sara_layers(module):
-                if adapter_name not in layer.sara_values:
-                    continue
-                if scale != 1.0:
-                    layer.set_scale(adapter_name, scale)
-                if fuse:
-                    layer.merge(adapter_names=[adapter_name])
+        with non_finite:
+            for component, module, config, state_dict in plan:
+                done.append((component, module))
+                inject_sara_adapter(module, config, adapter_name)
+                state_dict = _align_text_model_prefix(module, state_dict)
+                try:
+                    result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
+                except KeyError as err:  # PEFT looks modules_to_save tensors up without checking they exist
+                    raise InvalidAdapterError(
+                        f"The adapter for pipe.{component} lacks the tensor {err} that its config asks for."
+                    ) from err
+                unexpected = [key for key in result.unexpected_keys if PREFIX in key or adapter_name in key]
+                if unexpected:
+                    raise ValueError(
+                        f"The adapter for pipe.{component} has {len(unexpected)} tensors that match no layer of "
+                        f"{type(module).__name__}, e.g. {unexpected[:3]}. Was it made for another model?"
+                    )
+                for _, layer in sara_layers(module):
+                    if not layer.present_adapters([adapter_name]):
+                        continue
+                    if scale != 1.0:
+                        layer.set_scale(adapter_name, scale)
+                    if fuse:
+                        layer.merge(adapter_names=[adapter_name])
     except Exception:
-        for module in done:
-            _remove_adapter(module, adapter_name)
+        for component, module in reversed(done):
+            remove_adapter(module, adapter_name, snapshots[component])
         raise
     if fuse and hasattr(pipe, "_merged_adapters"):
         pipe._merged_adapters = set(pipe._merged_adapters) | {adapter_name}
@@ -311,7 +357,7 @@ def save_sara_adapter(
             adapter_name=adapter_name,
             pipeline_class=type(pipe).__name__,
         )
-        card.save(str(directory / CARD_NAME))
+        write_text_atomic(directory / CARD_NAME, str(card))
     return directory
 
 

@@ -1,32 +1,64 @@
 """Adapter files: what is saved, writing an adapter folder, reading one, and checking it against the live model.
 
 An adapter folder is PEFT's: ``adapter_config.json`` + ``adapter_model.safetensors`` (indices and values of every
-SaRA layer, frozen entries after re-selection). A model with several adapters keeps ``default`` at the root and every
-other adapter in a subfolder named after it (:func:`adapter_subfolder`), as ``PeftModel.save_pretrained`` does.
+SaRA layer, frozen entries after re-selection, and the records of ``peft_sara.validation``: weight shapes, checksums,
+format version). A model with several adapters keeps ``default`` at the root and every other adapter in a subfolder
+named after it (:func:`adapter_subfolder`), as ``PeftModel.save_pretrained`` does.
+
+Every file written here is written atomically (``peft_sara.atomic``): a killed save leaves the previous file. A
+``PeftModel`` is saved by PEFT's own ``save_pretrained`` into a staging folder whose files are then published one by
+one, atomically, weights before config before card. Calling ``PeftModel.save_pretrained`` directly writes in place.
+
+Loading through PEFT (``PeftModel.from_pretrained`` / ``load_adapter``) injects the adapter before it reads the
+weights. SaRA's tuner therefore checks the source before injection (:func:`check_peft_load_source`: config field types,
+a readable weights file, modules_to_save tensors) and validates the checkpoint in its load hook
+(:func:`fit_layers_to_checkpoint`); when that fails, the adapter PEFT just created is taken out again
+(:func:`remove_adapter`), so ``peft_config``, the layers, the weights and other adapters are as before the call.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-from collections.abc import Sequence
+import shutil
+import sys
+import tempfile
+import warnings
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from peft import PeftConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer, delete_adapter
+from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, load_peft_weights
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
+from .atomic import atomic_write, save_safetensors_atomic, write_text_atomic
 from .config import SaRAConfig
-from .constants import CONFIG_NAME, DEFAULT_ADAPTER_NAME, PEFT_TYPE_NAME, PICKLE_NAME, SAFETENSORS_NAME
-from .layer import SaRALayer
-from .masks import check_entries
+from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, PREFIX, SAFETENSORS_NAME
+from .layer import SaRALayer, sara_adapter_names, sara_layers
+from .save_bridge import uninstall_save_bridge
+from .validation import (
+    PEFT_MODEL_PREFIX,
+    InvalidAdapterError,
+    add_integrity_records,
+    check_config_dict,
+    check_config_values,
+    config_from_dict,
+    validate_checkpoint,
+)
 
 VALUE_KEYS = ("sara_values", "sara_frozen_values")
 INDEX_KEYS = ("sara_indices", "sara_frozen_indices")
+# Order in which a staged save is published: a folder whose config is new has new weights.
+PUBLISH_ORDER = (SAFETENSORS_NAME, PICKLE_NAME, CONFIG_NAME, CARD_NAME)
 
 
 # ------------------------------------------------------------------------------------------------- naming
@@ -49,6 +81,15 @@ def base_model_id(model_or_pipeline: Any) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- writing
+def write_adapter_config(config: PeftConfig, directory: str | os.PathLike) -> None:
+    """``config.save_pretrained(directory)``, written atomically (sets as sorted lists, so files are reproducible)."""
+    output = config.to_dict()
+    for key, value in output.items():
+        if isinstance(value, set):
+            output[key] = sorted(value)
+    write_text_atomic(Path(directory) / CONFIG_NAME, json.dumps(output, indent=2, sort_keys=True))
+
+
 def save_injected_adapter(
     model: nn.Module, save_directory: str | os.PathLike, adapter_name: str, base_model: str | None = None
 ) -> Path:
@@ -65,12 +106,25 @@ def save_injected_adapter(
     config.inference_mode = True
     if base_model is not None:
         config.base_model_name_or_path = base_model
-    config.save_pretrained(str(directory))
     # SaRA never adapts embeddings; "auto" would look the base model up on the Hub to compare vocabulary sizes.
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    save_file(state_dict, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
+    save_safetensors_atomic(state_dict, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
+    write_adapter_config(config, directory)
     return directory
+
+
+def _publish_order(relative: Path) -> tuple[int, str]:
+    rank = PUBLISH_ORDER.index(relative.name) if relative.name in PUBLISH_ORDER else len(PUBLISH_ORDER)
+    return rank, str(relative)
+
+
+def publish_staged_files(staging: Path, directory: Path) -> None:
+    """Copy every file of ``staging`` into ``directory`` (same relative paths), each atomically."""
+    files = sorted((path.relative_to(staging) for path in staging.rglob("*") if path.is_file()), key=_publish_order)
+    for relative in files:
+        with open(staging / relative, "rb") as source, atomic_write(directory / relative) as destination:
+            shutil.copyfileobj(source, destination, 1 << 20)
 
 
 def save_model_adapter(
@@ -83,6 +137,7 @@ def save_model_adapter(
 
     The one writer of model adapters: ``default`` goes to ``save_directory``, any other adapter to a subfolder of its
     name. ``base_model`` overrides ``base_model_name_or_path`` in the written configs (the live configs are kept).
+    Every file is replaced atomically.
     """
     directory = Path(save_directory)
     if not isinstance(model, PeftModel):
@@ -95,13 +150,19 @@ def save_model_adapter(
     inner = model.get_base_model()
     # PEFT's "auto" looks the base model up on the Hub to compare vocabulary sizes; pointless without a vocabulary.
     has_vocab = getattr(getattr(inner, "config", None), "vocab_size", None) is not None
+    directory.mkdir(parents=True, exist_ok=True)
     try:
         if base_model is not None:
             for name in names:
                 model.peft_config[name].base_model_name_or_path = base_model
-        model.save_pretrained(
-            str(directory), selected_adapters=names, save_embedding_layers="auto" if has_vocab else False
-        )
+        # PEFT writes in place: let it write a staging folder beside the target, then publish file by file.
+        with tempfile.TemporaryDirectory(prefix=".tmp-save-", dir=directory) as staging:
+            if (directory / CARD_NAME).is_file():  # PEFT updates an existing card rather than replacing it
+                shutil.copy2(directory / CARD_NAME, Path(staging) / CARD_NAME)
+            model.save_pretrained(
+                staging, selected_adapters=names, save_embedding_layers="auto" if has_vocab else False
+            )
+            publish_staged_files(Path(staging), directory)
     finally:
         for name, saved in saved_bases.items():
             model.peft_config[name].base_model_name_or_path = saved
@@ -110,58 +171,79 @@ def save_model_adapter(
 
 # ------------------------------------------------------------------------------------------------- reading
 def read_sara_config(folder: str | os.PathLike) -> SaRAConfig:
-    """Read ``adapter_config.json`` from ``folder`` and check that it describes a SaRA adapter."""
+    """Read ``adapter_config.json`` from ``folder`` and check that it describes a well-formed SaRA adapter.
+
+    Raises ``FileNotFoundError`` without the file and :class:`~peft_sara.validation.InvalidAdapterError` (a
+    ``ValueError``) for anything else: invalid JSON, a missing or other ``peft_type``, fields of the wrong type.
+    """
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist.")
-    with open(path, encoding="utf-8") as file:
-        raw = json.load(file)
-    peft_type = str(raw.get("peft_type", "")).upper()
-    if peft_type != PEFT_TYPE_NAME:
-        hint = " Load LoRA adapters with `pipe.load_lora_weights(...)`." if peft_type == "LORA" else ""
-        raise ValueError(
-            f"'{path}' describes a {raw.get('peft_type')!r} adapter, not a SaRA adapter (peft_type {PEFT_TYPE_NAME!r})."
-            + hint
-        )
-    return SaRAConfig.from_pretrained(str(folder))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidAdapterError(f"'{path}' is not valid JSON: {err}") from err
+    check_config_dict(raw, f"'{path}'")
+    return config_from_dict(raw, f"'{path}'")
 
 
-def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The adapter tensors of a folder (safetensors, or a legacy ``adapter_model.bin`` loaded with weights_only)."""
-    folder = Path(folder)
-    if (folder / SAFETENSORS_NAME).is_file():
-        return load_file(folder / SAFETENSORS_NAME, device="cpu")
-    if (folder / PICKLE_NAME).is_file():
-        return torch.load(folder / PICKLE_NAME, map_location="cpu", weights_only=True)
+def _weights_file(folder: Path) -> Path:
+    for name in (SAFETENSORS_NAME, PICKLE_NAME):
+        if (folder / name).is_file():
+            return folder / name
     raise FileNotFoundError(f"'{folder}' has '{CONFIG_NAME}' but no '{SAFETENSORS_NAME}' (or '{PICKLE_NAME}').")
 
 
+def _unreadable(path: Path, err: Exception) -> InvalidAdapterError:
+    kind = "safetensors" if path.name == SAFETENSORS_NAME else "PyTorch weights"
+    return InvalidAdapterError(f"'{path}' is not a readable {kind} file (truncated or corrupted?): {err}")
+
+
+def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a folder (safetensors, or a legacy ``adapter_model.bin`` loaded with weights_only).
+
+    An unreadable file raises :class:`~peft_sara.validation.InvalidAdapterError`; a missing one ``FileNotFoundError``.
+    """
+    path = _weights_file(Path(folder))
+    try:
+        if path.name == SAFETENSORS_NAME:
+            return load_file(path, device="cpu")
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors', pickle's and zipfile's errors: all mean "not a weights file"
+        raise _unreadable(path, err) from err
+    if not isinstance(weights, dict):
+        raise InvalidAdapterError(f"'{path}' holds a {type(weights).__name__}, not a dict of tensors.")
+    return weights
+
+
+def adapter_weight_keys(folder: str | os.PathLike) -> list[str]:
+    """The tensor names of a folder's adapter weights, reading only the safetensors header (it checks the layout)."""
+    path = _weights_file(Path(folder))
+    if path.name != SAFETENSORS_NAME:
+        return list(read_adapter_weights(folder))
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(path, err) from err
+
+
 # ------------------------------------------------------------------------------------------------- state dicts
-def prepare_for_saving(state_dict: dict[str, torch.Tensor], save_dtype: str | None) -> dict[str, torch.Tensor]:
-    """Drop empty frozen-entry tensors (nothing re-selected yet) and cast the deltas to ``save_dtype``."""
+def prepare_for_saving(
+    model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], save_dtype: str | None
+) -> dict[str, torch.Tensor]:
+    """Drop empty frozen-entry tensors (nothing re-selected yet), cast the deltas to ``save_dtype`` and add the
+    integrity records (weight shapes, checksums, format version) of ``peft_sara.validation``."""
     state_dict = {
         key: value for key, value in state_dict.items() if not (value.numel() == 0 and ".sara_frozen_" in f".{key}")
     }
-    if save_dtype is None:
-        return state_dict
-    dtype = getattr(torch, save_dtype)
-    return {
-        key: value.to(dtype) if any(f".{name}" in key for name in VALUE_KEYS) else value
-        for key, value in state_dict.items()
-    }
-
-
-def _layer_keys(module_name: str, adapter_name: str) -> dict[str, str]:
-    prefix = f"{module_name}." if module_name else ""
-    return {name: f"{prefix}{name}.{adapter_name}" for name in INDEX_KEYS + VALUE_KEYS}
-
-
-def _check_pair(layer_name: str, what: str, indices: torch.Tensor | None, values: torch.Tensor | None, numel: int):
-    if indices is None or values is None:
-        missing = "indices" if indices is None else "values"
-        raise ValueError(f"The checkpoint has no {what} {missing} for SaRA layer '{layer_name}'.")
-    where = f"SaRA layer '{layer_name}': the checkpoint's {what} entries"
-    check_entries(indices, values, numel, where, "The checkpoint was made for a different model.")
+    if save_dtype is not None:
+        dtype = getattr(torch, save_dtype)
+        state_dict = {
+            key: value.to(dtype) if any(f".{name}" in key for name in VALUE_KEYS) else value
+            for key, value in state_dict.items()
+        }
+    return add_integrity_records(model, adapter_name, state_dict)
 
 
 def fit_layers_to_checkpoint(
@@ -169,42 +251,221 @@ def fit_layers_to_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """Validate a (model-keyed) SaRA checkpoint against the live model, then resize layers to its trainable sets.
 
-    Every tensor is checked (presence, dtype, shape, index range) before any layer changes, and errors name the
-    layer. Layers whose current trainable set differs in size from the checkpoint's (after progressive
-    re-selection, or when the base weights select differently) are resized so ``load_state_dict`` can fill them.
+    Everything is checked before any layer changes (``peft_sara.validation.validate_checkpoint``), and errors name the
+    layer. If the check fails while PEFT's ``from_pretrained`` / ``load_adapter`` is loading an adapter it created, the
+    adapter is removed again. Layers whose current trainable set differs in size from the checkpoint's (after
+    progressive re-selection, or when the base weights select differently) are resized so ``load_state_dict`` can fill
+    them. Returns the state dict to load (records taken out).
     """
-    plans = []
-    expected_keys = set()
-    for module_name, layer in model.named_modules():
-        if not isinstance(layer, SaRALayer) or adapter_name not in layer.sara_values:
-            continue
-        keys = _layer_keys(module_name, adapter_name)
-        expected_keys.update(keys.values())
-        numel = layer.get_base_layer().weight.numel()
-        trainable = (state_dict.get(keys["sara_indices"]), state_dict.get(keys["sara_values"]))
-        _check_pair(module_name, "trainable", *trainable, numel)
-        frozen = (state_dict.get(keys["sara_frozen_indices"]), state_dict.get(keys["sara_frozen_values"]))
-        if frozen == (None, None):  # saved before any re-selection: no frozen entries
-            frozen = (torch.zeros(0, dtype=torch.int64), torch.zeros(0))
-            state_dict[keys["sara_frozen_indices"]], state_dict[keys["sara_frozen_values"]] = frozen
-        _check_pair(module_name, "frozen", *frozen, numel)
-        plans.append((layer, trainable, frozen))
+    config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+    created_by_peft_load = _pending_load(config, remove=True)
+    try:
+        entries, to_load = validate_checkpoint(model, adapter_name, state_dict)
+    except InvalidAdapterError:
+        if created_by_peft_load is not None:
+            remove_adapter(model, adapter_name, created_by_peft_load)
+        raise
+    for name, layer_entries in entries.items():
+        layer = model.get_submodule(name)
+        indices, _ = layer.trainable_entries(adapter_name)
+        frozen_indices, _ = layer.frozen_entries(adapter_name)
+        if layer_entries.indices.shape != indices.shape or layer_entries.frozen_indices.shape != frozen_indices.shape:
+            layer.set_trainable_entries(
+                adapter_name,
+                layer_entries.indices,
+                layer_entries.values,
+                layer_entries.frozen_indices,
+                layer_entries.frozen_values,
+            )
+    return to_load
 
-    unexpected = sorted(
-        key
-        for key in state_dict
-        if any(f".{name}" in key or key.startswith(name) for name in INDEX_KEYS + VALUE_KEYS)
-        and key not in expected_keys
-    )
-    if unexpected:
-        shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
-        raise ValueError(
-            f"The checkpoint has SaRA entries for {len(unexpected)} tensors that match no SaRA layer of this model "
-            f"(adapter '{adapter_name}'): {shown}. Was it trained with other `target_modules` or another model?"
+
+# ------------------------------------------------------------------------------------------------- undoing a load
+@dataclass
+class ModelSnapshot:
+    """What injecting an adapter changes besides adding it: which parameters train, each layer's active adapters, and
+    the model's tags (SaRA adds its own)."""
+
+    requires_grad: dict[str, bool]
+    active_adapters: dict[str, list[str]]
+    model_tags: list[str] | None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelSnapshot:
+        tags = model.__dict__.get("model_tags")
+        return cls(
+            {name: param.requires_grad for name, param in model.named_parameters()},
+            {
+                name: list(module.active_adapters)
+                for name, module in model.named_modules()
+                if isinstance(module, BaseTunerLayer)
+            },
+            list(tags) if isinstance(tags, list) else tags,
         )
 
-    for layer, (indices, values), (frozen_indices, frozen_values) in plans:
-        current = (layer.sara_indices[adapter_name], layer.sara_frozen_indices[adapter_name])
-        if indices.shape != current[0].shape or frozen_indices.shape != current[1].shape:
-            layer.set_trainable_entries(adapter_name, indices, values, frozen_indices, frozen_values)
-    return state_dict
+    def restore(self, model: nn.Module) -> None:
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) and name in self.active_adapters:
+                module.set_adapter(self.active_adapters[name])
+        for name, param in model.named_parameters():
+            if name in self.requires_grad:
+                param.requires_grad_(self.requires_grad[name])
+        if self.model_tags is None:
+            model.__dict__.pop("model_tags", None)
+        else:
+            model.__dict__["model_tags"] = self.model_tags
+
+
+def _replace_child(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, replacement)
+
+
+def remove_adapter(model: nn.Module, adapter_name: str, snapshot: ModelSnapshot | None = None) -> None:
+    """Take out an adapter whose load failed: from every layer and modules_to_save wrapper and from ``peft_config``.
+
+    Layers and wrappers left without any adapter are replaced by the modules they wrapped; when ``peft_config`` ends up
+    empty it is removed with the other marks of an adapted model. ``snapshot`` (taken before the injection, of the
+    adapted model, not the ``PeftModel``) restores which parameters train and which adapters are active.
+    """
+    for _, layer in sara_layers(model):
+        if adapter_name in layer.merged_adapters:
+            layer.unmerge()
+    with warnings.catch_warnings():  # the snapshot, not PEFT's pick, decides which adapters are active afterwards
+        warnings.filterwarnings("ignore", message=f"Adapter {adapter_name} was active which is now deleted")
+        delete_adapter(model, adapter_name, prefix=PREFIX, layer_cls=SaRALayer)
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict):
+        peft_config.pop(adapter_name, None)
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
+    if isinstance(model, PeftModel) and adapter_name in model.base_model.active_adapters:
+        model.base_model.active_adapter = [name for name in model.base_model.active_adapters if name != adapter_name]
+    for name, module in reversed(list(inner.named_modules())):
+        if isinstance(module, SaRALayer) and not sara_adapter_names(module):
+            _replace_child(inner, name, module.base_layer)
+        elif isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
+            _replace_child(inner, name, module.original_module)
+    if not peft_config:
+        for mark in ("peft_config", "_hf_peft_config_loaded"):
+            inner.__dict__.pop(mark, None)
+    if not any(True for _ in sara_layers(inner)):
+        uninstall_save_bridge(inner)
+    if snapshot is not None:
+        snapshot.restore(inner)
+
+
+# ------------------------------------------------------------------------------------------------- PEFT's load path
+@dataclass
+class _PeftLoadCall:
+    model_id: str
+    hub_kwargs: dict[str, Any]
+    key_mapping: dict[str, str] | None
+
+
+# PEFT's loaders, and the local that holds the config of the adapter they create.
+_PEFT_LOADERS = {
+    PeftModel.from_pretrained.__func__.__code__: "config",
+    PeftModel.load_adapter.__code__: "peft_config",
+}
+
+
+def _peft_load_creating(config: PeftConfig) -> _PeftLoadCall | None:
+    """The running ``PeftModel.from_pretrained`` / ``load_adapter`` call that is creating the adapter of ``config``.
+
+    PEFT passes no source to the tuner, so the caller's frame is read: its ``model_id`` and hub arguments, and
+    whether its newly loaded config is ``config`` (``load_adapter`` into an existing adapter creates none).
+    """
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            config_local = _PEFT_LOADERS.get(frame.f_code)
+            if config_local is not None and frame.f_locals.get(config_local) is config:
+                local = frame.f_locals
+                hub_kwargs = local.get("hf_hub_download_kwargs")
+                if hub_kwargs is None:
+                    hub_kwargs, _ = PeftModel._split_kwargs(dict(local.get("kwargs") or {}))
+                return _PeftLoadCall(str(local["model_id"]), dict(hub_kwargs), local.get("key_mapping"))
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+# Loads whose source passed `check_peft_load_source`, by id of the new adapter's config, until the load hook runs: the
+# snapshot of the model before PEFT injected the adapter.
+_PENDING_LOADS: dict[int, tuple[weakref.ref, ModelSnapshot]] = {}
+
+
+def _pending_load(config: PeftConfig | None, remove: bool = False) -> ModelSnapshot | None:
+    """The snapshot :func:`check_peft_load_source` took for the adapter of ``config``, while its load runs."""
+    if config is None:
+        return None
+    entry = _PENDING_LOADS.pop(id(config), None) if remove else _PENDING_LOADS.get(id(config))
+    return entry[1] if entry is not None and entry[0]() is config else None
+
+
+def _modules_to_save_keys(model: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
+    """Checkpoint keys PEFT will look up for the modules_to_save of a new adapter, by module (PEFT's suffix match)."""
+    inside_layers = {name for name, _ in sara_layers(model)}
+    expected = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(f"{layer}.") for layer in inside_layers):
+            continue
+        if any(name.endswith(target) for target in targets):
+            source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+            expected[name] = [f"{PEFT_MODEL_PREFIX}{name}.{key}" for key in source.state_dict()]
+    return expected
+
+
+def check_peft_load_source(model: nn.Module, config: PeftConfig) -> None:
+    """Before SaRA injects an adapter that PEFT's ``from_pretrained`` / ``load_adapter`` is loading, check what PEFT
+    would otherwise discover only after the injection: the config's field types, a readable weights file, and the
+    modules_to_save tensors. Does nothing for other injections (``get_peft_model``, ``add_adapter``).
+
+    ``model`` is the model being adapted. Its state is remembered so a checkpoint refused later can be undone.
+    """
+    load = _peft_load_creating(config)
+    if load is None:
+        return
+    where = f"The adapter config of '{load.model_id}'"
+    check_config_values({field.name: getattr(config, field.name) for field in dataclasses.fields(config)}, where)
+    subfolder = load.hub_kwargs.get("subfolder")
+    folder = os.path.join(load.model_id, subfolder) if subfolder else load.model_id
+    if os.path.isdir(folder):
+        keys = set(adapter_weight_keys(folder))
+    else:  # a Hub repo: PEFT reads the same (cached) file right after
+        try:
+            keys = set(load_peft_weights(load.model_id, device="cpu", key_mapping=load.key_mapping, **load.hub_kwargs))
+        except SafetensorError as err:
+            raise InvalidAdapterError(
+                f"The weights of '{load.model_id}' are not a readable safetensors file: {err}"
+            ) from err
+    for name, module_keys in _modules_to_save_keys(model, getattr(config, "modules_to_save", None) or ()).items():
+        missing = [key for key in module_keys if key not in keys]
+        if missing:
+            raise InvalidAdapterError(
+                f"'{load.model_id}' lacks the modules_to_save tensors of '{name}' that its config asks for: "
+                f"{missing[:3]}."
+            )
+    _PENDING_LOADS[id(config)] = (weakref.ref(config), ModelSnapshot.of(model))
+    weakref.finalize(config, _PENDING_LOADS.pop, id(config), None)  # a load that failed before its hook ran
+
+
+__all__ = [
+    "adapter_subfolder",
+    "base_model_id",
+    "write_adapter_config",
+    "save_injected_adapter",
+    "save_model_adapter",
+    "publish_staged_files",
+    "read_sara_config",
+    "read_adapter_weights",
+    "adapter_weight_keys",
+    "prepare_for_saving",
+    "fit_layers_to_checkpoint",
+    "check_peft_load_source",
+    "remove_adapter",
+    "ModelSnapshot",
+    "InvalidAdapterError",
+]

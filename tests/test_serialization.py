@@ -20,9 +20,12 @@ from peft import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
 
-from peft_sara import SaRAConfig
+from peft_sara import SaRAConfig, sara_layers
+from peft_sara.serialization import save_injected_adapter
+from peft_sara.validation import FORMAT_VERSION
 
 TARGETS = ["conv", "conv1x1", "lin0", "lin1"]
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
@@ -52,6 +55,25 @@ def test_saved_files_hold_only_indices_and_values(tmp_path):
     assert nnz * 8 <= file_size <= nnz * 8 * 1.1 + 4096
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "SARA" and config["trainable_fraction"] == 0.2
+
+
+def test_saved_files_record_weight_shapes_checksums_and_format_version(tmp_path):
+    model = trained_adapter(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert tensors["base_model.model.sara_format_version"].tolist() == [FORMAT_VERSION]
+    for name, layer in sara_layers(model):
+        assert tensors[f"{name}.sara_weight_shape"].tolist() == list(layer.weight_shape)
+        checksum = tensors[f"{name}.sara_checksum"]
+        assert checksum.dtype == torch.uint8 and checksum.shape == (32,)
+    # PEFT's own readers take the records as ordinary tensors; SaRA's load hook takes them out again.
+    assert load_peft_weights(str(tmp_path), device="cpu").keys() == tensors.keys()
+    loaded = PeftModel.from_pretrained(fresh_model(), tmp_path)
+    assert not [key for key in loaded.state_dict() if "weight_shape" in key or "checksum" in key]
+    assert torch.equal(loaded(X), model(X))
+    # Models with injected adapters (diffusers' add_adapter, load_sara_adapter) write them too, keys unprefixed.
+    save_injected_adapter(model.base_model.model, tmp_path / "injected", "default")
+    injected = load_file(tmp_path / "injected" / "adapter_model.safetensors")
+    assert injected.keys() == {key.removeprefix("base_model.model.") for key in tensors}
 
 
 def test_save_dtype_stores_half_precision_values(tmp_path):

@@ -120,30 +120,165 @@ def test_regularizer_samples_the_configured_number_of_layers():
     assert SaRATrainingHelper(make_model(), total_steps=10).regularization().item() == 0.0
 
 
-def test_reselection_keeps_still_small_entries_and_their_adam_moments():
+def test_reselection_compacts_in_place_keeping_parameters_optimizer_and_adam_moments():
     model = make_model(threshold=0.05, init_weights=True, progressive_fraction=None)
     optimizer, _, helper = train(model, 6, lr=5e-2, data=batches(6))
     layer = model.base_model.model.lin0
-    old_param = layer.sara_values["default"]
+    param = layer.sara_values["default"]
+    capacity = param.numel()
+    param_groups = [list(group["params"]) for group in optimizer.param_groups]
     old_indices = layer.sara_indices["default"].clone()
-    old_state = {k: v.clone() for k, v in optimizer.state[old_param].items()}
-    current = layer.get_base_layer().weight.reshape(-1)[old_indices.long()] + old_param.detach()
+    old_values = param.detach().clone()
+    old_state = {k: v.clone() for k, v in optimizer.state[param].items()}
+    current = layer.get_base_layer().weight.reshape(-1)[old_indices.long()] + old_values
     expected_keep = current.abs() < 0.05
-    assert 0 < int(expected_keep.sum()) < old_indices.numel(), "the test needs some entries to leave the band"
-    frozen_values_expected = old_param.detach()[~expected_keep]
+    kept = int(expected_keep.sum())
+    assert 0 < kept < capacity, "the test needs some entries to leave the band"
     outputs_before = model(batches(1, seed=9)[0][0])
 
-    helper.reselect()
-    new_param = layer.sara_values["default"]
-    assert torch.equal(layer.sara_indices["default"], old_indices[expected_keep])
+    masks = helper.reselect()
+    assert list(masks) == [layer.sara_values["default"] for _, layer in model.base_model.sara_layers()]
+    assert torch.equal(masks[param], expected_keep)
+    # Same Parameter, same size, same optimizer: nothing to re-wrap.
+    assert layer.sara_values["default"] is param and param.numel() == capacity
+    assert [list(group["params"]) for group in optimizer.param_groups] == param_groups
+    indices, values = layer.trainable_entries("default")
+    assert layer.num_trainable("default") == kept == values.numel()
+    assert torch.equal(indices, old_indices[expected_keep]) and torch.equal(values, old_values[expected_keep])
     assert torch.equal(layer.sara_frozen_indices["default"], old_indices[~expected_keep])
-    assert torch.equal(layer.sara_frozen_values["default"], frozen_values_expected)
-    assert torch.equal(optimizer.state[new_param]["exp_avg"], old_state["exp_avg"][expected_keep])
-    assert torch.equal(optimizer.state[new_param]["exp_avg_sq"], old_state["exp_avg_sq"][expected_keep])
-    assert torch.equal(optimizer.state[new_param]["step"], old_state["step"])
-    assert old_param not in optimizer.state
-    assert any(p is new_param for group in optimizer.param_groups for p in group["params"])
+    assert torch.equal(layer.sara_frozen_values["default"], old_values[~expected_keep])
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(optimizer.state[param][key][:kept], old_state[key][expected_keep])
+        assert not optimizer.state[param][key][kept:].any()
+    assert torch.equal(optimizer.state[param]["step"], old_state["step"])
+    assert not param.detach()[kept:].any() and not layer.sara_indices["default"][kept:].any()
     assert torch.equal(model(batches(1, seed=9)[0][0]), outputs_before), "re-selection must not change the model"
+
+
+def test_freed_slots_stay_inert_through_training():
+    model = make_model(threshold=0.05, init_weights=True, progressive_step=3)
+    optimizer, _, helper = train(model, 8, lr=5e-2, data=batches(8))
+    assert helper.reselected
+    for _, layer in model.base_model.sara_layers():
+        param, kept = layer.sara_values["default"], layer.num_trainable("default")
+        # Zero value, zero gradient, zero optimizer state after five more AdamW steps (with weight decay).
+        assert not param.detach()[kept:].any()
+        assert param.grad is None or not param.grad[kept:].any()
+        assert all(not state[kept:].any() for state in optimizer.state[param].values() if state.dim())
+        # Never written to the weight: the effective weight differs from the base only at stored entries.
+        update = layer.get_sparse_update("default")
+        assert (
+            update.indices.numel() == layer.num_entries("default") == kept + layer.frozen_entries("default")[0].numel()
+        )
+        changed = (layer.get_effective_weight(["default"]) != layer.get_base_layer().weight).reshape(-1)
+        assert set(changed.nonzero().reshape(-1).tolist()) <= set(update.indices.tolist())
+
+
+def test_pending_gradients_follow_their_entries_through_reselection():
+    model = make_model(threshold=0.05, init_weights=True, progressive_fraction=None)
+    optimizer, _, helper = train(model, 6, lr=5e-2, data=batches(6))
+    x, y = batches(1, seed=5)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()  # accumulated, not yet stepped
+    layer = model.base_model.model.lin0
+    param = layer.sara_values["default"]
+    pending = param.grad.clone()
+    keep = helper.reselect()[param]
+    kept = int(keep.sum())
+    assert 0 < kept < param.numel()
+    assert torch.equal(param.grad[:kept], pending[keep]) and not param.grad[kept:].any()
+
+
+@pytest.mark.parametrize("fraction, cutoff", [(0.1, 0.0), (0.3, 0.01)])
+def test_trainable_fraction_keeps_entries_tied_with_the_cutoff(fraction, cutoff):
+    model = make_model(trainable_fraction=0.3, init_weights=True)
+    layer = model.base_model.model.lin0
+    weight = layer.get_base_layer().weight
+    with torch.no_grad():  # quantised-looking: 20% zeros, then +-0.01, ...: the selection ends inside a run of ties
+        weight.copy_(torch.randint(-2, 3, weight.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
+    layer.update_layer("tied", SaRAConfig(target_modules=TARGETS, trainable_fraction=fraction))
+    selected = weight.reshape(-1)[layer.sara_indices["tied"].long()]
+    assert layer.sara_cutoff["tied"] == selected.abs().max().item() == pytest.approx(cutoff)
+    assert layer.reselect("tied").all(), "entries tied with the cutoff have not grown: they stay trainable"
+
+
+def test_threshold_cutoff_selects_exactly_the_strictly_smaller_magnitudes():
+    from peft_sara.masks import select_trainable_indices, still_ineffective, threshold_cutoff
+
+    threshold = 2e-3
+    at = torch.tensor(threshold, dtype=torch.float32)
+    edges = torch.stack([at, torch.nextafter(at, torch.tensor(0.0)), torch.nextafter(at, torch.tensor(1.0))])
+    weight = torch.cat([torch.randn(4000) * 3e-3, edges, -edges, torch.zeros(3)])
+    indices, cutoff = select_trainable_indices(weight, threshold=threshold)
+    assert cutoff == threshold_cutoff(threshold) < threshold
+    assert torch.equal(indices.long(), torch.nonzero(weight.abs() < threshold).reshape(-1))
+    assert torch.equal(still_ineffective(weight, cutoff), weight.abs() < threshold)
+    assert select_trainable_indices(weight, threshold=0.0)[0].numel() == 0
+
+
+def test_selection_is_a_pure_function_of_the_weights():
+    # What lets every data-parallel rank select alike without communicating (the helper still broadcasts rank 0's
+    # re-selection): same bits in, same selection out, whatever the thread count.
+    from peft_sara.masks import select_trainable_indices
+
+    weight = (torch.randn(257, 129) * 1e-2).to(torch.bfloat16).float()  # many exact ties
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for num_threads in (1, max(2, threads)):
+            torch.set_num_threads(num_threads)
+            results.append(select_trainable_indices(weight.clone(), trainable_fraction=0.1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
+def test_state_dict_holds_only_live_entries_and_loads_back_into_the_same_parameters():
+    model = make_model(threshold=0.05, init_weights=True, progressive_step=3)
+    train(model, 5, lr=5e-2, data=batches(5))
+    layer = model.base_model.model.lin0
+    kept = layer.num_trainable("default")
+    assert kept < layer.sara_values["default"].numel()
+    state = model.state_dict()
+    prefix = "base_model.model.lin0."
+    assert state[prefix + "sara_values.default"].shape == state[prefix + "sara_indices.default"].shape == (kept,)
+    fresh = make_model(threshold=0.05, init_weights=True, progressive_step=3)
+    fresh_param = fresh.base_model.model.lin0.sara_values["default"]
+    fresh.load_state_dict(state)
+    fresh_layer = fresh.base_model.model.lin0
+    assert fresh_layer.sara_values["default"] is fresh_param and fresh_layer.num_trainable("default") == kept
+    x = batches(1, seed=9)[0][0]
+    assert torch.equal(fresh(x), model(x))
+    for (_, a), (_, b) in zip(model.base_model.sara_layers(), fresh.base_model.sara_layers()):
+        for got, expected in zip(a.trainable_entries("default") + a.frozen_entries("default"),
+                                 b.trainable_entries("default") + b.frozen_entries("default")):  # fmt: skip
+            assert torch.equal(got, expected)
+
+
+def test_helper_refuses_an_optimizer_that_does_not_hold_the_values():
+    model = make_model(threshold=0.05, progressive_step=1)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters() if p.requires_grad]
+    helper = SaRATrainingHelper(model, torch.optim.AdamW(copies), total_steps=2)
+    counts = [layer.num_trainable("default") for _, layer in model.base_model.sara_layers()]
+    with pytest.raises(ValueError, match="not in the optimizer's parameter groups.*DeepSpeed ZeRO"):
+        helper.step()
+    assert [layer.num_trainable("default") for _, layer in model.base_model.sara_layers()] == counts
+
+
+def test_resuming_a_checkpoint_whose_optimizer_state_covers_only_the_live_entries(tmp_path):
+    # peft-sara 0.1.0 shrank the values Parameters at re-selection, so its optimizer state has one row per live entry.
+    model = make_model(threshold=0.05, init_weights=True, progressive_step=3)
+    optimizer, scheduler, helper = train(model, 4, lr=5e-2, data=batches(4))
+    for _, layer in model.base_model.sara_layers():
+        state = optimizer.state[layer.sara_values["default"]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = state[key][: layer.num_trainable("default")].clone()
+    save_training_state(tmp_path, model, optimizer, scheduler, helper)
+    fresh = make_model(threshold=0.05, init_weights=True, progressive_step=3)
+    fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=5e-2)
+    load_training_state(tmp_path, fresh, fresh_optimizer)
+    for _, layer in fresh.base_model.sara_layers():
+        param = layer.sara_values["default"]
+        assert fresh_optimizer.state[param]["exp_avg"].shape == param.shape
 
 
 def test_progressive_step_defaults_to_half_of_planned_steps():
@@ -309,17 +444,48 @@ def test_training_state_round_trip_on_a_diffusers_model_with_an_injected_adapter
     assert torch.equal(as_peft_model(**unet_inputs()).sample, unet(**unet_inputs()).sample)
 
 
-def test_reselection_refuses_optimizer_state_it_cannot_reindex():
+def test_reselection_refuses_optimizer_state_it_cannot_reindex_before_changing_anything():
+    model = make_model(threshold=0.05, progressive_step=1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    param = model.base_model.model.lin1.sara_values["default"]
+    optimizer.state[param] = {"step": torch.tensor(3.0), "blockwise_scale": torch.ones(2)}
+    helper = SaRATrainingHelper(model, optimizer, total_steps=2)
+    with pytest.raises(ValueError, match="Cannot re-order optimizer state 'blockwise_scale' of shape \\(2,\\)"):
+        helper.reselect()
+    assert not helper.reselected and model.base_model.model.lin1.frozen_entries("default")[0].numel() == 0
+
+
+def test_deprecated_replace_optimizer_parameters_re_orders_state_in_place():
     from peft_sara.training import replace_optimizer_parameters
 
-    old = torch.nn.Parameter(torch.zeros(8))
-    new = torch.nn.Parameter(torch.zeros(5))
-    optimizer = torch.optim.SGD([old], lr=0.1)
-    optimizer.state[old] = {"step": torch.tensor(3.0), "blockwise_scale": torch.ones(2)}
-    with pytest.raises(ValueError, match="Cannot carry optimizer state 'blockwise_scale' of shape \\(2,\\)"):
-        replace_optimizer_parameters(optimizer, {old: (new, torch.ones(8, dtype=torch.bool)[:8])})
+    param = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    optimizer.state[param] = {"momentum_buffer": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    keep = torch.tensor([False, True, False, True])
+    with pytest.warns(FutureWarning, match="compact_optimizer_state"):
+        replace_optimizer_parameters(optimizer, {param: (param, keep)})
+    assert optimizer.state[param]["momentum_buffer"].tolist() == [2.0, 4.0, 0.0, 0.0]
 
 
 def test_helper_warns_when_no_layer_qualifies_for_the_low_rank_loss():
     with pytest.warns(UserWarning, match="no SaRA layer qualifies for the low-rank loss"):
         SaRATrainingHelper(make_model(lambda_rank=1e-3, rank_min_dim=1000), total_steps=4)
+
+
+def test_compiled_model_follows_reselection_without_recompiling_by_hand():
+    model = make_model(threshold=0.05, init_weights=True, progressive_step=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    helper = SaRATrainingHelper(model, optimizer, total_steps=4)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for x, y in batches(4):
+        out = compiled(x)
+        assert torch.equal(out, model(x))
+        torch.nn.functional.mse_loss(out, y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        helper.step()
+    assert helper.reselected
+    compiled(batches(1, seed=7)[0][0]).sum().backward()
+    for _, layer in model.base_model.sara_layers():
+        kept = layer.num_trainable("default")
+        assert not layer.sara_values["default"].grad[kept:].any()

@@ -31,6 +31,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@torch.compiler.assume_constant_result  # a compiled graph bakes the choice in (dynamo need not trace the cache)
 def resolve_backend(preference: str, device: torch.device) -> str:
     """The backend that will run for tensors on ``device`` given a layer preference (env var wins)."""
     return _resolve_backend(os.environ.get(ENV_VAR, preference) or "auto", device, _interpreting())

@@ -9,15 +9,15 @@ One object, :class:`SaRATrainingHelper`, hooks into any loop::
         optimizer.step(); lr_scheduler.step(); optimizer.zero_grad()
         helper.step()          # re-selects at the progressive step and keeps the optimizer consistent
 
-``helper.py`` (the helper, the paper's learning rate), ``optimizer.py`` (optimizer surgery at re-selection),
-``checkpoint.py`` (bitwise resume), ``callback.py`` (transformers ``Trainer``).
+``helper.py`` (the helper, the paper's learning rate), ``optimizer.py`` (re-ordering optimizer state in place at
+re-selection), ``checkpoint.py`` (bitwise resume), ``callback.py`` (transformers ``Trainer``).
 """
 
 from ..layer import sara_layers
 from .callback import SaRATrainerCallback
 from .checkpoint import TRAINING_STATE_NAME, load_training_state, save_training_state
 from .helper import SaRATrainingHelper, paper_learning_rate, resolve_sara_adapter
-from .optimizer import replace_optimizer_parameters, unwrap_optimizer
+from .optimizer import compact_optimizer_state, replace_optimizer_parameters, unwrap_optimizer
 
 __all__ = [
     "SaRATrainingHelper",
@@ -25,6 +25,7 @@ __all__ = [
     "paper_learning_rate",
     "save_training_state",
     "load_training_state",
+    "compact_optimizer_state",
     "replace_optimizer_parameters",
     "unwrap_optimizer",
     "resolve_sara_adapter",

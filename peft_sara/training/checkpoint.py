@@ -12,10 +12,13 @@ from peft import set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from torch import nn
 
+from ..atomic import torch_save_atomic
 from ..constants import TRAINING_STATE_NAME
+from ..layer import sara_layers
+from ..masks import is_sharded
 from ..serialization import adapter_subfolder, save_model_adapter
 from .helper import SaRATrainingHelper, resolve_sara_adapter
-from .optimizer import unwrap_optimizer
+from .optimizer import pad_state_to_capacity, unwrap_optimizer
 
 
 def _trainable_parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
@@ -31,9 +34,17 @@ def save_training_state(
 ) -> None:
     """Save everything needed to resume bitwise: adapter, optimizer, scheduler, helper and RNG states.
 
-    The adapter is written with ``save_pretrained`` (PEFT format) into ``output_dir``; the rest goes to
-    ``sara_training_state.pt`` beside it.
+    The adapter is written with ``save_pretrained`` (PEFT format, live entries only) into ``output_dir``; the rest
+    goes to ``sara_training_state.pt`` beside it, written atomically. Optimizer state keeps the values Parameters'
+    full (fixed) capacity, freed tail included, so that a resumed run continues bitwise.
     """
+    sharded = [name for name, param in model.named_parameters() if "sara_" in name and is_sharded(param)]
+    if sharded:
+        raise ValueError(
+            f"save_training_state writes from one process and cannot read sharded (FSDP2 / DTensor) SaRA parameters "
+            f"such as '{sharded[0]}'. Checkpoint an FSDP run with torch.distributed.checkpoint (or accelerate's "
+            "save_state) instead; see docs/DISTRIBUTED.md."
+        )
     os.makedirs(output_dir, exist_ok=True)
     save_model_adapter(model, output_dir)
     names = _trainable_parameter_names(model)
@@ -50,7 +61,7 @@ def save_training_state(
         },
     }
     state["rng"]["numpy"] = np.random.get_state()
-    torch.save(state, os.path.join(output_dir, TRAINING_STATE_NAME))
+    torch_save_atomic(state, os.path.join(output_dir, TRAINING_STATE_NAME))
 
 
 def load_training_state(
@@ -61,8 +72,9 @@ def load_training_state(
     helper: SaRATrainingHelper | None = None,
     adapter_name: str | None = None,
 ) -> None:
-    """Resume from :func:`save_training_state`: loads the adapter into ``model`` (resizing layers to the saved
-    trainable sets), points ``optimizer`` at the current parameters and restores all states."""
+    """Resume from :func:`save_training_state`: loads the adapter into ``model`` (in place, into the values
+    Parameters' capacity, so wrappers built before stay valid), points ``optimizer`` at the current parameters and
+    restores all states."""
     adapter_name, _ = resolve_sara_adapter(model, adapter_name)
     adapter_dir = os.path.join(input_dir, adapter_subfolder(adapter_name))
     load_result = set_peft_model_state_dict(model, load_peft_weights(adapter_dir, device="cpu"), adapter_name)
@@ -83,6 +95,10 @@ def load_training_state(
             raise ValueError(f"Optimizer parameters {unknown[:3]} of the checkpoint are not in the model.")
         group["params"] = [params[name] for name in group_names]
     inner.load_state_dict(state["optimizer"])
+    layers = [layer for _, layer in sara_layers(model) if adapter_name in layer.sara_values]
+    pad_state_to_capacity(
+        inner, [(layer.sara_values[adapter_name], layer.num_trainable(adapter_name)) for layer in layers]
+    )
     if lr_scheduler is not None and state["lr_scheduler"] is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
     if helper is not None and state["helper"] is not None:

@@ -11,13 +11,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from ..config import SaRAConfig
 from ..layer import sara_layers
 from ..regularizers import layer_nuclear_norm, qualifies_for_rank_loss, sample_layers
-from .optimizer import replace_optimizer_parameters
+from .optimizer import check_optimizer_state_can_follow, compact_optimizer_state
 
 
 def paper_learning_rate(threshold: float) -> float:
@@ -46,8 +47,9 @@ class SaRATrainingHelper:
 
     Args:
         model: a PeftModel (or a diffusers/transformers model with a SaRA adapter added in place).
-        optimizer: the optimizer over the SaRA values; re-selection updates it in place. May be None if you rebuild
-            your optimizer yourself (then use the mapping returned by :meth:`reselect`).
+        optimizer: the optimizer over the SaRA values (plain, or wrapped by accelerate); re-selection re-orders its
+            per-entry state in place. May be None if you manage optimizer state yourself (then use the masks
+            returned by :meth:`reselect`).
         total_steps: planned optimizer steps; with ``progressive_fraction`` it sets the re-selection step.
         adapter_name: the SaRA adapter to train (default: the active one).
         seed: seed of the generator that samples layers for the low-rank loss.
@@ -136,20 +138,36 @@ class SaRATrainingHelper:
             return True
         return False
 
+    def reselection_due(self) -> bool:
+        """Whether the next :meth:`step` performs the progressive re-selection."""
+        return (
+            self.progressive_step is not None and not self.reselected and self.global_step + 1 >= self.progressive_step
+        )
+
     @torch.no_grad()
-    def reselect(self) -> dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]]:
-        """Shrink every layer's trainable set to the entries still below its cutoff; update the optimizer in place."""
-        replacements = {}
-        for _, layer in sara_layers(self.model):
-            if self.adapter_name not in layer.sara_values:
-                continue
-            old_param = layer.sara_values[self.adapter_name]
-            keep = layer.reselect(self.adapter_name)
-            replacements[old_param] = (layer.sara_values[self.adapter_name], keep)
+    def reselect(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Shrink every layer's trainable set to the entries still within its cutoff, in place.
+
+        Values Parameters keep their size and identity (survivors move to the front; the freed tail is zeroed and
+        inert), pending gradients follow their entries, and the optimizer's per-entry state is re-ordered the same
+        way, so DDP / FSDP2 / accelerate wrappers built before stay valid. Under ``torch.distributed`` every rank
+        applies rank 0's decision. Returns each values Parameter's mask over its previously trainable entries.
+        """
+        layers = [(name, layer) for name, layer in sara_layers(self.model) if self.adapter_name in layer.sara_values]
+        params = {
+            layer.sara_values[self.adapter_name]: f"{name}.sara_values.{self.adapter_name}" for name, layer in layers
+        }
         if self.optimizer is not None:
-            replace_optimizer_parameters(self.optimizer, replacements)
+            check_optimizer_state_can_follow(self.optimizer, params)  # before anything changes
+        masks = _agree_across_ranks([layer.reselection_mask(self.adapter_name) for _, layer in layers])
+        keep_masks = {
+            layer.sara_values[self.adapter_name]: layer.reselect(self.adapter_name, keep)
+            for (_, layer), keep in zip(layers, masks)
+        }
+        if self.optimizer is not None:
+            compact_optimizer_state(self.optimizer, keep_masks)
         self.reselected = True
-        return replacements
+        return keep_masks
 
     def trainable_count(self) -> int:
         """Current number of trainable SaRA entries."""
@@ -172,6 +190,28 @@ class SaRATrainingHelper:
         self.reselected = state["reselected"]
         self.generator.set_state(state["generator"])
         self.progressive_step = state["progressive_step"]
+
+
+def _agree_across_ranks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rank 0's re-selection masks on every rank when ``torch.distributed`` runs (else ``masks`` as they are).
+
+    Data-parallel ranks hold bitwise-identical values, and a mask is a pure function of them and the base weight, so
+    the broadcast normally changes nothing; it guarantees that every rank keeps the same entries (and so the same
+    buffer sizes) even if they drifted, and says so.
+    """
+    if not masks or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return masks
+    local = torch.cat(masks).to(torch.uint8)
+    decided = local.clone()
+    dist.broadcast(decided, src=0)
+    differing = int((local != decided).sum())
+    if differing:
+        warnings.warn(
+            f"Rank {dist.get_rank()}'s progressive re-selection differed from rank 0's in {differing} entries: the "
+            "ranks' SaRA values or base weights had diverged. Rank 0's decision is applied on every rank.",
+            stacklevel=3,
+        )
+    return list(decided.bool().split([mask.numel() for mask in masks]))
 
 
 __all__ = ["SaRATrainingHelper", "paper_learning_rate", "resolve_sara_adapter"]

@@ -1,11 +1,21 @@
-"""Keeping an optimizer consistent when progressive re-selection changes the SaRA value Parameters."""
+"""Keeping an optimizer consistent when progressive re-selection compacts the SaRA value Parameters in place.
+
+Re-selection never replaces a Parameter: the surviving entries move to the front of each fixed-capacity values
+Parameter and the freed tail is zeroed (:func:`peft_sara.masks.compact_`). Per-entry optimizer state (Adam's moments,
+momentum buffers) is re-ordered the same way, in place, so the optimizer object, its parameter list and every wrapper
+around it (LR schedulers, accelerate, DDP, FSDP2) stay valid.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..masks import compact_
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -15,39 +25,88 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def replace_optimizer_parameters(
-    optimizer: torch.optim.Optimizer, replacements: dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]]
-) -> None:
-    """Swap parameters in an optimizer in place, keeping the state of surviving entries.
+def check_optimizer_state_can_follow(optimizer: Any, params: Mapping[nn.Parameter, str]) -> None:
+    """Raise a ``ValueError`` unless re-selection can re-order ``optimizer``'s state of ``params`` (param -> name).
 
-    ``replacements`` maps an old 1-D parameter to ``(new_parameter, keep_mask)``: per-entry state tensors (Adam's
-    moments, momentum buffers) are indexed with the mask; scalar state (Adam's step) is kept as is. The optimizer
-    object stays the same, so LR schedulers and accelerate wrappers remain valid.
+    Every trainable parameter must be one the optimizer holds (not a flattened copy, as DeepSpeed ZeRO and FSDP1
+    keep), and each of its state tensors a scalar (step counters) or one value per entry.
     """
-    optimizer = unwrap_optimizer(optimizer)
-    for group in optimizer.param_groups:
-        for position, param in enumerate(group["params"]):
-            if param not in replacements:
-                continue
-            new_param, keep = replacements[param]
-            group["params"][position] = new_param
-            old_state = optimizer.state.pop(param, None)
-            if old_state is not None:
-                optimizer.state[new_param] = {
-                    key: _keep_entries(key, value, param, keep) for key, value in old_state.items()
-                }
+    inner = unwrap_optimizer(optimizer)
+    held = {id(param) for group in inner.param_groups for param in group["params"]}
+    absent = [name for param, name in params.items() if param.requires_grad and id(param) not in held]
+    if absent:
+        raise ValueError(
+            f"{len(absent)} SaRA value Parameters (e.g. '{absent[0]}') are not in the optimizer's parameter groups, "
+            f"so re-selection cannot re-order their optimizer state ({type(optimizer).__name__} may optimize "
+            "flattened copies, as DeepSpeed ZeRO and FSDP1 do). Build the optimizer over the model's own parameters "
+            "(FSDP2 and DDP keep them), pass optimizer=None and re-order the state yourself with the masks "
+            "`reselect()` returns, or disable progressive re-selection (progressive_fraction=None)."
+        )
+    for param, name in params.items():
+        for key, value in inner.state.get(param, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(
+                    f"Cannot re-order optimizer state '{key}' of shape {tuple(value.shape)} of SaRA parameter "
+                    f"'{name}' (shape {tuple(param.shape)}) entry by entry (e.g. block-quantized 8-bit optimizer "
+                    "state). Clear that optimizer's state before re-selection, or use an optimizer with per-entry "
+                    "state such as torch.optim.AdamW."
+                )
 
 
-def _keep_entries(key: str, value: Any, param: nn.Parameter, keep: torch.Tensor) -> Any:
-    if not torch.is_tensor(value) or value.numel() <= 1:
-        return value  # step counters and other scalars
-    if value.shape == param.shape:
-        return value[keep].clone()
-    raise ValueError(
-        f"Cannot carry optimizer state '{key}' of shape {tuple(value.shape)} over to the re-selected entries of a "
-        f"parameter of shape {tuple(param.shape)} (e.g. block-quantized 8-bit optimizer state). Clear that "
-        "optimizer's state before re-selection, or use an optimizer with per-entry state such as torch.optim.AdamW."
+@torch.no_grad()
+def compact_optimizer_state(optimizer: Any, keep_masks: Mapping[nn.Parameter, torch.Tensor]) -> None:
+    """Re-order, in place, the per-entry state of re-selected parameters as :meth:`SaRALayer.reselect` did the values.
+
+    ``keep_masks`` maps a values Parameter to its re-selection mask (over the entries that were trainable): kept
+    entries move to the front, the freed tail is zeroed. Scalar state (Adam's step) is left as is.
+    """
+    check_optimizer_state_can_follow(optimizer, {param: f"#{i}" for i, param in enumerate(keep_masks)})
+    inner = unwrap_optimizer(optimizer)
+    for param, keep in keep_masks.items():
+        for value in inner.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                compact_(value, keep)
+
+
+def replace_optimizer_parameters(optimizer: Any, replacements: Mapping[nn.Parameter, Any]) -> None:
+    """Deprecated since 0.2: re-selection no longer replaces Parameters; use :func:`compact_optimizer_state`.
+
+    Accepts 0.1.0's ``{param: (new_param, keep_mask)}`` (``new_param`` must now be ``param``) or ``{param: keep}``.
+    """
+    warnings.warn(
+        "replace_optimizer_parameters is deprecated: re-selection keeps its Parameters, call "
+        "compact_optimizer_state(optimizer, helper.reselect()) (or just let SaRATrainingHelper do it).",
+        FutureWarning,
+        stacklevel=2,
     )
+    keep_masks = {}
+    for param, replacement in replacements.items():
+        if isinstance(replacement, tuple):
+            new_param, replacement = replacement
+            if new_param is not param:
+                raise ValueError(
+                    "Re-selection keeps each values Parameter (it compacts it in place); a replacement by another "
+                    "Parameter cannot be applied. Pass {param: keep_mask} as SaRATrainingHelper.reselect() returns."
+                )
+        keep_masks[param] = replacement
+    compact_optimizer_state(optimizer, keep_masks)
 
 
-__all__ = ["replace_optimizer_parameters", "unwrap_optimizer"]
+def pad_state_to_capacity(optimizer: Any, live_counts: Iterable[tuple[nn.Parameter, int]]) -> None:
+    """Pad per-entry state saved for only the live entries of a values Parameter (checkpoints of peft-sara 0.1.0,
+    whose re-selection shrank the Parameter) with zeros up to the Parameter's capacity."""
+    inner = unwrap_optimizer(optimizer)
+    for param, count in live_counts:
+        state = inner.state.get(param, {})
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() == 1 and value.shape[0] == count < param.shape[0]:
+                state[key] = torch.cat([value, value.new_zeros(param.shape[0] - count)])
+
+
+__all__ = [
+    "check_optimizer_state_can_follow",
+    "compact_optimizer_state",
+    "pad_state_to_capacity",
+    "replace_optimizer_parameters",
+    "unwrap_optimizer",
+]

@@ -1,0 +1,42 @@
+"""Options shared by the subcommands that load a base model with an adapter (``export``, ``merge``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..export.sources import adapter_component_names
+from ..resolve import resolve_adapter_folder
+from ..serialization import read_sara_config
+
+
+def add_source_options(parser: argparse.ArgumentParser, base_option: bool = True) -> None:
+    """``--base`` (unless positional), ``--subfolder``, ``--revision``, ``--token``."""
+    if base_option:
+        parser.add_argument(
+            "--base",
+            default=None,
+            help="local folder of the base pipeline (model_index.json) or model (config.json); default: the "
+            "adapter's base_model_name_or_path when that is a local folder",
+        )
+    parser.add_argument("--subfolder", default=None, help="folder inside the adapter repo / folder")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of the adapter's Hub repo")
+    parser.add_argument("--token", default=None, help="Hub token for private repos")
+
+
+def base_folder(args: argparse.Namespace) -> Path:
+    """``--base``, or the base model the adapter records, which must then be a local folder."""
+    if args.base:
+        return Path(args.base)
+    folder = resolve_adapter_folder(args.adapter, args.subfolder, args.revision, args.token, None, False)
+    component = adapter_component_names(folder)[0]
+    recorded = read_sara_config(folder / component if component else folder).base_model_name_or_path
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    raise SystemExit(
+        f"Pass --base: the adapter records the base model {recorded!r}, which is not a local folder. The export needs "
+        "the base model's module types (download it first, e.g. with `huggingface-cli download`)."
+    )
+
+
+__all__ = ["add_source_options", "base_folder"]

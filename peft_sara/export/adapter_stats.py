@@ -1,0 +1,109 @@
+"""What a saved SaRA adapter holds, read from its files alone (no base model): per layer the trainable and frozen
+entries, density, ||Delta_W||_F and effective rank; per component the file size; totals."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..constants import SAFETENSORS_NAME
+from ..layer import SparseUpdate
+from ..resolve import resolve_adapter_folder
+from ..serialization import read_adapter_weights, read_sara_config
+from ..validation import WEIGHT_SHAPE_NAME, parse_checkpoint
+from .lowrank import effective_rank, numerical_rank
+from .sources import adapter_component_names
+
+
+def _layer_row(name: str, tensors: dict[str, torch.Tensor], ranks: bool) -> dict[str, Any]:
+    values = tensors.get("sara_values", torch.zeros(0)).float()
+    frozen_values = tensors.get("sara_frozen_values", torch.zeros(0)).float()
+    indices = torch.cat(
+        [tensors.get("sara_indices", torch.zeros(0)), tensors.get("sara_frozen_indices", torch.zeros(0))]
+    )
+    shape = tuple(int(size) for size in tensors[WEIGHT_SHAPE_NAME]) if WEIGHT_SHAPE_NAME in tensors else None
+    entries = values.numel() + frozen_values.numel()
+    all_values = torch.cat([values, frozen_values])
+    row: dict[str, Any] = {
+        "module": name,
+        "weight_shape": list(shape) if shape else None,
+        "trainable": values.numel(),
+        "frozen": frozen_values.numel(),
+        "density": entries / math.prod(shape) if shape else None,
+        "delta_norm": float(torch.linalg.vector_norm(all_values)),  # entries are distinct: the dense norm
+        "effective_rank": None,
+        "rank": None,
+    }
+    if ranks and shape and entries:
+        update = SparseUpdate(indices.long(), all_values, 1.0, torch.Size(shape))
+        matrix = update.to_dense().reshape(shape[0], -1)
+        singular_values = torch.linalg.svdvals(matrix)
+        row["effective_rank"] = round(effective_rank(singular_values), 3)
+        row["rank"] = numerical_rank(singular_values, tuple(matrix.shape))
+    return row
+
+
+def inspect_adapter(
+    source: str | os.PathLike,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    ranks: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Statistics of a SaRA adapter folder or Hub repo, from its files (see the module docstring).
+
+    ``ranks=False`` skips the SVD per layer (effective ranks are then ``None``). Layers of files written before
+    weight shapes were recorded (peft-sara 0.1.0) have no density or rank either.
+    """
+    folder = resolve_adapter_folder(source, subfolder, revision, token, cache_dir, local_files_only)
+    components = []
+    for component in adapter_component_names(folder):
+        component_folder = folder / component if component else folder
+        config = read_sara_config(component_folder)
+        parsed = parse_checkpoint(read_adapter_weights(component_folder))
+        layers = [
+            _layer_row(name, checkpoint.tensors, ranks)
+            for name, checkpoint in tqdm(
+                sorted(parsed.layers.items()), desc=f"inspecting {component or 'adapter'}", disable=not progress
+            )
+        ]
+        weights_file = component_folder / SAFETENSORS_NAME
+        components.append(
+            {
+                "component": component,
+                "selection": config.selection_rule,
+                "base_model": config.base_model_name_or_path,
+                "file_bytes": weights_file.stat().st_size if weights_file.is_file() else None,
+                "layers": layers,
+                "trainable": sum(row["trainable"] for row in layers),
+                "frozen": sum(row["frozen"] for row in layers),
+                "delta_norm": math.sqrt(sum(row["delta_norm"] ** 2 for row in layers)),
+            }
+        )
+    targeted = [row for component in components for row in component["layers"] if row["weight_shape"]]
+    entries = sum(row["trainable"] + row["frozen"] for row in targeted)
+    weights = sum(math.prod(row["weight_shape"]) for row in targeted)
+    return {
+        "adapter": str(source),
+        "folder": str(folder),
+        "base_model": next((c["base_model"] for c in components if c["base_model"]), None),
+        "components": components,
+        "totals": {
+            "layers": sum(len(c["layers"]) for c in components),
+            "trainable": sum(c["trainable"] for c in components),
+            "frozen": sum(c["frozen"] for c in components),
+            "density": entries / weights if weights else None,
+            "delta_norm": math.sqrt(sum(c["delta_norm"] ** 2 for c in components)),
+            "file_bytes": sum(c["file_bytes"] or 0 for c in components),
+        },
+    }
+
+
+__all__ = ["inspect_adapter"]

@@ -1,0 +1,316 @@
+"""Writing a SaRA adapter in the formats other tools read.
+
+| format      | written                                    | read by                                                  |
+|-------------|--------------------------------------------|----------------------------------------------------------|
+| ``peft-lora``  | a PEFT LoRA folder (one per component)  | ``PeftModel.from_pretrained``, diffusers ``load_lora_adapter`` |
+| ``diffusers``  | ``pytorch_lora_weights.safetensors``    | ``pipe.load_lora_weights(folder)``                       |
+| ``kohya``      | one ``.safetensors``, ``lora_unet_*``   | ComfyUI, A1111 / Forge, kohya tools, ``load_lora_weights``  |
+| ``diff``       | one ``.safetensors``, ``*.diff`` (dense) | ComfyUI, A1111 / Forge (not diffusers: it drops ``.diff``) |
+| ``merged``     | ``save_pretrained`` of the merged model | everything that loads the base model                     |
+
+LoRA formats come from :func:`convert_to_lora` (truncated SVD, :mod:`peft_sara.export.lowrank`); ``diff`` is exact.
+Every file is written atomically (:mod:`peft_sara.atomic`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..atomic import save_safetensors_atomic
+from ..constants import SAFETENSORS_NAME, __version__
+from ..serialization import write_adapter_config
+from .lowrank import (
+    LayerFactors,
+    LoRAExport,
+    Rank,
+    convert_to_lora,
+    delta_matrix,
+    is_transposed,
+)
+from .merged import save_merged
+from .sources import adapted_components, adapter_layers, is_pipeline, single_adapter_name
+
+PEFT_LORA, DIFFUSERS, KOHYA, DIFF, MERGED = "peft-lora", "diffusers", "kohya", "diff", "merged"
+FORMATS = (PEFT_LORA, DIFFUSERS, KOHYA, DIFF, MERGED)
+FOLDER_FORMATS = (PEFT_LORA, DIFFUSERS, MERGED)
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."
+# kohya files carry one alpha for every layer (scale = alpha / rank); the factors are scaled to match.
+KOHYA_ALPHA = 1.0
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------- names
+def file_module_name(module: nn.Module, name: str) -> str:
+    """The module path other tools use: transformers 5 flattened ``CLIPTextModel.text_model``, files keep it."""
+    if not hasattr(module, "text_model") and type(module).__name__.startswith("CLIPText"):
+        return f"text_model.{name}"
+    return name
+
+
+def kohya_prefix(component: str, components: Sequence[str]) -> str:
+    """The key prefix kohya sd-scripts / OneTrainer / ComfyUI use for a pipeline component."""
+    if component == "unet":
+        return "lora_unet_"
+    if component == "transformer":
+        return "lora_transformer_"  # OneTrainer's naming, read by ComfyUI for SD3 / Flux
+    if component == "text_encoder":
+        return "lora_te1_" if "text_encoder_2" in components else "lora_te_"
+    if component == "text_encoder_2":
+        return "lora_te2_"
+    raise ValueError(
+        f"kohya-style files have no key prefix for the component '{component}' (known: unet, transformer, "
+        "text_encoder, text_encoder_2). Export it with format 'peft-lora' or 'diffusers'."
+    )
+
+
+def kohya_key(component: str, components: Sequence[str], module: nn.Module, name: str) -> str:
+    """``lora_unet_down_blocks_0_resnets_0_conv1``-style name of one layer."""
+    return kohya_prefix(component, components) + file_module_name(module, name).replace(".", "_")
+
+
+# ------------------------------------------------------------------------------------------------- results
+@dataclass
+class ExportResult:
+    """What an export wrote and how exact it is."""
+
+    format: str
+    paths: list[Path]
+    lora: LoRAExport | None = None
+    layers: list[dict] = field(default_factory=list)  # the diff format's per-layer report
+
+    def summary(self) -> dict:
+        """JSON-ready report (per-layer ranks and errors for LoRA formats)."""
+        report = {"format": self.format, "paths": [str(path) for path in self.paths]}
+        if self.lora is not None:
+            report.update(self.lora.summary())
+        else:
+            report.update({"rank": "dense", "total_relative_error": 0.0, "layers": self.layers})
+        return report
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()
+
+
+def _metadata(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"format": "pt", "peft_sara_version": __version__, **(extra or {})}
+
+
+# ------------------------------------------------------------------------------------------------- writers
+def lora_config_for(
+    layers: dict[str, LayerFactors], modules: dict[str, nn.Module], base_model: str | None
+) -> LoraConfig:
+    """A ``LoraConfig`` for one component's factors: exact target names, per-layer ranks, scale 1 everywhere."""
+    ranks = {name: factors.rank for name, factors in layers.items() if factors.rank}
+    common = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    pattern = {name: rank for name, rank in ranks.items() if rank != common}
+    transposed = [is_transposed(modules[name]) for name in ranks]
+    return LoraConfig(
+        r=common,
+        lora_alpha=common,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),  # alpha = rank: the scale is 1, the factors hold the whole update
+        target_modules=sorted(ranks),
+        fan_in_fan_out=bool(transposed) and all(transposed),
+        base_model_name_or_path=base_model,
+        init_lora_weights=True,
+    )
+
+
+def write_peft_lora(
+    export: LoRAExport,
+    output_dir: str | os.PathLike,
+    base_layers: dict[str, dict[str, nn.Module]],
+    base_models: dict[str, str | None],
+    single_model: bool,
+    dtype: torch.dtype | None = None,
+) -> list[Path]:
+    """PEFT LoRA folder(s): the root for a single model, one subfolder per component for a pipeline."""
+    written = []
+    for component, layers in export.components.items():
+        directory = Path(output_dir) if single_model else Path(output_dir) / component
+        tensors = {}
+        for name, factors in layers.items():
+            if factors.rank:
+                tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = _cast(factors.down, dtype)
+                tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = _cast(factors.up, dtype)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_safetensors_atomic(tensors, directory / SAFETENSORS_NAME, metadata=_metadata())
+        config = lora_config_for(layers, base_layers[component], base_models.get(component))
+        write_adapter_config(config, directory)
+        written.append(directory)
+    return written
+
+
+def diffusers_state_dict(
+    export: LoRAExport, modules: dict[str, nn.Module], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """``<component>.<module>.lora_A.weight`` / ``lora_B`` tensors, as diffusers' ``save_lora_weights`` writes them."""
+    tensors = {}
+    for component, layers in export.components.items():
+        for name, factors in layers.items():
+            if factors.rank:
+                key = f"{component}.{file_module_name(modules[component], name)}"
+                tensors[f"{key}.lora_A.weight"] = _cast(factors.down, dtype)
+                tensors[f"{key}.lora_B.weight"] = _cast(factors.up, dtype)
+    return tensors
+
+
+def kohya_state_dict(
+    export: LoRAExport, modules: dict[str, nn.Module], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """``lora_unet_*`` / ``lora_te_*`` tensors with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``."""
+    tensors = {}
+    names = list(export.components)
+    for component, layers in export.components.items():
+        for name, factors in layers.items():
+            if not factors.rank:
+                continue
+            key = kohya_key(component, names, modules[component], name)
+            # readers scale by alpha / rank: fold rank / alpha into the factors, evenly
+            gain = (factors.rank / KOHYA_ALPHA) ** 0.5
+            tensors[f"{key}.lora_down.weight"] = _cast(factors.down * gain, dtype)
+            tensors[f"{key}.lora_up.weight"] = _cast(factors.up * gain, dtype)
+            tensors[f"{key}.alpha"] = torch.tensor(KOHYA_ALPHA, dtype=dtype or torch.float32)
+    return tensors
+
+
+def kohya_metadata(export: LoRAExport, base_model: str | None) -> dict[str, str]:
+    """The ``ss_*`` header fields UIs show for kohya files (network module, dimension, alpha)."""
+    ranks = [factors.rank for _, factors in export.layers() if factors.rank]
+    return _metadata(
+        {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(max(ranks, default=0)),
+            "ss_network_alpha": str(KOHYA_ALPHA),
+            "ss_base_model": base_model or "",
+            "peft_sara_export": json.dumps({"rank": export.rank, "total_relative_error": export.total_error}),
+        }
+    )
+
+
+def diff_state_dict(
+    source: Any,
+    adapter_name: str | None = None,
+    component: str | None = None,
+    components: Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """``<kohya name>.diff`` dense weight differences (exact), and a per-layer report."""
+    modules = adapted_components(source, component, components)
+    adapter_name = single_adapter_name(modules, adapter_name)
+    names = list(modules)
+    tensors, report = {}, []
+    work = [(c, name, layer) for c, module in modules.items() for name, layer in adapter_layers(module, adapter_name)]
+    for component_name, name, layer in tqdm(work, desc="dense differences", disable=not progress):
+        update = layer.get_sparse_update(adapter_name)
+        dense = update.to_dense()
+        tensors[f"{kohya_key(component_name, names, modules[component_name], name)}.diff"] = _cast(dense, dtype)
+        norm = float(torch.linalg.vector_norm(delta_matrix(update)))
+        report.append({"component": component_name, "module": name, "delta_norm": norm, "relative_error": 0.0})
+    return tensors, report
+
+
+def _base_layers(source: Any, export: LoRAExport, component: str | None) -> dict[str, dict[str, nn.Module]]:
+    modules = adapted_components(source, component, list(export.components))
+    return {
+        component_name: {
+            name: module.get_submodule(name).get_base_layer() for name in export.components[component_name]
+        }
+        for component_name, module in modules.items()
+    }
+
+
+def _base_models(source: Any, adapter_name: str, component: str | None, names: Sequence[str]) -> dict[str, str | None]:
+    modules = adapted_components(source, component, names)
+    configs = {name: (getattr(module, "peft_config", None) or {}).get(adapter_name) for name, module in modules.items()}
+    return {name: getattr(config, "base_model_name_or_path", None) for name, config in configs.items()}
+
+
+def export_adapter(
+    source: Any,
+    output: str | os.PathLike,
+    format: str,
+    rank: Rank = "full",
+    adapter_name: str | None = None,
+    component: str | None = None,
+    components: Sequence[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    progress: bool = False,
+) -> ExportResult:
+    """Write a SaRA adapter in another tool's format (see the module docstring for the table).
+
+    Args:
+        source: A ``DiffusionPipeline`` with a SaRA adapter, a ``PeftModel``, or a model with an injected adapter.
+        output: A folder for ``peft-lora`` / ``diffusers``, a ``.safetensors`` file for ``kohya`` / ``diff``.
+        format: One of :data:`FORMATS`.
+        rank: LoRA rank for the LoRA formats (see :func:`convert_to_lora`); ignored by ``diff``.
+        adapter_name: Which adapter (may be omitted when there is one).
+        component: For a single model, the pipeline component it is (default: from its class).
+        components: For a pipeline, only these components.
+        dtype: Tensor dtype in the file (``"float16"``, ``"bfloat16"``, ``"float32"``; default: float32).
+        progress: Show progress bars.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+    output = Path(output)
+    if format in FOLDER_FORMATS and output.suffix == ".safetensors":
+        raise ValueError(f"Format '{format}' writes a folder, but '{output}' names a .safetensors file.")
+    if format not in FOLDER_FORMATS and output.suffix != ".safetensors":
+        raise ValueError(f"Format '{format}' writes one .safetensors file; '{output}' does not end in .safetensors.")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+        dtype = DTYPES[dtype]
+    modules = adapted_components(source, component, components)
+    adapter_name = single_adapter_name(modules, adapter_name)
+
+    if format == MERGED:
+        return ExportResult(format, [save_merged(source, output, adapter_name)], layers=[])
+    if format == DIFF:
+        tensors, report = diff_state_dict(source, adapter_name, component, components, dtype, progress)
+        save_safetensors_atomic(tensors, output, metadata=_metadata({"peft_sara_export": "dense weight differences"}))
+        return ExportResult(format, [output], layers=report)
+
+    export = convert_to_lora(source, rank, adapter_name, component, components, progress)
+    if format == PEFT_LORA:
+        single_model = not is_pipeline(source)
+        base_layers = _base_layers(source, export, component)
+        base_models = _base_models(source, adapter_name, component, list(export.components))
+        paths = write_peft_lora(export, output, base_layers, base_models, single_model, dtype)
+        return ExportResult(format, paths, export)
+    if format == DIFFUSERS:
+        output.mkdir(parents=True, exist_ok=True)
+        path = output / DIFFUSERS_WEIGHT_NAME
+        save_safetensors_atomic(diffusers_state_dict(export, modules, dtype), path, metadata=_metadata())
+        return ExportResult(format, [path], export)
+    base_model = next(iter(_base_models(source, adapter_name, component, list(modules)).values()), None)
+    save_safetensors_atomic(
+        kohya_state_dict(export, modules, dtype), output, metadata=kohya_metadata(export, base_model)
+    )
+    return ExportResult(format, [output], export)
+
+
+__all__ = [
+    "FORMATS",
+    "ExportResult",
+    "export_adapter",
+    "diffusers_state_dict",
+    "kohya_state_dict",
+    "diff_state_dict",
+    "kohya_key",
+    "lora_config_for",
+]

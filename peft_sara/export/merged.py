@@ -1,0 +1,82 @@
+"""Full merged models: a pipeline or a component with a SaRA adapter baked into its weights, saved with
+``save_pretrained`` (safetensors). Every file is published atomically from a staging folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from torch import nn
+
+from ..save_bridge import base_layers_swapped_in
+from ..serialization import publish_staged_files
+from .sources import adapted_components, adapter_layers, is_pipeline, single_adapter_name
+
+
+def save_merged(
+    source: Any,
+    output_dir: str | os.PathLike,
+    adapter_name: str | None = None,
+    max_shard_size: str | int | None = None,
+) -> Path:
+    """Save ``source`` with the SaRA adapter merged into its weights, as a plain model any tool loads.
+
+    ``source`` is a ``DiffusionPipeline`` (saved whole, ``model_index.json`` included), a ``PeftModel`` or a model with
+    an injected adapter (saved as the plain base class). The source is left as it was: the adapter is unmerged again
+    (bitwise) unless it was already fused. Other adapters are not included.
+    """
+    modules = adapted_components(source)
+    adapter_name = single_adapter_name(modules, adapter_name)
+    others = sorted(
+        {
+            name
+            for module in modules.values()
+            for _, layer in adapter_layers(module, adapter_name)
+            for name in layer.merged_adapters
+            if name != adapter_name
+        }
+    )
+    if others:
+        raise ValueError(
+            f"Adapters {others} are fused into the weights as well: unfuse them first (`pipe.unfuse_lora()` / "
+            "`unmerge_adapter()`), so the merged model holds only the adapter you export."
+        )
+    merged_here = []
+    for module in modules.values():
+        for _, layer in adapter_layers(module, adapter_name):
+            if adapter_name not in layer.merged_adapters:
+                layer.merge(adapter_names=[adapter_name])
+                merged_here.append(layer)
+    directory = Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    try:
+        with tempfile.TemporaryDirectory(prefix=".tmp-merge-", dir=directory) as staging:
+            if is_pipeline(source):
+                source.save_pretrained(staging, **kwargs)
+            else:
+                inner = source.get_base_model() if isinstance(source, PeftModel) else source
+                _save_plain(inner, staging, kwargs)
+            publish_staged_files(Path(staging), directory)
+    finally:
+        for layer in merged_here:
+            layer.unmerge()
+    return directory
+
+
+def _save_plain(model: nn.Module, folder: str, kwargs: dict[str, Any]) -> None:
+    """``save_pretrained`` of the model's own class with every tuner layer replaced by its (merged) base layer."""
+    if not hasattr(type(model), "save_pretrained"):
+        raise TypeError(
+            f"{type(model).__name__} has no `save_pretrained`: merge with `merge_and_unload()` and save it yourself."
+        )
+    with base_layers_swapped_in(model):
+        type(model).save_pretrained(model, folder, **kwargs)
+
+
+__all__ = ["save_merged"]

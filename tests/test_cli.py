@@ -1,0 +1,177 @@
+"""The ``peft-sara`` command line: every subcommand on tiny saved adapters and models, run in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+
+import peft_sara
+from peft_sara import cli
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny_pipelines  # noqa: E402
+from hub_stub import HubStub  # noqa: E402
+from tiny_pipelines import generate  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def load_sd(path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(path)
+
+
+def run(capsys, *argv: str) -> str:
+    """Run ``peft-sara argv...`` in this process and return what it printed."""
+    capsys.readouterr()
+    assert cli.main([str(arg) for arg in argv]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved tiny SD pipeline and a random SaRA adapter for it (unet + text_encoder), with the adapted images."""
+    root = tmp_path_factory.mktemp("cli")
+    pipeline_dir = tiny_pipelines.build_sd_pipeline(root)
+    pipe = load_sd(pipeline_dir)
+    tiny_pipelines.add_random_sara_adapter(pipe, "style")
+    adapter_dir = peft_sara.save_sara_adapter(pipe, root / "adapter", base_model=str(pipeline_dir))
+    return SimpleNamespace(root=root, pipeline_dir=pipeline_dir, adapter_dir=adapter_dir, adapted=generate(pipe))
+
+
+def test_every_subcommand_answers_help(capsys):
+    for name in cli.SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([name, "--help"])
+        assert exit_info.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out, name
+    listing = cli.build_parser().format_help()
+    assert all(name in listing for name in ("inspect", "analyze", "export", "merge", "push", "demo"))
+
+
+def test_inspect_reports_each_layer_the_totals_and_the_file_size(saved, capsys):
+    report = json.loads(run(capsys, "inspect", saved.adapter_dir, "--json"))
+    assert report["base_model"] == str(saved.pipeline_dir)
+    components = {component["component"]: component for component in report["components"]}
+    assert set(components) == {"unet", "text_encoder"}
+    unet = components["unet"]
+    assert unet["file_bytes"] == (saved.adapter_dir / "unet" / "adapter_model.safetensors").stat().st_size
+    conv = next(row for row in unet["layers"] if row["module"] == "down_blocks.0.resnets.0.conv1")
+    assert conv["weight_shape"] == [32, 32, 3, 3] and conv["frozen"] == 0
+    assert conv["trainable"] == round(0.1 * 32 * 32 * 9) and conv["density"] == pytest.approx(0.1, abs=1e-3)
+    assert conv["delta_norm"] > 0 and 1 < conv["effective_rank"] <= 32 and conv["rank"] <= 32
+    totals = report["totals"]
+    assert totals["trainable"] == sum(c["trainable"] for c in report["components"])
+    assert totals["density"] == pytest.approx(0.1, abs=1e-3)
+    table = run(capsys, "inspect", saved.adapter_dir, "--quiet", "--no-rank")
+    assert "down_blocks.0.resnets.0.conv1" in table and "total: " in table and "KiB" in table
+
+
+def test_export_writes_each_format_from_the_recorded_base_and_reports_the_error(saved, capsys):
+    kohya = saved.root / "style-r4.safetensors"
+    report = json.loads(
+        run(capsys, "export", saved.adapter_dir, "--format", "kohya", "--rank", "4", "-o", kohya, "--json")
+    )
+    assert report["rank"] == 4 and 0 < report["total_relative_error"] < 1
+    assert {row["rank"] for row in report["layers"]} == {4}
+    assert any(key.startswith("lora_unet_") for key in load_file(kohya))
+    out = run(capsys, "export", saved.adapter_dir, "--format", "peft-lora", "-o", saved.root / "peft", "--quiet")
+    assert "full (exact): total relative error" in out
+    assert (saved.root / "peft" / "unet" / "adapter_config.json").is_file()
+    out = run(
+        capsys,
+        "export",
+        saved.adapter_dir,
+        "--base",
+        saved.pipeline_dir,
+        "--format",
+        "diff",
+        "--components",
+        "unet",
+        "--dtype",
+        "float16",
+        "-o",
+        saved.root / "unet.diff.safetensors",
+    )
+    assert "exact dense differences" in out
+    tensors = load_file(saved.root / "unet.diff.safetensors")
+    assert all(key.startswith("lora_unet_") and key.endswith(".diff") for key in tensors)
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.float16}
+
+
+def test_merge_writes_a_pipeline_that_generates_the_adapted_images(saved, capsys):
+    out = run(capsys, "merge", saved.pipeline_dir, saved.adapter_dir, "-o", saved.root / "merged")
+    assert "merged model" in out
+    np.testing.assert_allclose(generate(load_sd(saved.root / "merged")), saved.adapted, rtol=0, atol=2e-5)
+
+
+def test_analyze_reports_small_weights_a_histogram_and_the_zeroing_test(saved, capsys):
+    inputs = saved.root / "unet-inputs.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "sample": torch.randn(1, 4, 16, 16, generator=generator),
+            "timestep": torch.tensor([10]),
+            "encoder_hidden_states": torch.randn(1, 6, 32, generator=generator),
+        },
+        inputs,
+    )
+    histogram = saved.root / "weights.png"
+    argv = ["analyze", saved.pipeline_dir, "--inputs", inputs, "--histogram", histogram, "--json"]
+    report = json.loads(run(capsys, *argv, "--thresholds", "1e-3", "1e-2"))
+    assert report["thresholds"] == [1e-3, 1e-2]
+    assert 0 < report["fractions"]["0.001"] < report["fractions"]["0.01"] < 1
+    assert len(report["layers"]) > 50 and histogram.read_bytes().startswith(b"\x89PNG")
+    for row in report["zeroing"]:
+        assert row["zeroed_weights"] > 0
+        assert row["relative_change_small"] < row["relative_change_random"]  # the paper's observation
+    table = run(capsys, "analyze", saved.pipeline_dir / "text_encoder", "--no-histogram", "--quiet")
+    assert "encoder.layers.0.mlp.fc1" in table and "|w|<0.002" in table
+
+
+def test_push_uploads_the_adapter_with_the_sara_card_and_inspect_reads_the_repo(saved, capsys, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    with HubStub(lifetime_s=300) as hub:
+        out = run(
+            capsys, "push", saved.adapter_dir, "org/cli-style", "--base-model", "org/tiny-sd", "--endpoint", hub.url
+        )
+        assert "org/cli-style" in out
+        files = hub.files("org/cli-style")
+        assert {"README.md", "unet/adapter_config.json", "unet/adapter_model.safetensors"} <= set(files)
+        card = ModelCard(files["README.md"].decode())
+        assert card.data.base_model == "org/tiny-sd" and card.data.base_model_relation == "adapter"
+        assert {"sara", "peft-sara"} <= set(card.data.tags)
+        assert 'load_sara_adapter(pipe, "org/cli-style")' in card.text
+
+        # huggingface_hub reads HF_ENDPOINT at import time: point its constants at the stub
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(
+            hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setenv("HF_HUB_CACHE", str(saved.root / "hf-cache"))
+        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(saved.root / "hf-cache"))
+        report = json.loads(run(capsys, "inspect", "org/cli-style", "--json", "--no-rank"))
+    assert {component["component"] for component in report["components"]} == {"unet", "text_encoder"}
+
+
+def test_command_line_errors_say_what_to_do(saved, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", str(saved.adapter_dir), "--format", "kohya", "--rank", "1.5", "-o", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "Invalid energy fraction 1.5" in capsys.readouterr().err
+    moved = tmp_path / "moved-adapter"
+    moved.mkdir()
+    config = json.loads((saved.adapter_dir / "unet" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "org/not-downloaded"
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="Pass --base"):
+        cli.main(["export", str(moved), "--format", "diff", "-o", str(tmp_path / "x.safetensors")])
