@@ -19,6 +19,7 @@ from torch import nn
 
 from . import kernels
 from .base_weight import MergeBackup, logical_weight_shape, merge_entries_, readable_weight, unmerge_entries_
+from .capacity import load_state_dict_into_capacity, state_dict_live_entries_only
 from .config import SaRAConfig
 from .constants import CACHE_ENV_VAR
 from .custom_ops import compiled_sparse_delta
@@ -87,8 +88,8 @@ class SaRALayer(BaseTunerLayer):
         # there and leaves an inert, zeroed tail, so the Parameter keeps its size and identity for the whole run.
         self.sara_num_trainable: dict[str, int] = {}
         # The state dict holds only the live entries; loading pads them back to the layer's capacity.
-        self.register_state_dict_post_hook(SaRALayer._state_dict_live_entries_only)
-        self.register_load_state_dict_pre_hook(SaRALayer._load_state_dict_into_capacity)
+        self.register_state_dict_post_hook(state_dict_live_entries_only)
+        self.register_load_state_dict_pre_hook(load_state_dict_into_capacity)
         # Base entries overwritten by `merge`, per merged adapter; written back bitwise by `unmerge`.
         self._sara_merge_backup: dict[str, MergeBackup] = {}
         self._disable_adapters = False
@@ -148,9 +149,9 @@ class SaRALayer(BaseTunerLayer):
         if frozen_indices is not None:
             self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
         self._clear_index_caches()
-        device = self.get_base_layer().weight.device
-        index_dtype = index_dtype_for(self.get_base_layer().weight.numel())
         param = self.sara_values[adapter_name]
+        device = param.device  # where the adapter lives (an offloaded base's weight is on meta)
+        index_dtype = index_dtype_for(self.weight_shape.numel())
         if values is None:
             values = torch.zeros(indices.numel(), dtype=param.dtype)
         if indices.numel() <= param.shape[0]:
@@ -218,7 +219,8 @@ class SaRALayer(BaseTunerLayer):
         count = self.num_trainable(adapter_name)
         indices = self.sara_indices[adapter_name][:count]
         values = gathered(self.sara_values[adapter_name]).detach()[:count]
-        base_entries = gathered(self.get_base_layer().weight).detach().reshape(-1).index_select(0, indices)
+        with readable_weight(self.get_base_layer()) as weight:  # dequantized / onloaded where needed
+            base_entries = gathered(weight).detach().reshape(-1).index_select(0, indices)
         current = base_entries.to(compute_dtype(base_entries.dtype, values.dtype)) + values
         return still_ineffective(current, self.sara_cutoff[adapter_name])
 
@@ -235,46 +237,6 @@ class SaRALayer(BaseTunerLayer):
         if cached is None or cached[0] is not tensor or cached[1] != count:
             cached = views[id(tensor)] = (tensor, count, tensor[:count])
         return cached[2]
-
-    @staticmethod
-    def _state_dict_live_entries_only(
-        module: SaRALayer, state_dict: dict[str, Any], prefix: str, local_metadata: dict
-    ) -> None:
-        # State-dict post-hook: trim `sara_values` / `sara_indices` to the live entries (copies, not views, so
-        # `torch.save` does not write the whole capacity's storage).
-        for name in module.sara_values:
-            count = module.num_trainable(name)
-            for key in (f"{prefix}sara_values.{name}", f"{prefix}sara_indices.{name}"):
-                value = state_dict.get(key)
-                if value is not None and value.shape[0] > count:
-                    state_dict[key] = value.detach()[:count].clone()
-
-    @staticmethod
-    def _load_state_dict_into_capacity(module: SaRALayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # Load pre-hook: a state dict holds the live entries only. Pad them to the layer's capacity (growing it when
-        # they do not fit) and record their number; resize the frozen buffers to the incoming ones (a state dict
-        # without frozen entries was saved before any re-selection: none).
-        for name, param in module.sara_values.items():
-            values_key, indices_key = f"{prefix}sara_values.{name}", f"{prefix}sara_indices.{name}"
-            values, indices = state_dict.get(values_key), state_dict.get(indices_key)
-            if values is None or indices is None or values.dim() != 1 or values.shape != indices.shape:
-                continue  # nothing to fit; PyTorch reports missing keys and size mismatches
-            count, capacity = values.shape[0], param.shape[0]
-            if count > capacity:
-                index_buffer = module.sara_indices[name]
-                module.sara_indices[name] = index_buffer.new_zeros(count)
-                module.sara_values[name] = nn.Parameter(param.detach().new_zeros(count), param.requires_grad)
-                capacity = count
-            state_dict[values_key] = torch.cat([values, values.new_zeros(capacity - count)])
-            state_dict[indices_key] = torch.cat([indices, indices.new_zeros(capacity - count)])
-            module.sara_num_trainable[name] = count
-            module._clear_index_caches()
-            for container_name in ("sara_frozen_indices", "sara_frozen_values"):
-                container = getattr(module, container_name)
-                incoming = state_dict.get(f"{prefix}{container_name}.{name}")
-                shape = incoming.shape if incoming is not None else torch.Size([0])
-                if container[name].shape != shape:
-                    container[name] = container[name].new_zeros(shape)
 
     def _check_entries(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None, what: str) -> None:
         numel = self.weight_shape.numel()
