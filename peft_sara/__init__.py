@@ -4,9 +4,11 @@ Importing this package registers the ``"sara"`` method with PEFT, so that ``get_
 ``PeftModel.from_pretrained``, ``inject_adapter_in_model`` and diffusers' ``add_adapter`` accept ``SaRAConfig``.
 
 Layers, bottom to top (nothing imports upward; ``lint-imports`` checks it): ``constants`` / ``peft_type`` /
-``config`` / ``masks`` -> ``kernels`` -> ``functional`` (the sparse-update op) -> ``layer`` -> tuner (``serialization``,
-``save_bridge``, ``model``, ``merging``, ``regularizers``, ``registration``) -> integrations (``cards``, ``resolve``,
-``pipelines``, ``hub``, ``conversion``) -> ``training`` -> applications (``cli``, ``demo``).
+``config`` / ``masks`` -> ``kernels`` -> ``functional`` (the sparse-update op) -> ``custom_ops`` / ``base_weight`` /
+``capacity`` -> ``layer`` -> tuner (``serialization``, ``save_bridge``, ``validation``, ``model``, ``merging``,
+``regularizers``, ``registration``) -> integrations (``cards``, ``resolve``, ``pipelines``, ``export``, ``hub``,
+``conversion``) -> ``training`` -> applications (``cli``, ``commands``, ``demo``). The import-linter contract in
+``pyproject.toml`` is the exact list.
 """
 
 from .cards import sara_model_card
@@ -17,6 +19,7 @@ from .layer import Conv, Linear, SaRALayer, SparseUpdate, sara_layers
 from .model import SaRAModel
 from .pipelines import load_sara_adapter, save_sara_adapter
 from .registration import register
+from .validation import InvalidAdapterError, allow_non_finite_values
 
 PEFT_TYPE = register()
 
@@ -34,4 +37,6 @@ __all__ = [
     "save_sara_adapter",
     "push_sara_adapter",
     "sara_model_card",
+    "InvalidAdapterError",
+    "allow_non_finite_values",
 ]

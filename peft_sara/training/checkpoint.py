@@ -9,14 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 from peft import set_peft_model_state_dict
-from peft.utils import load_peft_weights
 from torch import nn
 
 from ..atomic import torch_save_atomic
 from ..constants import TRAINING_STATE_NAME
 from ..layer import sara_layers
 from ..masks import is_sharded
-from ..serialization import adapter_subfolder, save_model_adapter
+from ..serialization import adapter_subfolder, read_adapter_weights, save_model_adapter
 from .helper import SaRATrainingHelper, resolve_sara_adapter
 from .optimizer import pad_state_to_capacity, unwrap_optimizer
 
@@ -77,7 +76,7 @@ def load_training_state(
     restores all states."""
     adapter_name, _ = resolve_sara_adapter(model, adapter_name)
     adapter_dir = os.path.join(input_dir, adapter_subfolder(adapter_name))
-    load_result = set_peft_model_state_dict(model, load_peft_weights(adapter_dir, device="cpu"), adapter_name)
+    load_result = set_peft_model_state_dict(model, read_adapter_weights(adapter_dir), adapter_name)
     missing = [k for k in getattr(load_result, "missing_keys", []) if "sara_" in k]
     if missing:
         raise ValueError(f"Checkpoint {input_dir} lacks SaRA tensors the model has: {missing[:5]}")
