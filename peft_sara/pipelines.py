@@ -94,10 +94,15 @@ def _component_folders(folder: Path, pipe_modules: dict[str, nn.Module], compone
         found = {wanted[0]: folder}
     elif not found:
         listing = sorted(child.name for child in folder.iterdir()) if folder.is_dir() else []
+        lora_hint = (
+            " This looks like a LoRA file: load it with `pipe.load_lora_weights(...)`."
+            if any(name.endswith(".safetensors") for name in listing)
+            else ""
+        )
         raise FileNotFoundError(
             f"No '{CONFIG_NAME}' in '{folder}' or in its component subfolders (found: {listing}). A pipeline adapter "
             "has one subfolder per component (unet/, text_encoder/, ...), each with adapter_config.json and "
-            "adapter_model.safetensors."
+            f"adapter_model.safetensors.{lora_hint}"
         )
 
     if components:
@@ -244,7 +249,7 @@ def load_sara_adapter(
     components = _components_for_prefix(prefix, components)
     pipe_modules = pipeline_modules(pipe)
     folder = resolve_adapter_folder(
-        pretrained_model_name_or_path, subfolder, revision, token, cache_dir, local_files_only
+        pretrained_model_name_or_path, subfolder, revision, token, cache_dir, local_files_only, weight_name
     )
     adapter_name = adapter_name or default_adapter_name(pretrained_model_name_or_path)
     plan = []

@@ -29,11 +29,13 @@ def resolve_adapter_folder(
     token: str | bool | None,
     cache_dir: str | os.PathLike | None,
     local_files_only: bool,
+    weight_name: str | None = None,
 ) -> Path:
     """A local folder holding the adapter: ``source`` itself, or a snapshot of the Hub repo ``source``.
 
     Repo ids are resolved with ``huggingface_hub.snapshot_download``, fetching only adapter files (never a base model
-    that lives in the same repo); it honours the cache, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``.
+    that lives in the same repo, plus ``weight_name`` when the weights have a custom file name); it honours the cache,
+    ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``.
     """
     if os.path.isdir(source):
         root = Path(source)
@@ -43,8 +45,9 @@ def resolve_adapter_folder(
         )
     else:
         prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-        patterns = [f"{prefix}{name}" for name in ADAPTER_FILE_PATTERNS]
-        patterns += [f"{prefix}*/{name}" for name in ADAPTER_FILE_PATTERNS]
+        names = ADAPTER_FILE_PATTERNS + ((weight_name,) if weight_name else ())
+        patterns = [f"{prefix}{name}" for name in names]
+        patterns += [f"{prefix}*/{name}" for name in names]
         try:
             root = Path(
                 snapshot_download(
