@@ -14,14 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .functional import ConvOp, LinearOp, SparseDeltaOp, patched_weight
 
 _LINEAR, _CONV = 0, 1
-# int64 copies of int32 index buffers, per buffer, valid while the buffer's version is unchanged. The op body runs
-# eagerly on the real buffers, so converting once per buffer (not per call) is safe here.
-_INT64_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def op_spec(op: SparseDeltaOp) -> list[int]:
@@ -43,19 +39,6 @@ def op_from_spec(spec: Sequence[int]) -> SparseDeltaOp:
     return ConvOp(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
-def _int64(indices: torch.Tensor) -> torch.Tensor:
-    if indices.dtype == torch.int64:
-        return indices
-    cached = _INT64_COPIES.get(indices)
-    if cached is None or cached[0] != indices._version:
-        cached = _INT64_COPIES[indices] = (indices._version, indices.long())
-    return cached[1]
-
-
-def _indices_for(backend: str, indices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [_int64(idx) for idx in indices] if backend == "reference" else list(indices)
-
-
 @torch.library.custom_op("peft_sara::sparse_delta", mutates_args=())
 def sparse_delta(
     x: torch.Tensor,
@@ -69,7 +52,6 @@ def sparse_delta(
 ) -> torch.Tensor:
     """``op(x, W + sum scale * Delta_W, bias)``; ``W`` is patched in place under its storage lock and restored bitwise
     (its content and version counter are unchanged afterwards, so declaring no mutation is truthful)."""
-    indices = _indices_for(backend, indices)
     with patched_weight(weight, indices, values, scales, backend):
         return op_from_spec(spec).forward(x, weight, bias)
 
@@ -96,7 +78,6 @@ def sparse_delta_backward(
 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Input gradient, the weight gradient sampled at each index set (times its scale) and the bias gradient; a
     gradient that is not needed comes back empty."""
-    indices = _indices_for(backend, indices)
     need = [wanted and scale != 0 for wanted, scale in zip(need_values, scales)]
     with patched_weight(weight, indices, values, scales, backend):
         grad_input, grad_values, grad_bias = op_from_spec(spec).backward(

@@ -225,7 +225,6 @@ class SaRALayer(BaseTunerLayer):
         return still_ineffective(current, self.sara_cutoff[adapter_name])
 
     def _clear_index_caches(self) -> None:
-        self.__dict__.pop("_sara_int64_cache", None)
         self.__dict__.pop("_sara_live_views", None)
 
     def _live_prefix(self, tensor: torch.Tensor, count: int) -> torch.Tensor:
@@ -301,21 +300,18 @@ class SaRALayer(BaseTunerLayer):
     def _sparse_parts(self, adapter_names: list[str], int64_indices: bool = True):
         """(indices, values, scale) lists of the live trainable and the frozen entries of the given adapters.
 
-        With ``int64_indices`` the indices come as int64 copies cached per index tensor (PyTorch's scatter/gather
-        need int64; converting on every forward would cost a pass over the indices each time).
+        Indices come as stored (int32 where they fit); ``int64_indices`` converts them (for the public API and
+        merging; the forward converts inside the op, once per call, instead of keeping int64 copies around).
         """
         indices, values, scales = [], [], []
         for name in adapter_names:
             scale = self.sara_scaling[name]
             for idx, vals in (self.trainable_entries(name), self.frozen_entries(name)):
                 if idx.numel():
-                    indices.append(self._int64(idx) if int64_indices else idx)
+                    indices.append(idx.long() if int64_indices else idx)
                     values.append(vals)
                     scales.append(scale)
         return indices, values, scales
-
-    def _int64(self, indices: torch.Tensor) -> torch.Tensor:
-        return kernels.int64_indices(indices, self.__dict__.setdefault("_sara_int64_cache", {}))
 
     # ------------------------------------------------------------------------------------------------ scaling
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -431,7 +427,7 @@ class SaRALayer(BaseTunerLayer):
                 return self.base_layer(x, *args, **kwargs) + self._update_contribution(x, active)
         backend = kernels.resolve_backend(self.sara_kernel[active[0]], base_layer.weight.device)
         compiling = torch.compiler.is_compiling()  # the registered op: traced whole, no data-dependent Python
-        indices, values, scales = self._sparse_parts(active, int64_indices=backend == "reference" and not compiling)
+        indices, values, scales = self._sparse_parts(active, int64_indices=False)
         if not indices:
             return self.base_layer(x, *args, **kwargs)
         op, x = self._op(x)

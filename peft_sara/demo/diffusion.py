@@ -140,22 +140,35 @@ def pretrain(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    ema_decay: float = 0.0,
 ) -> list[float]:
-    """Train every weight of ``unet`` on all classes (AdamW, warmup + cosine schedule); returns the loss per step."""
+    """Train every weight of ``unet`` on all classes (AdamW, warmup + cosine schedule); returns the loss per step.
+
+    With ``ema_decay`` > 0 the model ends with the exponential moving average of its weights (the usual trick for
+    cleaner diffusion samples; the decay ramps up as ``(1 + t) / (10 + t)`` early on).
+    """
     optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     batches = BatchSampler(images, labels, batch_size, seed)
+    params = [param for param in unet.parameters()]
+    averaged = [param.detach().clone() for param in params] if ema_decay > 0 else None
     losses = []
     unet.train()
     progress = tqdm(range(steps), desc="pretraining base model", unit="step", dynamic_ncols=True)
-    for _ in progress:
+    for step in progress:
         loss = diffusion_loss(unet, noise_scheduler, *batches.next())
         loss.backward()
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if averaged is not None:
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(averaged, [param.detach() for param in params], 1 - decay)
         losses.append(loss.item())
         progress.set_postfix(loss=f"{recent_mean(losses):.4f}")
+    if averaged is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, averaged)
     unet.eval()
     return losses
 

@@ -54,22 +54,6 @@ def _resolve_backend(choice: str, device: torch.device, interpreting: bool) -> s
     return "triton" if usable and device.type == "cuda" else "reference"
 
 
-def int64_indices(indices: torch.Tensor, cache: dict) -> torch.Tensor:
-    """``indices`` as int64 (what PyTorch's scatter/gather need), converted once and cached in ``cache``.
-
-    A cached copy is valid while it is the same tensor, unmodified (``load_state_dict``'s ``copy_`` bumps
-    ``_version``); converting on every forward would cost a pass over the indices each time.
-    """
-    if indices.dtype == torch.int64:
-        return indices
-    cached = cache.get(id(indices))
-    if cached is None or cached[0] is not indices or cached[1] != indices._version:
-        if len(cache) > 64:
-            cache.clear()
-        cached = cache[id(indices)] = (indices, indices._version, indices.long())
-    return cached[2]
-
-
 def _module(backend: str):
     if backend == "triton":
         from . import triton_kernels
