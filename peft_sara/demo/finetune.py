@@ -103,12 +103,14 @@ def finetune(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     checkpoint_steps: Sequence[int] = (),
     progress_bar: bool = True,
+    evaluate_start: bool = True,
 ) -> FinetuneHistory:
     """Train ``model``'s trainable parameters on (images, labels); with ``use_sara_helper`` the SaRA training helper
     adds the low-rank loss and performs the progressive re-selection (it keeps the optimizer in step).
 
-    ``evaluate(model)`` runs before training (step 0) and after each of ``checkpoint_steps``; its results are
-    recorded in ``history.checkpoints`` (its time is not counted in ``history.seconds``).
+    ``evaluate(model)`` runs before training (step 0, unless ``evaluate_start`` is False) and after each of
+    ``checkpoint_steps``; its results are recorded in ``history.checkpoints`` (its time is not counted in
+    ``history.seconds``).
     """
     history = FinetuneHistory()
     evaluation_seconds = 0.0
@@ -120,7 +122,7 @@ def finetune(
         model.train()
         evaluation_seconds += time.perf_counter() - started
 
-    if evaluate is not None:
+    if evaluate is not None and evaluate_start:
         checkpoint(0)
     trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=WEIGHT_DECAY)
@@ -163,9 +165,9 @@ def reload_max_difference(trained: PeftModel, base: UNet2DModel, adapter_dir: Pa
     fresh.load_state_dict(base.state_dict())
     reloaded = PeftModel.from_pretrained(fresh, adapter_dir).eval()
     generator = torch.Generator().manual_seed(seed)
-    size = base.config.sample_size
-    noisy = torch.randn((10, 1, size, size), generator=generator)
+    size, channels, classes = base.config.sample_size, base.config.in_channels, base.config.num_class_embeds
+    noisy = torch.randn((10, channels, size, size), generator=generator)
     timesteps = torch.linspace(0, 999, 10).long()
-    labels = torch.arange(10)
+    labels = torch.arange(10) % classes
     expected = predict_noise(trained.eval(), noisy, timesteps, labels)
     return float((predict_noise(reloaded, noisy, timesteps, labels) - expected).abs().max())
