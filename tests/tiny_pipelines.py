@@ -179,58 +179,6 @@ def build_sd3_pipeline(directory: Path) -> Path:
     return directory / "pipeline"
 
 
-def build_sdxl_pipeline(directory: Path) -> Path:
-    """Save a tiny StableDiffusionXLPipeline (text-time UNet (32, 64), CLIP + CLIP-with-projection, AutoencoderKL,
-    Euler) to ``directory``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        **{**TINY_UNET_CONFIG, "cross_attention_dim": 64},  # the two encoders' hidden states, concatenated
-        sample_size=HEIGHT // 2,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop ids + the pooled projection
-    )
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    text_encoder = CLIPTextModel(_clip_text_config())
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(projection_dim=32))
-    tokenizer = clip_tokenizer(directory / "_tokenizer")
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
-    )
-    pipe = StableDiffusionXLPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        scheduler=scheduler,
-        add_watermarker=False,
-    )
-    pipe.save_pretrained(directory / "pipeline")
-    return directory / "pipeline"
-
-
-def build_motion_adapter(directory: Path) -> Path:
-    """Save a tiny AnimateDiff ``MotionAdapter`` matching the tiny SD UNet's blocks (32, 64) to ``directory``."""
-    from diffusers import MotionAdapter
-
-    torch.manual_seed(0)
-    adapter = MotionAdapter(
-        block_out_channels=TINY_UNET_CONFIG["block_out_channels"],
-        motion_layers_per_block=TINY_UNET_CONFIG["layers_per_block"],
-        motion_num_attention_heads=2,
-        motion_norm_num_groups=TINY_UNET_CONFIG["norm_num_groups"],
-        motion_max_seq_length=32,
-        use_motion_mid_block=False,
-    )
-    adapter.save_pretrained(directory / "motion_adapter")
-    return directory / "motion_adapter"
-
-
 def add_random_sara_adapter(
     pipe, adapter_name: str = "style", components=("unet", "text_encoder"), seed: int = 0, fraction: float = 0.1
 ) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DATASETS, STYLES
+from .data import STYLES
 from .run import DemoResult, run_demo
 from .settings import DemoSettings, default_cache_root
 
@@ -23,15 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(
         prog="python -m peft_sara.demo",
-        description="Fine-tune a small diffusion model to a new style with SaRA and with LoRA at the same parameter "
-        "count, at three learning rates each, and plot what each learned against what it kept (tradeoff.png), with "
-        "sample grids scored by a classifier. CPU-only, no downloads, about 5 minutes.",
-    )
-    parser.add_argument(
-        "--dataset",
-        choices=sorted(DATASETS),
-        default="digits",
-        help="digits (8x8 grey, 10 classes; default) or photo-patches (16x16 RGB patches of two photos, 2 classes)",
+        description="Fine-tune a small digit diffusion model to a new style with SaRA, compare with LoRA at the same "
+        "parameter count, and measure forgetting. CPU-only, no downloads, about 5 minutes.",
     )
     parser.add_argument(
         "--output-dir",
@@ -57,18 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the pretrained-model cache")
     parser.add_argument("--seed", type=int, default=None, help=f"seed of everything random (default: {defaults.seed})")
     parser.add_argument(
-        "--style",
-        choices=sorted(STYLES),
-        default=None,
-        help=f"the new style (default: {defaults.style}; photo-patches: bgr)",
-    )
-    parser.add_argument(
-        "--learning-rates",
-        type=float,
-        nargs="+",
-        default=None,
-        help="learning rates swept for both methods; the middle one gives the saved adapters and the grids "
-        f"(default: {' '.join(map(str, defaults.learning_rates))})",
+        "--style", choices=sorted(STYLES), default=None, help=f"the new style (default: {defaults.style})"
     )
     parser.add_argument(
         "--threads",
@@ -83,13 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     """Apply the command-line overrides to the default (or ``--quick``) settings."""
-    settings = DemoSettings.quick(args.dataset) if args.quick else DemoSettings.for_dataset(args.dataset)
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
     overrides = {
         "finetune_steps": args.steps,
         "pretrain_steps": args.pretrain_steps,
         "seed": args.seed,
         "style": args.style,
-        "learning_rates": tuple(args.learning_rates) if args.learning_rates else None,
     }
     for name, value in overrides.items():
         if value is not None:

@@ -104,8 +104,8 @@ def sample_images(
     sampler = DDIMScheduler.from_config(noise_scheduler.config)
     sampler.set_timesteps(num_inference_steps)
     generator = torch.Generator().manual_seed(seed)
-    config = _unet_config(model)
-    images = torch.randn((len(labels), config.in_channels, config.sample_size, config.sample_size), generator=generator)
+    sample_size = _unet_config(model).sample_size
+    images = torch.randn((len(labels), 1, sample_size, sample_size), generator=generator)
     was_training = model.training
     model.eval()
     for timestep in sampler.timesteps:
@@ -140,35 +140,22 @@ def pretrain(
     batch_size: int,
     learning_rate: float,
     seed: int,
-    ema_decay: float = 0.0,
 ) -> list[float]:
-    """Train every weight of ``unet`` on all classes (AdamW, warmup + cosine schedule); returns the loss per step.
-
-    With ``ema_decay`` > 0 the model ends with the exponential moving average of its weights (the usual trick for
-    cleaner diffusion samples; the decay ramps up as ``(1 + t) / (10 + t)`` early on).
-    """
+    """Train every weight of ``unet`` on all classes (AdamW, warmup + cosine schedule); returns the loss per step."""
     optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     batches = BatchSampler(images, labels, batch_size, seed)
-    params = [param for param in unet.parameters()]
-    averaged = [param.detach().clone() for param in params] if ema_decay > 0 else None
     losses = []
     unet.train()
     progress = tqdm(range(steps), desc="pretraining base model", unit="step", dynamic_ncols=True)
-    for step in progress:
+    for _ in progress:
         loss = diffusion_loss(unet, noise_scheduler, *batches.next())
         loss.backward()
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if averaged is not None:
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(averaged, [param.detach() for param in params], 1 - decay)
         losses.append(loss.item())
         progress.set_postfix(loss=f"{recent_mean(losses):.4f}")
-    if averaged is not None:
-        with torch.no_grad():
-            torch._foreach_copy_(params, averaged)
     unet.eval()
     return losses
 
@@ -193,7 +180,6 @@ def load_or_pretrain(
     learning_rate: float,
     seed: int,
     cache_folder: Path | None,
-    ema_decay: float,
 ) -> PretrainResult:
     """Load the pretrained base model from ``cache_folder`` if it holds one, else pretrain it (and cache it there).
 
@@ -206,7 +192,7 @@ def load_or_pretrain(
         return PretrainResult(unet, info["losses"], info["seconds"], reused_from=str(cache_folder), saved_to=None)
     start = time.perf_counter()
     unet = build_unet(unet_config, seed)
-    losses = pretrain(unet, noise_scheduler, images, labels, steps, batch_size, learning_rate, seed, ema_decay)
+    losses = pretrain(unet, noise_scheduler, images, labels, steps, batch_size, learning_rate, seed)
     seconds = time.perf_counter() - start
     saved_to = None
     if cache_folder is not None:
