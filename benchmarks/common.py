@@ -2,8 +2,8 @@
 and library versions, and writing results (JSON under ``benchmarks/results/``, plain-text tables).
 
 Every script runs as ``python -m benchmarks.<name>`` and imports this module as ``benchmarks.common``. Models and
-inputs are deterministic given a seed, so every method of one benchmark run sees the same random-init model, the same
-batch and the same timesteps. Importing this module does not import diffusers, PEFT or Triton (``kernels.py`` must set
+inputs are deterministic given a seed and a device type (weights are drawn on the device), so every method of one
+benchmark run sees the same random-init model, the same batch and the same timesteps. Importing this module does not import diffusers, PEFT or Triton (``kernels.py`` must set
 ``TRITON_INTERPRET`` before Triton is first imported).
 """
 
@@ -35,6 +35,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+SDXL_DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+SDXL_UP_BLOCKS = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+SDXL_TIME_IDS = 6  # original size, crop top-left, target size: each embedded in addition_time_embed_dim
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -51,7 +54,12 @@ class ModelPreset:
     text_tokens: int
     sara_fraction: float  # trainable_fraction given to SaRA (random-init weights: a global threshold means little)
     description: str = ""
-    pooled_dim: int = 0  # DiT only: size of the pooled text embedding
+    pooled_dim: int = 0  # DiT and SDXL: size of the pooled text embedding
+
+    @property
+    def has_time_ids(self) -> bool:
+        """Whether the UNet takes SDXL's extra conditioning (``added_cond_kwargs``: pooled text and size ids)."""
+        return self.config.get("addition_embed_type") == "text_time"
 
     @property
     def latent_channels(self) -> int:
@@ -108,6 +116,32 @@ PRESETS: dict[str, ModelPreset] = {
         text_tokens=77,
         sara_fraction=0.06,  # threshold 2e-3 selects ~6% of the real SD1.5 UNet (paper)
     ),
+    "sdxl": ModelPreset(
+        name="sdxl",
+        family="unet",
+        description="Stable Diffusion XL UNet config (2.57B parameters), random weights, 1024 px; meant for a GPU",
+        config=dict(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=SDXL_DOWN_BLOCKS,
+            up_block_types=SDXL_UP_BLOCKS,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),  # diffusers' name for the number of heads: 64 channels per head
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 1280 pooled text + 6 time ids x 256
+            norm_num_groups=32,
+        ),
+        latent_size=128,
+        text_tokens=77,
+        sara_fraction=0.06,  # as sd15: random weights, so a fraction stands in for the paper's threshold
+        pooled_dim=1280,
+    ),
     "dit": ModelPreset(
         name="dit",
         family="dit",
@@ -150,6 +184,32 @@ PRESETS: dict[str, ModelPreset] = {
         text_tokens=6,
         sara_fraction=0.07,
     ),
+    "tiny-sdxl": ModelPreset(
+        name="tiny-sdxl",
+        family="unet",
+        description="toy UNet with SDXL's layout (text_time conditioning, linear projections, deeper last block)",
+        config=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            cross_attention_dim=32,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=16 + SDXL_TIME_IDS * 8,
+            norm_num_groups=8,
+        ),
+        latent_size=8,
+        text_tokens=6,
+        sara_fraction=0.07,
+        pooled_dim=16,
+    ),
     "tiny-dit": ModelPreset(
         name="tiny-dit",
         family="dit",
@@ -186,13 +246,23 @@ def preset_summary(preset: ModelPreset) -> dict[str, Any]:
     }
 
 
-def build_model(preset: ModelPreset, seed: int, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The preset's model with seeded random weights (drawn in float32), on ``device`` in ``dtype``, in train mode."""
-    from diffusers import SD3Transformer2DModel, UNet2DConditionModel  # here, so importing this module stays light
+def model_class(family: str) -> type[nn.Module]:
+    """The diffusers class of a preset family. Imported on first use, so importing this module stays light; a
+    launcher calls it before forking (:func:`setup_run` does), so its children do not each pay the import (seconds)."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
-    model_class = UNet2DConditionModel if preset.family == "unet" else SD3Transformer2DModel
+    return UNet2DConditionModel if family == "unet" else SD3Transformer2DModel
+
+
+def build_model(preset: ModelPreset, seed: int, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The preset's model with seeded random weights (drawn in float32 on ``device``), in ``dtype``, in train mode.
+
+    Drawing the weights on the device keeps a 2.6B-parameter GPU model's set-up to seconds; a given seed gives the same
+    weights on every run on the same device type (CPU and CUDA weights differ).
+    """
     torch.manual_seed(seed)
-    model = model_class(**preset.config)
+    with torch.device(device):
+        model = model_class(preset.family)(**preset.config)
     model = model.to(device) if dtype == torch.float32 else model.to(device=device, dtype=dtype)
     return model.train()
 
@@ -217,6 +287,11 @@ def make_batch(
     if preset.family == "unet":
         timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
         inputs = {"sample": latents, "timestep": timesteps, "encoder_hidden_states": text}
+        if preset.has_time_ids:
+            pooled = torch.randn(batch_size, preset.pooled_dim, generator=generator)
+            pixels = float(size * 8)  # the VAE's 8x: original size, crop (0, 0), target size, as SDXL pipelines send
+            time_ids = torch.tensor([pixels, pixels, 0.0, 0.0, pixels, pixels]).repeat(batch_size, 1)
+            inputs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
     else:
         timesteps = torch.rand(batch_size, generator=generator) * 1000
         pooled = torch.randn(batch_size, preset.pooled_dim, generator=generator)
@@ -226,10 +301,18 @@ def make_batch(
             "encoder_hidden_states": text,
             "pooled_projections": pooled,
         }
-    inputs = {
-        key: value.to(device, dtype) if value.is_floating_point() else value.to(device) for key, value in inputs.items()
-    }
-    return Batch(inputs, target.to(device))
+    return Batch(_to_device(inputs, device, dtype), target.to(device))
+
+
+def _to_device(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """``inputs`` (nested dicts too) on ``device``, floating-point tensors in ``dtype``."""
+    moved = {}
+    for key, value in inputs.items():
+        if isinstance(value, dict):
+            moved[key] = _to_device(value, device, dtype)
+        else:
+            moved[key] = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    return moved
 
 
 def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -387,11 +470,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_in_fresh_process(fn: Callable[..., dict], *args: Any) -> dict:
+def run_in_fresh_process(fn: Callable[..., dict], *args: Any, timeout_s: float | None = None) -> dict:
     """Run ``fn(*args)`` in a forked child and return its (picklable) result; re-raise its errors here.
 
     The parent must not have run any torch computation or initialised CUDA (fork keeps neither safe); it has only
-    imported the libraries, so every child starts from the same clean state and pays no import time.
+    imported the libraries, so every child starts from the same clean state and pays no import time. A child still
+    running after ``timeout_s`` seconds is killed and :class:`TimeoutError` raised.
     """
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
@@ -408,6 +492,10 @@ def run_in_fresh_process(fn: Callable[..., dict], *args: Any) -> dict:
     process = context.Process(target=child)
     process.start()
     sender.close()
+    if timeout_s is not None and not receiver.poll(timeout_s):
+        process.kill()
+        process.join()
+        raise TimeoutError(f"The benchmark child process ran past its {timeout_s:.0f} s limit and was stopped.")
     try:
         status, payload = receiver.recv()
     except EOFError:
@@ -506,6 +594,19 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(out)
 
 
+def format_markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """The same table as :func:`format_table`, as GitHub markdown."""
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |"]
+    lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
+    for row in rows:
+        cells = []
+        for key, _, spec in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else format(value, spec) if spec else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def results_path(out: Path | None, benchmark: str, preset: ModelPreset, batch_size: int, device: torch.device) -> Path:
     """``--out``, or the default ``benchmarks/results/<benchmark>-<preset>-bs<B>-<device type>.json``."""
     return out or RESULTS_DIR / f"{benchmark}-{preset.name}-bs{batch_size}-{device.type}.json"
@@ -595,6 +696,7 @@ class RunSetup:
 def setup_run(args: argparse.Namespace, **spec_fields: Any) -> RunSetup:
     """Resolve the common and selection flags of ``args``; ``spec_fields`` are the script's own spec entries."""
     preset = PRESETS[args.preset]
+    model_class(preset.family)  # import it once here rather than in every child
     resolved = resolve_device(args.device, args.threads)
     selection = sara_selection(args, preset)
     spec = {

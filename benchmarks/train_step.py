@@ -3,11 +3,14 @@
 Every method runs on the same seeded random-init model, the same batch and the same loss (MSE between the model's
 prediction and a random target, random timesteps and text embeddings), each in a fresh process forked from this one,
 so their memory peaks do not mix. Methods run round-robin for ``--rounds`` rounds, so a change of load on a shared
-machine hits all of them alike. Prints the tables and the ratios to full fine-tuning and to LoRA r=8, and writes
+machine hits all of them alike. A method that fails (out of memory, say) is recorded as such and the others go on.
+Prints the tables and the ratios to full fine-tuning and to LoRA r=8, and writes
 ``benchmarks/results/train_step-<preset>-bs<B>-<device>.json``.
 
     python -m benchmarks.train_step --preset small --batch-size 4 --threads 1
-    python -m benchmarks.train_step --preset sd15 --batch-size 4 --device cuda --rounds 2 --steps 10 --warmup 3
+    python -m benchmarks.train_step --preset sd15 --batch-size 4 --device cuda --dtype bfloat16 --rounds 2 --steps 10
+    python -m benchmarks.train_step --preset sdxl --device cuda --dtype bfloat16 --gradient-checkpointing \
+        --methods floor,full_ft,lora_r8,sara --rounds 1
     python -m benchmarks.train_step --methods floor,full_ft,lora_r8,sara --profile 15
 """
 
@@ -31,6 +34,7 @@ from torch import nn
 
 import peft_sara
 from benchmarks.common import (
+    DTYPES,
     Batch,
     MemoryProbe,
     ModelPreset,
@@ -63,12 +67,14 @@ METHODS: dict[str, str] = {
     "floor": "frozen base, forward + backward to the input latents only (no trainable parameters)",
     "full_ft": "full fine-tuning, AdamW on every parameter",
     "lora_r8": "PEFT LoRA r=8 (alpha 8) on SaRA's target modules (Linear + Conv2d)",
+    "lora_r64": "PEFT LoRA r=64 (alpha 64) on SaRA's target modules (Linear + Conv2d)",
     "lora_matched": "PEFT LoRA on SaRA's target modules at the rank whose trainable count matches SaRA's",
     "shira": "PEFT SHiRA (random sparse support) on SaRA's Linear targets, r matched to SaRA's Linear count",
     "supertuning": "PEFT Super-Tuning bottom-k (select_top=False) on SaRA's Linear targets, SaRA's Linear count",
     "masked_dense": "target weights fully trainable, dense grads masked to SaRA's entries after backward, AdamW",
     "sara": "peft-sara SaRA, AdamW on the sparse values",
 }
+DEFAULT_METHODS = tuple(method for method in METHODS if method != "lora_r64")  # `--methods all` adds LoRA r=64
 REFERENCE_FULL, REFERENCE_LORA, FLOOR = "full_ft", "lora_r8", "floor"
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 1e-2
 
@@ -80,10 +86,15 @@ def sara_config(plan_or_args: dict[str, Any], **overrides: Any) -> peft_sara.SaR
     return peft_sara.SaRAConfig(**selection, **overrides)
 
 
+def model_dtype(spec: dict[str, Any]) -> torch.dtype:
+    """The dtype the run's model is built in (``--dtype``; adapters keep PEFT's float32 weights)."""
+    return DTYPES[spec.get("dtype", "float32")]
+
+
 def make_plan(spec: dict[str, Any]) -> dict[str, Any]:
     """SaRA's targets and per-layer trainable counts, and the matched settings of the other methods (in a child)."""
     preset, device = child_setup(spec)
-    model = build_model(preset, spec["seed"], device)
+    model = build_model(preset, spec["seed"], device, model_dtype(spec))
     total_params = sum(param.numel() for param in model.parameters())
     peft_model = get_peft_model(model, sara_config(spec))
     layers = []
@@ -149,7 +160,8 @@ class TrainingStep:
         clock.mark("backward")
         if self.mode == "input_grad":
             for tensor in self.batch.inputs.values():
-                tensor.grad = None
+                if isinstance(tensor, torch.Tensor):  # (SDXL's added_cond_kwargs is a dict)
+                    tensor.grad = None
             clock.mark("optimizer")
             return
         for param, mask in self.grad_masks:
@@ -197,8 +209,8 @@ def setup_method(
         return TrainingStep(
             model, batch, "train", _adamw(list(model.parameters())), save=_save_tensors(model.state_dict())
         )
-    if method in ("lora_r8", "lora_matched"):
-        rank = 8 if method == "lora_r8" else plan["lora_matched_rank"]
+    if method in ("lora_r8", "lora_r64", "lora_matched"):
+        rank = {"lora_r8": 8, "lora_r64": 64}.get(method, plan["lora_matched_rank"])
         return _peft_step(
             model, batch, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=plan["target_names"])
         )
@@ -247,25 +259,30 @@ def run_method(spec: dict[str, Any], plan: dict[str, Any], method: str) -> dict[
     """Measure one method (runs in a fresh child process)."""
     preset, device = child_setup(spec)
     probe = MemoryProbe(device)
-    model = build_model(preset, spec["seed"], device)
-    batch = make_batch(preset, spec["batch_size"], spec["seed"], device)
+    dtype = model_dtype(spec)
+    model = build_model(preset, spec["seed"], device, dtype)
+    if spec.get("gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    batch = make_batch(preset, spec["batch_size"], spec["seed"], device, dtype)
     memory_after_build = probe.current()
 
     probe.reset_peak()
     step = setup_method(method, model, batch, preset, plan, spec["seed"])
     if spec.get("compile"):
-        step.model = torch.compile(step.model)
+        step.model = torch.compile(step.model, backend=spec.get("compile_backend", "inductor"))
     setup_peak = probe.peak()
     memory_after_setup = probe.current()
 
     probe.reset_peak()
-    wall, cpu = [], []
+    warmup_wall, wall, cpu = [], [], []
     for index in range(spec["warmup"] + spec["steps"]):
         clock = PhaseClock(device)
         step.run(clock)
         if index >= spec["warmup"]:
             wall.append(clock.wall)
             cpu.append(clock.cpu)
+        else:
+            warmup_wall.append(clock.wall)
     peak = probe.peak()
 
     trainable = step.trainable_parameters()
@@ -273,8 +290,10 @@ def run_method(spec: dict[str, Any], plan: dict[str, Any], method: str) -> dict[
         "method": method,
         "description": METHODS[method],
         "trainable_params": sum(param.numel() for param in trainable),
+        "status": "ok",
         "steps_wall_s": wall,
         "steps_cpu_s": cpu,
+        "warmup_wall_s": warmup_wall,  # includes torch.compile's compilation with --compile
         "memory_after_build_bytes": memory_after_build,
         "memory_after_setup_bytes": memory_after_setup,
         "setup_peak_bytes": setup_peak,
@@ -286,6 +305,7 @@ def run_method(spec: dict[str, Any], plan: dict[str, Any], method: str) -> dict[
             if probe.can_reset_cpu_peak
             else "RSS high-water mark since process start (could not reset)"
         ),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None,
         "process_max_rss_bytes": max_rss_bytes(),
         "adapter_bytes": None,
         "device_name": cuda_device_name(device),
@@ -295,11 +315,30 @@ def run_method(spec: dict[str, Any], plan: dict[str, Any], method: str) -> dict[
         result["dense_params_in_optimizer"] = sum(param.numel() for param, _ in step.grad_masks)
     if spec.get("profile"):
         result["profile_top_ops"] = profile_step(step, device, spec["profile"])
-    if step.save is not None:
+    if step.save is not None and spec.get("save_adapter", True):
         with tempfile.TemporaryDirectory() as directory:
             step.save(directory)
             result["adapter_bytes"] = directory_bytes(Path(directory))
     return result
+
+
+def failure_status(error: Exception) -> str:
+    """'timeout', 'oom' or 'error' for what :func:`run_in_fresh_process` raised (the child's traceback is its text)."""
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    message = str(error)
+    return "oom" if "OutOfMemoryError" in message or "out of memory" in message.lower() else "error"
+
+
+def measure_method(
+    spec: dict[str, Any], plan: dict[str, Any], method: str, timeout_s: float | None = None
+) -> dict[str, Any]:
+    """:func:`run_method` in a fresh process; a failure (out of memory, an error, ``timeout_s`` passed) comes back as
+    ``{"method", "status": "oom" | "error" | "timeout", "error": <the child's traceback>}`` instead of raising."""
+    try:
+        return run_in_fresh_process(run_method, spec, plan, method, timeout_s=timeout_s)
+    except (RuntimeError, TimeoutError) as error:
+        return {"method": method, "status": failure_status(error), "error": str(error)[-4000:]}
 
 
 def summarize_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -473,13 +512,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=3,
         help="fresh processes per method, run round-robin across methods; medians pool all rounds' steps",
     )
-    parser.add_argument("--methods", default="all", help=f"comma-separated subset of: {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods",
+        default="default",
+        help=f"comma-separated subset of: {', '.join(METHODS)}; 'default': all but lora_r64; 'all'",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="dtype of the model and inputs (PEFT keeps adapter weights in float32; full FT trains in this dtype)",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="diffusers' enable_gradient_checkpointing() on the model"
+    )
     add_selection_arguments(parser, "SaRA threshold instead of a fraction (pre-trained weights only)")
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="run every method's model through torch.compile (inductor); warmup steps absorb the compilation",
+        help="run every method's model through torch.compile; warmup steps absorb the compilation",
     )
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
     parser.add_argument(
         "--profile",
         type=int,
@@ -492,14 +545,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    methods = list(METHODS) if args.methods == "all" else [name.strip() for name in args.methods.split(",")]
+    presets_of_methods = {"all": list(METHODS), "default": list(DEFAULT_METHODS)}
+    methods = presets_of_methods.get(args.methods) or [name.strip() for name in args.methods.split(",")]
     unknown = [name for name in methods if name not in METHODS]
     if unknown:
         raise SystemExit(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
-    run = setup_run(args, steps=args.steps, warmup=args.warmup, profile=args.profile, compile=args.compile)
+    run = setup_run(
+        args,
+        steps=args.steps,
+        warmup=args.warmup,
+        profile=args.profile,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     preset, selection, spec, machine, device = run.preset, run.selection, run.spec, run.machine, run.device
     print(
-        f"preset {preset.name}: {preset.description}; batch {args.batch_size}; device {device}; "
+        f"preset {preset.name}: {preset.description}; batch {args.batch_size}; {args.dtype}"
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; device {device}; "
         f"{run.threads} threads; {args.rounds} rounds of {args.warmup} warmup + {args.steps} timed steps per method",
         flush=True,
     )
@@ -515,14 +579,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Round-robin over methods (each round in a rotated order), so load changes on a shared machine spread evenly.
     rounds: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
+    failed: dict[str, dict[str, Any]] = {}
     for round_index in range(args.rounds):
         offset = round_index % len(methods)
         for method in methods[offset:] + methods[:offset]:
+            if method in failed:
+                continue
             if args.profile and round_index < args.rounds - 1:
                 spec_for_round = {**spec, "profile": 0}
             else:
                 spec_for_round = spec
-            result = run_in_fresh_process(run_method, spec_for_round, plan, method)
+            result = measure_method(spec_for_round, plan, method)
+            if result["status"] != "ok":
+                failed[method] = result
+                print(f"  round {round_index + 1}/{args.rounds}  {method:15s} {result['status'].upper()}", flush=True)
+                print(result["error"], flush=True)
+                continue
             rounds[method].append(result)
             steps = [sum(step.values()) for step in result["steps_wall_s"]]
             print(
@@ -530,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"peak {mib(result['peak_bytes']):.0f} MiB",
                 flush=True,
             )
-    results = {method: summarize_rounds(rounds[method]) for method in methods}
+    results = {method: summarize_rounds(rounds[method]) for method in methods if method not in failed}
     add_ratios(results)
     targets = check_targets(results, device)
     finish_machine_info(
@@ -541,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     print(table)
     print()
+    for method, failure in failed.items():
+        print(f"  {method}: {failure['status']} (not in the tables)")
     for target in targets:
         value = "n/a" if target["measured"] is None else f"{target['measured']:.3f}"
         verdict = {True: "met", False: "NOT met", None: "n/a"}[target["met"]]
@@ -560,6 +634,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "warmup": args.warmup,
         "rounds": args.rounds,
         "compile": args.compile,
+        "compile_backend": args.compile_backend if args.compile else None,
+        "dtype": args.dtype,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "seed": args.seed,
         "threads": run.threads,
         "optimizer": {
@@ -572,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": machine,
         "plan": {key: value for key, value in plan.items() if not key.endswith("target_names")},
         "methods": results,
+        "failed": failed,
         "targets": targets,
         "table": table,
     }

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts: each runs end to end on a toy preset and writes the documented JSON fields.
 
-The two scripts start together in subprocesses (one torch thread each) so the module stays well under a minute.
+The train-step, inference and GPU-suite (``--tiny``) runs start together in subprocesses (one torch thread each) so the
+module stays around a minute; the suite's budget, cutoff choice and timeouts are also tested directly.
 """
 
 from __future__ import annotations
@@ -8,11 +9,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks.train_step import METHODS
+from benchmarks import gpu_suite
+from benchmarks.common import PRESETS, model_class, run_in_fresh_process
+from benchmarks.train_step import DEFAULT_METHODS, METHODS, failure_status
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
@@ -41,6 +46,17 @@ def runs(tmp_path_factory):
         "benchmarks.train_step",
         train_out,
         *("--preset", "tiny-dit", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--rounds", "1"),
+        *("--methods", "all"),
+    )
+    suite_dir = directory / "suite"
+    # The compiled part is left out: tracing even the toy UNet takes half a minute (tests/test_compile.py covers it).
+    suite = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.gpu_suite", "--tiny", "--device", "cpu", "--threads", "1"]
+        + ["--parts", "sd15,sdxl,kernels", "--out-dir", str(suite_dir)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     inference = _start(
         "benchmarks.inference",
@@ -54,8 +70,9 @@ def runs(tmp_path_factory):
         "--merge-repeats",
         "1",
     )
-    yield {"train": (train, train_out), "inference": (inference, inference_out)}
-    for process, _ in (train, train_out), (inference, inference_out):
+    suite_out = suite_dir / "gpu_suite-tiny-cpu.json"
+    yield {"train": (train, train_out), "inference": (inference, inference_out), "suite": (suite, suite_out)}
+    for process in train, inference, suite:
         if process.poll() is None:
             process.kill()
 
@@ -75,6 +92,8 @@ def test_train_step_reports_time_memory_and_ratios_per_method(runs):
         for key in ("peak_delta_bytes", "memory_cost_bytes", "step_vs_full_ft", "step_cpu_vs_lora_r8"):
             assert key in result, (method, key)
     methods = report["methods"]
+    assert report["failed"] == {} and report["dtype"] == "float32"
+    assert methods["lora_r64"]["trainable_params"] > methods["lora_r8"]["trainable_params"]
     assert methods["floor"]["trainable_params"] == 0 and methods["floor"]["adapter_bytes"] is None
     assert methods["sara"]["trainable_params"] == report["plan"]["sara_trainable"]
     assert methods["full_ft"]["trainable_params"] == report["plan"]["model_parameters"]
@@ -118,7 +137,7 @@ def test_train_step_runs_every_method_on_a_unet_with_convolutions(tmp_path):
     report = _finish(
         _start("benchmarks.train_step", out, "--preset", "tiny", "--steps", "1", "--warmup", "0", "--rounds", "1"), out
     )
-    assert list(report["methods"]) == list(METHODS)
+    assert list(report["methods"]) == list(DEFAULT_METHODS)
     assert report["plan"]["num_target_layers"]["conv"] > 0
     assert report["methods"]["sara"]["trainable_params"] == report["plan"]["sara_trainable"]
 
@@ -174,3 +193,96 @@ def test_kernels_benchmark_runs_as_a_module_and_times_the_reference_on_cpu(tmp_p
     ops = {row["op"] for row in report["rows"]}
     assert {"grad/reference", "patch+restore/reference"} <= ops
     assert all(row["ms"] > 0 and row["nnz"] == 38 for row in report["rows"])
+
+
+def test_gpu_suite_tiny_measures_each_part_and_writes_json_and_markdown(runs):
+    report = _finish(*runs["suite"])
+    assert report["benchmark"] == "gpu_suite" and report["tiny"] is True and report["skipped"] == []
+    sd15 = report["sd15"]["batches"]["2"]
+    assert sd15["failed"] == {} and set(sd15["methods"]) == set(gpu_suite.TINY.sd15_methods)
+    sara = sd15["methods"]["sara"]
+    assert sara["step_s"] > 0 and sara["peak_bytes"] > 0
+    assert sara["step_vs_lora_r8"] > 0 and sara["step_vs_floor"] > 0 and sara["peak_vs_lora_r8"] > 0
+    assert report["sd15"]["dtype"] == "bfloat16"
+    sdxl = report["sdxl"]
+    assert sdxl["gradient_checkpointing"] is True and sdxl["preset"]["name"] == "tiny-sdxl"
+    assert set(sdxl["batches"]["1"]["methods"]) == set(gpu_suite.TINY.sdxl_methods)
+    assert any("16 GiB" in target["target"] and target["met"] for target in report["targets"])
+    kernels = report["kernels"]
+    assert kernels["status"] == "ok" and kernels["triton"] is False  # reference timings only on CPU
+    assert {row["dtype"] for row in kernels["rows"]} == {case[0] for case in gpu_suite.TINY.kernel_cases}
+    markdown = runs["suite"][1].with_suffix(".md").read_text()
+    assert "## Train step: `tiny`" in markdown and "## Targets" in markdown and "| sara | ok |" in markdown
+
+
+def _kernel_rows(dtype: str, shape: str, tokens: int, sddmm_ms: dict[float, float], gemm_ms: float) -> list[dict]:
+    rows = []
+    for density, ms in sddmm_ms.items():
+        common = {"dtype": dtype, "shape": shape, "tokens": tokens, "density": density}
+        rows += [{**common, "op": "grad/triton-sddmm", "ms": ms}, {**common, "op": "grad/triton-gemm", "ms": gemm_ms}]
+    return rows
+
+
+def test_sddmm_cutoff_is_the_density_with_least_mean_slowdown():
+    # SDDMM time grows with density, the GEMM's does not: 320x320 crosses over at 0.05, 1280x1280 at 0.1.
+    rows = _kernel_rows("bf16", "320x320", 4096, {0.01: 1.0, 0.02: 1.5, 0.05: 3.0, 0.1: 6.0}, gemm_ms=2.0)
+    rows += _kernel_rows("bf16", "1280x1280", 4096, {0.01: 1.0, 0.02: 2.0, 0.05: 3.5, 0.1: 7.0}, gemm_ms=4.0)
+    rows += _kernel_rows("fp32", "320x320", 4096, {0.01: 3.0, 0.1: 9.0}, gemm_ms=1.0)
+    chosen = gpu_suite.choose_sddmm_cutoffs(rows, {"bf16": 0.01, "fp32": 0.05})
+    assert chosen["bf16"]["cutoff"] == 0.02 and chosen["bf16"]["gemm_from_density"] == 0.05
+    assert chosen["bf16"]["mean_slowdown"] == pytest.approx((7 + 4.0 / 3.5) / 8)  # 1280x1280 loses at 0.05
+    assert chosen["bf16"]["current_mean_slowdown"] > chosen["bf16"]["mean_slowdown"]
+    crossovers = {row["shape"]: row["gemm_faster_from_density"] for row in chosen["bf16"]["crossovers"]}
+    assert crossovers == {"320x320": 0.05, "1280x1280": 0.1}
+    assert chosen["fp32"]["cutoff"] == 0.0  # the GEMM always won: never the SDDMM
+    point = {"dtype": "bf16", "tokens": 4096, "shape": "320x320", "density": 0.01}
+    timed = {
+        "grad/reference": 4.0,
+        "grad/triton-auto": 1.0,
+        "patch+restore/reference": 3.0,
+        "patch+restore/triton": 1.5,
+    }
+    speedups = gpu_suite.kernel_speedups([{**point, "op": op, "ms": ms} for op, ms in timed.items()])
+    assert speedups == [
+        {"dtype": "bf16", "tokens": 4096, "grad_speedup_median": 4.0, "patch_restore_speedup_median": 2.0}
+    ]
+
+
+def test_budget_passes_unused_time_on_and_skips_cases_that_would_overrun():
+    now = [100.0]
+    budget = gpu_suite.Budget({"a": 10.0, "b": 20.0}, clock=lambda: now[0])
+    log = gpu_suite.CaseLog("a", budget)
+    assert log.should_run("x", "first case")  # nothing measured yet: a part's first case always runs
+    now[0] += 4.0
+    log.record("x", 4.0)
+    assert log.should_run("x", "second case")
+    now[0] += 4.0
+    log.record("x", 4.0)
+    assert not log.should_run("x", "third case") and "third case: skipped" in log.skipped[0]
+    later = gpu_suite.CaseLog("b", budget, guesses_s={"slow": 25.0})
+    assert budget.left("b") == pytest.approx(22.0)  # part a's 2 unused seconds pass to b
+    assert not later.should_run("slow", "compiled case")  # the guess stands in until a case of its kind ran
+    assert later.should_run("quick", "other case")
+    assert budget.timeout("b") == pytest.approx(22.0 + gpu_suite.GRACE_S)
+
+
+def _sleep(seconds: float) -> dict:
+    time.sleep(seconds)
+    return {}
+
+
+def test_child_running_past_its_timeout_is_stopped_and_reported():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as caught:
+        run_in_fresh_process(_sleep, 30.0, timeout_s=0.5)
+    assert time.monotonic() - start < 10
+    assert failure_status(caught.value) == "timeout"
+    assert failure_status(RuntimeError("torch.OutOfMemoryError: CUDA out of memory.")) == "oom"
+    assert failure_status(RuntimeError("ValueError: bad")) == "error"
+
+
+@pytest.mark.parametrize(("preset", "parameters"), [("sd15", 859_520_964), ("sdxl", 2_567_463_684)])
+def test_gpu_presets_have_the_real_unet_sizes(preset, parameters):
+    with torch.device("meta"):
+        model = model_class("unet")(**PRESETS[preset].config)
+    assert sum(param.numel() for param in model.parameters()) == parameters
