@@ -1,14 +1,17 @@
-"""End-to-end runs of ``examples/train_text_to_image_sara.py`` on tiny pipelines, in subprocesses, as a user runs it.
+"""End-to-end runs of ``examples/train_text_to_image_sara.py`` on tiny pipelines, as a user runs it.
 
-The SD run takes its base model by Hub id from a local stub of the Hub API (``hub_stub.HubStub``, 127.0.0.1 only) and
-pushes the result there; the resumed run loads the same id from the cache with ``HF_HUB_OFFLINE=1``. A two-step SD3
-run (flow matching, transformer) goes on in the background meanwhile. Data is a tiny image folder with
-``metadata.jsonl``, the paper's dataset layout.
+The SD run (a subprocess) takes its base model by Hub id from a local stub of the Hub API (``hub_stub.HubStub``,
+127.0.0.1 only), pushes the result there and exports a LoRA copy; the resumed run loads the same id from the cache with
+``HF_HUB_OFFLINE=1``. A two-step SD3 run (flow matching, transformer) goes on in the background meanwhile. An SDXL run
+(two text encoders trained too, size/crop conditioning, Min-SNR, offset noise, ``--scale_lr``) runs in this process.
+Data is a tiny image folder with ``metadata.jsonl``, the paper's dataset layout. The flags of diffusers' LoRA scripts
+that SaRA has no use for are checked for all three example scripts.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
+import importlib
 import json
 import os
 import shutil
@@ -20,25 +23,40 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import (
+    DDPMScheduler,
+    FluxPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from huggingface_hub import HfApi, ModelCard
+from peft import set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
+from sklearn.datasets import load_sample_images
 
 import peft_sara  # noqa: F401  (registers the method)
+from peft_sara import SaRAConfig
+from peft_sara.training import SaRATrainingHelper
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-SCRIPT = REPO_ROOT / "examples" / "train_text_to_image_sara.py"
+EXAMPLES_DIR = REPO_ROOT / "examples"
+SCRIPT = EXAMPLES_DIR / "train_text_to_image_sara.py"
 sys.path.insert(0, str(TESTS_DIR))  # helper modules beside this file, with or without tests/__init__.py
 import tiny_pipelines  # noqa: E402
+from conftest import tiny_clip_text, tiny_unet, unet_inputs  # noqa: E402
 from hub_stub import HubStub  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 BASE_REPO = "org/tiny-sd"
 PUSHED_REPO = "org/sara-tiny-sd"
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 CHECKPOINT_FILES = ADAPTER_FILES | {"sara_training_state.pt"}
+LORA_FILE = "pytorch_lora_weights.safetensors"
 PROMPT = "a red cat"
 # 6 images, batch 1, 2 accumulation steps: 3 optimizer steps per epoch. 4 steps cross an epoch boundary, and the
 # step-2 checkpoint (taken right after the progressive re-selection) sits in the middle of epoch 0.
@@ -58,17 +76,17 @@ SD3_ARGS = ["--validation_prompt", PROMPT] + (
 ).split()
 
 
-def write_image_folder(directory: Path, count: int = 6, size: int = 40) -> Path:
-    """Square crops of scikit-learn's two sample photos, with captions in ``metadata.jsonl``."""
-    from sklearn.datasets import load_sample_images
-
+def write_image_folder(directory: Path, count: int = 6, size: int | tuple[int, int] = 40) -> Path:
+    """Crops of scikit-learn's two sample photos (``size``: a side, or width and height), with captions in
+    ``metadata.jsonl``."""
     directory.mkdir(parents=True)
     photos = load_sample_images().images
+    width, height = (size, size) if isinstance(size, int) else size
     lines = []
     for index in range(count):
         photo = photos[index % 2]
         top, left = 50 * index, 70 * index
-        crop = Image.fromarray(photo[top : top + 200, left : left + 200]).resize((size, size), Image.BILINEAR)
+        crop = Image.fromarray(photo[top : top + 200, left : left + 200]).resize((width, height), Image.BILINEAR)
         crop.save(directory / f"{index:02d}.png")
         caption = f"{('a temple', 'a flower')[index % 2]}, view {index}"
         lines.append(json.dumps({"file_name": f"{index:02d}.png", "text": caption}))
@@ -111,6 +129,43 @@ def finish_script(process: subprocess.Popen, cwd: Path) -> str:
 
 def run_script(args: list[str], env: dict[str, str], cwd: Path) -> str:
     return finish_script(start_script(args, env, cwd), cwd)
+
+
+def load_example(name: str):
+    """An example script imported as a module, to run its ``main`` in this process."""
+    if str(EXAMPLES_DIR) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES_DIR))
+    return importlib.import_module(name)
+
+
+def run_example(module, argv: list[str]) -> None:
+    """``main(parse_args(argv))`` of an example in this process; accelerate's process-wide state is reset after it."""
+    try:
+        module.main(module.parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def training_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "sara_training_state.pt", weights_only=False)
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    """The two safetensors files hold the same tensors, bitwise."""
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def assert_same_optimizer_state(a: dict, b: dict) -> None:
+    assert a["param_names"] == b["param_names"]
+    for index, entry in a["optimizer"]["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+    assert a["helper"]["global_step"] == b["helper"]["global_step"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
 def card_metadata(path: Path) -> dict:
@@ -158,6 +213,8 @@ def runs(tmp_path_factory):
                     "--push_to_hub",
                     "--hub_model_id",
                     PUSHED_REPO,
+                    "--export_lora_rank",
+                    "full",
                 ],
                 script_env(root, HF_ENDPOINT=hub.url, HF_TOKEN="hf_test"),
                 root,
@@ -196,8 +253,9 @@ def runs(tmp_path_factory):
 def test_run_writes_adapter_checkpoints_validation_grids_and_card(runs):
     out = runs.full_dir
     assert {path.name for path in (out / "unet").iterdir()} == ADAPTER_FILES
-    for step in (2, 4):  # adapter-only checkpoints: no copy of the base model
-        assert {path.name for path in (out / f"checkpoint-{step}").iterdir()} == CHECKPOINT_FILES
+    for step in (2, 4):  # adapter-only checkpoints, one folder per trained component: no copy of the base model
+        assert [path.name for path in (out / f"checkpoint-{step}").iterdir()] == ["unet"]
+        assert {path.name for path in (out / f"checkpoint-{step}" / "unet").iterdir()} == CHECKPOINT_FILES
     config = json.loads((out / "unet" / "adapter_config.json").read_text())
     assert config["peft_type"] == "SARA" and config["base_model_name_or_path"] == BASE_REPO
     assert config["progressive_fraction"] == 0.5 and config["lambda_rank"] == 1e-3
@@ -217,7 +275,7 @@ def test_run_writes_adapter_checkpoints_validation_grids_and_card(runs):
 
     # The default learning rate is the paper's fit for the threshold, and the run says so.
     assert "paper_learning_rate(0.002)" in runs.full_log
-    state = torch.load(out / "checkpoint-2" / "sara_training_state.pt", weights_only=False)
+    state = training_state(out / "checkpoint-2" / "unet")
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * np.exp(-350 * 2e-3))
     assert state["helper"]["global_step"] == 2 and state["helper"]["reselected"] is True
 
@@ -227,6 +285,7 @@ def test_push_to_hub_uploads_the_adapter_card_and_grids_but_no_checkpoints(runs)
         "README.md",
         "unet/adapter_config.json",
         "unet/adapter_model.safetensors",
+        LORA_FILE,
         "validation-step-2.png",
         "validation-step-4.png",
         "validation-final.png",
@@ -239,11 +298,6 @@ def test_push_to_hub_uploads_the_adapter_card_and_grids_but_no_checkpoints(runs)
 
 
 def test_saved_adapter_loads_into_a_fresh_unet_with_peft_and_changes_its_outputs(runs):
-    from diffusers import UNet2DConditionModel
-    from peft import set_peft_model_state_dict
-
-    from peft_sara import SaRAConfig
-
     adapter_dir = runs.full_dir / "unet"
     saved = load_file(adapter_dir / "adapter_model.safetensors")
     frozen = sum(value.numel() for key, value in saved.items() if "sara_frozen_values" in key)
@@ -278,20 +332,26 @@ def test_resuming_from_the_step_2_checkpoint_reproduces_the_uninterrupted_run_bi
     # --checkpoints_total_limit 1 removed the checkpoint it resumed from once it saved step 4.
     assert sorted(path.name for path in runs.resumed_dir.glob("checkpoint-*")) == ["checkpoint-4"]
 
-    full = load_file(runs.full_dir / "unet" / "adapter_model.safetensors")
-    resumed = load_file(runs.resumed_dir / "unet" / "adapter_model.safetensors")
-    assert full.keys() == resumed.keys()
-    for key in full:
-        assert torch.equal(full[key], resumed[key]), key
+    assert_same_tensors(
+        runs.full_dir / "unet" / "adapter_model.safetensors", runs.resumed_dir / "unet" / "adapter_model.safetensors"
+    )
+    full_state = training_state(runs.full_dir / "checkpoint-4" / "unet")
+    assert_same_optimizer_state(full_state, training_state(runs.resumed_dir / "checkpoint-4" / "unet"))
+    assert full_state["helper"]["global_step"] == 4
 
-    full_state = torch.load(runs.full_dir / "checkpoint-4" / "sara_training_state.pt", weights_only=False)
-    resumed_state = torch.load(runs.resumed_dir / "checkpoint-4" / "sara_training_state.pt", weights_only=False)
-    assert full_state["param_names"] == resumed_state["param_names"]
-    for index, entry in full_state["optimizer"]["state"].items():
-        for name, value in entry.items():
-            assert torch.equal(value, resumed_state["optimizer"]["state"][index][name]), (index, name)
-    assert full_state["helper"]["global_step"] == resumed_state["helper"]["global_step"] == 4
-    assert torch.equal(full_state["rng"]["torch"], resumed_state["rng"]["torch"])
+
+def test_lora_export_loads_with_load_lora_weights_and_reproduces_the_sara_adapter(runs):
+    sara = StableDiffusionPipeline.from_pretrained(runs.pipeline_dir)
+    peft_sara.load_sara_adapter(sara, runs.full_dir)
+    lora = StableDiffusionPipeline.from_pretrained(runs.pipeline_dir)
+    lora.load_lora_weights(runs.full_dir)  # finds pytorch_lora_weights.safetensors, as for diffusers' LoRA scripts
+    assert lora.get_list_adapters() == {"unet": ["default_0"]}
+    base = tiny_pipelines.generate(StableDiffusionPipeline.from_pretrained(runs.pipeline_dir))
+    adapted = tiny_pipelines.generate(sara)
+    assert np.abs(adapted - base).max() > 1e-3
+    np.testing.assert_allclose(tiny_pipelines.generate(lora), adapted, rtol=0, atol=1e-4)
+    card = (runs.full_dir / "README.md").read_text()
+    assert "## LoRA export" in card and "load_lora_weights" in card
 
 
 def test_sd3_run_trains_the_transformer_with_flow_matching(runs):
@@ -303,47 +363,242 @@ def test_sd3_run_trains_the_transformer_with_flow_matching(runs):
 
     # A learning rate given by the user is used as is.
     assert "Learning rate 0.0001 (from --learning_rate)" in runs.sd3_log
-    state = torch.load(out / "checkpoint-2" / "sara_training_state.pt", weights_only=False)
+    state = training_state(out / "checkpoint-2" / "transformer")
     assert state["optimizer"]["param_groups"][0]["lr"] == 1e-4
     values = load_file(out / "transformer" / "adapter_model.safetensors")
     assert any(value.abs().sum() > 0 for key, value in values.items() if "sara_values" in key)
 
 
+# ----------------------------------------------------------------------------------------------------- SDXL, in process
+SDXL_PROMPT = "dusk temple"
+
+
 @pytest.fixture(scope="module")
-def script():
-    """The example imported as a module, for its helpers."""
-    spec = importlib.util.spec_from_file_location("train_text_to_image_sara", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def sdxl_run(tmp_path_factory, one_thread):
+    """SDXL: 3 steps on 4 non-square images (so the size/crop conditioning varies), both text encoders trained too,
+    Min-SNR weighting, offset noise, a scaled learning rate, validation after every epoch, an exact LoRA export."""
+    root = tmp_path_factory.mktemp("train-sdxl")
+    pipeline_dir = tiny_pipelines.build_sdxl_pipeline(root)
+    out = root / "out"
+    argv = [
+        *("--pretrained_model_name_or_path", str(pipeline_dir), "--output_dir", str(out)),
+        *("--train_data_dir", str(write_image_folder(root / "data", count=4, size=(60, 40)))),
+        *("--cache_dir", str(root / "cache"), "--validation_prompt", SDXL_PROMPT),
+        *"--resolution 32 --random_flip --train_batch_size 2 --max_train_steps 3 --checkpointing_steps 3".split(),
+        *"--trainable_fraction 0.05 --learning_rate 1e-3 --text_encoder_lr 5e-4 --scale_lr".split(),
+        "--train_text_encoder",
+        *"--snr_gamma 5 --noise_offset 0.05 --lambda_rank 1e-3 --rank_min_dim 16 --report_to none".split(),
+        *"--num_validation_images 1 --validation_epochs 1 --validation_inference_steps 2".split(),
+        *("--export_lora_rank", "full"),
+    ]
+    run_example(load_example("train_text_to_image_sara"), argv)
+    return SimpleNamespace(pipeline_dir=pipeline_dir, out=out)
 
 
-def test_checkpoints_are_adapter_only_and_leave_the_models_save_pretrained_alone(script, tmp_path):
-    from diffusers import UNet2DConditionModel
+def test_sdxl_run_trains_the_unet_and_both_text_encoders_with_a_scaled_learning_rate(sdxl_run):
+    out = sdxl_run.out
+    components = ("unet", "text_encoder", "text_encoder_2")
+    for name in components:
+        assert {path.name for path in (out / name).iterdir()} == ADAPTER_FILES
+        values = load_file(out / name / "adapter_model.safetensors")
+        assert any(value.abs().sum() > 0 for key, value in values.items() if "sara_values" in key), name
+    assert sorted(path.name for path in (out / "checkpoint-3").iterdir()) == sorted(components)
+    # --scale_lr: x batch size 2 (one process, no accumulation); text encoders take --text_encoder_lr.
+    assert training_state(out / "checkpoint-3" / "unet")["optimizer"]["param_groups"][0]["lr"] == 2e-3
+    assert training_state(out / "checkpoint-3" / "text_encoder_2")["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    # 4 images, batch 2: 2 steps per epoch, so epochs 0 and 1; the final grid comes from a fresh pipeline.
+    assert {path.name for path in out.glob("validation-*.png")} == {
+        "validation-epoch-0.png",
+        "validation-epoch-1.png",
+        "validation-final.png",
+    }
+    np.testing.assert_array_equal(pixels(out / "validation-final.png"), pixels(out / "validation-epoch-1.png"))
 
-    from peft_sara import SaRAConfig
-    from peft_sara.training import SaRATrainingHelper
 
+def test_sdxl_lora_export_loads_with_load_lora_weights_into_unet_and_both_text_encoders(sdxl_run):
+    sara = StableDiffusionXLPipeline.from_pretrained(sdxl_run.pipeline_dir)
+    peft_sara.load_sara_adapter(sara, sdxl_run.out)
+    lora = StableDiffusionXLPipeline.from_pretrained(sdxl_run.pipeline_dir)
+    lora.load_lora_weights(sdxl_run.out)
+    assert set(lora.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
+    base = tiny_pipelines.generate(StableDiffusionXLPipeline.from_pretrained(sdxl_run.pipeline_dir))
+    adapted = tiny_pipelines.generate(sara)
+    assert np.abs(adapted - base).max() > 1e-3
+    np.testing.assert_allclose(tiny_pipelines.generate(lora), adapted, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------- Flux, in process
+@pytest.fixture(scope="module")
+def flux_run(tmp_path_factory, one_thread):
+    """Flux: 2 steps of flow matching on packed latents with the guidance embedding, validation, exact LoRA export."""
+    root = tmp_path_factory.mktemp("train-flux")
+    pipeline_dir = tiny_pipelines.build_flux_pipeline(root)
+    out = root / "out"
+    argv = [
+        *("--pretrained_model_name_or_path", str(pipeline_dir), "--output_dir", str(out)),
+        *("--train_data_dir", str(write_image_folder(root / "data", count=2)), "--cache_dir", str(root / "cache")),
+        *("--validation_prompt", PROMPT, "--max_sequence_length", "8", "--guidance_scale", "3.5"),
+        *"--resolution 32 --center_crop --train_batch_size 2 --max_train_steps 2 --checkpointing_steps 2".split(),
+        *"--trainable_fraction 0.05 --learning_rate 1e-3 --report_to none --num_validation_images 1".split(),
+        *"--validation_steps 2 --validation_inference_steps 2 --export_lora_rank full".split(),
+    ]
+    run_example(load_example("train_text_to_image_sara"), argv)
+    return SimpleNamespace(pipeline_dir=pipeline_dir, out=out)
+
+
+def test_flux_run_trains_the_transformer_and_its_lora_export_loads_with_load_lora_weights(flux_run):
+    out = flux_run.out
+    assert {path.name for path in (out / "transformer").iterdir()} == ADAPTER_FILES
+    assert [path.name for path in (out / "checkpoint-2").iterdir()] == ["transformer"]
+    np.testing.assert_array_equal(pixels(out / "validation-final.png"), pixels(out / "validation-step-2.png"))
+
+    sara = FluxPipeline.from_pretrained(flux_run.pipeline_dir)
+    base = tiny_pipelines.generate(sara)
+    peft_sara.load_sara_adapter(sara, out)
+    adapted = tiny_pipelines.generate(sara)
+    lora = FluxPipeline.from_pretrained(flux_run.pipeline_dir)
+    lora.load_lora_weights(out)
+    assert np.abs(adapted - base).max() > 1e-4
+    np.testing.assert_allclose(tiny_pipelines.generate(lora), adapted, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("flag", ["snr_gamma", "noise_offset", "prediction_type"])
+def test_ddpm_only_flags_are_refused_for_flow_matching_models(utils, flux_run, flag):
+    args = argparse.Namespace(snr_gamma=None, noise_offset=0.0, prediction_type=None)
+    setattr(args, flag, "epsilon" if flag == "prediction_type" else 0.1)
+    with pytest.raises(ValueError, match=f"--{flag} applies to DDPM models.*--weighting_scheme"):
+        utils.noise_scheduler_for(args, FluxPipeline.from_pretrained(flux_run.pipeline_dir))
+
+
+# ----------------------------------------------------------------------------------------------- script building blocks
+@pytest.fixture(scope="module")
+def utils():
+    return load_example("sara_script_utils")
+
+
+def test_sdxl_time_ids_carry_original_size_and_crop_and_follow_flips(utils):
+    args = argparse.Namespace(resolution=32, center_crop=False, image_interpolation_mode="bilinear", random_flip=True)
+    image = Image.new("RGB", (60, 40))  # resized to 48 x 32: 16 columns to crop from
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8, norm_num_groups=8,
-    )  # fmt: skip
-    unet.add_adapter(SaRAConfig(), adapter_name=script.ADAPTER_NAME)
-    save_pretrained = unet.save_pretrained
-    optimizer = torch.optim.AdamW([param for param in unet.parameters() if param.requires_grad])
-    helper = SaRATrainingHelper(unet, optimizer, total_steps=4)
+    items = [utils.resize_and_crop(image, args) for _ in range(8)]
+    batch = utils.collate_images([{**item, "caption": "x"} for item in items])
+    lefts = [left for _, left in batch["crop_top_lefts"]]
+    assert len(set(lefts)) > 1 and all(0 <= left <= 16 for left in lefts)
+    torch.manual_seed(1)
+    flipped = torch.rand(8) < 0.5
+    torch.manual_seed(1)
+    utils.random_flip(batch, args)
+    assert 0 < int(flipped.sum()) < 8
+    time_ids = utils.sdxl_time_ids(batch, 32, torch.device("cpu"), torch.float32)
+    expected = [[40, 60, 0, 16 - left if flip else left, 32, 32] for left, flip in zip(lefts, flipped.tolist())]
+    assert time_ids.tolist() == expected
 
-    script.save_checkpoint(str(tmp_path / "checkpoint-1"), unet, optimizer, None, helper)
-    assert {path.name for path in (tmp_path / "checkpoint-1").iterdir()} == CHECKPOINT_FILES
-    assert unet.save_pretrained == save_pretrained
+
+def test_min_snr_weighting_and_offset_noise_change_the_ddpm_loss_as_diffusers_does(utils):
+    unet, inputs = tiny_unet(), unet_inputs(batch=4)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    conditioning = {"encoder_hidden_states": inputs["encoder_hidden_states"]}
+
+    def loss(snr_gamma=None, noise_offset=0.0):
+        args = argparse.Namespace(snr_gamma=snr_gamma, noise_offset=noise_offset)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return utils.ddpm_loss(unet, scheduler, inputs["sample"], conditioning, args)
+
+    plain = loss()
+    torch.manual_seed(0)
+    torch.randn_like(inputs["sample"])
+    timesteps = torch.randint(0, 1000, (4,))
+    snr = (scheduler.alphas_cumprod[timesteps] / (1 - scheduler.alphas_cumprod[timesteps])).float()
+    torch.testing.assert_close(loss(snr_gamma=5.0), plain * torch.clamp(snr, max=5.0) / snr)
+    torch.testing.assert_close(loss(snr_gamma=1e9), plain)  # gamma above every SNR: plain MSE
+    assert not torch.allclose(loss(noise_offset=0.1), plain)
 
 
-def test_threshold_and_trainable_fraction_are_mutually_exclusive(script, capsys):
-    required = ["--pretrained_model_name_or_path", "x", "--train_data_dir", "d"]
+def test_checkpoints_hold_one_adapter_only_folder_per_component_and_leave_save_pretrained_alone(utils, tmp_path):
+    components = []
+    args = argparse.Namespace(gradient_checkpointing=False, enable_xformers_memory_efficient_attention=False)
+    for name, model in (("unet", tiny_unet()), ("text_encoder", tiny_clip_text())):
+        utils.add_sara_adapter(model, SaRAConfig(), args, SimpleNamespace(mixed_precision="no"))
+        optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad])
+        helper = SaRATrainingHelper(model, optimizer, total_steps=4)
+        components.append(utils.TrainedComponent(name, model, optimizer, None, helper))
+    save_pretrained = components[0].model.save_pretrained
+
+    utils.save_checkpoint(str(tmp_path / "checkpoint-1"), components)
+    assert sorted(path.name for path in (tmp_path / "checkpoint-1").iterdir()) == ["text_encoder", "unet"]
+    for name in ("unet", "text_encoder"):
+        assert {path.name for path in (tmp_path / "checkpoint-1" / name).iterdir()} == CHECKPOINT_FILES
+    assert components[0].model.save_pretrained == save_pretrained
+    with pytest.raises(FileNotFoundError, match="did not train text_encoder_2"):
+        components[1].name = "text_encoder_2"
+        utils.load_checkpoint(str(tmp_path / "checkpoint-1"), components)
+
+
+# -------------------------------------------------------------------------------------------------------------- flags
+REQUIRED_ARGS = {
+    "train_text_to_image_sara": ["--pretrained_model_name_or_path", "x", "--train_data_dir", "d"],
+    "train_dreambooth_sara": [
+        "--pretrained_model_name_or_path",
+        "x",
+        "--instance_data_dir",
+        "d",
+        "--instance_prompt",
+        "p",
+    ],
+    "train_motion_sara": ["--pretrained_model_name_or_path", "x", "--train_data_dir", "d"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED_ARGS))
+@pytest.mark.parametrize(
+    "flag, says",
+    [
+        (["--rank", "4"], ["SaRA has no rank", "--threshold", "--trainable_fraction", "--export_lora_rank"]),
+        (["--rank=16"], ["SaRA has no rank"]),
+        (["--lora_dropout", "0.1"], ["--lambda_rank"]),
+        (["--use_dora"], ["DoRA is a LoRA variant"]),
+        (["--output_kohya_format"], ["peft-sara export", "--format kohya"]),
+        (["--export_lora_rank", "0"], ["Invalid rank"]),
+    ],
+)
+def test_lora_only_flags_stop_with_a_message_saying_what_to_use_instead(name, flag, says, capsys):
+    with pytest.raises(SystemExit):
+        load_example(name).parse_args([*REQUIRED_ARGS[name], *flag])
+    error = capsys.readouterr().err
+    assert "ambiguous" not in error
+    for text in says:
+        assert text in error
+
+
+def test_lora_script_flags_with_a_sara_meaning_parse(capsys):
+    script = load_example("train_text_to_image_sara")
+    args = script.parse_args(
+        [
+            *REQUIRED_ARGS["train_text_to_image_sara"],
+            *"--snr_gamma 5 --noise_offset 0.1 --scale_lr --validation_epochs 2 --lr_num_cycles 3 --lr_power 2".split(),
+            *"--image_interpolation_mode bicubic --pretrained_vae_model_name_or_path v --local_rank 0".split(),
+            *"--train_text_encoder --text_encoder_lr 1e-5 --export_lora_rank 0.99".split(),
+        ]
+    )
+    assert args.snr_gamma == 5 and args.noise_offset == 0.1 and args.scale_lr and args.validation_epochs == 2
+    assert args.validation_steps is None  # epochs only, as asked
+    assert args.export_lora_rank == 0.99 and script.parse_args(REQUIRED_ARGS[script.__name__]).validation_steps == 100
+
+
+def test_threshold_and_trainable_fraction_are_mutually_exclusive(capsys):
+    script = load_example("train_text_to_image_sara")
+    required = REQUIRED_ARGS["train_text_to_image_sara"]
     with pytest.raises(SystemExit):
         script.parse_args([*required, "--threshold", "1e-3", "--trainable_fraction", "0.1"])
     assert "not allowed with argument" in capsys.readouterr().err
     args = script.parse_args([*required, "--trainable_fraction", "0.1", "--rank_layers_per_step", "all"])
     assert args.threshold is None and args.learning_rate is None and args.rank_layers_per_step == "all"
+
+
+def test_xformers_flag_says_what_is_missing_before_loading_anything(tmp_path):
+    script = load_example("train_text_to_image_sara")
+    argv = [*REQUIRED_ARGS["train_text_to_image_sara"], "--output_dir", str(tmp_path), "--report_to", "none"]
+    with pytest.raises(ValueError, match="xformers"):
+        run_example(script, [*argv, "--enable_xformers_memory_efficient_attention"])
+    assert not any(tmp_path.iterdir())

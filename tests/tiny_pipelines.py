@@ -179,6 +179,113 @@ def build_sd3_pipeline(directory: Path) -> Path:
     return directory / "pipeline"
 
 
+def build_sdxl_pipeline(directory: Path) -> Path:
+    """Save a tiny StableDiffusionXLPipeline (text-time UNet (32, 64), CLIP + CLIP-with-projection, AutoencoderKL,
+    Euler) to ``directory``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        **{**TINY_UNET_CONFIG, "cross_attention_dim": 64},  # the two encoders' hidden states, concatenated
+        sample_size=HEIGHT // 2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop ids + the pooled projection
+    )
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    text_encoder = CLIPTextModel(_clip_text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(projection_dim=32))
+    tokenizer = clip_tokenizer(directory / "_tokenizer")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(directory / "pipeline")
+    return directory / "pipeline"
+
+
+def t5_tokenizer(directory: Path):
+    """A T5 tokenizer (Unigram, one piece per printable ASCII character) small enough for the tiny T5 encoder."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(chr(code), -1.0) for code in range(32, 127)]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TOKENIZER_MAX_LENGTH)
+    tokenizer.save_pretrained(directory)
+    return T5TokenizerFast.from_pretrained(directory)
+
+
+def build_flux_pipeline(directory: Path) -> Path:
+    """Save a tiny FluxPipeline (one double and one single block, guidance embedding, CLIP + tiny T5, a 4-channel VAE
+    whose latents pack into 16 channels) to ``directory``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    vae = AutoencoderKL(
+        **TINY_VAE_CONFIG,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=128, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, pad_token_id=0, eos_token_id=1
+        )
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=CLIPTextModel(_clip_text_config()),
+        tokenizer=clip_tokenizer(directory / "_tokenizer"),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer(directory / "_t5_tokenizer"),
+        transformer=transformer,
+    )
+    pipe.save_pretrained(directory / "pipeline")
+    return directory / "pipeline"
+
+
+def build_motion_adapter(directory: Path) -> Path:
+    """Save a tiny AnimateDiff ``MotionAdapter`` matching the tiny SD UNet's blocks (32, 64) to ``directory``."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(0)
+    adapter = MotionAdapter(
+        block_out_channels=TINY_UNET_CONFIG["block_out_channels"],
+        motion_layers_per_block=TINY_UNET_CONFIG["layers_per_block"],
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=TINY_UNET_CONFIG["norm_num_groups"],
+        motion_max_seq_length=32,
+        use_motion_mid_block=False,
+    )
+    adapter.save_pretrained(directory / "motion_adapter")
+    return directory / "motion_adapter"
+
+
 def add_random_sara_adapter(
     pipe, adapter_name: str = "style", components=("unet", "text_encoder"), seed: int = 0, fraction: float = 0.1
 ) -> None:
@@ -203,7 +310,7 @@ def generate(pipe, seed: int = 0, **kwargs) -> np.ndarray:
     """Two denoising steps at 32x32 from a fixed generator, without classifier-free guidance, as a numpy array."""
     kwargs.setdefault("num_inference_steps", 2)
     kwargs.setdefault("guidance_scale", 1.0)
-    if type(pipe).__name__.startswith("StableDiffusion3"):
+    if type(pipe).__name__.startswith(("StableDiffusion3", "Flux")):
         kwargs.setdefault("max_sequence_length", 8)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(seed)

@@ -1,0 +1,250 @@
+"""Teach AnimateDiff a new motion (e.g. a camera move) with SaRA on its motion modules only.
+
+The paper's AnimateDiff experiment as a diffusers script: a Stable Diffusion 1.x pipeline plus a ``MotionAdapter``
+make an ``AnimateDiffPipeline`` whose UNet (``UNetMotionModel``) interleaves the image layers with temporal "motion
+modules". SaRA adapts the motion modules' linear layers only (the image layers, text encoder and VAE stay frozen), on
+a folder of short clips with captions. The adapter loads with ``peft_sara.load_sara_adapter`` into an
+``AnimateDiffPipeline`` built on the same base and motion adapter. Copy this file (with ``sara_script_utils.py``
+beside it) and edit it.
+
+    accelerate launch examples/train_motion_sara.py \\
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --motion_adapter_name_or_path guoyww/animatediff-motion-adapter-v1-5-2 \\
+        --train_data_dir ./pans --num_frames 16 --sample_stride 4 --resolution 256 --beta_schedule linear \\
+        --train_batch_size 1 --max_train_steps 2000 --threshold 2e-3 --lambda_rank 5e-4 --mixed_precision fp16 \\
+        --gradient_checkpointing --checkpointing_steps 500 --validation_prompt "a castle, camera pans left" \\
+        --output_dir sara-pan-left
+
+``--train_data_dir`` holds one clip per line of its ``metadata.jsonl``: ``{"file_name": "clip-001", "text": "a
+caption"}``, where ``file_name`` is a folder of frames (PNG / JPEG, in name order) or a video file (``.gif`` with
+Pillow; ``.mp4`` / ``.webm`` / ``.mov`` need ``imageio``). Every clip gives ``--num_frames`` frames taken
+``--sample_stride`` apart from its start, resized and cropped alike (``--center_crop`` for exact resumption).
+
+Outputs in ``--output_dir``: the adapter in PEFT format under ``unet/``, a model card, ``checkpoint-<step>/`` folders,
+``validation-*.gif`` previews (Pillow) and, with ``--export_lora_rank``, ``pytorch_lora_weights.safetensors`` (a motion
+LoRA that ``AnimateDiffPipeline.load_lora_weights`` reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers import AnimateDiffPipeline, DDPMScheduler, DiffusionPipeline, MotionAdapter
+from diffusers.utils import export_to_gif, load_video, make_image_grid
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sara_script_utils.py lives beside this script
+import sara_script_utils as utils  # noqa: E402
+
+# The linear layers of the temporal transformers: attention projections and feed-forward. Their proj_in / proj_out are
+# called as `proj_in(input=...)`, a keyword that PEFT tuner layers (SaRA's included) do not take.
+MOTION_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+KEYWORD_CALLED = ("proj_in", "proj_out")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data = parser.add_argument_group("motion model and clips").add_argument
+    data(
+        "--motion_adapter_name_or_path",
+        default=None,
+        help="A diffusers MotionAdapter (Hub id or folder); omit it if --pretrained_model_name_or_path is an "
+        "AnimateDiff pipeline.",
+    )
+    data("--train_data_dir", required=True, help="Folder of clips with metadata.jsonl (file_name, text).")
+    data("--caption_column", default="text", help="metadata.jsonl key holding the captions (a string or a list).")
+    data("--num_frames", type=int, default=16, help="Frames per training clip (AnimateDiff: 16).")
+    data("--sample_stride", type=int, default=4, help="Take every N-th frame of a clip (AnimateDiff: 4).")
+    data("--max_train_samples", type=int, default=None, help="Train on the first N clips only (for debugging).")
+    data(
+        "--beta_schedule",
+        choices=["linear", "scaled_linear"],
+        default=None,
+        help="Noise schedule of the training scheduler (default: the base pipeline's; AnimateDiff used linear).",
+    )
+    utils.add_common_arguments(parser, default_output_dir="sara-motion-model")
+    parser.set_defaults(resolution=256)
+    args = parser.parse_args(argv)
+    return utils.check_common_arguments(parser, args)
+
+
+def motion_targets(target_modules: str | None) -> str:
+    """A full-match regex over the motion modules' layers (``--target_modules`` chooses among their names)."""
+    names = target_modules.split(",") if target_modules else MOTION_LAYERS
+    refused = [name for name in names if name in KEYWORD_CALLED]
+    if refused:
+        raise ValueError(
+            f"--target_modules {refused[0]}: diffusers calls the motion modules' {' / '.join(KEYWORD_CALLED)} with "
+            f"`input=`, which PEFT tuner layers do not accept; choose among {', '.join(MOTION_LAYERS)}."
+        )
+    return r".*motion_modules\..*\.(" + "|".join(re.escape(name) for name in names) + ")"
+
+
+def read_clip(path: Path) -> list[Image.Image]:
+    """The frames of a clip: a folder of images in name order, or a video file (diffusers' ``load_video``)."""
+    if path.is_dir():
+        return [Image.open(frame) for frame in utils.image_files(path)]
+    return load_video(str(path))
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """The clips of ``metadata.jsonl``: ``pixel_values`` (frames x 3 x H x W in ``[-1, 1]``) and ``caption``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        root = Path(args.train_data_dir)
+        lines = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines() if line.strip()]
+        if args.max_train_samples is not None:
+            lines = lines[: args.max_train_samples]
+        missing = [line.get("file_name") for line in lines if not (root / str(line.get("file_name"))).exists()]
+        if missing or any(args.caption_column not in line for line in lines):
+            raise ValueError(
+                f"Every line of {root / 'metadata.jsonl'} needs a 'file_name' (a frames folder or video file in "
+                f"{root}) and a '{args.caption_column}'; missing clips: {missing[:3]}."
+            )
+        self.clips = [(root / line["file_name"], line[args.caption_column]) for line in lines]
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, caption = self.clips[index]
+        frames = read_clip(path)
+        span = (self.args.num_frames - 1) * self.args.sample_stride + 1
+        if len(frames) < span:
+            raise ValueError(
+                f"{path} has {len(frames)} frames; --num_frames {self.args.num_frames} at --sample_stride "
+                f"{self.args.sample_stride} needs {span}."
+            )
+        first = utils.resize_and_crop(frames[0], self.args)
+        pixel_values = [first["pixel_values"]] + [
+            utils.resize_and_crop(frame, self.args, first["crop_top_left"])["pixel_values"]
+            for frame in frames[self.args.sample_stride : span : self.args.sample_stride]
+        ]
+        return {"pixel_values": torch.stack(pixel_values), "caption": caption}
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Clips stacked into batch x frames x 3 x H x W, with their captions."""
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]).contiguous().float(),
+        "captions": [example["caption"] for example in examples],
+    }
+
+
+def load_animatediff(args: argparse.Namespace, weight_dtype: torch.dtype, **components: Any) -> AnimateDiffPipeline:
+    """The base SD pipeline with the motion adapter, as an ``AnimateDiffPipeline`` (its UNet a ``UNetMotionModel``)."""
+    if args.motion_adapter_name_or_path is not None:
+        components["motion_adapter"] = MotionAdapter.from_pretrained(
+            args.motion_adapter_name_or_path, cache_dir=args.cache_dir, torch_dtype=weight_dtype
+        )
+    else:
+        config = DiffusionPipeline.load_config(
+            args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir
+        )
+        if config.get("motion_adapter", [None, None]) == [None, None]:
+            raise ValueError(
+                f"{args.pretrained_model_name_or_path} has no motion adapter: pass --motion_adapter_name_or_path "
+                "(e.g. guoyww/animatediff-motion-adapter-v1-5-2)."
+            )
+    return utils.load_pipeline(args, weight_dtype, pipeline_class=AnimateDiffPipeline, **components)
+
+
+def log_validation(
+    pipe: AnimateDiffPipeline, args: argparse.Namespace, accelerator: Accelerator, name: str, step: int
+) -> list[Image.Image]:
+    """Generate ``num_validation_images`` clips with a fixed seed, save them side by side as one GIF, log the frames."""
+    outputs = utils.generate_validation(pipe, args, accelerator, name, num_frames=args.num_frames)
+    clips = [output.frames[0] for output in outputs]
+    frames = [make_image_grid(list(frame), rows=1, cols=len(clips)) for frame in zip(*clips)]
+    export_to_gif(frames, os.path.join(args.output_dir, f"validation-{name}.gif"))
+    utils.log_images(accelerator, name, frames, step, args.validation_prompt)
+    return frames
+
+
+def usage_lines(args: argparse.Namespace, repo_id: str | None) -> list[str]:
+    """How to load the adapter into an ``AnimateDiffPipeline``, for the model card."""
+    motion = f'MotionAdapter.from_pretrained("{args.motion_adapter_name_or_path or "<motion-adapter>"}")'
+    return [
+        "",
+        "Load it into an `AnimateDiffPipeline` on the same base and motion adapter:",
+        "",
+        "```python",
+        "import peft_sara",
+        "from diffusers import AnimateDiffPipeline, MotionAdapter",
+        "from diffusers.utils import export_to_gif",
+        "",
+        f'pipe = AnimateDiffPipeline.from_pretrained("{args.pretrained_model_name_or_path}", motion_adapter={motion})',
+        f'peft_sara.load_sara_adapter(pipe, "{repo_id or args.output_dir}")',
+        f'export_to_gif(pipe("{args.validation_prompt or "a castle"}", num_frames={args.num_frames}).frames[0], '
+        '"clip.gif")',
+        "```",
+    ]
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = utils.make_accelerator(args)
+    repo_id = utils.create_hub_repo(args, accelerator)
+    weight_dtype = utils.weight_dtype_of(accelerator)
+
+    # 1. The AnimateDiff pipeline; SaRA on the motion modules of its UNet only.
+    vae = utils.load_vae(args, weight_dtype)
+    pipe = load_animatediff(args, weight_dtype, vae=vae)
+    noise_scheduler = utils.noise_scheduler_for(args, pipe)
+    if args.beta_schedule is not None:
+        noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, beta_schedule=args.beta_schedule)
+    pipe.to(accelerator.device)
+    modules = utils.trained_modules(args, accelerator, pipe, denoiser_targets=motion_targets(args.target_modules))
+
+    # 2. Clips; the optimizer, LR schedule and SaRA helper; resume (before `prepare`, in place), prepare.
+    train_dataset = ClipDataset(args)
+    components, train_dataloader, steps_per_epoch, deepspeed = utils.setup_training(
+        args, accelerator, modules, train_dataset, collate
+    )
+    denoiser = components[0].prepared
+
+    def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
+        pixel_values = utils.random_flip(batch, args)  # whole clips: batch x frames x 3 x H x W
+        batch_size, num_frames = pixel_values.shape[:2]
+        latents = utils.encode_latents(vae, pixel_values.flatten(0, 1), weight_dtype)
+        latents = latents.unflatten(0, (batch_size, num_frames)).transpose(1, 2)  # batch x C x frames x h x w
+        conditioning = utils.encode_prompts(pipe, utils.pick_captions(batch["captions"]), accelerator.device)
+        # UNetMotionModel takes one prompt embedding per frame (AnimateDiffPipeline repeats them the same way).
+        conditioning["encoder_hidden_states"] = conditioning["encoder_hidden_states"].repeat_interleave(num_frames, 0)
+        return utils.ddpm_loss(denoiser, noise_scheduler, latents, conditioning, args).mean()
+
+    # 3. Train.
+    validate = functools.partial(log_validation, pipe, args, accelerator) if args.validation_prompt else None
+    global_step = utils.train(
+        args, accelerator, components, train_dataloader, steps_per_epoch, compute_loss, validate, deepspeed,
+        project_name="motion-sara",
+    )  # fmt: skip
+
+    # 4. Save, export, check the saved adapter from a fresh pipeline, card, push.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        utils.finish_training(
+            args, accelerator, pipe, components, repo_id, global_step,
+            fresh_pipeline=functools.partial(load_animatediff, args, weight_dtype, vae=vae),
+            validate=log_validation,
+            trained_with=f"`examples/train_motion_sara.py` on the clips of `{args.train_data_dir}` ({args.num_frames} "
+            f"frames, stride {args.sample_stride}), SaRA on the motion modules only",
+            tags=["animatediff", "text-to-video"],
+            pipeline_tag="text-to-video",
+            preview="validation-final.gif",
+            notes=usage_lines(args, repo_id),
+        )  # fmt: skip
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
