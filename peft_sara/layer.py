@@ -467,8 +467,10 @@ class _SaRAModule(nn.Module, SaRALayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._sara_forward(x, *args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and "input" in kwargs:  # `layer(input=x)`, nn.Linear / nn.Conv's own argument name
+            args = (kwargs.pop("input"),)
+        return self._sara_forward(*args, **kwargs)
 
     def __repr__(self) -> str:
         return "sara." + super().__repr__()

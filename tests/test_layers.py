@@ -148,3 +148,10 @@ def test_int32_indices_and_float32_values_whatever_the_base_dtype():
     _, layer = wrap(nn.Linear(16, 16), dtype=torch.bfloat16)
     assert layer.sara_indices["default"].dtype == torch.int32
     assert layer.sara_values["default"].dtype == torch.float32
+
+
+def test_layers_accept_the_input_keyword_like_torch_modules(mlp_conv):
+    model = get_peft_model(mlp_conv, SaRAConfig(trainable_fraction=0.3, target_modules=["lin1"], init_weights=False))
+    layer = model.base_model.model.lin1
+    x = torch.randn(2, 32)
+    assert torch.equal(layer(input=x), layer(x))
