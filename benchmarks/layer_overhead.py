@@ -3,6 +3,7 @@ patching and autograd overhead dominate the GEMMs), in training (forward + backw
 against the same stack with LoRA r=8 and without adapters. Process CPU time, so a shared machine disturbs it less.
 
     python -m benchmarks.layer_overhead
+    python -m benchmarks.layer_overhead --compile          # the same through torch.compile (inductor)
     python -m benchmarks.layer_overhead --width 256 --layers 40 --tokens 64 --out /tmp/overhead.json
 """
 
@@ -64,6 +65,8 @@ def cpu_time_per_call(fn: Callable[[], None], calls: int, repeats: int) -> float
 
 def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     model = build(method, args.width, args.layers)
+    if args.compile:
+        model = torch.compile(model)  # inductor; the warmup calls absorb compilation
     x = torch.randn(args.tokens, args.width, requires_grad=method == "none")
 
     def train() -> None:
@@ -87,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "layer_overhead-cpu.json")
+    parser.add_argument("--compile", action="store_true", help="run every variant through torch.compile (inductor)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS_DIR / f"layer_overhead-cpu{'-compiled' if args.compile else ''}.json"
     torch.set_num_threads(1)
     results = {method: measure(method, args) for method in ("none", "lora_r8", "sara")}
     rows = [
