@@ -403,6 +403,10 @@ class SaRALayer(BaseTunerLayer):
         return composable_reason(self.get_base_layer())
 
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled() and "_sara_inference_weight" in self.__dict__:
+            output = self._cached_inference_forward(x)
+            if output is not None:
+                return output
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -443,14 +447,40 @@ class SaRALayer(BaseTunerLayer):
     def _inference_weight(self, weight, indices, values, scales, backend) -> torch.Tensor:
         """The patched weight for no-grad forwards: a copy, kept while the weight, values and scales are unchanged
         (one weight-sized tensor per layer; ``PEFT_SARA_CACHE_PATCHED_WEIGHTS=0`` rebuilds it on every call)."""
-        key = (id(weight), weight._version, tuple(scales), tuple((id(v), v._version) for v in values), backend)
-        cached = self.__dict__.get("_sara_inference_weight")
-        if cached is not None and cached[0] == key:
-            return cached[1]
         patched = patched_copy(weight, indices, values, scales, backend)
         if os.environ.get(CACHE_ENV_VAR, "1") != "0":
-            self.__dict__["_sara_inference_weight"] = (key, patched)
+            self.__dict__["_sara_inference_weight"] = (self._inference_key(weight), patched)
         return patched
+
+    def _inference_key(self, weight: torch.Tensor) -> tuple:
+        """What the cached patched weight depends on: the base weight's identity, storage and version, and per active
+        adapter its scale, live count and the identity and version of its trainable and frozen values."""
+        values, frozen = self._modules["sara_values"]._parameters, self._modules["sara_frozen_values"]._buffers
+        adapters = tuple(
+            (name, self.sara_scaling[name], self.sara_num_trainable.get(name), id(v), v._version, id(f), f._version)
+            for name in self.active_adapters
+            if (v := values.get(name)) is not None and (f := frozen.get(name)) is not None
+        )
+        return id(weight), weight.data_ptr(), weight._version, adapters
+
+    def _cached_inference_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The no-grad forward with the cached patched weight, or ``None`` when it does not apply (merged, disabled,
+        hooked base layer, compiling) or is stale; the general path then runs (and refreshes the cache)."""
+        base_layer = self.get_base_layer()
+        if (
+            self.merged
+            or self.disable_adapters
+            or base_layer._forward_pre_hooks
+            or base_layer._forward_hooks
+            or "forward" in vars(base_layer)
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        key, patched = self.__dict__["_sara_inference_weight"]
+        if key != self._inference_key(base_layer.weight):
+            return None
+        op, x = self._op(x)
+        return op.forward(x, patched, base_layer.bias)
 
     def _update_contribution(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         op, x = self._op(x)

@@ -192,3 +192,42 @@ def test_reselection_and_new_adapters_while_merged_are_refused():
         model.base_model.model.lin1.reselect("default")
     with pytest.raises(RuntimeError, match="unmerge_adapter"):
         model.add_adapter("other", SaRAConfig(target_modules=TARGETS, trainable_fraction=0.1))
+
+
+def test_cached_inference_weight_follows_every_change_it_depends_on():
+    model = sara_model()
+    layers = [getattr(model.base_model.model, name) for name in TARGETS]
+
+    def check():
+        """The no-grad output (cached patched weights) equals the training path's (patched in place per call)."""
+        with torch.no_grad():
+            cached = model(X)
+        with torch.enable_grad():
+            reference = model(X).detach()  # (drops the cached weights)
+        torch.testing.assert_close(cached, reference, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            model(X)  # cache the patched weights again: the next change must invalidate them
+        return cached
+
+    first = check()
+    with torch.no_grad():
+        for layer in layers:  # an optimizer step
+            layer.sara_values["default"].add_(0.05)
+    stepped = check()
+    assert not torch.equal(stepped, first)
+    for layer in layers:
+        layer.set_scale("default", 0.5)
+    check()
+    with torch.no_grad():
+        layers[0].get_base_layer().weight.mul_(1.5)  # the base weight edited in place
+    check()
+    layers[1].get_base_layer().weight.data = layers[1].get_base_layer().weight.data.clone() * 0.5  # swapped storage
+    check()
+    model.add_adapter("other", SaRAConfig(target_modules=TARGETS, trainable_fraction=0.1, init_weights=False))
+    model.set_adapter("other")
+    other = check()
+    with torch.no_grad(), model.disable_adapter():
+        disabled = model(X)
+    assert not torch.equal(other, disabled)
+    model.set_adapter("default")
+    check()
