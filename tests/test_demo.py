@@ -18,10 +18,12 @@ from diffusers import UNet2DModel  # noqa: E402
 from peft import PeftModel  # noqa: E402
 
 from peft_sara.demo import run_from_args  # noqa: E402
+from peft_sara.demo.data import apply_style, load_splits  # noqa: E402
 from peft_sara.demo.diffusion import predict_noise  # noqa: E402
 
 EXPECTED_FILES = [
     "comparison.png",
+    "tradeoff.png",
     "heldout_styled_classes.png",
     "loss_curves.png",
     "metrics.json",
@@ -104,6 +106,32 @@ def test_demo_metrics_are_finite_and_sara_learns_the_new_style(quick_runs):
     assert metrics["selection"]["selected_entries"] == sara["trainable_params"]
 
 
+def test_demo_records_the_trade_off_path_and_scores_samples_of_every_model(quick_runs):
+    first, _ = quick_runs
+    metrics = first.metrics
+    steps, every = metrics["settings"]["finetune_steps"], metrics["settings"]["checkpoint_every"]
+    for method in ("sara", "lora"):
+        (entry,) = metrics["sweep"][method]
+        assert [item["step"] for item in entry["checkpoints"]] == [0, *range(every, steps, every), steps]
+        assert entry["checkpoints"][0]["new_style"] == pytest.approx(metrics["base"]["new_style_loss"])
+        assert entry["checkpoints"][-1]["new_style"] == pytest.approx(metrics[method]["new_style_loss_after"])
+    for model in ("base", "sara", "lora"):
+        scores = metrics["samples"][model]
+        assert 0.0 <= scores["styled_classes_accuracy"] <= 1.0 and 0.0 <= scores["other_classes_accuracy"] <= 1.0
+        assert scores["styled_classes_frechet"] >= 0.0
+    assert 0.0 < metrics["judge"]["heldout_accuracy"] <= 1.0
+
+
+def test_photo_patch_dataset_is_real_rgb_data_with_disjoint_heldout_blocks():
+    splits = load_splits("photo-patches")
+    assert splits.train_images.shape[1:] == (3, 16, 16) and len(splits.train_images) >= 3 * len(splits.heldout_images)
+    assert set(splits.train_labels.tolist()) == set(splits.heldout_labels.tolist()) == {0, 1}
+    assert splits.train_images.min() >= -1.0 and splits.train_images.max() <= 1.0
+    flat_train = {tuple(image.flatten().tolist()) for image in splits.train_images[:200]}
+    assert not any(tuple(image.flatten().tolist()) in flat_train for image in splits.heldout_images)
+    assert torch.equal(apply_style(splits.train_images, "bgr")[:, 0], splits.train_images[:, 2])
+
+
 def test_demo_adapter_reloads_into_a_fresh_base_and_reproduces_outputs(quick_runs):
     first, _ = quick_runs
     cache_folder = first.metrics["pretrained_model"]["cache_folder"]
@@ -135,11 +163,40 @@ def test_second_run_reuses_cached_base_and_reproduces_the_numbers(quick_runs):
 def test_no_cache_flag_neither_reads_nor_writes_the_cache(tmp_path, monkeypatch):
     import peft_sara.demo.cli as demo_cli
 
-    monkeypatch.setattr(demo_cli, "run_demo", lambda settings, output_dir, cache_root: cache_root)
+    monkeypatch.setattr(demo_cli, "run_demo", lambda settings, output_dir, cache_root, **kwargs: cache_root)
     monkeypatch.setattr(demo_cli.torch, "set_num_threads", lambda threads: None)
     assert demo_cli.run_from_args(["--quick", "--no-cache", "--output-dir", str(tmp_path)]) is None
     cache_root = demo_cli.run_from_args(["--quick", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path)])
     assert cache_root == tmp_path / "c"
+
+
+def test_pretraining_threads_are_passed_on_and_restored(tmp_path, monkeypatch):
+    import peft_sara.demo.cli as demo_cli
+    from peft_sara.demo.diffusion import build_noise_scheduler, load_or_pretrain
+    from peft_sara.demo.settings import DemoSettings
+
+    seen = []
+    monkeypatch.setattr(demo_cli, "run_demo", lambda *args, **kwargs: seen.append(kwargs["pretrain_threads"]))
+    monkeypatch.setattr(demo_cli.torch, "set_num_threads", lambda threads: None)
+    demo_cli.run_from_args(["--quick", "--no-cache", "--output-dir", str(tmp_path)])
+    demo_cli.run_from_args(["--quick", "--no-cache", "--pretrain-threads", "3", "--output-dir", str(tmp_path)])
+    assert seen == [demo_cli.DEFAULT_PRETRAIN_THREADS, 3]
+    with pytest.raises(SystemExit, match="pretrain-threads"):
+        demo_cli.run_from_args(["--quick", "--pretrain-threads", "0", "--output-dir", str(tmp_path)])
+    monkeypatch.undo()
+
+    settings = DemoSettings.quick()
+    threads = torch.get_num_threads()
+    images, labels = torch.rand(16, 1, 8, 8), torch.arange(16) % 10
+    during = []
+    import peft_sara.demo.diffusion as diffusion
+
+    original = diffusion.pretrain
+    monkeypatch.setattr(diffusion, "pretrain", lambda *args: during.append(torch.get_num_threads()) or original(*args))
+    common = dict(steps=2, batch_size=4, learning_rate=1e-3, seed=0, cache_folder=None, ema_decay=0.9)
+    wanted = 2 if threads == 1 else 1
+    load_or_pretrain(settings.unet_config, build_noise_scheduler(), images, labels, threads=wanted, **common)
+    assert during == [wanted] and torch.get_num_threads() == threads
 
 
 def test_module_entry_point_prints_help():
@@ -147,5 +204,14 @@ def test_module_entry_point_prints_help():
         [sys.executable, "-m", "peft_sara.demo", "--help"], capture_output=True, text=True, timeout=120
     )
     assert completed.returncode == 0, completed.stderr
-    for flag in ("--output-dir", "--steps", "--pretrain-steps", "--cache-dir", "--no-cache", "--seed", "--quick"):
+    for flag in (
+        "--output-dir",
+        "--steps",
+        "--pretrain-steps",
+        "--cache-dir",
+        "--no-cache",
+        "--seed",
+        "--quick",
+        "--dataset",
+    ):
         assert flag in completed.stdout

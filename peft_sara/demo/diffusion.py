@@ -104,8 +104,8 @@ def sample_images(
     sampler = DDIMScheduler.from_config(noise_scheduler.config)
     sampler.set_timesteps(num_inference_steps)
     generator = torch.Generator().manual_seed(seed)
-    sample_size = _unet_config(model).sample_size
-    images = torch.randn((len(labels), 1, sample_size, sample_size), generator=generator)
+    config = _unet_config(model)
+    images = torch.randn((len(labels), config.in_channels, config.sample_size, config.sample_size), generator=generator)
     was_training = model.training
     model.eval()
     for timestep in sampler.timesteps:
@@ -140,22 +140,35 @@ def pretrain(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    ema_decay: float = 0.0,
 ) -> list[float]:
-    """Train every weight of ``unet`` on all classes (AdamW, warmup + cosine schedule); returns the loss per step."""
+    """Train every weight of ``unet`` on all classes (AdamW, warmup + cosine schedule); returns the loss per step.
+
+    With ``ema_decay`` > 0 the model ends with the exponential moving average of its weights (the usual trick for
+    cleaner diffusion samples; the decay ramps up as ``(1 + t) / (10 + t)`` early on).
+    """
     optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     batches = BatchSampler(images, labels, batch_size, seed)
+    params = [param for param in unet.parameters()]
+    averaged = [param.detach().clone() for param in params] if ema_decay > 0 else None
     losses = []
     unet.train()
     progress = tqdm(range(steps), desc="pretraining base model", unit="step", dynamic_ncols=True)
-    for _ in progress:
+    for step in progress:
         loss = diffusion_loss(unet, noise_scheduler, *batches.next())
         loss.backward()
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if averaged is not None:
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(averaged, [param.detach() for param in params], 1 - decay)
         losses.append(loss.item())
         progress.set_postfix(loss=f"{recent_mean(losses):.4f}")
+    if averaged is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, averaged)
     unet.eval()
     return losses
 
@@ -180,11 +193,13 @@ def load_or_pretrain(
     learning_rate: float,
     seed: int,
     cache_folder: Path | None,
+    ema_decay: float,
+    threads: int | None = None,
 ) -> PretrainResult:
     """Load the pretrained base model from ``cache_folder`` if it holds one, else pretrain it (and cache it there).
 
     ``cache_folder=None`` disables the cache. The folder name should encode every setting that affects the weights
-    (see :func:`peft_sara.demo.run.cache_key`).
+    (see :func:`peft_sara.demo.run.cache_key`). ``threads``: torch threads while pretraining (restored after).
     """
     if cache_folder is not None and (cache_folder / PRETRAIN_INFO_NAME).is_file():
         info = json.loads((cache_folder / PRETRAIN_INFO_NAME).read_text())
@@ -192,7 +207,12 @@ def load_or_pretrain(
         return PretrainResult(unet, info["losses"], info["seconds"], reused_from=str(cache_folder), saved_to=None)
     start = time.perf_counter()
     unet = build_unet(unet_config, seed)
-    losses = pretrain(unet, noise_scheduler, images, labels, steps, batch_size, learning_rate, seed)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or previous_threads)
+    try:
+        losses = pretrain(unet, noise_scheduler, images, labels, steps, batch_size, learning_rate, seed, ema_decay)
+    finally:
+        torch.set_num_threads(previous_threads)
     seconds = time.perf_counter() - start
     saved_to = None
     if cache_folder is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import SaRAConfig
@@ -82,6 +84,8 @@ class FinetuneHistory:
     reselected_at_step: int | None = None
     trainable_after_reselection: int | None = None
     seconds: float = 0.0
+    # (step, held-out losses) at each checkpoint: the training trajectory the trade-off plot draws
+    checkpoints: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 def finetune(
@@ -96,18 +100,38 @@ def finetune(
     seed: int,
     description: str,
     use_sara_helper: bool,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    checkpoint_steps: Sequence[int] = (),
+    progress_bar: bool = True,
+    evaluate_start: bool = True,
 ) -> FinetuneHistory:
-    """Train ``model``'s adapter on (images, labels); with ``use_sara_helper`` the SaRA training helper adds the
-    low-rank loss and performs the progressive re-selection (it keeps the optimizer in step)."""
+    """Train ``model``'s trainable parameters on (images, labels); with ``use_sara_helper`` the SaRA training helper
+    adds the low-rank loss and performs the progressive re-selection (it keeps the optimizer in step).
+
+    ``evaluate(model)`` runs before training (step 0, unless ``evaluate_start`` is False) and after each of
+    ``checkpoint_steps``; its results are recorded in ``history.checkpoints`` (its time is not counted in
+    ``history.seconds``).
+    """
+    history = FinetuneHistory()
+    evaluation_seconds = 0.0
+
+    def checkpoint(step: int) -> None:
+        nonlocal evaluation_seconds
+        started = time.perf_counter()
+        history.checkpoints.append((step, evaluate(model)))
+        model.train()
+        evaluation_seconds += time.perf_counter() - started
+
+    if evaluate is not None and evaluate_start:
+        checkpoint(0)
     trainable = [param for param in model.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=WEIGHT_DECAY)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     helper = SaRATrainingHelper(model, optimizer, total_steps=steps, seed=seed) if use_sara_helper else None
     batches = BatchSampler(images, labels, batch_size, seed)
-    history = FinetuneHistory()
     model.train()
     start = time.perf_counter()
-    progress = tqdm(range(steps), desc=description, unit="step", dynamic_ncols=True)
+    progress = tqdm(range(steps), desc=description, unit="step", dynamic_ncols=True, disable=not progress_bar)
     for step in progress:
         loss = diffusion_loss(model, noise_scheduler, *batches.next())
         rank_loss = helper.regularization() if helper is not None else torch.zeros(())
@@ -120,12 +144,15 @@ def finetune(
         if helper is not None and helper.step():
             history.reselected_at_step = step + 1
             history.trainable_after_reselection = helper.trainable_count()
-            progress.write(
-                f"  progressive re-selection at step {step + 1}: {history.trainable_after_reselection:,} entries "
-                "still below their cutoff stay trainable, the rest are frozen at their learned values"
-            )
+            if progress_bar:
+                progress.write(
+                    f"  progressive re-selection at step {step + 1}: {history.trainable_after_reselection:,} "
+                    "entries still below their cutoff stay trainable, the rest are frozen at their learned values"
+                )
         progress.set_postfix(loss=f"{recent_mean(history.losses):.4f}")
-    history.seconds = time.perf_counter() - start
+        if evaluate is not None and step + 1 in checkpoint_steps:
+            checkpoint(step + 1)
+    history.seconds = time.perf_counter() - start - evaluation_seconds
     model.eval()
     return history
 
@@ -138,9 +165,9 @@ def reload_max_difference(trained: PeftModel, base: UNet2DModel, adapter_dir: Pa
     fresh.load_state_dict(base.state_dict())
     reloaded = PeftModel.from_pretrained(fresh, adapter_dir).eval()
     generator = torch.Generator().manual_seed(seed)
-    size = base.config.sample_size
-    noisy = torch.randn((10, 1, size, size), generator=generator)
+    size, channels, classes = base.config.sample_size, base.config.in_channels, base.config.num_class_embeds
+    noisy = torch.randn((10, channels, size, size), generator=generator)
     timesteps = torch.linspace(0, 999, 10).long()
-    labels = torch.arange(10)
+    labels = torch.arange(10) % classes
     expected = predict_noise(trained.eval(), noisy, timesteps, labels)
     return float((predict_noise(reloaded, noisy, timesteps, labels) - expected).abs().max())

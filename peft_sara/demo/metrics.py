@@ -95,6 +95,7 @@ def collect_metrics(
             "sampling_noise": run.sampling_seed,
         },
         "data": {
+            "dataset": settings.dataset,
             "style": settings.style,
             "styled_classes": list(settings.styled_classes),
             "other_classes": list(settings.other_classes),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ GAP_VALUE = 128  # grey lines between digits, visible on both dark and light sty
 
 
 def grid_array(images: torch.Tensor, per_row: int) -> np.ndarray:
-    """uint8 array tiling ``images`` (N, 1, H, W in [-1, 1]) ``per_row`` to a row, with one-pixel grey gaps."""
-    pixels = ((images[:, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    count, height, width = pixels.shape
+    """uint8 array tiling ``images`` (N, C, H, W in [-1, 1]; C = 1 or 3) ``per_row`` to a row, with one-pixel grey
+    gaps: (rows, columns) for grey images, (rows, columns, 3) for RGB."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    count, height, width = pixels.shape[:3]
     rows = -(-count // per_row)
-    grid = np.full((rows * (height + 1) + 1, per_row * (width + 1) + 1), GAP_VALUE, dtype=np.uint8)
+    grid = np.full((rows * (height + 1) + 1, per_row * (width + 1) + 1, *pixels.shape[3:]), GAP_VALUE, dtype=np.uint8)
     for position, image in enumerate(pixels):
         row, column = divmod(position, per_row)
         grid[
@@ -38,9 +42,15 @@ def save_grid(images: torch.Tensor, per_row: int, path: Path) -> None:
 
 
 def save_comparison_figure(
-    panels: Sequence[Sequence[tuple[str, torch.Tensor]]], row_titles: Sequence[str], per_row: int, path: Path
+    panels: Sequence[Sequence[tuple[str, torch.Tensor]]],
+    row_titles: Sequence[str],
+    per_row: int,
+    path: Path,
+    captions: dict[tuple[str, str], str] | None = None,
 ) -> None:
-    """One figure: a row of titled grids per class group (e.g. held-out target, base, SaRA, LoRA)."""
+    """One figure: a row of titled grids per class group (e.g. held-out target, base, SaRA, LoRA); ``captions``
+    writes a line under the grid of (row title, panel title)."""
+    captions = captions or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,6 +61,7 @@ def save_comparison_figure(
     for row_axes, row, row_title in zip(axes, panels, row_titles):
         for axis, (title, images) in zip(row_axes, row):
             axis.imshow(grid_array(images, per_row), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            axis.set_xlabel(captions.get((row_title, title), ""), fontsize=8)
             axis.set_title(title, fontsize=9)
             axis.set_xticks([])
             axis.set_yticks([])
@@ -96,6 +107,56 @@ def save_loss_plot(curves: dict[str, Sequence[float]], markers: dict[str, int], 
     plt.close(figure)
 
 
+@dataclass
+class TradeoffCurve:
+    """One training run on the trade-off plot: (x, y) at each checkpoint, the first one before training."""
+
+    label: str
+    color: str
+    points: Sequence[tuple[float, float]]
+    linestyle: str = "-"
+
+
+def save_tradeoff_plot(
+    curves: Sequence[TradeoffCurve], path: Path, title: str, xlabel: str, ylabel: str, note: str = ""
+) -> None:
+    """Every run's path through (new task learned, old task kept) space: a dot per checkpoint, a large dot at the
+    end; the shared start (the base model) is a black star. Lower left is better on both axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.5, 5))
+    for curve in curves:
+        xs, ys = zip(*curve.points)
+        axis.plot(
+            xs,
+            ys,
+            color=curve.color,
+            linestyle=curve.linestyle,
+            linewidth=1.6,
+            marker="o",
+            markersize=3,
+            label=curve.label,
+        )
+        axis.plot(xs[-1], ys[-1], color=curve.color, marker="o", markersize=8, linestyle="none")
+    if curves:
+        start_x, start_y = curves[0].points[0]
+        axis.plot(start_x, start_y, color="black", marker="*", markersize=14, linestyle="none", label="base model")
+    axis.axhline(0, color="gray", linewidth=0.8)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="best")
+    if note:
+        figure.text(0.01, 0.01, note, fontsize=7, color="dimgray", ha="left", va="bottom", wrap=True)
+    figure.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain-text table with columns padded to their widest cell."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
@@ -115,46 +176,71 @@ def human_bytes(size: int) -> str:
 
 
 def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
-    """The table printed at the end of the demo."""
-    data, sara, lora = metrics["data"], metrics["sara"], metrics["lora"]
+    """The tables printed at the end of the demo."""
+    data, sara, lora, samples = metrics["data"], metrics["sara"], metrics["lora"], metrics["samples"]
     styled = ",".join(map(str, data["styled_classes"]))
     other = ",".join(map(str, data["other_classes"]))
     rows = []
-    for name, values in (("SaRA", sara), (f"LoRA r={lora['rank']}", lora)):
-        rows.append(
-            [
-                name,
+    for name, values, scores in (
+        ("base model", None, samples["base"]),
+        ("SaRA", sara, samples["sara"]),
+        (f"LoRA r={lora['rank']}", lora, samples["lora"]),
+    ):
+        losses = ["-", "-", "-", "-", "-"]
+        if values is not None:
+            losses = [
                 f"{values['trainable_params']:,}",
-                f"{values['learning_rate']:g}",
-                f"{values['new_style_loss_before']:.4f} -> {values['new_style_loss_after']:.4f} "
-                f"({values['new_style_loss_change_pct']:+.1f}%)",
-                f"{values['other_classes_loss_before']:.4f} -> {values['other_classes_loss_after']:.4f} "
-                f"({values['other_classes_loss_change']:+.4f}, {values['other_classes_loss_change_pct']:+.1f}%)",
+                f"{values['new_style_loss_after']:.4f} ({values['new_style_loss_change_pct']:+.1f}%)",
+                f"{values['other_classes_loss_after']:.4f} ({values['other_classes_loss_change_pct']:+.1f}%)",
                 human_bytes(values["adapter_file_bytes"]),
                 f"{values['train_seconds']:.0f} s",
             ]
+        rows.append(
+            [
+                name,
+                *losses[:3],
+                f"{scores['styled_classes_accuracy']:.0%} / {scores['styled_classes_frechet']:.1f}",
+                f"{scores['other_classes_accuracy']:.0%} / {scores['other_classes_frechet']:.1f}",
+                *losses[3:],
+            ]
         )
+    settings = metrics["settings"]
     print()
     print(
-        f"Summary: fine-tuned on {data['finetune_images']} {data['style']} images of digits {styled} "
-        f"({metrics['settings']['finetune_steps']} steps, batch {metrics['settings']['finetune_batch_size']}); "
-        f"held-out loss on {data['heldout_styled_images']} {data['style']} images of {styled} (new style, lower "
-        f"is better) and on {data['heldout_other_images']} original images of {other} (forgetting, lower is better)"
+        f"Summary at lr {sara['learning_rate']:g}: fine-tuned on {data['finetune_images']} {data['style']} images of "
+        f"{styled} ({settings['finetune_steps']} steps, batch {settings['finetune_batch_size']}). Held-out loss "
+        f"(lower is better) on {data['heldout_styled_images']} {data['style']} images of {styled} and on "
+        f"{data['heldout_other_images']} original images of {other} (base: {metrics['base']['new_style_loss']:.4f}, "
+        f"{metrics['base']['other_classes_loss']:.4f}). Samples: share a classifier of (class, style) finds right "
+        f"/ Fréchet distance to real images in its feature space (lower is better)."
     )
     print(
         format_table(
             [
-                "method",
+                "model",
                 "trainable",
-                "lr",
                 f"new-style loss ({styled})",
                 f"other-classes loss ({other})",
+                f"samples {styled}: right / FD",
+                f"samples {other}: right / FD",
                 "adapter file",
                 "train time",
             ],
             rows,
         )
     )
+    sweep_rows = []
+    for sara_run, lora_run in zip(metrics["sweep"]["sara"], metrics["sweep"]["lora"]):
+        sweep_rows.append(
+            [
+                f"{sara_run['learning_rate']:g}",
+                f"{sara_run['new_style_loss_change_pct']:+.1f}% / {sara_run['other_classes_loss_change_pct']:+.1f}%",
+                f"{lora_run['new_style_loss_change_pct']:+.1f}% / {lora_run['other_classes_loss_change_pct']:+.1f}%",
+            ]
+        )
+    print()
+    print("Every learning rate (held-out loss change: new style / other classes; tradeoff.png draws the whole path):")
+    print(format_table(["lr", "SaRA", f"LoRA r={lora['rank']}"], sweep_rows))
     if sara["reselected_at_step"] is not None:
         print(
             f"SaRA selection: {metrics['selection']['rule']}; progressive re-selection at step "
@@ -167,10 +253,10 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     print(
         f"Base model: {pretrained['parameters']:,} parameters, {source}"
         + (f" ({pretrained['cache_folder']})" if pretrained["cache_folder"] else "")
-        + "."
+        + f". Classifier accuracy on held-out real images: {metrics['judge']['heldout_accuracy']:.0%}."
     )
     print(
-        f"Outputs in {output_dir}: comparison.png (start here), samples_*.png, heldout_styled_classes.png, "
-        "loss_curves.png, sara_adapter/, lora_adapter/, metrics.json"
+        f"Outputs in {output_dir}: tradeoff.png and comparison.png (start here), samples_*.png, "
+        "heldout_styled_classes.png, loss_curves.png, sara_adapter/, lora_adapter/, metrics.json"
     )
     print(f"Total time {metrics['times']['total_seconds']:.0f} s.")
