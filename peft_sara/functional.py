@@ -58,7 +58,9 @@ def patched_weight(
         )
     flat_weight = weight.detach().view(-1)
     if backend == "reference":  # scatter needs int64: convert once for patch and restore
-        indices_per_adapter = [indices.long() for indices in indices_per_adapter]
+        indices_per_adapter = [
+            indices if indices.dtype == torch.int64 else indices.long() for indices in indices_per_adapter
+        ]
     saved_entries = []
     with storage_lock(weight), torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(weight):
         try:

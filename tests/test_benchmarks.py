@@ -195,6 +195,23 @@ def test_kernels_benchmark_runs_as_a_module_and_times_the_reference_on_cpu(tmp_p
     assert all(row["ms"] > 0 and row["nnz"] == 38 for row in report["rows"])
 
 
+def test_cpu_grad_benchmark_compares_the_sddmm_with_the_gemm_at_each_point(tmp_path):
+    from benchmarks import cpu_grad
+
+    out = tmp_path / "cpu_grad.json"
+    threads = torch.get_num_threads()
+    try:
+        report = cpu_grad.main(
+            ["--shapes", "16x24", "--tokens", "8,32", "--densities", "0.1,0.5", "--threads", "1", "--repeats", "2"]
+            + ["--out", str(out)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text()) == report
+    assert [(row["tokens"], row["density"]) for row in report["rows"]] == [(8, 0.1), (8, 0.5), (32, 0.1), (32, 0.5)]
+    assert all(row["gemm_ms"] > 0 and row["sddmm_ms"] > 0 for row in report["rows"])
+
+
 def test_gpu_suite_tiny_measures_each_part_and_writes_json_and_markdown(runs):
     report = _finish(*runs["suite"])
     assert report["benchmark"] == "gpu_suite" and report["tiny"] is True and report["skipped"] == []

@@ -17,14 +17,20 @@ def patched_values(entries: torch.Tensor, values: torch.Tensor, scale: float) ->
     """``cast(entries + scale * values)`` in the entries' dtype, summed in :func:`~peft_sara.masks.compute_dtype`
     (differentiable in ``values``): the one definition of a patched weight entry, for patch, merge and dense copies."""
     compute = compute_dtype(entries.dtype, values.dtype)
+    if entries.dtype == values.dtype == compute:  # the common float32 case: no conversions to dispatch
+        return entries.add(values, alpha=scale)
     return entries.to(compute).add(values.to(compute), alpha=scale).to(entries.dtype)
+
+
+def _int64(indices: torch.Tensor) -> torch.Tensor:
+    return indices if indices.dtype == torch.int64 else indices.long()
 
 
 def patch_entries_(
     flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Write ``w[i] = cast(float(w[i]) + scale * values)`` in place; return the overwritten entries."""
-    indices = indices.long()  # no-op for int64; scatter_ with int64 is several times faster than index_put_
+    indices = _int64(indices)  # scatter_ needs int64, and is several times faster than index_put_
     saved = flat_weight.index_select(0, indices)
     flat_weight.scatter_(0, indices, patched_values(saved, values, scale))
     return saved
@@ -32,7 +38,7 @@ def patch_entries_(
 
 def restore_entries_(flat_weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor) -> None:
     """Write back entries returned by :func:`patch_entries_` (bitwise restore)."""
-    flat_weight.scatter_(0, indices.long(), saved)
+    flat_weight.scatter_(0, _int64(indices), saved)
 
 
 def linear_weight_grad_values(
@@ -43,5 +49,9 @@ def linear_weight_grad_values(
 
     ``grad_output`` is (N, out) and ``inputs`` (N, in), both 2-D.
     """
-    dense = (grad_output.t() @ inputs.to(grad_output.dtype)).reshape(-1)
-    return [dense.index_select(0, indices).to(compute_dtype(dense.dtype)) for indices in indices_per_adapter]
+    if inputs.dtype != grad_output.dtype:
+        inputs = inputs.to(grad_output.dtype)
+    dense = (grad_output.t() @ inputs).reshape(-1)
+    compute = compute_dtype(dense.dtype)
+    sampled = [dense.index_select(0, indices) for indices in indices_per_adapter]
+    return sampled if compute == dense.dtype else [values.to(compute) for values in sampled]
