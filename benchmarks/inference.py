@@ -1,9 +1,10 @@
 """Inference cost of a SaRA adapter: base forward vs SaRA unmerged vs SaRA merged, and the time to merge / unmerge.
 
-Builds the preset's seeded random-init model, times the plain model, injects a SaRA adapter with random (non-zero)
-values, times the unmerged forward (entries patched into the weight on the fly), merges, times the merged forward
-(the plain model's cost plus the layers' dispatch), and unmerges. Also checks that the merged output equals the unmerged
-one within tolerance and that unmerging restores every base weight bitwise. Prints a table and writes
+Builds the preset's seeded random-init model and a SaRA adapter with random (non-zero) values on a copy, then times
+interleaved rounds of: the plain model, the unmerged forward (no grad: a cached patched copy of each weight), merge,
+the merged forward (the plain model's cost plus the layers' dispatch) and unmerge, so that a slow spell of a shared
+machine hits every variant alike. Also checks that the merged output equals the unmerged one within tolerance and
+that unmerging restores every base weight bitwise. Prints a table and writes
 ``benchmarks/results/inference-<preset>-bs<B>-<device>.json``.
 
     python -m benchmarks.inference --preset small
@@ -13,6 +14,7 @@ one within tolerance and that unmerging restores every base weight bitwise. Prin
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,25 +63,46 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
             return model_output(target, batch.inputs)
 
-    base_times = time_call(lambda: forward(model), device, repeats, warmup)
-    base_output = forward(model)
+    base_model = copy.deepcopy(model)  # the plain model, timed side by side with the adapter
+    base_output = forward(base_model)
     model_parameters = sum(param.numel() for param in model.parameters())
 
     config = peft_sara.SaRAConfig(**spec["sara_selection"], init_weights=False)
     peft_model = get_peft_model(model, config).eval()
     layers = [layer for _, layer in sara_layers(peft_model.get_base_model())]
     base_weights = [layer.get_base_layer().weight.detach().clone() for layer in layers]
-
-    unmerged_times = time_call(lambda: forward(peft_model), device, repeats, warmup)
     unmerged_output = forward(peft_model)
+    peft_model.merge_adapter()
+    merged_output = forward(peft_model)
+    peft_model.unmerge_adapter()
 
-    merge_times, unmerge_times, merged_times, merged_output = [], [], [], None
-    for _ in range(spec["merge_repeats"]):
-        merge_times += time_call(peft_model.merge_adapter, device, repeats=1, warmup=0)
-        if merged_output is None:
-            merged_times = time_call(lambda: forward(peft_model), device, repeats, warmup)
-            merged_output = forward(peft_model)
-        unmerge_times += time_call(peft_model.unmerge_adapter, device, repeats=1, warmup=0)
+    # Interleaved rounds (base, unmerged, merge, merged, unmerge), so that a slow spell of a shared machine hits every
+    # variant alike; the first `warmup` rounds are not timed.
+    names = ("base_forward", "sara_unmerged_forward", "merge", "sara_merged_forward", "unmerge")
+    calls = dict(
+        zip(
+            names,
+            (
+                lambda: forward(base_model),
+                lambda: forward(peft_model),
+                peft_model.merge_adapter,
+                lambda: forward(peft_model),
+                peft_model.unmerge_adapter,
+            ),
+        )
+    )
+    all_times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        for name in names:
+            elapsed = time_call(calls[name], device, repeats=1, warmup=0)
+            if round_index >= warmup:
+                all_times[name] += elapsed
+    base_times, unmerged_times = all_times["base_forward"], all_times["sara_unmerged_forward"]
+    merge_times, merged_times, unmerge_times = (
+        all_times["merge"],
+        all_times["sara_merged_forward"],
+        all_times["unmerge"],
+    )
 
     restored_bitwise = all(
         torch.equal(layer.get_base_layer().weight, saved) for layer, saved in zip(layers, base_weights)
@@ -132,9 +155,13 @@ def table_rows(times: dict[str, float]) -> list[dict[str, Any]]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "inference")
-    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards before each timed series")
-    parser.add_argument("--merge-repeats", type=int, default=5, help="merge / unmerge cycles timed")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=10,
+        help="timed rounds (each: base, unmerged, merge, merged, unmerge; medians reported)",
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     add_selection_arguments(parser, "SaRA threshold instead of a fraction")
     return parser.parse_args(argv)
@@ -142,7 +169,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    run = setup_run(args, repeats=args.repeats, warmup=args.warmup, merge_repeats=args.merge_repeats, dtype=args.dtype)
+    run = setup_run(args, repeats=args.repeats, warmup=args.warmup, dtype=args.dtype)
     preset, selection = run.preset, run.selection
     print(
         f"preset {preset.name}: {preset.description}; batch {args.batch_size}; {args.dtype}; device "
@@ -167,7 +194,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dtype": args.dtype,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "merge_repeats": args.merge_repeats,
         "seed": args.seed,
         "sara_selection": selection,
         "machine": run.machine,

@@ -67,8 +67,6 @@ def runs(tmp_path_factory):
         "1",
         "--warmup",
         "0",
-        "--merge-repeats",
-        "1",
     )
     suite_out = suite_dir / "gpu_suite-tiny-cpu.json"
     yield {"train": (train, train_out), "inference": (inference, inference_out), "suite": (suite, suite_out)}
