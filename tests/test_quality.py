@@ -148,3 +148,24 @@ def test_tradeoff_and_ablation_scripts_write_their_tables_json_and_figures(tmp_p
     assert "SaRA" in tradeoff.summary_markdown(payload["summary"], TINY)
     assert set(ablations["summary"]["variants"]) == {"sara", *ABLATIONS}
     assert "effective rank" in ablation.summary_markdown(ablations["summary"])
+
+
+def test_run_all_tiny_writes_every_figure_the_summary_and_the_timings(tmp_path, cache_root):
+    from benchmarks.quality import run_all
+
+    threads = torch.get_num_threads()
+    try:
+        assert (
+            run_all.main(["--tiny", "--workers", "1", "--output-dir", str(tmp_path), "--cache-dir", str(cache_root)])
+            == 0
+        )
+    finally:
+        torch.set_num_threads(threads)
+    summary = (tmp_path / "summary.md").read_text()
+    for heading in ("Ineffective parameters (digits)", "Trade-off (digits)", "Ablations and rank (digits)"):
+        assert heading in summary
+    assert "Trade-off (photo-patches)" in summary
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert timings["total"]["wall_seconds"] > 0
+    for name in ("ineffective_digits", "ineffective_photo-patches", "tradeoff_fronts_digits", "ablation_digits"):
+        assert (tmp_path / f"{name}.png").is_file(), name
