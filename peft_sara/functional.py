@@ -38,38 +38,61 @@ def storage_lock(tensor: torch.Tensor) -> threading.RLock:
     return lock
 
 
-@contextlib.contextmanager
-def patched_weight(
-    weight: torch.Tensor,
-    indices_per_adapter: Sequence[torch.Tensor],
-    values_per_adapter: Sequence[torch.Tensor],
-    scales: Sequence[float],
-    backend: str,
-) -> Iterator[torch.Tensor]:
+class patched_weight:  # noqa: N801 (used as a function: `with patched_weight(...) as weight`)
     """Temporarily write each adapter's update into ``weight``; restores the base entries bitwise on exit.
 
-    Holds the weight's :func:`storage_lock` throughout. The weight's autograd version counter is preserved: its content
-    is bitwise the same afterwards, so an untargeted op that saved the same weight for backward stays valid.
+    Holds the weight's :func:`storage_lock` throughout and runs without grad. The weight's autograd version counter is
+    preserved: its content is bitwise the same afterwards, so an untargeted op that saved the same weight for backward
+    stays valid. A plain class rather than a generator context manager: it runs twice per layer and training step.
     """
-    if not weight.is_contiguous():
-        raise RuntimeError(
-            f"SaRA needs a contiguous base weight, got strides {weight.stride()} for shape {tuple(weight.shape)}. "
-            "Convert the model with `.to(memory_format=torch.contiguous_format)`."
-        )
-    flat_weight = weight.detach().view(-1)
-    if backend == "reference":  # scatter needs int64: convert once for patch and restore
-        indices_per_adapter = [
-            indices if indices.dtype == torch.int64 else indices.long() for indices in indices_per_adapter
-        ]
-    saved_entries = []
-    with storage_lock(weight), torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(weight):
+
+    __slots__ = ("weight", "indices", "values", "scales", "backend", "flat", "saved", "lock", "version", "grad_mode")
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        indices_per_adapter: Sequence[torch.Tensor],
+        values_per_adapter: Sequence[torch.Tensor],
+        scales: Sequence[float],
+        backend: str,
+    ) -> None:
+        if not weight.is_contiguous():
+            raise RuntimeError(
+                f"SaRA needs a contiguous base weight, got strides {weight.stride()} for shape {tuple(weight.shape)}. "
+                "Convert the model with `.to(memory_format=torch.contiguous_format)`."
+            )
+        if backend == "reference":  # scatter needs int64: convert once for patch and restore
+            indices_per_adapter = [
+                indices if indices.dtype == torch.int64 else indices.long() for indices in indices_per_adapter
+            ]
+        self.weight, self.indices, self.values, self.scales = weight, indices_per_adapter, values_per_adapter, scales
+        self.backend = backend
+
+    def __enter__(self) -> torch.Tensor:
+        weight = self.weight
+        self.flat = weight.detach().view(-1)
+        self.saved = []
+        self.lock = storage_lock(weight)
+        self.lock.acquire()
+        self.version, self.grad_mode = weight._version, torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
         try:
-            for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
-                saved_entries.append(kernels.patch_entries_(flat_weight, indices, values, scale, backend))
-            yield weight
+            for indices, values, scale in zip(self.indices, self.values, self.scales):
+                self.saved.append(kernels.patch_entries_(self.flat, indices, values, scale, self.backend))
+        except BaseException:
+            self.__exit__()
+            raise
+        return weight
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            for indices, saved in zip(reversed(self.indices[: len(self.saved)]), reversed(self.saved)):
+                kernels.restore_entries_(self.flat, indices, saved, self.backend)
+            torch._C._autograd._unsafe_set_version_counter((self.weight,), (self.version,))
         finally:
-            for indices, saved in zip(reversed(indices_per_adapter[: len(saved_entries)]), reversed(saved_entries)):
-                kernels.restore_entries_(flat_weight, indices, saved, backend)
+            self.saved = []
+            torch.set_grad_enabled(self.grad_mode)
+            self.lock.release()
 
 
 @dataclass(frozen=True)

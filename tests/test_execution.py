@@ -231,3 +231,31 @@ def test_cached_inference_weight_follows_every_change_it_depends_on():
     assert not torch.equal(other, disabled)
     model.set_adapter("default")
     check()
+
+
+def test_a_failed_patch_restores_the_weight_the_grad_mode_and_the_lock():
+    from peft_sara.functional import patched_weight, storage_lock
+
+    weight = torch.randn(6, 5)
+    before, version = weight.clone(), weight._version
+    good = (torch.tensor([0, 7], dtype=torch.int32), torch.tensor([1.0, 2.0]))
+    bad = (torch.tensor([3, 99], dtype=torch.int32), torch.tensor([1.0, 2.0]))  # 99 is out of range
+    with pytest.raises(IndexError):
+        with patched_weight(weight, [good[0], bad[0]], [good[1], bad[1]], [1.0, 1.0], "reference"):
+            pass
+    assert torch.equal(weight, before) and weight._version == version and torch.is_grad_enabled()
+    acquired = []
+
+    def try_lock():  # from another thread: an RLock this thread still held would refuse
+        lock = storage_lock(weight)
+        acquired.append(lock.acquire(blocking=False))
+        if acquired[-1]:
+            lock.release()
+
+    other = threading.Thread(target=try_lock)
+    other.start()
+    other.join()
+    assert acquired == [True]
+    with patched_weight(weight, [good[0]], [good[1]], [0.5], "reference") as patched:
+        assert patched.view(-1)[7] == before.view(-1)[7] + 1.0 and not torch.is_grad_enabled()
+    assert torch.equal(weight, before) and weight._version == version
