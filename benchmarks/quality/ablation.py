@@ -27,10 +27,10 @@ from benchmarks.quality.common import (
     Context,
     Job,
     QualitySettings,
+    change_pct,
     describe_setup,
     make_context,
     output_path,
-    relative_change,
     run_jobs,
     write_json,
 )
@@ -81,11 +81,9 @@ def summarize(runs: list[dict[str, Any]], context: Context) -> dict[str, Any]:
             )
         rows[variant] = {
             "trainable_params": variant_runs[0]["trainable_params"],
-            "new_task_change_pct": mean_and_spread(
-                [relative_change(base["new_style"], f["new_style"]) for f in finals]
-            ),
+            "new_task_change_pct": mean_and_spread([change_pct(base["new_style"], f["new_style"]) for f in finals]),
             "untouched_change_pct": mean_and_spread(
-                [relative_change(base["other_classes"], f["other_classes"]) for f in finals]
+                [change_pct(base["other_classes"], f["other_classes"]) for f in finals]
             ),
             "forgetting_at_matched_new_task_change": matched_forgetting(variant_runs, targets),
             "nuclear_norm_total": mean_and_spread([item["nuclear_norm_total"] for item in ranks]),

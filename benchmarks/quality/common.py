@@ -23,11 +23,19 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from peft_sara.demo.data import apply_style, dataset_info
+from peft_sara.demo.data import dataset_info
 from peft_sara.demo.diffusion import build_noise_scheduler, sample_images
 from peft_sara.demo.finetune import FinetuneHistory, finetune
-from peft_sara.demo.judge import Judge, TrainedJudge, train_judge
-from peft_sara.demo.run import DemoData, heldout_losses, prepare_data, pretrained_base, sample_scores
+from peft_sara.demo.judge import Judge, TrainedJudge
+from peft_sara.demo.run import (
+    DemoData,
+    change_pct,
+    heldout_losses,
+    prepare_data,
+    pretrained_base,
+    sample_judge,
+    sample_scores,
+)
 from peft_sara.demo.settings import DemoSettings, cache_key, default_cache_root
 
 from .methods import BuiltMethod, build_method
@@ -136,17 +144,7 @@ def load_base_and_judge(settings: QualitySettings, cache_root: Path | None) -> t
     data = prepare_data(demo)
     cache_folder = (cache_root or default_cache_root()) / cache_key(demo)
     pretrained = pretrained_base(demo, data, cache_folder)
-    judge = train_judge(
-        data.pretrain_images,
-        data.pretrain_labels,
-        data.heldout_all,
-        data.heldout_all_labels,
-        dataset_info(demo.dataset).num_classes,
-        lambda images: apply_style(images, demo.style),
-        epochs=demo.judge_epochs,
-        seed=demo.seed,
-    )
-    return data, pretrained, judge
+    return data, pretrained, sample_judge(demo, data)
 
 
 def make_context(settings: QualitySettings, cache_root: Path | None = None) -> Context:
@@ -277,8 +275,8 @@ def run_jobs(
         base = context.base_losses
         log(
             f"  [{done}/{len(jobs)} {time.perf_counter() - start:4.0f}s] {jobs[position].name}: new style "
-            f"{_pct(base['new_style'], final['new_style']):+.1f}%, other classes "
-            f"{_pct(base['other_classes'], final['other_classes']):+.1f}% ({result['cpu_seconds']:.0f} s CPU)"
+            f"{change_pct(base['new_style'], final['new_style']):+.1f}%, other classes "
+            f"{change_pct(base['other_classes'], final['other_classes']):+.1f}% ({result['cpu_seconds']:.0f} s CPU)"
         )
 
     if workers <= 1:
@@ -303,15 +301,6 @@ def _run_indexed(item: tuple[int, Job]) -> tuple[int, dict[str, Any]]:
 
 def _job_cost(job: Job) -> float:
     return 1.0 + 0.3 * job.sample + 0.3 * job.rank_stats + 0.2 * (job.method == "full")
-
-
-def _pct(before: float, after: float) -> float:
-    return 100.0 * (after - before) / before
-
-
-def relative_change(before: float, after: float) -> float:
-    """``100 * (after - before) / before``."""
-    return _pct(before, after)
 
 
 def describe_setup(context: Context) -> dict[str, Any]:

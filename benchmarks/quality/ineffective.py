@@ -35,9 +35,9 @@ from torch import nn
 from benchmarks.quality.common import (
     RESULTS_DIR,
     QualitySettings,
+    change_pct,
     describe_setup,
     make_context,
-    relative_change,
     write_json,
 )
 from benchmarks.quality.plots import plot_zeroing
@@ -149,7 +149,7 @@ def demo_model_rows(settings: QualitySettings, cache_root: Path | None) -> tuple
             "heldout_loss": loss,
             "sample_accuracy": context.judge.accuracy(samples, sample_labels, styled=False),
             "sample_frechet": frechet_distance(context.judge.features(samples), real_features),
-            "output_relative_change": output_change(base, batch, reference),
+            "output_change_pct": output_change(base, batch, reference),
         }
 
     reference_metrics = measure()
@@ -159,7 +159,7 @@ def demo_model_rows(settings: QualitySettings, cache_root: Path | None) -> tuple
     weights = sum(module.weight.numel() for _, module in adaptable_layers(base))
     for row in rows + threshold_rows:
         row["fraction_zeroed"] = row["zeroed_weights"] / weights
-        row["heldout_loss_change_pct"] = relative_change(reference_metrics["heldout_loss"], row["heldout_loss"])
+        row["heldout_loss_change_pct"] = change_pct(reference_metrics["heldout_loss"], row["heldout_loss"])
     setup = describe_setup(context)
     setup["reference"] = reference_metrics
     setup["adaptable_weights"] = weights
@@ -195,7 +195,7 @@ def local_model_rows(folder: Path, inputs_file: Path | None, component: str | No
         reference = first_tensor(model(**inputs)).float()
 
     def measure() -> dict[str, float]:
-        return {"output_relative_change": output_change(model, inputs, reference)}
+        return {"output_change_pct": output_change(model, inputs, reference)}
 
     rows = measure_rules(model, measure, [("fraction", value, fraction_counts(value)) for value in FRACTIONS])
     threshold_rows = measure_rules(model, measure, [("threshold", t, threshold_counts(t)) for t in THRESHOLDS])
@@ -238,12 +238,12 @@ def run(
             ("heldout_loss_change_pct", "held-out denoising loss change (%)"),
             ("sample_accuracy", "samples judged right (share)"),
             ("sample_frechet", "Fréchet distance of samples to real"),
-            ("output_relative_change", "relative output change on a fixed batch"),
+            ("output_change_pct", "relative output change on a fixed batch"),
         ]
     else:
         setup, rows, threshold_rows = local_model_rows(model, inputs, component)
         name = model.name
-        metrics = [("output_relative_change", "relative output change")]
+        metrics = [("output_change_pct", "relative output change")]
     payload = {
         "setup": setup,
         "fractions": rows,

@@ -27,10 +27,10 @@ from benchmarks.quality.common import (
     Context,
     Job,
     QualitySettings,
+    change_pct,
     describe_setup,
     make_context,
     output_path,
-    relative_change,
     run_jobs,
     write_json,
 )
@@ -96,10 +96,10 @@ def summarize(runs: list[dict[str, Any]], settings: QualitySettings, context: Co
                 "learning_rate": rate,
                 "trainable_params": rate_runs[0]["trainable_params"],
                 "new_task_change_pct": mean_and_spread(
-                    [relative_change(base["new_style"], item["new_style"]) for item in finals]
+                    [change_pct(base["new_style"], item["new_style"]) for item in finals]
                 ),
                 "untouched_change_pct": mean_and_spread(
-                    [relative_change(base["other_classes"], item["other_classes"]) for item in finals]
+                    [change_pct(base["other_classes"], item["other_classes"]) for item in finals]
                 ),
             }
             if all("samples" in run for run in rate_runs):

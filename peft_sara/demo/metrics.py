@@ -34,7 +34,8 @@ def adapter_dir(output_dir: Path, method: str) -> Path:
     return output_dir / f"{method}_adapter"
 
 
-def _relative_change(before: float, after: float) -> float:
+def change_pct(before: float, after: float) -> float:
+    """``100 * (after - before) / before``: a held-out loss change in % of the base model's."""
     return 100.0 * (after - before) / before
 
 
@@ -46,11 +47,11 @@ def _method_metrics(method: MethodRun, base_losses: dict[str, float], folder: Pa
         "trainable_params": method.trainable,
         "new_style_loss_before": base_losses["new_style"],
         "new_style_loss_after": losses["new_style"],
-        "new_style_loss_change_pct": _relative_change(base_losses["new_style"], losses["new_style"]),
+        "new_style_loss_change_pct": change_pct(base_losses["new_style"], losses["new_style"]),
         "other_classes_loss_before": base_losses["other_classes"],
         "other_classes_loss_after": losses["other_classes"],
         "other_classes_loss_change": losses["other_classes"] - base_losses["other_classes"],
-        "other_classes_loss_change_pct": _relative_change(base_losses["other_classes"], losses["other_classes"]),
+        "other_classes_loss_change_pct": change_pct(base_losses["other_classes"], losses["other_classes"]),
         "final_train_loss": recent_mean(method.history.losses),
         "train_seconds": method.history.seconds,
         "adapter_dir": str(folder),

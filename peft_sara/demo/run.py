@@ -30,7 +30,7 @@ from .finetune import (
     selection_summary,
 )
 from .judge import TrainedJudge, frechet_distance, train_judge
-from .metrics import adapter_dir, collect_metrics, lora_rank, parameter_count
+from .metrics import adapter_dir, change_pct, collect_metrics, lora_rank, parameter_count
 from .settings import DemoSettings, cache_key, default_cache_root
 
 __all__ = [
@@ -38,10 +38,12 @@ __all__ = [
     "DemoResult",
     "DemoSettings",
     "cache_key",
+    "change_pct",
     "default_cache_root",
     "pretrained_base",
     "prepare_data",
     "run_demo",
+    "sample_judge",
     "sample_scores",
 ]
 
@@ -181,15 +183,11 @@ def _sweep_entry(method: MethodRun, base_losses: dict[str, float]) -> dict[str, 
     return {
         "learning_rate": method.learning_rate,
         "trainable_params": method.trainable,
-        "new_style_loss_change_pct": _change_pct(base_losses["new_style"], method.losses["new_style"]),
-        "other_classes_loss_change_pct": _change_pct(base_losses["other_classes"], method.losses["other_classes"]),
+        "new_style_loss_change_pct": change_pct(base_losses["new_style"], method.losses["new_style"]),
+        "other_classes_loss_change_pct": change_pct(base_losses["other_classes"], method.losses["other_classes"]),
         "checkpoints": [{"step": step, **losses} for step, losses in method.history.checkpoints],
         "train_seconds": method.history.seconds,
     }
-
-
-def _change_pct(before: float, after: float) -> float:
-    return 100.0 * (after - before) / before
 
 
 def announce(settings: DemoSettings, output_dir: Path) -> None:
@@ -275,10 +273,9 @@ def evaluate_base(run: DemoRun, base: UNet2DModel) -> dict[str, float]:
     return losses
 
 
-def train_sample_judge(run: DemoRun) -> TrainedJudge:
-    """Train the classifier that scores samples (class and style), on the real training images."""
-    settings, data = run.settings, run.data
-    judge = train_judge(
+def sample_judge(settings: DemoSettings, data: DemoData) -> TrainedJudge:
+    """The classifier that scores samples (class and style), trained on the real training images of ``data``."""
+    return train_judge(
         data.pretrain_images,
         data.pretrain_labels,
         data.heldout_all,
@@ -288,6 +285,11 @@ def train_sample_judge(run: DemoRun) -> TrainedJudge:
         epochs=settings.judge_epochs,
         seed=settings.seed,
     )
+
+
+def train_sample_judge(run: DemoRun) -> TrainedJudge:
+    """Train the sample judge of ``run`` and say how good it is."""
+    judge = sample_judge(run.settings, run.data)
     print(
         f"Trained a small classifier of (class, style) on the real images to score samples: "
         f"{judge.heldout_accuracy:.0%} right on the held-out real images."
@@ -449,8 +451,8 @@ def plot_tradeoff(
         for method_run in runs:
             points = [
                 (
-                    _change_pct(base_losses["new_style"], losses["new_style"]),
-                    _change_pct(base_losses["other_classes"], losses["other_classes"]),
+                    change_pct(base_losses["new_style"], losses["new_style"]),
+                    change_pct(base_losses["other_classes"], losses["other_classes"]),
                 )
                 for _, losses in method_run.history.checkpoints
             ]
