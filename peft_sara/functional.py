@@ -356,10 +356,15 @@ def sparse_delta_forward(
 def composable_reason(base_layer: nn.Module) -> str | None:
     """Why the in-place patch is unsafe for ``base_layer`` (its hooks would not run, or its weight cannot be patched),
     or ``None`` when it is safe. Layers with a reason run the base layer itself plus :func:`update_contribution`."""
-    # torch hooks, or a forward replaced on the instance (accelerate's `_hf_hook`, diffusers' hook registry).
-    if base_layer._forward_pre_hooks or base_layer._forward_hooks or "forward" in vars(base_layer):
+    if has_forward_hooks(base_layer):
         return "the base layer has forward hooks (offloading, layerwise casting, ...)"
     return unpatchable_storage_reason(base_layer.weight)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its own ``forward``: torch hooks, or a forward replaced on the
+    instance (accelerate's `_hf_hook`, diffusers' hook registry). SaRA must then call the module itself."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or "forward" in vars(module))
 
 
 def unpatchable_storage_reason(weight: torch.Tensor) -> str | None:

@@ -30,6 +30,7 @@ from .functional import (
     SparseUpdate,
     composable_reason,
     effective_weight,
+    has_forward_hooks,
     offload_hooks_run,
     patched_copy,
     sparse_delta_forward,
@@ -467,14 +468,7 @@ class SaRALayer(BaseTunerLayer):
         """The no-grad forward with the cached patched weight, or ``None`` when it does not apply (merged, disabled,
         hooked base layer, compiling) or is stale; the general path then runs (and refreshes the cache)."""
         base_layer = self.get_base_layer()
-        if (
-            self.merged
-            or self.disable_adapters
-            or base_layer._forward_pre_hooks
-            or base_layer._forward_hooks
-            or "forward" in vars(base_layer)
-            or torch.compiler.is_compiling()
-        ):
+        if self.merged or self.disable_adapters or has_forward_hooks(base_layer) or torch.compiler.is_compiling():
             return None
         key, patched = self.__dict__["_sara_inference_weight"]
         if key != self._inference_key(base_layer.weight):
