@@ -62,9 +62,7 @@ class patched_weight:  # noqa: N801 (used as a function: `with patched_weight(..
                 "Convert the model with `.to(memory_format=torch.contiguous_format)`."
             )
         if backend == "reference":  # scatter needs int64: convert once for patch and restore
-            indices_per_adapter = [
-                indices if indices.dtype == torch.int64 else indices.long() for indices in indices_per_adapter
-            ]
+            indices_per_adapter = [kernels.reference.as_int64(indices) for indices in indices_per_adapter]
         self.weight, self.indices, self.values, self.scales = weight, indices_per_adapter, values_per_adapter, scales
         self.backend = backend
 

@@ -150,7 +150,7 @@ def pretrain(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=learning_rate, weight_decay=0.0)
     lr_scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     batches = BatchSampler(images, labels, batch_size, seed)
-    params = [param for param in unet.parameters()]
+    params = list(unet.parameters())
     averaged = [param.detach().clone() for param in params] if ema_decay > 0 else None
     losses = []
     unet.train()

@@ -22,7 +22,8 @@ def patched_values(entries: torch.Tensor, values: torch.Tensor, scale: float) ->
     return entries.to(compute).add(values.to(compute), alpha=scale).to(entries.dtype)
 
 
-def _int64(indices: torch.Tensor) -> torch.Tensor:
+def as_int64(indices: torch.Tensor) -> torch.Tensor:
+    """``indices`` as int64 (what scatter / gather take), without a dispatch when they already are."""
     return indices if indices.dtype == torch.int64 else indices.long()
 
 
@@ -30,7 +31,7 @@ def patch_entries_(
     flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Write ``w[i] = cast(float(w[i]) + scale * values)`` in place; return the overwritten entries."""
-    indices = _int64(indices)  # scatter_ needs int64, and is several times faster than index_put_
+    indices = as_int64(indices)  # scatter_ needs int64, and is several times faster than index_put_
     saved = flat_weight.index_select(0, indices)
     flat_weight.scatter_(0, indices, patched_values(saved, values, scale))
     return saved
@@ -38,7 +39,7 @@ def patch_entries_(
 
 def restore_entries_(flat_weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor) -> None:
     """Write back entries returned by :func:`patch_entries_` (bitwise restore)."""
-    flat_weight.scatter_(0, _int64(indices), saved)
+    flat_weight.scatter_(0, as_int64(indices), saved)
 
 
 def linear_weight_grad_values(
