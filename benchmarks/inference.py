@@ -78,22 +78,16 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
 
     # Interleaved rounds (base, unmerged, merge, merged, unmerge), so that a slow spell of a shared machine hits every
     # variant alike; the first `warmup` rounds are not timed.
-    names = ("base_forward", "sara_unmerged_forward", "merge", "sara_merged_forward", "unmerge")
-    calls = dict(
-        zip(
-            names,
-            (
-                lambda: forward(base_model),
-                lambda: forward(peft_model),
-                peft_model.merge_adapter,
-                lambda: forward(peft_model),
-                peft_model.unmerge_adapter,
-            ),
-        )
-    )
-    all_times: dict[str, list[float]] = {name: [] for name in names}
+    calls = {
+        "base_forward": lambda: forward(base_model),
+        "sara_unmerged_forward": lambda: forward(peft_model),
+        "merge": peft_model.merge_adapter,
+        "sara_merged_forward": lambda: forward(peft_model),
+        "unmerge": peft_model.unmerge_adapter,
+    }
+    all_times: dict[str, list[float]] = {name: [] for name in calls}
     for round_index in range(warmup + repeats):
-        for name in names:
+        for name in calls:
             elapsed = time_call(calls[name], device, repeats=1, warmup=0)
             if round_index >= warmup:
                 all_times[name] += elapsed
