@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from peft.config import PeftConfig
 
@@ -113,6 +113,9 @@ class SaRAConfig(PeftConfig):
         default=0.5, metadata={"help": "Re-select after this fraction of the planned steps; None disables."}
     )
 
+    # Not a field (never saved): where `from_pretrained` read this config from, None for configs built in code.
+    loaded_from: ClassVar[dict[str, Any] | None] = None
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = sara_peft_type()
@@ -159,6 +162,19 @@ class SaRAConfig(PeftConfig):
             raise ValueError(f"`progressive_step` must be >= 1, got {self.progressive_step}.")
         if self.progressive_fraction is not None and not 0 < self.progressive_fraction < 1:
             raise ValueError(f"`progressive_fraction` must be in (0, 1), got {self.progressive_fraction}.")
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> SaRAConfig:
+        """PEFT's ``from_pretrained``, for a config read from a file: it remembers where it was read from
+        (``loaded_from``: path or repo id, ``subfolder`` and the Hub arguments), so that SaRA's tuner can check the
+        weights file before PEFT injects the adapter, and it runs with the default ``kernel``: which kernel runs is
+        the runtime's choice, not the file's (a ``"triton"`` saved on a GPU machine must not break CPU forwards)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.kernel = "auto"
+        config.loaded_from = {"path": str(pretrained_model_name_or_path), "subfolder": subfolder, **kwargs}
+        return config
 
     @property
     def selection_rule(self) -> str:

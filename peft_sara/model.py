@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
@@ -14,6 +15,8 @@ from .constants import PREFIX, SARA_TAGS
 from .layer import SaRALayer, dispatch_sara_layer, sara_layers
 from .save_bridge import install_save_bridge
 from .serialization import base_model_id, check_peft_load_source, fit_layers_to_checkpoint, prepare_for_saving
+from .transaction import ModelState, all_or_nothing
+from .validation import PEFT_MODEL_PREFIX, align_checkpoint_keys, effective_weight_problem
 
 # Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
 # text encoders. Suffix lists, matched by PEFT's usual rules.
@@ -108,6 +111,24 @@ class SaRAModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = SaRALayer
     target_module_mapping = TRANSFORMERS_TARGET_MODULES_MAPPING
+
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
+        # Adapters injected from a config read from a file, whose weights PEFT's loader has not set yet, with the state
+        # of the model before their injection: a refused checkpoint undoes the injection (see
+        # `_remap_adapter_state_dict_for_load`). Set before BaseTuner injects the first adapter.
+        self._sara_pending_loads: dict[str, ModelState] = {}
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
+    # ----------------------------------------------------------------------------------------- injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection, all or nothing: if it fails on any module (a non-supported target, a merged layer), the
+        model is restored exactly (modules, adapters, ``requires_grad``, tags) before the error propagates."""
+        with all_or_nothing(self, model) as state:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config.get(adapter_name)
+        if getattr(config, "loaded_from", None) is not None:
+            self._sara_pending_loads[adapter_name] = state
+            del config.loaded_from  # a copy of this config injected elsewhere is not a pending load
 
     def _pre_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
         if config.base_model_name_or_path is None:
@@ -204,10 +225,12 @@ class SaRAModel(BaseTuner):
                     "of them. Keep these adapters unmerged (the unmerged forward is exact). Nothing was merged."
                 )
             for adapter in adapters if safe_merge else ():
-                if not layer.merge_is_finite(adapter):
+                update = layer.get_sparse_update(adapter)
+                problem = effective_weight_problem(layer, update.scale, [(update.indices, update.values)])
+                if problem is not None:
                     raise ValueError(
-                        f"NaNs or infs detected while merging adapter '{adapter}' into layer '{name}': the adapter "
-                        "seems to be broken. Nothing was merged."
+                        f"NaNs or infs detected while merging adapter '{adapter}' into layer '{name}' ({problem}): "
+                        "the adapter seems to be broken. Nothing was merged."
                     )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -232,12 +255,19 @@ class SaRAModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         # Adapters saved from a model with injected layers (diffusers' add_adapter, load_sara_adapter) have keys
-        # without PEFT's "base_model.model." prefix; accept them in a PeftModel too.
-        prefix = "base_model.model."
-        if any(name.startswith(prefix) for name, _ in model.named_parameters()):
-            state_dict = {key if key.startswith(prefix) else prefix + key: value for key, value in state_dict.items()}
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        return fit_layers_to_checkpoint(model, adapter_name, remapped)
+        # without PEFT's "base_model.model." prefix; accept them in a PeftModel too (one spelling per tensor).
+        tuner = getattr(model, "base_model", None) if isinstance(model, PeftModel) else None
+        pending = tuner._sara_pending_loads.pop(adapter_name, None) if isinstance(tuner, SaRAModel) else None
+        try:
+            prefixed = any(name.startswith(PEFT_MODEL_PREFIX) for name, _ in model.named_parameters())
+            state_dict = align_checkpoint_keys(state_dict, prefixed)
+            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            return fit_layers_to_checkpoint(model, adapter_name, remapped)
+        except Exception:
+            if pending is not None:  # PEFT's from_pretrained / load_adapter created this adapter: take it out again
+                pending.restore()
+                tuner.peft_config.pop(adapter_name, None)
+            raise
 
     # ----------------------------------------------------------------------------------------- helpers
     def sara_layers(self) -> Iterator[tuple[str, SaRALayer]]:

@@ -46,15 +46,9 @@ from .constants import CARD_NAME, CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from .layer import count_entries, sara_adapter_names, sara_layers
 from .resolve import default_adapter_name, resolve_adapter_folder
 from .save_bridge import install_save_bridge
-from .serialization import (
-    ModelSnapshot,
-    base_model_id,
-    read_adapter_weights,
-    read_sara_config,
-    remove_adapter,
-    save_injected_adapter,
-)
-from .validation import InvalidAdapterError, allow_non_finite_values
+from .serialization import base_model_id, read_adapter_weights, read_sara_config, save_injected_adapter
+from .transaction import all_or_nothing
+from .validation import InvalidAdapterError, allow_non_finite_values, check_checkpoint_file, check_relative_path
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +171,7 @@ def _read_component_weights(folder: Path, weight_name: str | None) -> dict[str, 
     """The adapter tensors of one component folder, from ``weight_name`` when given (diffusers' argument)."""
     if weight_name is None or weight_name == SAFETENSORS_NAME:
         return read_adapter_weights(folder)
+    check_relative_path(weight_name, "weight_name")
     path = folder / weight_name
     if not weight_name.endswith(".safetensors"):
         raise ValueError(f"`weight_name` must name a .safetensors file, got {weight_name!r}.")
@@ -264,38 +259,44 @@ def load_sara_adapter(
             )
         plan.append((component, module, config, _read_component_weights(component_folder, weight_name)))
 
-    snapshots = {component: ModelSnapshot.of(module) for component, module, *_ in plan}
-    done = []
-    non_finite = allow_non_finite_values(allow_non_finite) if allow_non_finite is not None else nullcontext()
-    try:
-        with non_finite:
-            for component, module, config, state_dict in plan:
-                done.append((component, module))
-                inject_sara_adapter(module, config, adapter_name)
-                state_dict = _align_text_model_prefix(module, state_dict)
-                try:
-                    result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
-                except KeyError as err:  # PEFT looks modules_to_save tensors up without checking they exist
-                    raise InvalidAdapterError(
-                        f"The adapter for pipe.{component} lacks the tensor {err} that its config asks for."
-                    ) from err
-                unexpected = [key for key in result.unexpected_keys if PREFIX in key or adapter_name in key]
-                if unexpected:
-                    raise ValueError(
-                        f"The adapter for pipe.{component} has {len(unexpected)} tensors that match no layer of "
-                        f"{type(module).__name__}, e.g. {unexpected[:3]}. Was it made for another model?"
-                    )
-                for _, layer in sara_layers(module):
-                    if not layer.present_adapters([adapter_name]):
-                        continue
-                    if scale != 1.0:
-                        layer.set_scale(adapter_name, scale)
-                    if fuse:
-                        layer.merge(adapter_names=[adapter_name])
-    except Exception:
-        for component, module in reversed(done):
-            remove_adapter(module, adapter_name, snapshots[component])
-        raise
+    # Everything the files say about themselves is checked before any component changes; what needs the model
+    # (shapes, target layers, modules_to_save) is checked by the tuner's load hook before any value is written.
+    def non_finite() -> Any:
+        return allow_non_finite_values(allow_non_finite) if allow_non_finite is not None else nullcontext()
+
+    with non_finite():
+        for component, _, _, state_dict in plan:
+            try:
+                check_checkpoint_file(state_dict)
+            except InvalidAdapterError as err:
+                raise InvalidAdapterError(f"The adapter for pipe.{component}: {err}") from err
+    modules = [module for _, module, *_ in plan]
+    with non_finite(), all_or_nothing(*modules) as state:
+        for component, module, config, state_dict in plan:
+            inject_sara_adapter(module, config, adapter_name)
+            state_dict = _align_text_model_prefix(module, state_dict)
+            try:
+                result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
+            except KeyError as err:  # PEFT looks modules_to_save tensors up without checking they exist
+                raise InvalidAdapterError(
+                    f"The adapter for pipe.{component} lacks the tensor {err} that its config asks for."
+                ) from err
+            unexpected = [key for key in result.unexpected_keys if PREFIX in key or adapter_name in key]
+            if unexpected:
+                raise InvalidAdapterError(
+                    f"The adapter for pipe.{component} has {len(unexpected)} tensors that match no layer of "
+                    f"{type(module).__name__}, e.g. {unexpected[:3]}. Was it made for another model?"
+                )
+        layers = [
+            layer for module in modules for _, layer in sara_layers(module) if layer.present_adapters([adapter_name])
+        ]
+        for layer in layers:
+            if scale != 1.0:
+                layer.set_scale(adapter_name, scale)
+        if fuse:
+            state.keep_values(layer.get_base_layer().weight for layer in layers)
+            for layer in layers:
+                layer.merge(adapter_names=[adapter_name])
     if fuse and hasattr(pipe, "_merged_adapters"):
         pipe._merged_adapters = set(pipe._merged_adapters) | {adapter_name}
     logger.info("Loaded SaRA adapter '%s' into %s.", adapter_name, [component for component, *_ in plan])

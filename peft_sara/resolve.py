@@ -10,6 +10,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 
 from .constants import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+from .validation import check_relative_path
 
 # Files fetched from a Hub repo: never the base model or anything else that happens to live there.
 ADAPTER_FILE_PATTERNS = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
@@ -35,8 +36,11 @@ def resolve_adapter_folder(
 
     Repo ids are resolved with ``huggingface_hub.snapshot_download``, fetching only adapter files (never a base model
     that lives in the same repo, plus ``weight_name`` when the weights have a custom file name); it honours the cache,
-    ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``.
+    ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``. ``subfolder`` and ``weight_name`` must stay inside the adapter folder.
     """
+    for value, what in ((subfolder, "subfolder"), (weight_name, "weight_name")):
+        if value is not None:
+            check_relative_path(value, what)
     if os.path.isdir(source):
         root = Path(source)
     elif os.path.exists(source):
@@ -64,6 +68,8 @@ def resolve_adapter_folder(
                 f"'{source}' is neither an existing folder nor a valid Hub repo id ('user/name')."
             ) from err
     folder = root / subfolder if subfolder else root
+    if subfolder and not folder.resolve().is_relative_to(root.resolve()):  # a symlink out of the adapter folder
+        raise ValueError(f"The subfolder {subfolder!r} of '{source}' leads outside the adapter folder.")
     if not folder.is_dir():
         raise FileNotFoundError(f"The adapter '{source}' has no subfolder '{subfolder}'.")
     return folder

@@ -23,18 +23,13 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
-import warnings
-import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer, delete_adapter
 from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, load_peft_weights
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -46,12 +41,13 @@ from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME
 from .layer import SaRALayer, sara_adapter_names, sara_layers
 from .save_bridge import uninstall_save_bridge
 from .validation import (
-    PEFT_MODEL_PREFIX,
     InvalidAdapterError,
     add_integrity_records,
     check_config_dict,
     check_config_values,
+    check_relative_path,
     config_from_dict,
+    normalize_module_name,
     validate_checkpoint,
 )
 
@@ -147,9 +143,6 @@ def save_model_adapter(
         return directory
     names = list(adapter_names) if adapter_names is not None else list(model.peft_config)
     saved_bases = {name: model.peft_config[name].base_model_name_or_path for name in names}
-    inner = model.get_base_model()
-    # PEFT's "auto" looks the base model up on the Hub to compare vocabulary sizes; pointless without a vocabulary.
-    has_vocab = getattr(getattr(inner, "config", None), "vocab_size", None) is not None
     directory.mkdir(parents=True, exist_ok=True)
     try:
         if base_model is not None:
@@ -159,9 +152,9 @@ def save_model_adapter(
         with tempfile.TemporaryDirectory(prefix=".tmp-save-", dir=directory) as staging:
             if (directory / CARD_NAME).is_file():  # PEFT updates an existing card rather than replacing it
                 shutil.copy2(directory / CARD_NAME, Path(staging) / CARD_NAME)
-            model.save_pretrained(
-                staging, selected_adapters=names, save_embedding_layers="auto" if has_vocab else False
-            )
+            # SaRA never adapts embeddings and its loaders refuse base-embedding tensors: a resized embedding belongs
+            # in `modules_to_save`, where it is saved (and checked) with the adapter.
+            model.save_pretrained(staging, selected_adapters=names, save_embedding_layers=False)
             publish_staged_files(Path(staging), directory)
     finally:
         for name, saved in saved_bases.items():
@@ -252,19 +245,11 @@ def fit_layers_to_checkpoint(
     """Validate a (model-keyed) SaRA checkpoint against the live model, then resize layers to its trainable sets.
 
     Everything is checked before any layer changes (``peft_sara.validation.validate_checkpoint``), and errors name the
-    layer. If the check fails while PEFT's ``from_pretrained`` / ``load_adapter`` is loading an adapter it created, the
-    adapter is removed again. Layers whose current trainable set differs in size from the checkpoint's (after
-    progressive re-selection, or when the base weights select differently) are resized so ``load_state_dict`` can fill
-    them. Returns the state dict to load (records taken out).
+    layer. Layers whose current trainable set differs in size from the checkpoint's (after progressive re-selection,
+    or when the base weights select differently) are resized so ``load_state_dict`` can fill them. Returns the state
+    dict to load (records taken out).
     """
-    config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
-    created_by_peft_load = _pending_load(config, remove=True)
-    try:
-        entries, to_load = validate_checkpoint(model, adapter_name, state_dict)
-    except InvalidAdapterError:
-        if created_by_peft_load is not None:
-            remove_adapter(model, adapter_name, created_by_peft_load)
-        raise
+    entries, to_load = validate_checkpoint(model, adapter_name, state_dict)
     for name, layer_entries in entries.items():
         layer = model.get_submodule(name)
         indices, _ = layer.trainable_entries(adapter_name)
@@ -280,129 +265,9 @@ def fit_layers_to_checkpoint(
     return to_load
 
 
-# ------------------------------------------------------------------------------------------------- undoing a load
-@dataclass
-class ModelSnapshot:
-    """What injecting an adapter changes besides adding it: which parameters train, each layer's active adapters, and
-    the model's tags (SaRA adds its own)."""
-
-    requires_grad: dict[str, bool]
-    active_adapters: dict[str, list[str]]
-    model_tags: list[str] | None
-
-    @classmethod
-    def of(cls, model: nn.Module) -> ModelSnapshot:
-        tags = model.__dict__.get("model_tags")
-        return cls(
-            {name: param.requires_grad for name, param in model.named_parameters()},
-            {
-                name: list(module.active_adapters)
-                for name, module in model.named_modules()
-                if isinstance(module, BaseTunerLayer)
-            },
-            list(tags) if isinstance(tags, list) else tags,
-        )
-
-    def restore(self, model: nn.Module) -> None:
-        for name, module in model.named_modules():
-            if isinstance(module, BaseTunerLayer) and name in self.active_adapters:
-                module.set_adapter(self.active_adapters[name])
-        for name, param in model.named_parameters():
-            if name in self.requires_grad:
-                param.requires_grad_(self.requires_grad[name])
-        if self.model_tags is None:
-            model.__dict__.pop("model_tags", None)
-        else:
-            model.__dict__["model_tags"] = self.model_tags
-
-
-def _replace_child(model: nn.Module, name: str, replacement: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, replacement)
-
-
-def remove_adapter(model: nn.Module, adapter_name: str, snapshot: ModelSnapshot | None = None) -> None:
-    """Take out an adapter whose load failed: from every layer and modules_to_save wrapper and from ``peft_config``.
-
-    Layers and wrappers left without any adapter are replaced by the modules they wrapped; when ``peft_config`` ends up
-    empty it is removed with the other marks of an adapted model. ``snapshot`` (taken before the injection, of the
-    adapted model, not the ``PeftModel``) restores which parameters train and which adapters are active.
-    """
-    for _, layer in sara_layers(model):
-        if adapter_name in layer.merged_adapters:
-            layer.unmerge()
-    with warnings.catch_warnings():  # the snapshot, not PEFT's pick, decides which adapters are active afterwards
-        warnings.filterwarnings("ignore", message=f"Adapter {adapter_name} was active which is now deleted")
-        delete_adapter(model, adapter_name, prefix=PREFIX, layer_cls=SaRALayer)
-    peft_config = getattr(model, "peft_config", None)
-    if isinstance(peft_config, dict):
-        peft_config.pop(adapter_name, None)
-    inner = model.base_model.model if isinstance(model, PeftModel) else model
-    if isinstance(model, PeftModel) and adapter_name in model.base_model.active_adapters:
-        model.base_model.active_adapter = [name for name in model.base_model.active_adapters if name != adapter_name]
-    for name, module in reversed(list(inner.named_modules())):
-        if isinstance(module, SaRALayer) and not sara_adapter_names(module):
-            _replace_child(inner, name, module.base_layer)
-        elif isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
-            _replace_child(inner, name, module.original_module)
-    if not peft_config:
-        for mark in ("peft_config", "_hf_peft_config_loaded"):
-            inner.__dict__.pop(mark, None)
-    if not any(True for _ in sara_layers(inner)):
-        uninstall_save_bridge(inner)
-    if snapshot is not None:
-        snapshot.restore(inner)
-
-
 # ------------------------------------------------------------------------------------------------- PEFT's load path
-@dataclass
-class _PeftLoadCall:
-    model_id: str
-    hub_kwargs: dict[str, Any]
-    key_mapping: dict[str, str] | None
-
-
-# PEFT's loaders, and the local that holds the config of the adapter they create.
-_PEFT_LOADERS = {
-    PeftModel.from_pretrained.__func__.__code__: "config",
-    PeftModel.load_adapter.__code__: "peft_config",
-}
-
-
-def _peft_load_creating(config: PeftConfig) -> _PeftLoadCall | None:
-    """The running ``PeftModel.from_pretrained`` / ``load_adapter`` call that is creating the adapter of ``config``.
-
-    PEFT passes no source to the tuner, so the caller's frame is read: its ``model_id`` and hub arguments, and
-    whether its newly loaded config is ``config`` (``load_adapter`` into an existing adapter creates none).
-    """
-    frame = sys._getframe(1)
-    try:
-        while frame is not None:
-            config_local = _PEFT_LOADERS.get(frame.f_code)
-            if config_local is not None and frame.f_locals.get(config_local) is config:
-                local = frame.f_locals
-                hub_kwargs = local.get("hf_hub_download_kwargs")
-                if hub_kwargs is None:
-                    hub_kwargs, _ = PeftModel._split_kwargs(dict(local.get("kwargs") or {}))
-                return _PeftLoadCall(str(local["model_id"]), dict(hub_kwargs), local.get("key_mapping"))
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
-
-
-# Loads whose source passed `check_peft_load_source`, by id of the new adapter's config, until the load hook runs: the
-# snapshot of the model before PEFT injected the adapter.
-_PENDING_LOADS: dict[int, tuple[weakref.ref, ModelSnapshot]] = {}
-
-
-def _pending_load(config: PeftConfig | None, remove: bool = False) -> ModelSnapshot | None:
-    """The snapshot :func:`check_peft_load_source` took for the adapter of ``config``, while its load runs."""
-    if config is None:
-        return None
-    entry = _PENDING_LOADS.pop(id(config), None) if remove else _PENDING_LOADS.get(id(config))
-    return entry[1] if entry is not None and entry[0]() is config else None
+# Arguments of `PeftConfig.from_pretrained` that say where PEFT's loader reads the weights from.
+HUB_ARGUMENTS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download")
 
 
 def _modules_to_save_keys(model: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
@@ -414,42 +279,42 @@ def _modules_to_save_keys(model: nn.Module, targets: Iterable[str]) -> dict[str,
             continue
         if any(name.endswith(target) for target in targets):
             source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-            expected[name] = [f"{PEFT_MODEL_PREFIX}{name}.{key}" for key in source.state_dict()]
+            expected[name] = [f"{normalize_module_name(name)}.{key}" for key in source.state_dict()]
     return expected
 
 
 def check_peft_load_source(model: nn.Module, config: PeftConfig) -> None:
-    """Before SaRA injects an adapter that PEFT's ``from_pretrained`` / ``load_adapter`` is loading, check what PEFT
-    would otherwise discover only after the injection: the config's field types, a readable weights file, and the
-    modules_to_save tensors. Does nothing for other injections (``get_peft_model``, ``add_adapter``).
-
-    ``model`` is the model being adapted. Its state is remembered so a checkpoint refused later can be undone.
-    """
-    load = _peft_load_creating(config)
-    if load is None:
+    """Before SaRA injects an adapter whose config PEFT's ``from_pretrained`` / ``load_adapter`` read from a file
+    (``SaRAConfig.loaded_from``), check what PEFT would otherwise discover only after the injection: the config's
+    field types, a ``subfolder`` inside the adapter, a readable weights file, and the modules_to_save tensors.
+    Does nothing for configs built in code (``get_peft_model``, ``add_adapter``)."""
+    source = getattr(config, "loaded_from", None)
+    if source is None:
         return
-    where = f"The adapter config of '{load.model_id}'"
+    model_id = source["path"]
+    hub_kwargs = {key: source[key] for key in HUB_ARGUMENTS if source.get(key) is not None}
+    subfolder = hub_kwargs.get("subfolder")
+    if subfolder is not None:
+        check_relative_path(subfolder, "subfolder")
+    where = f"The adapter config of '{model_id}'"
     check_config_values({field.name: getattr(config, field.name) for field in dataclasses.fields(config)}, where)
-    subfolder = load.hub_kwargs.get("subfolder")
-    folder = os.path.join(load.model_id, subfolder) if subfolder else load.model_id
+    folder = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(folder):
-        keys = set(adapter_weight_keys(folder))
+        keys = {normalize_module_name(key) for key in adapter_weight_keys(folder)}
     else:  # a Hub repo: PEFT reads the same (cached) file right after
         try:
-            keys = set(load_peft_weights(load.model_id, device="cpu", key_mapping=load.key_mapping, **load.hub_kwargs))
+            weights = load_peft_weights(model_id, device="cpu", **hub_kwargs)
         except SafetensorError as err:
             raise InvalidAdapterError(
-                f"The weights of '{load.model_id}' are not a readable safetensors file: {err}"
+                f"The weights of '{model_id}' are not a readable safetensors file: {err}"
             ) from err
     for name, module_keys in _modules_to_save_keys(model, getattr(config, "modules_to_save", None) or ()).items():
+        keys = {normalize_module_name(key) for key in weights}
         missing = [key for key in module_keys if key not in keys]
         if missing:
             raise InvalidAdapterError(
-                f"'{load.model_id}' lacks the modules_to_save tensors of '{name}' that its config asks for: "
-                f"{missing[:3]}."
+                f"'{model_id}' lacks the modules_to_save tensors of '{name}' that its config asks for: {missing[:3]}."
             )
-    _PENDING_LOADS[id(config)] = (weakref.ref(config), ModelSnapshot.of(model))
-    weakref.finalize(config, _PENDING_LOADS.pop, id(config), None)  # a load that failed before its hook ran
 
 
 __all__ = [
@@ -465,7 +330,5 @@ __all__ = [
     "prepare_for_saving",
     "fit_layers_to_checkpoint",
     "check_peft_load_source",
-    "remove_adapter",
-    "ModelSnapshot",
     "InvalidAdapterError",
 ]

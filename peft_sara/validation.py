@@ -28,7 +28,7 @@ import os
 import types
 import typing
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -38,11 +38,14 @@ from torch import nn
 
 from .config import SaRAConfig
 from .constants import PEFT_TYPE_NAME
-from .layer import sara_layers
+from .layer import SaRALayer, sara_layers
 from .masks import check_entries
 
 FORMAT_VERSION = 2
 FORMAT_VERSION_NAME = "sara_format_version"
+# One per file: the checksum of every tensor that is not a SaRA entry (modules_to_save), by saved name.
+OTHER_CHECKSUM_NAME = "sara_modules_to_save_checksum"
+FILE_RECORD_NAMES = (FORMAT_VERSION_NAME, OTHER_CHECKSUM_NAME)
 WEIGHT_SHAPE_NAME = "sara_weight_shape"
 CHECKSUM_NAME = "sara_checksum"
 ENTRY_NAMES = ("sara_indices", "sara_values", "sara_frozen_indices", "sara_frozen_values")
@@ -53,8 +56,6 @@ VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CHECKSUM_BYTES = 32
 ALLOW_NON_FINITE_ENV_VAR = "PEFT_SARA_ALLOW_NON_FINITE"
 PEFT_MODEL_PREFIX = "base_model.model."
-# Wrappers that add a path component to module names but not to (full) state-dict keys.
-WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 OTHER_MODEL_HINT = "The checkpoint was made for a different model."
 
 
@@ -155,15 +156,57 @@ def config_from_dict(raw: dict[str, Any], where: str) -> SaRAConfig:
         raise InvalidAdapterError(f"{where} is not a valid SaRA config: {err}") from err
     if not isinstance(config, SaRAConfig):
         raise InvalidAdapterError(f"{where} is not a SaRA config (it gave a {type(config).__name__}).")
+    config.kernel = "auto"  # which kernel runs is the runtime's choice, not the file's (see SaRAConfig.from_pretrained)
     return config
+
+
+def check_relative_path(value: Any, what: str) -> None:
+    """Refuse a ``subfolder`` / ``weight_name`` that would leave the adapter folder: not a string, absolute, a drive,
+    or with a ``..`` component."""
+    parts = str(value).replace("\\", "/").split("/") if isinstance(value, str) else None
+    if (
+        parts is None
+        or not value
+        or os.path.isabs(value)
+        or value.startswith(("/", "\\"))
+        or ":" in parts[0]
+        or ".." in parts
+    ):
+        raise InvalidAdapterError(
+            f"`{what}` must be a relative path inside the adapter folder (no '..', not absolute), got {value!r}."
+        )
 
 
 # ------------------------------------------------------------------------------------------------- key names
 def normalize_module_name(name: str) -> str:
-    """A module / key prefix without PEFT's ``base_model.model.`` and wrapper path components."""
-    for wrapper in WRAPPER_NAMES:
-        name = name.replace(wrapper, "")
+    """A module name / key prefix as a checkpoint stores it: without PEFT's ``base_model.model.``, nothing else.
+
+    The one key parser of validation and loading: a key is validated under exactly the name it is loaded into, so a
+    checkpoint spelt for a wrapped model (``_orig_mod.``, ``_fsdp_wrapped_module.``) matches no layer of a plain one.
+    """
     return name.removeprefix(PEFT_MODEL_PREFIX)
+
+
+def align_checkpoint_keys(state_dict: Mapping[str, Any], prefixed: bool) -> dict[str, Any]:
+    """The checkpoint with every key spelt as the model spells it (with or without ``base_model.model.``).
+
+    Raises :class:`InvalidAdapterError` if two keys name the same tensor once aligned (``lin0.sara_values`` and
+    ``base_model.model.lin0.sara_values``): which one would load is not the file's to decide.
+    """
+    aligned: dict[str, Any] = {}
+    spelt: dict[str, str] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise InvalidAdapterError(f"The checkpoint has a non-string key {key!r}.")
+        name = normalize_module_name(key)
+        target = PEFT_MODEL_PREFIX + name if prefixed else name
+        if target in aligned:
+            raise InvalidAdapterError(
+                f"The checkpoint holds the tensor '{name}' twice, as '{spelt[target]}' and '{key}': it is ambiguous "
+                "which one would load. Keep one spelling."
+            )
+        aligned[target], spelt[target] = value, key
+    return aligned
 
 
 def split_sara_key(key: str, adapter_name: str | None = None) -> tuple[str, str] | None:
@@ -174,9 +217,9 @@ def split_sara_key(key: str, adapter_name: str | None = None) -> tuple[str, str]
     parts = key.split(".")
     if adapter_name is not None and len(parts) >= 2 and parts[-1] == adapter_name and parts[-2] in LAYER_TENSOR_NAMES:
         parts = parts[:-1]
-    if parts[-1] not in LAYER_TENSOR_NAMES + (FORMAT_VERSION_NAME,):
+    if parts[-1] not in LAYER_TENSOR_NAMES + FILE_RECORD_NAMES:
         return None
-    return normalize_module_name(".".join(parts[:-1])), parts[-1]
+    return normalize_module_name(".".join(parts[:-1]) + ".").removesuffix("."), parts[-1]
 
 
 def _sibling_key(key: str, adapter_name: str, name: str) -> str:
@@ -188,16 +231,36 @@ def _sibling_key(key: str, adapter_name: str, name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- integrity records
-def entries_checksum(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """SHA-256 (32 uint8) of a layer's saved tensors, in :data:`LAYER_TENSOR_NAMES` order: name, dtype, shape, bytes."""
-    digest = hashlib.sha256()
-    for name in ENTRY_NAMES + (WEIGHT_SHAPE_NAME,):
-        if name not in tensors:
-            continue
+def checksum_name(layer_name: str) -> str:
+    """The layer name a checksum covers: as saved, without ``base_model.model.`` and CLIP's ``text_model.`` (which
+    transformers 5 flattened, so a text-encoder file saved before still verifies after)."""
+    return normalize_module_name(layer_name).removeprefix("text_model.")
+
+
+def tensors_checksum(layer_name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """SHA-256 (32 uint8) of named tensors and the layer (or file) they belong to: its name, then each tensor's
+    name, dtype, shape and bytes in sorted name order. Integrity against accidents, not security: anyone who edits the
+    file can recompute it."""
+    digest = hashlib.sha256(f"{checksum_name(layer_name)};".encode())
+    for name in sorted(tensors):
         data = tensors[name].detach().reshape(-1).contiguous().cpu()
         digest.update(f"{name}|{str(data.dtype).removeprefix('torch.')}|{tuple(tensors[name].shape)};".encode())
         digest.update(data.view(torch.uint8).numpy())
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
+def entries_checksum(layer_name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The checksum of a SaRA layer's saved tensors (entries and weight shape), bound to the layer's name."""
+    return tensors_checksum(
+        layer_name, {name: tensors[name] for name in ENTRY_NAMES + (WEIGHT_SHAPE_NAME,) if name in tensors}
+    )
+
+
+def other_tensor_name(key: str, adapter_name: str | None) -> str:
+    """A modules_to_save key as saved: ``head.weight`` for ``base_model.model.head.modules_to_save.<adapter>.weight``
+    (PEFT inserts the wrapper path when it loads)."""
+    name = normalize_module_name(key)
+    return name.replace(f".modules_to_save.{adapter_name}.", ".") if adapter_name else name
 
 
 def _recordable(tensor: Any) -> bool:
@@ -234,11 +297,19 @@ def add_integrity_records(
         tensors = {name: tensor for name, (_, tensor) in entries.items()}
         tensors[WEIGHT_SHAPE_NAME] = torch.tensor(tuple(layer.weight_shape), dtype=torch.int64)
         records[_sibling_key(index_key, adapter_name, WEIGHT_SHAPE_NAME)] = tensors[WEIGHT_SHAPE_NAME]
-        records[_sibling_key(index_key, adapter_name, CHECKSUM_NAME)] = entries_checksum(tensors)
-    prefixed = all(key.startswith(PEFT_MODEL_PREFIX) for key in state_dict)
-    version_key = (PEFT_MODEL_PREFIX if prefixed else "") + FORMAT_VERSION_NAME
-    records[version_key] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
+        records[_sibling_key(index_key, adapter_name, CHECKSUM_NAME)] = entries_checksum(layer_name, tensors)
+    prefix = PEFT_MODEL_PREFIX if all(key.startswith(PEFT_MODEL_PREFIX) for key in state_dict) else ""
+    records[prefix + FORMAT_VERSION_NAME] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
+    others = {key: tensor for key, tensor in state_dict.items() if split_sara_key(key, adapter_name) is None}
+    if not all(_recordable(tensor) for tensor in others.values()):
+        return state_dict
+    records[prefix + OTHER_CHECKSUM_NAME] = other_tensors_checksum(others, adapter_name)
     return {**state_dict, **records}
+
+
+def other_tensors_checksum(tensors: Mapping[str, torch.Tensor], adapter_name: str | None) -> torch.Tensor:
+    """The checksum of a checkpoint's tensors that are not SaRA entries (its modules_to_save), by saved name."""
+    return tensors_checksum("", {other_tensor_name(key, adapter_name): tensor for key, tensor in tensors.items()})
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -258,6 +329,7 @@ class ParsedCheckpoint:
     version: int | None
     record_keys: list[str]
     other_keys: list[str]
+    other_checksum: torch.Tensor | None = None
 
 
 def _read_version(key: str, tensor: torch.Tensor) -> int:
@@ -282,7 +354,7 @@ def _read_version(key: str, tensor: torch.Tensor) -> int:
 def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = None) -> ParsedCheckpoint:
     """Group a checkpoint's SaRA tensors by layer; raise :class:`InvalidAdapterError` on non-tensors and repeats."""
     layers: dict[str, LayerCheckpoint] = {}
-    version, version_key, record_keys, other_keys = None, None, [], []
+    version, version_key, record_keys, other_keys, other_checksum = None, None, [], [], None
     for key, tensor in state_dict.items():
         if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
             raise InvalidAdapterError(f"The checkpoint entry {key!r} is a {type(tensor).__name__}, not a tensor.")
@@ -295,6 +367,14 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
             if version_key is not None:
                 raise InvalidAdapterError(f"The checkpoint holds two format versions: '{version_key}' and '{key}'.")
             version, version_key = _read_version(key, tensor), key
+            record_keys.append(key)
+            continue
+        if name == OTHER_CHECKSUM_NAME:
+            if other_checksum is not None or layer_name:
+                raise InvalidAdapterError(
+                    f"The checkpoint holds a misplaced or second '{OTHER_CHECKSUM_NAME}': '{key}'."
+                )
+            other_checksum = _checked_checksum(key, tensor)
             record_keys.append(key)
             continue
         layer = layers.setdefault(layer_name, LayerCheckpoint())
@@ -310,7 +390,21 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
             f"The checkpoint has SaRA integrity records but no '{FORMAT_VERSION_NAME}': the file is corrupted or was "
             "edited after saving."
         )
-    return ParsedCheckpoint(layers, version, record_keys, other_keys)
+    if version is not None and other_checksum is None:
+        raise InvalidAdapterError(
+            f"The checkpoint has no '{OTHER_CHECKSUM_NAME}', which every format-{FORMAT_VERSION} file has: the file is "
+            "corrupted or was edited after saving."
+        )
+    return ParsedCheckpoint(layers, version, record_keys, other_keys, other_checksum)
+
+
+def _checked_checksum(where: str, tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (CHECKSUM_BYTES,):
+        raise InvalidAdapterError(
+            f"{where} must be {CHECKSUM_BYTES} uint8, got dtype {tensor.dtype} and shape {tuple(tensor.shape)}: the "
+            "file is corrupted."
+        )
+    return tensor
 
 
 def _recorded_shape(layer_name: str, tensor: torch.Tensor) -> tuple[int, ...]:
@@ -397,14 +491,11 @@ def check_layer_checkpoint(
 
     recorded = _recorded_shape(layer_name, tensors[WEIGHT_SHAPE_NAME]) if WEIGHT_SHAPE_NAME in tensors else None
     checksum = tensors.get(CHECKSUM_NAME)
-    if checksum is not None and (checksum.dtype != torch.uint8 or tuple(checksum.shape) != (CHECKSUM_BYTES,)):
-        raise InvalidAdapterError(
-            f"SaRA layer '{layer_name}': the checksum must be {CHECKSUM_BYTES} uint8, got dtype {checksum.dtype} and "
-            f"shape {tuple(checksum.shape)}: the file is corrupted."
-        )
+    if checksum is not None:
+        _checked_checksum(f"SaRA layer '{layer_name}': the checksum", checksum)
 
     def corrupted() -> bool:
-        return checksum is not None and not torch.equal(entries_checksum(tensors), checksum.cpu())
+        return checksum is not None and not torch.equal(entries_checksum(layer_name, tensors), checksum.cpu())
 
     try:
         if recorded is not None and weight_shape is not None and tuple(recorded) != tuple(weight_shape):
@@ -474,19 +565,42 @@ def check_layer_checkpoint(
     )
 
 
+def check_checkpoint_file(
+    state_dict: Mapping[str, Any], allow_non_finite: bool | None = None
+) -> tuple[ParsedCheckpoint, dict[str, LayerEntries]]:
+    """Validate what a checkpoint file says about itself, without a model: every tensor's type, each layer's records
+    and checksum, indices against the recorded weight shape, duplicates, overlaps, finiteness, the modules_to_save
+    checksum. Loaders run it before touching the model; ``peft-sara inspect`` runs it before computing anything.
+
+    Returns the parsed checkpoint and each layer's entries by (saved) layer name.
+    """
+    allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
+    parsed = parse_checkpoint(state_dict)
+    entries = {
+        layer_name: check_layer_checkpoint(
+            layer_name,
+            layer,
+            None,
+            None,
+            records_required=parsed.version is not None,
+            allow_non_finite=allow_non_finite,
+        )
+        for layer_name, layer in parsed.layers.items()
+    }
+    if parsed.other_checksum is not None:
+        others = {key: state_dict[key] for key in parsed.other_keys}
+        if not torch.equal(other_tensors_checksum(others, None), parsed.other_checksum.cpu()):
+            raise InvalidAdapterError(
+                "The checkpoint's modules_to_save tensors do not match their checksum: the file is corrupted or was "
+                "modified after saving. Download or save the adapter again."
+            )
+    return parsed, entries
+
+
 def _allowed_other_keys(model: nn.Module, adapter_name: str) -> set[str]:
-    """State-dict keys a SaRA checkpoint may hold besides SaRA tensors: its modules_to_save and resized embeddings."""
-    allowed = {key for key in model.state_dict() if f".modules_to_save.{adapter_name}." in f".{key}"}
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    embeddings = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        with contextlib.suppress(Exception):
-            embeddings.append(getattr(inner, getter)())
-    embedding_ids = {id(module) for module in embeddings if isinstance(module, nn.Module)}
-    for name, module in model.named_modules():
-        if id(module) in embedding_ids:
-            allowed.update(f"{name}.{key}" for key in module.state_dict())
-    return allowed
+    """State-dict keys a SaRA checkpoint may hold besides SaRA tensors: the copies of the modules its config lists in
+    ``modules_to_save`` (PEFT wrapped them when it injected the adapter). Never a base weight, embeddings included."""
+    return {key for key in model.state_dict() if f".modules_to_save.{adapter_name}." in f".{key}"}
 
 
 def _check_other_tensors(
@@ -521,6 +635,65 @@ def _check_other_tensors(
             )
 
 
+def check_not_merged(model: nn.Module, adapter_name: str) -> None:
+    """Refuse to load into an adapter that is merged: the merged weights would keep computing the old values while the
+    stored ones (and any save) were the new file's."""
+    merged = [name for name, layer in sara_layers(model) if adapter_name in layer.merged_adapters]
+    if merged:
+        raise ValueError(
+            f"SaRA adapter '{adapter_name}' is merged into {len(merged)} layers (e.g. '{merged[0]}'): loading into it "
+            "would leave the merged weights computing its old values. Unmerge it first (`unmerge_adapter()` / "
+            "`pipe.unfuse_lora()`), or load under another `adapter_name`."
+        )
+
+
+def effective_weight_problem(
+    layer: SaRALayer, scale: float, entries: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> str | None:
+    """Why the weight the layer would compute with, ``cast(w + scale * delta)`` in the base dtype, is unusable, or None.
+
+    Unusable: an entry that is not finite, or one so large that a unit input overflows the layer's output
+    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). Quantized or offloaded
+    base weights are not read (not checked).
+    """
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.is_meta:
+        return None
+    flat = weight.detach().reshape(-1)
+    fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))
+    limit = torch.finfo(weight.dtype).max / fan_in
+    for indices, values in entries:
+        if indices.numel() == 0:
+            continue
+        base = flat.index_select(0, indices.to(device=flat.device, dtype=torch.long))
+        patched = (base.double() + scale * values.to(device=flat.device, dtype=torch.float64)).to(weight.dtype)
+        finite = torch.isfinite(patched)
+        if not bool(finite.all()):
+            return f"{int((~finite).sum())} entries of its effective weight are not finite in {weight.dtype}"
+        largest = float(patched.abs().max())
+        if largest > limit:
+            return (
+                f"its effective weight reaches {largest:.3g}, so a unit input over its fan-in of {fan_in} overflows "
+                f"{weight.dtype} (limit {limit:.3g} per entry)"
+            )
+    return None
+
+
+def check_effective_weight(layer_name: str, layer: SaRALayer, adapter_name: str, entries: LayerEntries) -> None:
+    """Raise :class:`InvalidAdapterError` if ``entries`` would give ``layer`` an unusable weight (see
+    :func:`effective_weight_problem`), at the adapter's current scale."""
+    scale = float(layer.sara_scaling.get(adapter_name, 1.0))
+    problem = effective_weight_problem(
+        layer, scale, [(entries.indices, entries.values), (entries.frozen_indices, entries.frozen_values)]
+    )
+    if problem is not None:
+        raise InvalidAdapterError(
+            f"SaRA layer '{layer_name}': {problem}. To load it anyway pass `allow_non_finite=True` (peft-sara's "
+            f"loaders), set {ALLOW_NON_FINITE_ENV_VAR}=1, or load inside "
+            "`peft_sara.validation.allow_non_finite_values()`."
+        )
+
+
 def validate_checkpoint(
     model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor], allow_non_finite: bool | None = None
 ) -> tuple[dict[str, LayerEntries], dict[str, torch.Tensor]]:
@@ -531,6 +704,7 @@ def validate_checkpoint(
     layer, and warns once when the file (0.1.0) records no shapes or checksums.
     """
     allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
+    check_not_merged(model, adapter_name)
     parsed = parse_checkpoint(state_dict, adapter_name)
     layers = {
         normalize_module_name(name): (name, layer)
@@ -550,6 +724,13 @@ def validate_checkpoint(
             f"(adapter '{adapter_name}'): {shown}. Was it trained with other `target_modules` or another model?"
         )
     _check_other_tensors(model, adapter_name, state_dict, parsed.other_keys, allow_non_finite)
+    if parsed.other_checksum is not None:
+        others = {key: state_dict[key] for key in parsed.other_keys}
+        if not torch.equal(other_tensors_checksum(others, adapter_name), parsed.other_checksum.cpu()):
+            raise InvalidAdapterError(
+                "The checkpoint's modules_to_save tensors do not match their checksum: the file is corrupted or was "
+                "modified after saving. Download or save the adapter again."
+            )
 
     entries, unverified = {}, 0
     for layer_name, (name, layer) in layers.items():
@@ -565,6 +746,8 @@ def validate_checkpoint(
             records_required=parsed.version is not None,
             allow_non_finite=allow_non_finite,
         )
+        if not allow_non_finite:
+            check_effective_weight(name, layer, adapter_name, entries[name])
         unverified += WEIGHT_SHAPE_NAME not in checkpoint.tensors
     if unverified:
         warnings.warn(
@@ -593,10 +776,16 @@ __all__ = [
     "non_finite_allowed",
     "check_config_dict",
     "check_config_values",
+    "check_relative_path",
     "config_from_dict",
     "add_integrity_records",
     "entries_checksum",
+    "tensors_checksum",
+    "align_checkpoint_keys",
+    "check_not_merged",
+    "effective_weight_problem",
     "parse_checkpoint",
     "check_layer_checkpoint",
     "validate_checkpoint",
+    "check_checkpoint_file",
 ]

@@ -424,11 +424,11 @@ def resign(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     layers: dict[str, dict[str, str]] = {}
     for key in tensors:
         split = split_sara_key(key)
-        if split is not None and split[1] != "sara_format_version":
+        if split is not None and split[0]:
             layers.setdefault(split[0], {})[split[1]] = key
-    for keys in layers.values():
+    for layer_name, keys in layers.items():
         tensors[keys["sara_checksum"]] = entries_checksum(
-            {name: tensors[key] for name, key in keys.items() if name != "sara_checksum"}
+            layer_name, {name: tensors[key] for name, key in keys.items() if name != "sara_checksum"}
         )
     return tensors
 
