@@ -11,11 +11,15 @@ The implementation lives in :mod:`peft_sara.export`; this module is the public i
     lora = convert_to_lora(pipe, rank=16)               # factors + per-layer relative Frobenius errors
     print(lora.total_error)
     export_adapter(pipe, "style-kohya.safetensors", "kohya", rank="full")
+
+    # no base model at hand: the adapter's files record each layer's weight shape and layout
+    export_adapter(read_adapter_files("my-sara-adapter"), "style-kohya.safetensors", "kohya")
 """
 
 from __future__ import annotations
 
 from .export.adapter_stats import inspect_adapter
+from .export.files import AdapterFiles, BaseModelRequired, read_adapter_files
 from .export.formats import FORMATS, ExportResult, export_adapter
 from .export.lowrank import FULL_RANK, LayerFactors, LoRAExport, convert_to_lora, parse_rank
 from .export.merged import save_merged
@@ -23,6 +27,9 @@ from .export.sources import load_adapted
 from .export.weight_analysis import DEFAULT_THRESHOLDS, save_histogram, small_weight_fractions, zeroing_effect
 
 __all__ = [
+    "AdapterFiles",
+    "BaseModelRequired",
+    "read_adapter_files",
     "FORMATS",
     "FULL_RANK",
     "DEFAULT_THRESHOLDS",

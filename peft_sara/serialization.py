@@ -39,6 +39,7 @@ from .atomic import atomic_write, save_safetensors_atomic, write_text_atomic
 from .config import SaRAConfig
 from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, PREFIX, SAFETENSORS_NAME
 from .layer import SaRALayer, sara_adapter_names, sara_layers
+from .layouts import layouts_metadata
 from .save_bridge import uninstall_save_bridge
 from .validation import (
     InvalidAdapterError,
@@ -105,7 +106,8 @@ def save_injected_adapter(
     # SaRA never adapts embeddings; "auto" would look the base model up on the Hub to compare vocabulary sizes.
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    save_safetensors_atomic(state_dict, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
+    metadata = {"format": "pt", **layouts_metadata(model, adapter_name)}  # what exports need without the base
+    save_safetensors_atomic(state_dict, directory / SAFETENSORS_NAME, metadata=metadata)
     write_adapter_config(config, directory)
     return directory
 

@@ -37,6 +37,21 @@ class MLPConv(nn.Module):
         return self.head(torch.relu(self.lin1(x)))
 
 
+class Conv1DModel(nn.Module):
+    """Two transformers ``Conv1D`` layers, which store their weight as in x out (``hidden=16``: a square one, which a
+    weight shape cannot tell from ``nn.Linear``)."""
+
+    def __init__(self, hidden: int = 24) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_fc = Conv1D(hidden, 16)
+        self.c_proj = Conv1D(8, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(torch.tanh(self.c_fc(x)))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest, and steadily, on one thread (OpenMP spinning dominates on busy 2-core machines)."""

@@ -173,5 +173,7 @@ def test_command_line_errors_say_what_to_do(saved, tmp_path, capsys):
     config = json.loads((saved.adapter_dir / "unet" / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "org/not-downloaded"
     (moved / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(saved.adapter_dir / "unet" / "adapter_model.safetensors")
+    save_file(weights, moved / "adapter_model.safetensors")  # no layout records: which component is unknown
     with pytest.raises(SystemExit, match="Pass --base"):
         cli.main(["export", str(moved), "--format", "diff", "-o", str(tmp_path / "x.safetensors")])

@@ -22,7 +22,7 @@ from peft_sara.export.formats import DIFFUSERS_WEIGHT_NAME, kohya_key
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_pipelines  # noqa: E402
-from conftest import sd3_inputs, tiny_sd3_transformer  # noqa: E402
+from conftest import Conv1DModel, sd3_inputs, tiny_sd3_transformer  # noqa: E402
 from tiny_pipelines import generate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,7 +122,8 @@ def test_diff_export_holds_the_exact_dense_update_under_comfyui_names_and_diffus
     for component in ("unet", "text_encoder"):
         module = getattr(sd.pipe, component)
         for name, layer in sara_layers(module):
-            key = kohya_key(component, ["unet", "text_encoder"], module, name) + ".diff"
+            prefix = "text_model." if component == "text_encoder" else ""
+            key = kohya_key(component, ["unet", "text_encoder"], prefix + name) + ".diff"
             expected[key] = layer.get_delta_weight("style")
     assert tensors.keys() == expected.keys()
     for key, delta in expected.items():
@@ -186,20 +187,6 @@ def test_sd3_transformer_diffusers_export_loads_with_the_sd3_lora_loader(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(fresh(**sd3_inputs()).sample, expected, rtol=0, atol=1e-5)
     assert (expected - base).abs().max() > 1e-3
-
-
-class Conv1DModel(nn.Module):
-    """transformers' Conv1D stores its weight as in x out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from transformers.pytorch_utils import Conv1D
-
-        self.c_fc = Conv1D(24, 16)
-        self.c_proj = Conv1D(8, 24)
-
-    def forward(self, x):
-        return self.c_proj(torch.tanh(self.c_fc(x)))
 
 
 def test_transformers_conv1d_layers_export_to_a_peft_lora_that_peft_loads(tmp_path):

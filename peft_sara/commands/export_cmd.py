@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..conversion import FORMATS, export_adapter, load_adapted, parse_rank
+from ..conversion import FORMATS, BaseModelRequired, export_adapter, load_adapted, parse_rank, read_adapter_files
 from ..export.formats import DTYPES, MERGED
 from ..export.lowrank import describe_rank
 from .output import add_common_options, print_json, print_table
-from .sources_args import add_source_options, base_folder
+from .sources_args import DOWNLOAD_HINT, add_source_options, base_folder
 
 EXPORT_FORMATS = tuple(name for name in FORMATS if name != MERGED)  # merged models: `peft-sara merge`
 LAYER_COLUMNS = (
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         "factorise each layer's update by truncated SVD (convs as LoCon: a k x k down conv, a 1 x 1 up conv) and "
         "report each layer's relative Frobenius error; 'diff' is exact and dense. Formats: peft-lora (PEFT LoRA "
         "folder), diffusers (pytorch_lora_weights.safetensors for pipe.load_lora_weights), kohya (lora_unet_* file "
-        "for ComfyUI / A1111 / Forge), diff (ComfyUI / A1111 full-difference file).",
+        "for ComfyUI / A1111 / Forge), diff (ComfyUI / A1111 full-difference file). The base model is needed only "
+        "when the adapter's files cannot say how a layer is laid out (the error names the layer).",
     )
     parser.add_argument("adapter", help="SaRA adapter folder, or Hub repo id")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="output format")
@@ -62,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara export``."""
     args = build_parser().parse_args(argv)
     rank = args.rank
-    source = load_adapted(base_folder(args), args.adapter, args.subfolder, args.revision, args.token)
+    base = base_folder(args, required=False)
+    if base is not None:
+        source = load_adapted(base, args.adapter, args.subfolder, args.revision, args.token)
+    else:  # the adapter's files record every layer's shape and layout: no base model needed
+        try:
+            source = read_adapter_files(args.adapter, args.subfolder, args.revision, args.token)
+        except BaseModelRequired as err:
+            raise SystemExit(f"{err} {DOWNLOAD_HINT}") from None
     result = export_adapter(
         source,
         args.output,

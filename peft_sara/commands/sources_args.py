@@ -9,6 +9,10 @@ from ..export.sources import adapter_component_names
 from ..resolve import resolve_adapter_folder
 from ..serialization import read_sara_config
 
+DOWNLOAD_HINT = (
+    "Pass --base FOLDER, a local copy of the base model (download one with `hf download ORG/NAME --local-dir FOLDER`)."
+)
+
 
 def add_source_options(parser: argparse.ArgumentParser, base_option: bool = True) -> None:
     """``--base`` (unless positional), ``--subfolder``, ``--revision``, ``--token``."""
@@ -24,8 +28,9 @@ def add_source_options(parser: argparse.ArgumentParser, base_option: bool = True
     parser.add_argument("--token", default=None, help="Hub token for private repos")
 
 
-def base_folder(args: argparse.Namespace) -> Path:
-    """``--base``, or the base model the adapter records, which must then be a local folder."""
+def base_folder(args: argparse.Namespace, required: bool = True) -> Path | None:
+    """``--base``, or the base model the adapter records, which must then be a local folder (else ``None`` when not
+    ``required``)."""
     if args.base:
         return Path(args.base)
     folder = resolve_adapter_folder(args.adapter, args.subfolder, args.revision, args.token, None, False)
@@ -33,10 +38,9 @@ def base_folder(args: argparse.Namespace) -> Path:
     recorded = read_sara_config(folder / component if component else folder).base_model_name_or_path
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
-    raise SystemExit(
-        f"Pass --base: the adapter records the base model {recorded!r}, which is not a local folder. The export needs "
-        "the base model's module types (download it first, e.g. with `huggingface-cli download`)."
-    )
+    if not required:
+        return None
+    raise SystemExit(f"The adapter records the base model {recorded!r}, which is not a local folder. {DOWNLOAD_HINT}")
 
 
-__all__ = ["add_source_options", "base_folder"]
+__all__ = ["DOWNLOAD_HINT", "add_source_options", "base_folder"]

@@ -24,27 +24,22 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import save_safetensors_atomic
 from ..constants import SAFETENSORS_NAME, __version__
+from ..layouts import LayerLayout
 from ..serialization import write_adapter_config
-from .lowrank import (
-    LayerFactors,
-    LoRAExport,
-    Rank,
-    convert_to_lora,
-    delta_matrix,
-    is_transposed,
-)
+from .files import AdapterFiles, export_updates
+from .lowrank import LayerFactors, LoRAExport, Rank, convert_to_lora, delta_matrix
 from .merged import save_merged
-from .sources import adapted_components, adapter_layers, is_pipeline, single_adapter_name
+from .sources import ComponentUpdates, is_pipeline
 
 PEFT_LORA, DIFFUSERS, KOHYA, DIFF, MERGED = "peft-lora", "diffusers", "kohya", "diff", "merged"
 FORMATS = (PEFT_LORA, DIFFUSERS, KOHYA, DIFF, MERGED)
 FOLDER_FORMATS = (PEFT_LORA, DIFFUSERS, MERGED)
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 PEFT_KEY_PREFIX = "base_model.model."
 # kohya files carry one alpha for every layer (scale = alpha / rank); the factors are scaled to match.
 KOHYA_ALPHA = 1.0
@@ -52,13 +47,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 # ------------------------------------------------------------------------------------------------- names
-def file_module_name(module: nn.Module, name: str) -> str:
-    """The module path other tools use: transformers 5 flattened ``CLIPTextModel.text_model``, files keep it."""
-    if not hasattr(module, "text_model") and type(module).__name__.startswith("CLIPText"):
-        return f"text_model.{name}"
-    return name
-
-
 def kohya_prefix(component: str, components: Sequence[str]) -> str:
     """The key prefix kohya sd-scripts / OneTrainer / ComfyUI use for a pipeline component."""
     if component == "unet":
@@ -75,9 +63,10 @@ def kohya_prefix(component: str, components: Sequence[str]) -> str:
     )
 
 
-def kohya_key(component: str, components: Sequence[str], module: nn.Module, name: str) -> str:
-    """``lora_unet_down_blocks_0_resnets_0_conv1``-style name of one layer."""
-    return kohya_prefix(component, components) + file_module_name(module, name).replace(".", "_")
+def kohya_key(component: str, components: Sequence[str], file_name: str) -> str:
+    """``lora_unet_down_blocks_0_resnets_0_conv1``-style name of one layer (``file_name``: its module path in files,
+    :attr:`ComponentUpdates.file_prefix` included)."""
+    return kohya_prefix(component, components) + file_name.replace(".", "_")
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -110,13 +99,15 @@ def _metadata(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------- writers
 def lora_config_for(
-    layers: dict[str, LayerFactors], modules: dict[str, nn.Module], base_model: str | None
+    layers: dict[str, LayerFactors], layouts: dict[str, LayerLayout], base_model: str | None
 ) -> LoraConfig:
-    """A ``LoraConfig`` for one component's factors: exact target names, per-layer ranks, scale 1 everywhere."""
+    """A ``LoraConfig`` for one component's factors: exact target names, per-layer ranks, alpha equal to rank (scale
+    1) everywhere, written out so that no reader has to guess the scale. Names match with and without a file prefix
+    (PEFT matches ``text_model.encoder...`` to the target ``encoder...``)."""
     ranks = {name: factors.rank for name, factors in layers.items() if factors.rank}
     common = collections.Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     pattern = {name: rank for name, rank in ranks.items() if rank != common}
-    transposed = [is_transposed(modules[name]) for name in ranks]
+    transposed = [layouts[name].transposed for name, factors in layers.items() if factors.rank]
     return LoraConfig(
         r=common,
         lora_alpha=common,
@@ -129,11 +120,14 @@ def lora_config_for(
     )
 
 
+def _layouts(parts: ComponentUpdates) -> dict[str, LayerLayout]:
+    return {name: layer.layout for name, layer in parts.layers.items()}
+
+
 def write_peft_lora(
     export: LoRAExport,
     output_dir: str | os.PathLike,
-    base_layers: dict[str, dict[str, nn.Module]],
-    base_models: dict[str, str | None],
+    updates: dict[str, ComponentUpdates],
     single_model: bool,
     dtype: torch.dtype | None = None,
 ) -> list[Path]:
@@ -148,28 +142,42 @@ def write_peft_lora(
                 tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = _cast(factors.up, dtype)
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(tensors, directory / SAFETENSORS_NAME, metadata=_metadata())
-        config = lora_config_for(layers, base_layers[component], base_models.get(component))
+        parts = updates[component]
+        config = lora_config_for(layers, _layouts(parts), parts.base_model)
         write_adapter_config(config, directory)
         written.append(directory)
     return written
 
 
 def diffusers_state_dict(
-    export: LoRAExport, modules: dict[str, nn.Module], dtype: torch.dtype | None = None
+    export: LoRAExport, updates: dict[str, ComponentUpdates], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """``<component>.<module>.lora_A.weight`` / ``lora_B`` tensors, as diffusers' ``save_lora_weights`` writes them."""
     tensors = {}
     for component, layers in export.components.items():
         for name, factors in layers.items():
             if factors.rank:
-                key = f"{component}.{file_module_name(modules[component], name)}"
+                key = f"{component}.{updates[component].file_prefix}{name}"
                 tensors[f"{key}.lora_A.weight"] = _cast(factors.down, dtype)
                 tensors[f"{key}.lora_B.weight"] = _cast(factors.up, dtype)
     return tensors
 
 
+def diffusers_metadata(export: LoRAExport, updates: dict[str, ComponentUpdates]) -> dict[str, str]:
+    """The header diffusers' ``save_lora_weights`` writes: each component's ``LoraConfig`` (ranks and alphas, as
+    ``<component>.<field>``) under ``lora_adapter_metadata``. With it, readers take the alphas from the file instead
+    of guessing them (diffusers changed its guess for mixed-rank files without alphas in 0.40)."""
+    fields = {}
+    for component, layers in export.components.items():
+        parts = updates[component]
+        config = lora_config_for(layers, _layouts(parts), parts.base_model).to_dict()
+        for key, value in config.items():
+            fields[f"{component}.{key}"] = sorted(value) if isinstance(value, set) else value
+    return _metadata({DIFFUSERS_METADATA_KEY: json.dumps(fields, indent=2, sort_keys=True)})
+
+
 def kohya_state_dict(
-    export: LoRAExport, modules: dict[str, nn.Module], dtype: torch.dtype | None = None
+    export: LoRAExport, updates: dict[str, ComponentUpdates], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """``lora_unet_*`` / ``lora_te_*`` tensors with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``."""
     tensors = {}
@@ -178,7 +186,7 @@ def kohya_state_dict(
         for name, factors in layers.items():
             if not factors.rank:
                 continue
-            key = kohya_key(component, names, modules[component], name)
+            key = kohya_key(component, names, updates[component].file_prefix + name)
             # readers scale by alpha / rank: fold rank / alpha into the factors, evenly
             gain = (factors.rank / KOHYA_ALPHA) ** 0.5
             tensors[f"{key}.lora_down.weight"] = _cast(factors.down * gain, dtype)
@@ -210,34 +218,18 @@ def diff_state_dict(
     progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """``<kohya name>.diff`` dense weight differences (exact), and a per-layer report."""
-    modules = adapted_components(source, component, components)
-    adapter_name = single_adapter_name(modules, adapter_name)
-    names = list(modules)
+    _, updates = export_updates(source, adapter_name, component, components)
+    names = list(updates)
     tensors, report = {}, []
-    work = [(c, name, layer) for c, module in modules.items() for name, layer in adapter_layers(module, adapter_name)]
+    work = [(c, name, layer) for c, parts in updates.items() for name, layer in parts.layers.items()]
     for component_name, name, layer in tqdm(work, desc="dense differences", disable=not progress):
-        update = layer.get_sparse_update(adapter_name)
+        update = layer.read_update()
         dense = update.to_dense()
-        tensors[f"{kohya_key(component_name, names, modules[component_name], name)}.diff"] = _cast(dense, dtype)
+        key = kohya_key(component_name, names, updates[component_name].file_prefix + name)
+        tensors[f"{key}.diff"] = _cast(dense, dtype)
         norm = float(torch.linalg.vector_norm(delta_matrix(update)))
         report.append({"component": component_name, "module": name, "delta_norm": norm, "relative_error": 0.0})
     return tensors, report
-
-
-def _base_layers(source: Any, export: LoRAExport, component: str | None) -> dict[str, dict[str, nn.Module]]:
-    modules = adapted_components(source, component, list(export.components))
-    return {
-        component_name: {
-            name: module.get_submodule(name).get_base_layer() for name in export.components[component_name]
-        }
-        for component_name, module in modules.items()
-    }
-
-
-def _base_models(source: Any, adapter_name: str, component: str | None, names: Sequence[str]) -> dict[str, str | None]:
-    modules = adapted_components(source, component, names)
-    configs = {name: (getattr(module, "peft_config", None) or {}).get(adapter_name) for name, module in modules.items()}
-    return {name: getattr(config, "base_model_name_or_path", None) for name, config in configs.items()}
 
 
 def export_adapter(
@@ -254,7 +246,8 @@ def export_adapter(
     """Write a SaRA adapter in another tool's format (see the module docstring for the table).
 
     Args:
-        source: A ``DiffusionPipeline`` with a SaRA adapter, a ``PeftModel``, or a model with an injected adapter.
+        source: A ``DiffusionPipeline`` with a SaRA adapter, a ``PeftModel``, a model with an injected adapter, or an
+            adapter's files (:func:`peft_sara.conversion.read_adapter_files`; every format but ``merged``).
         output: A folder for ``peft-lora`` / ``diffusers``, a ``.safetensors`` file for ``kohya`` / ``diff``.
         format: One of :data:`FORMATS`.
         rank: LoRA rank for the LoRA formats (see :func:`convert_to_lora`); ignored by ``diff``.
@@ -275,8 +268,9 @@ def export_adapter(
         if dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype]
-    modules = adapted_components(source, component, components)
-    adapter_name = single_adapter_name(modules, adapter_name)
+    if format == MERGED and isinstance(source, AdapterFiles):
+        raise ValueError("A merged model needs the base model: load it with the adapter and export that instead.")
+    adapter_name, updates = export_updates(source, adapter_name, component, components)
 
     if format == MERGED:
         return ExportResult(format, [save_merged(source, output, adapter_name)], layers=[])
@@ -287,19 +281,18 @@ def export_adapter(
 
     export = convert_to_lora(source, rank, adapter_name, component, components, progress)
     if format == PEFT_LORA:
-        single_model = not is_pipeline(source)
-        base_layers = _base_layers(source, export, component)
-        base_models = _base_models(source, adapter_name, component, list(export.components))
-        paths = write_peft_lora(export, output, base_layers, base_models, single_model, dtype)
+        single_model = source.single_model if isinstance(source, AdapterFiles) else not is_pipeline(source)
+        paths = write_peft_lora(export, output, updates, single_model, dtype)
         return ExportResult(format, paths, export)
     if format == DIFFUSERS:
         output.mkdir(parents=True, exist_ok=True)
         path = output / DIFFUSERS_WEIGHT_NAME
-        save_safetensors_atomic(diffusers_state_dict(export, modules, dtype), path, metadata=_metadata())
+        tensors = diffusers_state_dict(export, updates, dtype)
+        save_safetensors_atomic(tensors, path, metadata=diffusers_metadata(export, updates))
         return ExportResult(format, [path], export)
-    base_model = next(iter(_base_models(source, adapter_name, component, list(modules)).values()), None)
+    base_model = next((parts.base_model for parts in updates.values() if parts.base_model), None)
     save_safetensors_atomic(
-        kohya_state_dict(export, modules, dtype), output, metadata=kohya_metadata(export, base_model)
+        kohya_state_dict(export, updates, dtype), output, metadata=kohya_metadata(export, base_model)
     )
     return ExportResult(format, [output], export)
 
@@ -309,6 +302,7 @@ __all__ = [
     "ExportResult",
     "export_adapter",
     "diffusers_state_dict",
+    "diffusers_metadata",
     "kohya_state_dict",
     "diff_state_dict",
     "kohya_key",

@@ -16,17 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..layer import SparseUpdate
-from .sources import adapted_components, adapter_layers, single_adapter_name
+from ..layouts import CONV, LayerLayout
+from .files import export_updates
 
 # The ranks an export accepts: a fixed rank, "full" (exact up to float error) or an energy fraction in (0, 1].
 Rank = int | float | str
 FULL_RANK = "full"
-LINEAR, CONV = "linear", "conv"
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def parse_rank(value: Rank) -> Rank:
@@ -61,35 +59,6 @@ def describe_rank(rank: Rank) -> str:
     if isinstance(rank, float):
         return f"energy {rank:g} per layer"
     return f"rank {rank}"
-
-
-def module_kind(base_layer: nn.Module) -> str:
-    """``"linear"`` (``nn.Linear``, transformers ``Conv1D``) or ``"conv"`` (``nn.Conv1d/2d/3d``)."""
-    return CONV if isinstance(base_layer, CONV_TYPES) else LINEAR
-
-
-def is_transposed(base_layer: nn.Module) -> bool:
-    """Whether the layer stores its weight as ``in x out`` (transformers' ``Conv1D``)."""
-    return not isinstance(base_layer, (nn.Linear, *CONV_TYPES))
-
-
-def lora_incompatibility(name: str, base_layer: nn.Module) -> str | None:
-    """Why a LoRA layer (PEFT's, which every LoRA reader here goes through) cannot reproduce this conv's update."""
-    if not isinstance(base_layer, CONV_TYPES):
-        return None
-    problems = []
-    if base_layer.groups != 1:
-        problems.append(f"groups={base_layer.groups}")
-    if any(d != 1 for d in base_layer.dilation):
-        problems.append(f"dilation={tuple(base_layer.dilation)}")
-    if base_layer.padding_mode != "zeros":
-        problems.append(f"padding_mode={base_layer.padding_mode!r}")
-    if not problems:
-        return None
-    return (
-        f"'{name}' ({type(base_layer).__name__} with {', '.join(problems)}) has no LoRA equivalent: LoRA's down "
-        "convolution does not take these settings. Export with format 'diff' or merge the adapter instead."
-    )
 
 
 def delta_matrix(update: SparseUpdate, transposed: bool = False) -> torch.Tensor:
@@ -162,10 +131,10 @@ class LayerFactors:
         return self.up.reshape(self.up.shape[0], -1) @ self.down.reshape(self.down.shape[0], -1)
 
 
-def factorize(name: str, update: SparseUpdate, base_layer: nn.Module, rank: Rank) -> LayerFactors:
+def factorize(name: str, update: SparseUpdate, layout: LayerLayout, rank: Rank) -> LayerFactors:
     """Truncated-SVD LoRA factors of one layer's update (rank 0 and empty factors for a zero update)."""
-    kind = module_kind(base_layer)
-    matrix = delta_matrix(update, transposed=is_transposed(base_layer))
+    kind = layout.kind
+    matrix = delta_matrix(update, transposed=layout.transposed)
     left, singular_values, right = torch.linalg.svd(matrix, full_matrices=False)
     chosen = choose_rank(singular_values, tuple(matrix.shape), rank)
     root = singular_values[:chosen].sqrt()
@@ -241,17 +210,6 @@ class LoRAExport:
 
 
 # ------------------------------------------------------------------------------------------------- whole adapters
-def _check_lora_compatible(modules: dict[str, nn.Module], adapter_name: str) -> None:
-    problems = [
-        problem
-        for component, module in modules.items()
-        for name, layer in adapter_layers(module, adapter_name)
-        if (problem := lora_incompatibility(f"{component}.{name}", layer.get_base_layer())) is not None
-    ]
-    if problems:
-        raise ValueError(problems[0] + (f" ({len(problems) - 1} more such layers.)" if len(problems) > 1 else ""))
-
-
 def convert_to_lora(
     source: Any,
     rank: Rank = "full",
@@ -263,7 +221,8 @@ def convert_to_lora(
     """LoRA factors of a SaRA adapter, per component and layer, with each layer's relative Frobenius error.
 
     Args:
-        source: A ``DiffusionPipeline`` with a SaRA adapter, a ``PeftModel``, or a model with an injected adapter.
+        source: A ``DiffusionPipeline`` with a SaRA adapter, a ``PeftModel``, a model with an injected adapter, or an
+            adapter's files (:func:`peft_sara.conversion.read_adapter_files`: no base model needed).
         rank: A fixed rank (capped at each layer's size), ``"full"`` (each layer's numerical rank: exact up to float
             error) or an energy fraction in (0, 1] (per layer, the fewest singular values holding that share of
             ``sum(S^2)``).
@@ -273,13 +232,14 @@ def convert_to_lora(
         progress: Show a progress bar.
     """
     rank = parse_rank(rank)
-    modules = adapted_components(source, component, components)
-    adapter_name = single_adapter_name(modules, adapter_name)
-    _check_lora_compatible(modules, adapter_name)
+    _, updates = export_updates(source, adapter_name, component, components)
+    work = [(c, name, layer) for c, parts in updates.items() for name, layer in parts.layers.items()]
+    problems = [problem for c, name, layer in work if (problem := layer.layout.lora_problem(f"{c}.{name}"))]
+    if problems:
+        raise ValueError(problems[0] + (f" ({len(problems) - 1} more such layers.)" if len(problems) > 1 else ""))
     export = LoRAExport(rank=rank)
-    work = [(c, name, layer) for c, module in modules.items() for name, layer in adapter_layers(module, adapter_name)]
     for component_name, name, layer in tqdm(work, desc=f"SVD ({describe_rank(rank)})", disable=not progress):
-        factors = factorize(name, layer.get_sparse_update(adapter_name), layer.get_base_layer(), rank)
+        factors = factorize(name, layer.read_update(), layer.layout, rank)
         export.components.setdefault(component_name, {})[name] = factors
     return export
 
@@ -297,7 +257,4 @@ __all__ = [
     "effective_rank",
     "numerical_rank",
     "delta_matrix",
-    "module_kind",
-    "is_transposed",
-    "lora_incompatibility",
 ]

@@ -1,12 +1,14 @@
-"""Where an export reads from: the SaRA layers of a pipeline, a ``PeftModel`` or a model with an injected adapter,
-and, for the command line, base models and adapters loaded from folders (or Hub ids)."""
+"""Where an export reads from: the SaRA layers of a pipeline, a ``PeftModel`` or a model with an injected adapter
+(:func:`live_updates`), or an adapter's files alone (:mod:`peft_sara.export.files`), both as per-layer updates and
+layouts (:class:`ComponentUpdates`); and, for the command line, base models and adapters loaded from folders (or Hub
+ids)."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,8 @@ from peft import PeftModel
 from torch import nn
 
 from ..constants import CONFIG_NAME
-from ..layer import SaRALayer, sara_adapter_names, sara_layers
+from ..layer import SaRALayer, SparseUpdate, sara_adapter_names, sara_layers
+from ..layouts import LayerLayout
 from ..pipelines import DENOISER_COMPONENTS, KNOWN_COMPONENTS, load_sara_adapter, pipeline_modules
 from ..resolve import resolve_adapter_folder
 from ..serialization import read_sara_config
@@ -32,10 +35,11 @@ def is_pipeline(obj: Any) -> bool:
     return isinstance(getattr(obj, "components", None), dict) and not isinstance(obj, nn.Module)
 
 
-def component_name_of(model: nn.Module) -> str:
-    """The pipeline component a single model plays, from its class: ``unet``, ``transformer``, ``text_encoder``, or
-    ``model`` when the class does not tell (pass ``component=`` to the exporters then)."""
-    name = type(model.get_base_model() if isinstance(model, PeftModel) else model).__name__
+def component_name_of(model: nn.Module | str) -> str:
+    """The pipeline component a single model (or model class name) plays: ``unet``, ``transformer``,
+    ``text_encoder``, or ``model`` when the class does not tell (pass ``component=`` to the exporters then)."""
+    name = model if isinstance(model, str) else type(model.get_base_model() if isinstance(model, PeftModel) else model)
+    name = name if isinstance(name, str) else name.__name__
     if "UNet" in name:
         return "unet"
     if "Transformer" in name and "Text" not in name:
@@ -85,6 +89,51 @@ def adapter_layers(module: nn.Module, adapter_name: str) -> Iterator[tuple[str, 
     for name, layer in sara_layers(module):
         if layer.present_adapters([adapter_name]):
             yield name, layer
+
+
+def file_name_prefix(model_class: str | None, layer_names: Sequence[str], has_text_model: bool = False) -> str:
+    """What other tools' files put before our module names: ``text_model.`` for CLIP text encoders, whose
+    ``text_model`` transformers 5 flattened away (files made with older versions keep it), else nothing."""
+    flattened = not has_text_model and not any(name.startswith("text_model.") for name in layer_names)
+    return "text_model." if (model_class or "").startswith("CLIPText") and flattened else ""
+
+
+@dataclass
+class ExportLayer:
+    """One layer as an export sees it: its layout and a reader of its whole update (called once, when exported)."""
+
+    layout: LayerLayout
+    read_update: Callable[[], SparseUpdate]
+
+
+@dataclass
+class ComponentUpdates:
+    """One component's adapted layers by module name, the prefix other tools' files add to those names, and the
+    base model the adapter records."""
+
+    layers: dict[str, ExportLayer] = field(default_factory=dict)
+    file_prefix: str = ""
+    base_model: str | None = None
+
+
+def live_updates(
+    source: Any, adapter_name: str | None = None, component: str | None = None, components: Sequence[str] | None = None
+) -> tuple[str, dict[str, ComponentUpdates]]:
+    """(adapter name, per-component layers) of an adapter in a pipeline, ``PeftModel`` or adapted model."""
+    modules = adapted_components(source, component, components)
+    adapter_name = single_adapter_name(modules, adapter_name)
+    result = {}
+    for component_name, module in modules.items():
+        config = (getattr(module, "peft_config", None) or {}).get(adapter_name)
+        layers = {
+            name: ExportLayer(
+                LayerLayout.of(layer.get_base_layer()), lambda layer=layer: layer.get_sparse_update(adapter_name)
+            )
+            for name, layer in adapter_layers(module, adapter_name)
+        }
+        prefix = file_name_prefix(type(module).__name__, list(layers), hasattr(module, "text_model"))
+        result[component_name] = ComponentUpdates(layers, prefix, getattr(config, "base_model_name_or_path", None))
+    return adapter_name, result
 
 
 def read_json(path: Path) -> dict:
@@ -207,6 +256,10 @@ def _only_component(folder: Path) -> str:
 
 
 __all__ = [
+    "ComponentUpdates",
+    "ExportLayer",
+    "live_updates",
+    "file_name_prefix",
     "Components",
     "adapted_components",
     "adapter_layers",
