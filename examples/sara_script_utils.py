@@ -8,7 +8,7 @@ edit. Flags follow diffusers' LoRA scripts (``train_text_to_image_lora.py``, ``t
 LoRA-only ones stop with a message that says what to use instead (:data:`NO_SARA_MEANING`).
 
 Checkpoints (``checkpoint-<step>/``) hold one subfolder per trained component (``unet/``, ``text_encoder/``, ...) with
-the adapter in PEFT format and ``sara_training_state.pt`` (optimizer, LR scheduler, SaRA helper and RNG states):
+the adapter in PEFT format and ``sara_training_state.safetensors`` (optimizer, LR scheduler, SaRA helper and RNG states):
 ``--resume_from_checkpoint`` continues bitwise, and ``peft_sara.load_sara_adapter(pipe, "out/checkpoint-500")`` loads
 one for a look.
 """

@@ -27,7 +27,7 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 CARD_NAME = "README.md"
-TRAINING_STATE_NAME = "sara_training_state.pt"
+TRAINING_STATE_NAME = "sara_training_state.safetensors"
 DEFAULT_ADAPTER_NAME = "default"
 
 # Hub metadata.

@@ -40,6 +40,7 @@ from sklearn.datasets import load_sample_images
 import peft_sara  # noqa: F401  (registers the method)
 from peft_sara import SaRAConfig
 from peft_sara.training import SaRATrainingHelper
+from peft_sara.training.checkpoint import read_training_state
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -55,7 +56,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 BASE_REPO = "org/tiny-sd"
 PUSHED_REPO = "org/sara-tiny-sd"
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
-CHECKPOINT_FILES = ADAPTER_FILES | {"sara_training_state.pt"}
+CHECKPOINT_FILES = ADAPTER_FILES | {"sara_training_state.safetensors"}
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PROMPT = "a red cat"
 # 6 images, batch 1, 2 accumulation steps: 3 optimizer steps per epoch. 4 steps cross an epoch boundary, and the
@@ -148,7 +149,7 @@ def run_example(module, argv: list[str]) -> None:
 
 
 def training_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / "sara_training_state.pt", weights_only=False)
+    return read_training_state(checkpoint / "sara_training_state.safetensors")
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:

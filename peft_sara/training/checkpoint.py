@@ -1,23 +1,153 @@
-"""Checkpoints that resume SaRA training bitwise: adapter, optimizer, LR scheduler, helper and RNG states."""
+"""Checkpoints that resume SaRA training bitwise: adapter, optimizer, LR scheduler, helper and RNG states.
+
+The training state is one safetensors file (``sara_training_state.safetensors``): its tensors, plus a JSON description
+of everything else in the file's metadata. Reading it parses JSON and tensors only, never pickle, so a checkpoint
+folder from someone else cannot run code. Only plain values are saved (None, bool, int, float, str, lists, tuples,
+dicts, tensors, numpy arrays): anything else is refused when saving, with its path in the state.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from peft import set_peft_model_state_dict
+from safetensors import safe_open
 from torch import nn
 
-from ..atomic import torch_save_atomic
+from ..atomic import save_safetensors_atomic
 from ..constants import TRAINING_STATE_NAME
 from ..layer import sara_layers
 from ..masks import is_sharded
 from ..serialization import adapter_subfolder, read_adapter_weights, save_model_adapter
+from ..transaction import all_or_nothing
+from ..validation import InvalidAdapterError, check_checkpoint_file
 from .helper import SaRATrainingHelper, resolve_sara_adapter
 from .optimizer import pad_state_to_capacity, unwrap_optimizer
+
+STATE_METADATA_KEY = "sara_training_state"
+STATE_FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------- encoding
+def encode_state(value: Any, tensors: dict[str, torch.Tensor], path: str = "state") -> Any:
+    """``value`` as JSON-able data, its tensors and numpy arrays moved into ``tensors`` (referenced by key).
+
+    Raises ``TypeError`` naming the path of a value that is not plain data (it could only be saved with pickle).
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {"tensor": key}
+    if isinstance(value, np.ndarray):
+        key = str(len(tensors))
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
+        return {"ndarray": key}
+    if isinstance(value, (list, tuple)):
+        items = [encode_state(item, tensors, f"{path}[{i}]") for i, item in enumerate(value)]
+        return {"tuple": items} if isinstance(value, tuple) else {"list": items}
+    if isinstance(value, dict):
+        return {
+            "dict": [
+                [encode_state(k, tensors, path), encode_state(v, tensors, f"{path}[{k!r}]")] for k, v in value.items()
+            ]
+        }
+    raise TypeError(
+        f"{path} is a {type(value).__name__}, which a training state can only hold as plain data (None, bool, int, "
+        "float, str, lists, tuples, dicts, tensors, numpy arrays)."
+    )
+
+
+def decode_state(data: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """The value :func:`encode_state` described; raises :class:`InvalidAdapterError` for anything it never writes."""
+    if data is None or isinstance(data, (bool, int, float, str)):
+        return data
+    if isinstance(data, dict) and len(data) == 1:
+        ((kind, payload),) = data.items()
+        if kind in ("tensor", "ndarray") and isinstance(payload, str) and payload in tensors:
+            return tensors[payload] if kind == "tensor" else tensors[payload].numpy()
+        if kind in ("list", "tuple") and isinstance(payload, list):
+            items = [decode_state(item, tensors, where) for item in payload]
+            return tuple(items) if kind == "tuple" else items
+        if kind == "dict" and isinstance(payload, list) and all(isinstance(p, list) and len(p) == 2 for p in payload):
+            decoded = {}
+            for key, value in payload:
+                key = decode_state(key, tensors, where)
+                if not isinstance(key, (bool, int, float, str, type(None))):
+                    raise InvalidAdapterError(f"{where}: a dict key is a {type(key).__name__}, not a plain value.")
+                decoded[key] = decode_state(value, tensors, where)
+            return decoded
+    raise InvalidAdapterError(f"{where} holds an entry this peft-sara never writes: {str(data)[:80]}")
+
+
+def write_training_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a training state (plain data and tensors) as one safetensors file, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    description = json.dumps({"version": STATE_FORMAT_VERSION, "state": encode_state(state, tensors)})
+    save_safetensors_atomic(tensors, path, metadata={"format": "pt", STATE_METADATA_KEY: description})
+
+
+def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read :func:`write_training_state`'s file, checking its form; no code in the file can run."""
+    where = f"The training state '{path}'"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where} does not exist: the checkpoint is incomplete.")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        description = json.loads(metadata[STATE_METADATA_KEY])
+        if not isinstance(description, dict) or description.get("version") != STATE_FORMAT_VERSION:
+            raise InvalidAdapterError(f"{where} has an unknown format: {str(description)[:80]}")
+        state = decode_state(description.get("state"), tensors, where)
+    except InvalidAdapterError:
+        raise
+    except (Exception, RecursionError) as err:  # safetensors', JSON's errors, missing metadata: not a training state
+        raise InvalidAdapterError(
+            f"{where} is not a readable SaRA training state (truncated or corrupted?): {err!r}"
+        ) from err
+    _check_state_layout(state, where)
+    return state
+
+
+def _check_state_layout(state: Any, where: str) -> None:
+    def fail(what: str) -> None:
+        raise InvalidAdapterError(f"{where}: {what}; the file is corrupted or was not written by save_training_state.")
+
+    if not isinstance(state, dict) or not {"optimizer", "param_names", "lr_scheduler", "helper", "rng"} <= set(state):
+        fail("it lacks the optimizer, parameter names, scheduler, helper or RNG entries")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
+        fail("the optimizer state is not a dict with a `state` entry")
+    groups = optimizer.get("param_groups")
+    names = state["param_names"]
+    if not isinstance(groups, list) or not isinstance(names, list) or len(groups) != len(names):
+        fail("the optimizer's parameter groups and their parameter names do not correspond")
+    for group, group_names in zip(groups, names):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            fail("an optimizer parameter group has no `params` list")
+        if not isinstance(group_names, list) or not all(isinstance(n, str) for n in group_names):
+            fail("the parameter names are not lists of strings")
+        if len(group["params"]) != len(group_names):
+            fail("a parameter group has another number of parameters than of names")
+    for name in ("lr_scheduler", "helper"):
+        if state[name] is not None and not isinstance(state[name], dict):
+            fail(f"the {name} state is not a dict")
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
+        fail("the torch RNG state is missing or not a uint8 tensor")
+    python_state = rng.get("python")
+    if not (isinstance(python_state, tuple) and len(python_state) == 3 and isinstance(python_state[1], tuple)):
+        fail("the Python RNG state is not random.getstate()'s tuple")
 
 
 def _trainable_parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
@@ -34,7 +164,7 @@ def save_training_state(
     """Save everything needed to resume bitwise: adapter, optimizer, scheduler, helper and RNG states.
 
     The adapter is written with ``save_pretrained`` (PEFT format, live entries only) into ``output_dir``; the rest
-    goes to ``sara_training_state.pt`` beside it, written atomically. Optimizer state keeps the values Parameters'
+    goes to ``sara_training_state.safetensors`` beside it (no pickle), written atomically. Optimizer state keeps the values Parameters'
     full (fixed) capacity, freed tail included, so that a resumed run continues bitwise.
     """
     sharded = [name for name, param in model.named_parameters() if "sara_" in name and is_sharded(param)]
@@ -60,7 +190,43 @@ def save_training_state(
         },
     }
     state["rng"]["numpy"] = np.random.get_state()
-    torch_save_atomic(state, os.path.join(output_dir, TRAINING_STATE_NAME))
+    write_training_state(state, os.path.join(output_dir, TRAINING_STATE_NAME))
+
+
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
+    """The tensors a load of ``adapter_name`` writes into: its SaRA entries and modules_to_save copies."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return [
+        tensor
+        for name, tensor in named
+        if adapter_name in name.split(".") and ("sara_" in name or ".modules_to_save." in f".{name}")
+    ]
+
+
+@contextmanager
+def _resumable_states_restored_on_error(
+    optimizer: torch.optim.Optimizer, lr_scheduler: Any | None, helper: SaRATrainingHelper | None
+) -> Iterator[None]:
+    """If the body raises, put the optimizer, scheduler, helper and RNG states back as they were before it."""
+    saved_optimizer = {
+        "state": copy.deepcopy(optimizer.state),
+        "param_groups": [{**group, "params": list(group["params"])} for group in optimizer.param_groups],
+    }
+    saved_scheduler = copy.deepcopy(lr_scheduler.state_dict()) if lr_scheduler is not None else None
+    saved_helper = copy.deepcopy(helper.state_dict()) if helper is not None else None
+    saved_rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    try:
+        yield
+    except BaseException:
+        optimizer.__setstate__(saved_optimizer)
+        if lr_scheduler is not None:
+            lr_scheduler.load_state_dict(saved_scheduler)
+        if helper is not None:
+            helper.load_state_dict(saved_helper)
+        torch.set_rng_state(saved_rng[0])
+        random.setstate(saved_rng[1])
+        np.random.set_state(saved_rng[2])
+        raise
 
 
 def load_training_state(
@@ -73,14 +239,17 @@ def load_training_state(
 ) -> None:
     """Resume from :func:`save_training_state`: loads the adapter into ``model`` (in place, into the values
     Parameters' capacity, so wrappers built before stay valid), points ``optimizer`` at the current parameters and
-    restores all states."""
+    restores all states.
+
+    All or nothing: both files are read and checked first (the adapter as every SaRA load checks it, the training
+    state's form, the optimizer's parameter groups against the model); if anything fails after that, the model,
+    optimizer, scheduler, helper and RNG states are put back as they were before raising.
+    """
     adapter_name, _ = resolve_sara_adapter(model, adapter_name)
     adapter_dir = os.path.join(input_dir, adapter_subfolder(adapter_name))
-    load_result = set_peft_model_state_dict(model, read_adapter_weights(adapter_dir), adapter_name)
-    missing = [k for k in getattr(load_result, "missing_keys", []) if "sara_" in k]
-    if missing:
-        raise ValueError(f"Checkpoint {input_dir} lacks SaRA tensors the model has: {missing[:5]}")
-    state = torch.load(os.path.join(input_dir, TRAINING_STATE_NAME), weights_only=False)
+    weights = read_adapter_weights(adapter_dir)
+    check_checkpoint_file(weights)
+    state = read_training_state(os.path.join(input_dir, TRAINING_STATE_NAME))
     params = dict(model.named_parameters())
     inner = unwrap_optimizer(optimizer)
     if len(state["param_names"]) != len(inner.param_groups):
@@ -88,27 +257,49 @@ def load_training_state(
             f"The checkpoint's optimizer has {len(state['param_names'])} parameter groups, this one "
             f"{len(inner.param_groups)}: build the optimizer the same way as when the checkpoint was saved."
         )
-    for group, group_names in zip(inner.param_groups, state["param_names"]):
+    for index, (group, group_names) in enumerate(zip(inner.param_groups, state["param_names"])):
         unknown = [n for n in group_names if n not in params]
         if unknown:
             raise ValueError(f"Optimizer parameters {unknown[:3]} of the checkpoint are not in the model.")
-        group["params"] = [params[name] for name in group_names]
-    inner.load_state_dict(state["optimizer"])
-    layers = [layer for _, layer in sara_layers(model) if adapter_name in layer.sara_values]
-    pad_state_to_capacity(
-        inner, [(layer.sara_values[adapter_name], layer.num_trainable(adapter_name)) for layer in layers]
-    )
-    if lr_scheduler is not None and state["lr_scheduler"] is not None:
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if helper is not None and state["helper"] is not None:
-        helper.load_state_dict(state["helper"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if "numpy" in rng:
-        np.random.set_state(rng["numpy"])
+        if len(group["params"]) != len(group_names):
+            raise ValueError(
+                f"Parameter group {index} of the checkpoint's optimizer has {len(group_names)} parameters, this "
+                f"optimizer's {len(group['params'])}: build the optimizer the same way as when the checkpoint was saved."
+            )
+
+    with (
+        all_or_nothing(model, copies=_adapter_tensors(model, adapter_name)),
+        _resumable_states_restored_on_error(inner, lr_scheduler, helper),
+    ):
+        load_result = set_peft_model_state_dict(model, weights, adapter_name)
+        missing = [k for k in getattr(load_result, "missing_keys", []) if "sara_" in k]
+        if missing:
+            raise ValueError(f"Checkpoint {input_dir} lacks SaRA tensors the model has: {missing[:5]}")
+        params = dict(model.named_parameters())  # loading may have grown a values Parameter
+        for group, group_names in zip(inner.param_groups, state["param_names"]):
+            group["params"] = [params[name] for name in group_names]
+        inner.load_state_dict(state["optimizer"])
+        layers = [layer for _, layer in sara_layers(model) if adapter_name in layer.sara_values]
+        pad_state_to_capacity(
+            inner, [(layer.sara_values[adapter_name], layer.num_trainable(adapter_name)) for layer in layers]
+        )
+        if lr_scheduler is not None and state["lr_scheduler"] is not None:
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if helper is not None and state["helper"] is not None:
+            helper.load_state_dict(state["helper"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng.get("numpy") is not None:
+            np.random.set_state(rng["numpy"])
 
 
-__all__ = ["save_training_state", "load_training_state", "TRAINING_STATE_NAME"]
+__all__ = [
+    "save_training_state",
+    "load_training_state",
+    "write_training_state",
+    "read_training_state",
+    "TRAINING_STATE_NAME",
+]
