@@ -14,35 +14,47 @@ Each subcommand is a module with a ``main(argv) -> int`` that owns its own argum
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import demo
-from .commands import analyze_cmd, export_cmd, inspect_cmd, merge_cmd, push_cmd
 from .constants import __version__
+
+# Errors that mean "this input cannot be used" (a missing or hostile file, a bad option value): exit status 2.
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
+DEBUG_FLAG = "--debug"
 
 
 @dataclass(frozen=True)
 class Subcommand:
-    """One ``peft-sara`` subcommand: a one-line summary and its entry point (which parses the remaining arguments)."""
+    """One ``peft-sara`` subcommand: a one-line summary and the module whose ``main(argv)`` runs it. The module is
+    imported only when the subcommand runs, so ``peft-sara --help`` / ``--version`` import no torch-heavy code."""
 
     summary: str
-    main: Callable[[list[str]], int | None]
+    module: str
+
+    def main(self, argv: list[str]) -> int | None:
+        """Import the subcommand's module and run it."""
+        return importlib.import_module(self.module, __package__).main(argv)
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "inspect": Subcommand("per-layer statistics of a saved SaRA adapter (folder or Hub id)", inspect_cmd.main),
-    "analyze": Subcommand("fraction of tiny weights per layer of a model, histogram, zeroing test", analyze_cmd.main),
-    "export": Subcommand("write an adapter as a LoRA (peft-lora, diffusers, kohya) or a .diff file", export_cmd.main),
-    "merge": Subcommand("save a base pipeline / model with the adapter merged into its weights", merge_cmd.main),
-    "push": Subcommand("upload an adapter folder to the Hub with the full SaRA model card", push_cmd.main),
-    "demo": Subcommand("fine-tune a small digit diffusion model with SaRA and LoRA on CPU, and compare", demo.main),
+    "inspect": Subcommand("per-layer statistics of a saved SaRA adapter (folder or Hub id)", ".commands.inspect_cmd"),
+    "analyze": Subcommand(
+        "fraction of tiny weights per layer of a model, histogram, zeroing test", ".commands.analyze_cmd"
+    ),
+    "export": Subcommand(
+        "write an adapter as a LoRA (peft-lora, diffusers, kohya) or a .diff file", ".commands.export_cmd"
+    ),
+    "merge": Subcommand("save a base pipeline / model with the adapter merged into its weights", ".commands.merge_cmd"),
+    "push": Subcommand("upload an adapter folder to the Hub with the full SaRA model card", ".commands.push_cmd"),
+    "demo": Subcommand("fine-tune a small digit diffusion model with SaRA and LoRA on CPU, and compare", ".demo"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser: ``--version`` and the list of subcommands."""
+    """The top-level parser: ``--version``, ``--debug`` and the list of subcommands."""
     listing = "\n".join(f"  {name:<10} {command.summary}" for name, command in SUBCOMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="peft-sara",
@@ -51,15 +63,42 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"peft-sara {__version__}")
+    parser.add_argument(
+        DEBUG_FLAG,
+        action="store_true",
+        help="print the full traceback of an error (also accepted after the subcommand)",
+    )
     parser.add_argument("subcommand", choices=sorted(SUBCOMMANDS), metavar="subcommand", help="what to run")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the subcommand")
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text}" if not isinstance(err, ValueError) else text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``peft-sara`` console script and ``python -m peft_sara``."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    return SUBCOMMANDS[args.subcommand].main(args.args) or 0
+    """Entry point of the ``peft-sara`` console script and ``python -m peft_sara``.
+
+    Errors end the command with one line on stderr (no traceback unless ``--debug``): exit status 2 for input that
+    cannot be used (a missing, corrupted or hostile file, a refused output path), 1 for anything else.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    args = build_parser().parse_args([arg for arg in argv if arg != DEBUG_FLAG])
+    try:
+        return SUBCOMMANDS[args.subcommand].main(args.args) or 0
+    except KeyboardInterrupt:
+        print(f"peft-sara {args.subcommand}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        status = 2 if isinstance(err, BAD_INPUT_ERRORS) else 1
+        hint = "" if status == 2 else f" (run with {DEBUG_FLAG} for the traceback)"
+        print(f"peft-sara {args.subcommand}: error: {_one_line(err)}{hint}", file=sys.stderr)
+        return status
 
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]

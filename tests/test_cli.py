@@ -177,3 +177,135 @@ def test_command_line_errors_say_what_to_do(saved, tmp_path, capsys):
     save_file(weights, moved / "adapter_model.safetensors")  # no layout records: which component is unknown
     with pytest.raises(SystemExit, match="Pass --base"):
         cli.main(["export", str(moved), "--format", "diff", "-o", str(tmp_path / "x.safetensors")])
+
+
+# ------------------------------------------------------------------------------------------------- hostile input
+def folder_bytes(folder) -> dict:
+    """Every file under ``folder`` with its bytes, to compare before / after a refused command."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def fail(capsys, *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    status = cli.main([str(arg) for arg in argv])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda s, t: ["export", s.adapter_dir, "--format", "peft-lora", "-o", s.adapter_dir],  # the same folder
+        lambda s, t: [
+            "export",
+            s.adapter_dir,
+            "--format",
+            "kohya",
+            "-o",
+            s.adapter_dir / "unet" / "adapter_model.safetensors",
+        ],
+        lambda s, t: [
+            "export",
+            s.adapter_dir / "unet",
+            "--base",
+            s.pipeline_dir / "unet",
+            "--format",
+            "diff",
+            "-o",
+            s.adapter_dir,
+        ],
+        lambda s, t: ["merge", s.pipeline_dir, s.adapter_dir, "-o", s.pipeline_dir],  # the base
+        lambda s, t: ["merge", s.pipeline_dir, s.adapter_dir, "-o", s.pipeline_dir / "merged"],  # inside the base
+    ],
+    ids=[
+        "export-onto-adapter",
+        "export-into-weights-file",
+        "export-containing-adapter",
+        "merge-onto-base",
+        "merge-inside-base",
+    ],
+)
+def test_outputs_overlapping_an_input_are_refused_before_anything_is_written(saved, capsys, command):
+    before = folder_bytes(saved.root)
+    status, err = fail(capsys, *command(saved, None))
+    assert status == 2 and "would destroy the input" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert folder_bytes(saved.root) == before
+
+
+def corrupt_copy(saved, tmp_path, edit) -> str:
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    source = saved.adapter_dir / "unet"
+    (folder / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    tensors = load_file(source / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return str(folder)
+
+
+def _record_keys(tensors, name):
+    return [key for key in tensors if key.endswith(name)]
+
+
+def _set_shape(shape):
+    def edit(tensors):
+        for key in _record_keys(tensors, "sara_weight_shape"):
+            tensors[key] = torch.tensor(shape, dtype=torch.int64)
+
+    return edit
+
+
+def _index_past_the_end(tensors):
+    key = _record_keys(tensors, "sara_indices")[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key][-1] = 10**9
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [_set_shape([3000, 3000]), _set_shape([0, 0]), _set_shape([2**40, 2**40]), _index_past_the_end],
+    ids=["huge-shape", "zero-shape", "4TB-shape", "index-past-end"],
+)
+def test_inspect_refuses_hostile_records_in_one_line_with_exit_status_2(saved, tmp_path, capsys, edit):
+    folder = corrupt_copy(saved, tmp_path, edit)
+    status, err = fail(capsys, "inspect", folder)
+    assert status == 2 and err.startswith("peft-sara inspect: error:") and err.count("\n") == 1, err
+
+
+def test_inspect_cost_is_bounded_by_the_entries_the_file_stores(saved, tmp_path, capsys):
+    """A consistent file whose few entries claim a huge weight: statistics, but no dense SVD of that weight."""
+    from peft_sara.export.adapter_stats import MAX_DENSE_PER_STORED_ENTRY, inspect_adapter
+    from peft_sara.validation import entries_checksum, split_sara_key
+
+    def huge(tensors):
+        layers = {}
+        for key in tensors:
+            split = split_sara_key(key)
+            if split is not None and split[0]:
+                layers.setdefault(split[0], {})[split[1]] = key
+        for layer_name, keys in layers.items():
+            tensors[keys["sara_weight_shape"]] = torch.tensor([3000, 3000], dtype=torch.int64)
+            tensors[keys["sara_checksum"]] = entries_checksum(
+                layer_name, {name: tensors[key] for name, key in keys.items() if name != "sara_checksum"}
+            )
+
+    report = inspect_adapter(corrupt_copy(saved, tmp_path, huge))
+    rows = report["components"][0]["layers"]
+    assert all(row["rank"] is None for row in rows if 9e6 > MAX_DENSE_PER_STORED_ENTRY * row["trainable"])
+
+
+def test_errors_print_a_traceback_only_with_debug(saved, tmp_path, capsys):
+    folder = corrupt_copy(saved, tmp_path, _index_past_the_end)
+    status, err = fail(capsys, "inspect", folder)
+    assert status == 2 and "Traceback" not in err
+    with pytest.raises(ValueError, match="span|range"):
+        cli.main(["--debug", "inspect", folder])
+
+
+def test_help_and_version_import_no_subcommand_or_diffusers_module():
+    import subprocess
+
+    code = (
+        "import sys; from peft_sara import cli; "
+        "assert 'diffusers' not in sys.modules and 'peft_sara.commands.export_cmd' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..conversion import FORMATS, BaseModelRequired, export_adapter, load_adapted, parse_rank, read_adapter_files
 from ..export.formats import DTYPES, MERGED
 from ..export.lowrank import describe_rank
-from .output import add_common_options, print_json, print_table
+from .output import add_common_options, print_json, print_table, refuse_overlapping_output
 from .sources_args import DOWNLOAD_HINT, add_source_options, base_folder
 
 EXPORT_FORMATS = tuple(name for name in FORMATS if name != MERGED)  # merged models: `peft-sara merge`
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara export``."""
     args = build_parser().parse_args(argv)
     rank = args.rank
+    refuse_overlapping_output(args.output, [args.adapter, args.base])
     base = base_folder(args, required=False)
     if base is not None:
         source = load_adapted(base, args.adapter, args.subfolder, args.revision, args.token)

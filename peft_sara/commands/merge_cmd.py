@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..conversion import load_adapted, save_merged
-from .output import add_common_options
+from .output import add_common_options, refuse_overlapping_output
 from .sources_args import add_source_options
 
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara merge``."""
     args = build_parser().parse_args(argv)
+    refuse_overlapping_output(args.output, [args.base, args.adapter])
     source = load_adapted(args.base, args.adapter, args.subfolder, args.revision, args.token, whole_pipeline=True)
     output = save_merged(source, args.output)
     print(f"wrote the merged model to {output}")

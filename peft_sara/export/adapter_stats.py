@@ -14,9 +14,13 @@ from ..constants import SAFETENSORS_NAME
 from ..layer import SparseUpdate
 from ..resolve import resolve_adapter_folder
 from ..serialization import read_adapter_weights, read_sara_config
-from ..validation import WEIGHT_SHAPE_NAME, parse_checkpoint
+from ..validation import WEIGHT_SHAPE_NAME, check_checkpoint_file
 from .lowrank import effective_rank, numerical_rank
 from .sources import adapter_component_names
+
+# The SVD of a layer runs on its dense update; it is skipped when that is more than this many times the entries the file
+# stores, so that a small file recording a huge weight shape cannot make `inspect` allocate or compute without bound.
+MAX_DENSE_PER_STORED_ENTRY = 4096
 
 
 def _layer_row(name: str, tensors: dict[str, torch.Tensor], ranks: bool) -> dict[str, Any]:
@@ -33,12 +37,12 @@ def _layer_row(name: str, tensors: dict[str, torch.Tensor], ranks: bool) -> dict
         "weight_shape": list(shape) if shape else None,
         "trainable": values.numel(),
         "frozen": frozen_values.numel(),
-        "density": entries / math.prod(shape) if shape else None,
+        "density": entries / math.prod(shape) if shape and math.prod(shape) else None,
         "delta_norm": float(torch.linalg.vector_norm(all_values)),  # entries are distinct: the dense norm
         "effective_rank": None,
         "rank": None,
     }
-    if ranks and shape and entries:
+    if ranks and shape and entries and math.prod(shape) <= MAX_DENSE_PER_STORED_ENTRY * entries:
         update = SparseUpdate(indices.long(), all_values, 1.0, torch.Size(shape))
         matrix = update.to_dense().reshape(shape[0], -1)
         singular_values = torch.linalg.svdvals(matrix)
@@ -60,14 +64,16 @@ def inspect_adapter(
     """Statistics of a SaRA adapter folder or Hub repo, from its files (see the module docstring).
 
     ``ranks=False`` skips the SVD per layer (effective ranks are then ``None``). Layers of files written before
-    weight shapes were recorded (peft-sara 0.1.0) have no density or rank either.
+    weight shapes were recorded (peft-sara 0.1.0) have no density or rank either, nor layers whose recorded weight is
+    more than :data:`MAX_DENSE_PER_STORED_ENTRY` times their stored entries. The files are validated first
+    (``peft_sara.validation.check_checkpoint_file``): a corrupted or hostile file raises ``InvalidAdapterError``.
     """
     folder = resolve_adapter_folder(source, subfolder, revision, token, cache_dir, local_files_only)
     components = []
     for component in adapter_component_names(folder):
         component_folder = folder / component if component else folder
         config = read_sara_config(component_folder)
-        parsed = parse_checkpoint(read_adapter_weights(component_folder))
+        parsed, _ = check_checkpoint_file(read_adapter_weights(component_folder), allow_non_finite=True)
         layers = [
             _layer_row(name, checkpoint.tensors, ranks)
             for name, checkpoint in tqdm(
