@@ -49,6 +49,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "merge": Subcommand("save a base pipeline / model with the adapter merged into its weights", ".commands.merge_cmd"),
     "push": Subcommand("upload an adapter folder to the Hub with the full SaRA model card", ".commands.push_cmd"),
+    "plan": Subcommand("peak training memory of SaRA / LoRA / full FT, planned on fake tensors", ".commands.plan_cmd"),
     "demo": Subcommand("fine-tune a small digit diffusion model with SaRA and LoRA on CPU, and compare", ".demo"),
 }
 
