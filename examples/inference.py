@@ -22,6 +22,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 import peft_sara
+from peft_sara.export.sources import dtype_kwargs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -78,7 +79,10 @@ def make_grid(rows: list[np.ndarray]) -> Image.Image:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=dtype).to(args.device)
+    pipe = DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, **dtype_kwargs(DiffusionPipeline, dtype)
+    )
+    pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
 
     rows = []

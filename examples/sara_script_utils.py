@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import inspect
 import logging
 import math
@@ -66,6 +67,7 @@ import peft_sara  # noqa: F401  (registers the SaRA method with PEFT)
 from peft_sara import SaRAConfig, load_sara_adapter, sara_layers, save_sara_adapter
 from peft_sara.constants import DEFAULT_THRESHOLD
 from peft_sara.conversion import ExportResult, export_adapter, parse_rank
+from peft_sara.export.sources import dtype_kwargs
 from peft_sara.pipelines import inject_sara_adapter
 from peft_sara.serialization import save_injected_adapter
 from peft_sara.training import (
@@ -342,8 +344,26 @@ def add_flow_matching_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Checks and normalisations every script applies after parsing."""
+EXAMPLES_EXTRA_HINT = "pip install 'peft-sara[examples]' installs everything the training scripts use"
+
+
+def check_dependencies(parser: argparse.ArgumentParser, modules: Sequence[str]) -> None:
+    """Stop before anything loads when an optional package the script imports later (``datasets``) is missing, with
+    the command that installs it."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(
+            f"This script needs {', '.join(missing)}, which is not installed: `pip install {' '.join(missing)}` "
+            f"({EXAMPLES_EXTRA_HINT})."
+        )
+
+
+def check_common_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, needs: Sequence[str] = ()
+) -> argparse.Namespace:
+    """Checks and normalisations every script applies after parsing; ``needs``: optional packages the script imports
+    later (checked first, see :func:`check_dependencies`)."""
+    check_dependencies(parser, needs)
     if args.rank_layers_per_step != "all":
         args.rank_layers_per_step = int(args.rank_layers_per_step)
     if args.report_to == "wandb" and args.hub_token is not None:
@@ -453,7 +473,7 @@ def load_pipeline(
         revision=args.revision,
         variant=args.variant,
         cache_dir=args.cache_dir,
-        torch_dtype=torch_dtype,
+        **dtype_kwargs(pipeline_class, torch_dtype),
         **{**absent, **components},
     )
     if getattr(pipe, "safety_checker", None) is not None:
@@ -891,10 +911,16 @@ def resolve_learning_rate(args: argparse.Namespace, config: SaRAConfig, accelera
     if args.learning_rate is None:
         threshold = config.threshold if config.threshold is not None else DEFAULT_THRESHOLD
         args.learning_rate = paper_learning_rate(threshold)
-        logger.info(
-            f"Learning rate {args.learning_rate:.3g} = paper_learning_rate({threshold:g}) (set --learning_rate "
-            "to override)"
-        )
+        if config.threshold is None:  # --trainable_fraction picks the entries; the paper's fit needs a threshold
+            logger.info(
+                f"Learning rate {args.learning_rate:.3g}: the paper's rate for its default threshold {threshold:g} "
+                "(--trainable_fraction sets no threshold; set --learning_rate to choose another)"
+            )
+        else:
+            logger.info(
+                f"Learning rate {args.learning_rate:.3g} = paper_learning_rate({threshold:g}) (set --learning_rate "
+                "to override)"
+            )
     else:
         logger.info(f"Learning rate {args.learning_rate:.3g} (from --learning_rate)")
     if args.scale_lr:
@@ -1250,7 +1276,14 @@ def generate_validation(
         kwargs.setdefault("max_sequence_length", args.max_sequence_length)
     logger.info(f"Validation ({name}): {args.num_validation_images} output(s) of {args.validation_prompt!r}")
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
-    with torch.no_grad(), accelerator.autocast():
+    total = args.num_validation_images * args.validation_inference_steps
+    progress = tqdm(total=total, desc=f"validation ({name})", disable=not accelerator.is_local_main_process)
+
+    def count_step(pipe: DiffusionPipeline, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        progress.update(1)
+        return callback_kwargs
+
+    with torch.no_grad(), accelerator.autocast(), progress:
         return [
             pipe(
                 args.validation_prompt,
@@ -1258,6 +1291,7 @@ def generate_validation(
                 height=args.resolution,
                 width=args.resolution,
                 generator=generator,
+                callback_on_step_end=count_step,
                 **kwargs,
             )
             for _ in range(args.num_validation_images)
@@ -1275,6 +1309,12 @@ def log_validation(
 
 
 # ------------------------------------------------------------------------------------------------------ the outputs
+def recorded_base_model(name_or_path: str) -> str:
+    """What the adapter records as its base: a Hub id as given, a local folder as an absolute path, so that
+    ``peft-sara export`` / ``merge`` find it from any working directory."""
+    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+
+
 def save_outputs(
     args: argparse.Namespace, pipe: DiffusionPipeline, components: Sequence[TrainedComponent], repo_id: str | None
 ) -> ExportResult | None:
@@ -1286,7 +1326,7 @@ def save_outputs(
         args.output_dir,
         adapter_name=ADAPTER_NAME,
         components=names,
-        base_model=args.pretrained_model_name_or_path,
+        base_model=recorded_base_model(args.pretrained_model_name_or_path),
         repo_id=repo_id,
     )
     logger.info(f"Saved the SaRA adapter to {args.output_dir} ({', '.join(names)})")

@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
         warnings.warn("--class_data_dir / --class_prompt are used only with --with_prior_preservation.", stacklevel=2)
-    return utils.check_common_arguments(parser, args)
+    return utils.check_common_arguments(parser, args, needs=("datasets",))
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):

@@ -145,7 +145,9 @@ def load_animatediff(args: argparse.Namespace, weight_dtype: torch.dtype, **comp
     """The base SD pipeline with the motion adapter, as an ``AnimateDiffPipeline`` (its UNet a ``UNetMotionModel``)."""
     if args.motion_adapter_name_or_path is not None:
         components["motion_adapter"] = MotionAdapter.from_pretrained(
-            args.motion_adapter_name_or_path, cache_dir=args.cache_dir, torch_dtype=weight_dtype
+            args.motion_adapter_name_or_path,
+            cache_dir=args.cache_dir,
+            **utils.dtype_kwargs(MotionAdapter, weight_dtype),
         )
     else:
         config = DiffusionPipeline.load_config(

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("Pass --dataset_name or --train_data_dir.")
-    return utils.check_common_arguments(parser, args)
+    return utils.check_common_arguments(parser, args, needs=("datasets",))
 
 
 def main(args: argparse.Namespace) -> None:

@@ -603,3 +603,24 @@ def test_xformers_flag_says_what_is_missing_before_loading_anything(tmp_path):
     with pytest.raises(ValueError, match="xformers"):
         run_example(script, [*argv, "--enable_xformers_memory_efficient_attention"])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_missing_optional_dependency_stops_at_parsing_with_the_install_command(monkeypatch, capsys):
+    import importlib.util
+
+    script = load_example("train_text_to_image_sara")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else find_spec(name, *a)
+    )
+    with pytest.raises(SystemExit):
+        script.parse_args(REQUIRED_ARGS["train_text_to_image_sara"])
+    err = capsys.readouterr().err
+    assert "pip install datasets" in err and "peft-sara[examples]" in err
+
+
+def test_a_local_base_is_recorded_as_an_absolute_path_and_a_hub_id_as_given(utils, tmp_path, monkeypatch):
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert utils.recorded_base_model("base") == str(tmp_path / "base")
+    assert utils.recorded_base_model("org/tiny-sd") == "org/tiny-sd"

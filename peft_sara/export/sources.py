@@ -16,6 +16,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import DiffusionPipeline
+from diffusers.utils import deprecation_utils
 from peft import PeftModel
 from torch import nn
 
@@ -160,19 +161,30 @@ def model_class_for(folder: Path) -> type:
     return cls
 
 
+def dtype_kwargs(cls: type, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword that sets ``dtype`` for a diffusers or transformers class: ``dtype`` where the
+    library renamed it (it warns about ``torch_dtype`` there), ``torch_dtype`` on older releases; ``{}`` for ``None``."""
+    if dtype is None:
+        return {}
+    if cls.__module__.startswith("transformers"):
+        renamed = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (4, 56)
+    else:  # diffusers: `torch_dtype` goes through `_resolve_dtype`, which warns, since `dtype` exists
+        renamed = hasattr(deprecation_utils, "_resolve_dtype")
+    return {"dtype" if renamed else "torch_dtype": dtype}
+
+
 def load_model_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> nn.Module:
     """A model saved with ``save_pretrained`` (a UNet, a transformer, a text encoder, ...), in eval mode."""
     folder = Path(folder)
     if not (folder / MODEL_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"'{folder}' holds no '{MODEL_CONFIG_NAME}': pass a model folder or a pipeline folder.")
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    return model_class_for(folder).from_pretrained(str(folder), **kwargs).eval()
+    cls = model_class_for(folder)
+    return cls.from_pretrained(str(folder), **dtype_kwargs(cls, torch_dtype)).eval()
 
 
 def load_pipeline_folder(folder: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> Any:
     """A diffusers pipeline saved with ``save_pretrained`` (a folder with ``model_index.json``)."""
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+    return DiffusionPipeline.from_pretrained(str(folder), **dtype_kwargs(DiffusionPipeline, torch_dtype))
 
 
 def is_pipeline_folder(folder: str | os.PathLike) -> bool:
@@ -264,6 +276,7 @@ __all__ = [
     "adapted_components",
     "adapter_layers",
     "component_name_of",
+    "dtype_kwargs",
     "is_pipeline",
     "is_pipeline_folder",
     "load_adapted",
