@@ -4,8 +4,8 @@ Importing this package registers the ``"sara"`` method with PEFT, so that ``get_
 ``PeftModel.from_pretrained``, ``inject_adapter_in_model`` and diffusers' ``add_adapter`` accept ``SaRAConfig``.
 
 Layers, bottom to top (nothing imports upward; ``lint-imports`` checks it): ``constants`` / ``peft_type`` /
-``config`` / ``masks`` -> ``kernels`` -> ``functional`` (the sparse-update op) -> ``custom_ops`` / ``base_weight`` /
-``capacity`` -> ``layer`` -> tuner (``serialization``, ``save_bridge``, ``validation``, ``model``, ``merging``,
+``config`` / ``masks`` -> ``kernels`` -> ``functional`` (the sparse-update op) -> ``base_weight``
+-> ``layer`` -> tuner (``serialization``, ``save_bridge``, ``validation``, ``model``, ``merging``,
 ``regularizers``, ``registration``) -> integrations (``cards``, ``resolve``, ``pipelines``, ``export``, ``hub``,
 ``conversion``) -> ``training`` -> applications (``cli``, ``commands``, ``demo``). The import-linter contract in
 ``pyproject.toml`` is the exact list.

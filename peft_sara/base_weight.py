@@ -9,6 +9,7 @@ the layer's logical shape; :func:`readable_weight` provides one (dequantized or 
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,13 +18,14 @@ import torch
 from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 
-from . import kernels
-from .functional import storage_lock, unpatchable_storage_reason
+from .functional import SparseEntries, unreadable_storage_reason
+from .kernels.reference import patched_values
 
 try:  # optional: only needed for quantized base layers
     import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # see keep_canonical_layout
 except ImportError:  # pragma: no cover - bitsandbytes is installed in CI
-    bnb = None
+    bnb = _convert_weight_packed_for_cpu_inverse = None
 
 
 def quantization_of(weight: torch.Tensor) -> str | None:
@@ -37,6 +39,32 @@ def logical_weight_shape(base_layer: nn.Module) -> torch.Size:
     if quantization_of(weight) == "4bit":
         return torch.Size(weight.quant_state.shape)
     return weight.shape
+
+
+def keep_canonical_layout(base_layer: nn.Module) -> None:
+    """Keep a bitsandbytes 4-bit weight in its canonical (CUDA / checkpoint) layout for the adapter's life.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight on the first no-grad eval forward into a CPU layout
+    with bfloat16 block scales (``packing_format_for_cpu``): the dequantized weight then differs from the one SaRA
+    selected from, and the repack fails for ``in_features`` below the block size. SaRA turns the repack off on the
+    layers it adapts (the layer's ``support_avx512bf16_for_cpu`` switch) and unpacks a weight that was already packed,
+    so selection, re-selection, merge and unmerge see the same weight on every x86 CPU.
+    """
+    if not hasattr(base_layer, "support_avx512bf16_for_cpu"):
+        return
+    base_layer.support_avx512bf16_for_cpu = False
+    weight = base_layer.weight
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
+def _dequantized(weight: torch.Tensor, state) -> torch.Tensor:
+    """A bitsandbytes weight as a dense float tensor (a packed CPU 4-bit layout is unpacked on a copy first)."""
+    quant_state = getattr(weight, "quant_state", None)
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        data, quant_state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.copy(quant_state))
+        return bnb.functional.dequantize_4bit(data, quant_state)
+    return dequantize_bnb_weight(weight, state=state)
 
 
 @contextlib.contextmanager
@@ -59,7 +87,7 @@ def readable_weight(base_layer: nn.Module) -> Iterator[torch.Tensor]:
         weight = base_layer.weight.detach()
         kind = quantization_of(base_layer.weight)
         if kind is not None:
-            weight = dequantize_bnb_weight(base_layer.weight, state=getattr(base_layer, "state", None))
+            weight = _dequantized(base_layer.weight, getattr(base_layer, "state", None))
         elif weight.dtype.itemsize < 2:
             weight = weight.float()
         yield weight
@@ -101,7 +129,8 @@ def replace_weight(base_layer: nn.Module, weight: nn.Parameter) -> nn.Parameter:
 @dataclass
 class MergeBackup:
     """What :func:`unmerge_entries_` needs to restore a base weight bitwise: the overwritten entries of a plain weight
-    (per index set), or the whole previous parameter of a quantized one (requantizing is lossy, restoring is not)."""
+    (per entry set: its flat indices and their old values), or the whole previous parameter of a quantized one
+    (requantizing is lossy, restoring is not)."""
 
     entries: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     weight: nn.Parameter | None = None
@@ -109,48 +138,45 @@ class MergeBackup:
 
 @torch.no_grad()
 def merge_entries_(
-    base_layer: nn.Module,
-    indices_per_adapter: Sequence[torch.Tensor],
-    values_per_adapter: Sequence[torch.Tensor],
-    scales: Sequence[float],
-    check_finite: bool,
-    where: str,
+    base_layer: nn.Module, entries: Sequence[SparseEntries], check_finite: bool, where: str
 ) -> MergeBackup:
-    """Write ``cast(w + scale * delta)`` at each index set into the base weight; a bitsandbytes weight is dequantized,
+    """Write ``cast(w + scale * delta)`` at each entry set into the base weight; a bitsandbytes weight is dequantized,
     patched and requantized (with a warning: requantization rounds every entry of the layer). ``where`` names the
     adapter and layer in errors. Raises, changing nothing, if ``check_finite`` and a written entry is not finite."""
     weight = base_layer.weight
     kind = quantization_of(weight)
     if kind is None:
-        reason = unpatchable_storage_reason(weight)
+        reason = unreadable_storage_reason(weight)
         if reason is not None:
             raise ValueError(
                 f"Cannot merge {where}: {reason}. Keep the adapter unmerged (it runs through the base layer), or load "
                 "the base in a plain float dtype to merge."
             )
-    flat_weight = weight.data.view(-1) if kind is None else None
+        target = weight.data  # any strides: entries are addressed by their coordinates
+    else:
+        with readable_weight(base_layer) as dense:
+            target = dense.clone()
     backup = MergeBackup()
-    with storage_lock(weight):
-        if kind is not None:
-            with readable_weight(base_layer) as dense:
-                flat_weight = dense.reshape(-1).clone()
-        for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
-            backup.entries.append((indices, kernels.reference.patch_entries_(flat_weight, indices, values, scale)))
-        if check_finite and not all(
-            torch.isfinite(flat_weight.index_select(0, idx)).all() for idx, _ in backup.entries
-        ):
-            if kind is None:
-                unmerge_entries_(base_layer, backup)
-            raise ValueError(f"NaNs or infs detected while merging {where}: the adapter seems to be broken.")
-        if kind is not None:
-            warnings.warn(
-                f"Merging {where} into a bitsandbytes {kind} weight requantizes the whole layer, which rounds every "
-                "entry; generations may change slightly. Unmerging restores the original quantized weight exactly.",
-                UserWarning,
-                stacklevel=3,
-            )
-            requantized = requantized_like(base_layer, flat_weight.view(logical_weight_shape(base_layer)))
-            backup = MergeBackup(weight=replace_weight(base_layer, requantized))
+    for entry in entries:
+        coordinates = torch.unravel_index(entry.indices.long(), target.shape)
+        saved = target[coordinates]
+        target.index_put_(coordinates, patched_values(saved, entry.values.detach(), float(entry.scale)))
+        backup.entries.append((entry.indices, saved))
+    if check_finite and not all(
+        torch.isfinite(target[torch.unravel_index(indices.long(), target.shape)]).all() for indices, _ in backup.entries
+    ):
+        if kind is None:
+            unmerge_entries_(base_layer, backup)
+        raise ValueError(f"NaNs or infs detected while merging {where}: the adapter seems to be broken.")
+    if kind is not None:
+        warnings.warn(
+            f"Merging {where} into a bitsandbytes {kind} weight requantizes the whole layer, which rounds every "
+            "entry; generations may change slightly. Unmerging restores the original quantized weight exactly.",
+            UserWarning,
+            stacklevel=3,
+        )
+        requantized = requantized_like(base_layer, target)
+        backup = MergeBackup(weight=replace_weight(base_layer, requantized))
     return backup
 
 
@@ -160,14 +186,14 @@ def unmerge_entries_(base_layer: nn.Module, backup: MergeBackup) -> None:
     if backup.weight is not None:
         replace_weight(base_layer, backup.weight)
         return
-    flat_weight = base_layer.weight.data.view(-1)
-    with storage_lock(flat_weight):
-        for indices, saved in reversed(backup.entries):
-            kernels.reference.restore_entries_(flat_weight, indices, saved)
+    weight = base_layer.weight.data
+    for indices, saved in reversed(backup.entries):
+        weight.index_put_(torch.unravel_index(indices.long(), weight.shape), saved)
 
 
 __all__ = [
     "MergeBackup",
+    "keep_canonical_layout",
     "logical_weight_shape",
     "merge_entries_",
     "quantization_of",

@@ -15,8 +15,6 @@ DEFAULT_THRESHOLD = 2e-3
 # Masked-weight kernel choices (`SaRAConfig.kernel`); the environment variable overrides the config.
 KERNELS = ("auto", "triton", "reference")
 KERNEL_ENV_VAR = "PEFT_SARA_KERNEL"
-# "0" stops unmerged no-grad forwards from keeping their patched weight copy between calls.
-CACHE_ENV_VAR = "PEFT_SARA_CACHE_PATCHED_WEIGHTS"
 
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 RANK_METHODS = ("svd", "randomized")

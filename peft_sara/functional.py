@@ -1,17 +1,22 @@
-"""The sparse-update forward/backward ("unstructured backpropagation").
+"""The sparse-update op ``op(x, W ⊕ Δ)`` ("unstructured backpropagation"), in two paths.
 
-The effective weight of a SaRA layer is the frozen base weight with its trainable entries replaced by
-``cast(base + scale * delta)``. Instead of materialising that weight (a full copy per forward), the op writes the
-patched entries into the base weight in place, runs the ordinary dense op, and writes the original entries back,
-bitwise. Only the input and the 1-D deltas are saved for backward; the weight gradient is produced only at the
-trainable entries (gathered from a transient dense GEMM on the reference path, computed directly by the fused kernel),
-so no dense gradient or mask persists and optimizer state exists only for the trainable values.
+The effective weight of a SaRA layer is the frozen base weight with each adapter's entries replaced by
+``cast(w + scale * delta)``. The base weight is never written (merging aside):
+
+* **main path** (plain floating base weight, no hooks): :func:`sparse_delta_forward` builds the effective weight out
+  of place for the call (one weight-sized temporary, never stored) and runs the module's dense op on it. Training saves
+  only the input and the 1-D values; backward rebuilds the effective weight for the input gradient and produces the
+  weight gradient only at the trainable entries (the dense GEMM + gather on CPU, the fused SDDMM / masked GEMM on
+  CUDA). The same code runs eager, under ``torch.no_grad`` and under ``torch.compile`` (dynamo traces it).
+* **composable path** (a base layer that must run its own forward: hooks, offloading, layerwise casting, quantized or
+  meta storage): ``base_layer(x) + op(x, Δ)`` with :func:`update_contribution`.
+
+:func:`composable_reason` chooses between them; the layer calls it in one place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -23,74 +28,20 @@ from torch import nn
 from . import kernels
 from .masks import compute_dtype
 
-_STORAGE_LOCKS: dict[tuple[str, int | None, int], threading.RLock] = {}
-_STORAGE_LOCKS_GUARD = threading.Lock()
 
+@dataclass(frozen=True)
+class SparseEntries:
+    """One set of sparse entries of a weight: ``indices`` (flat, row-major; int32 or int64), their deltas ``values``
+    and the adapter's ``scale`` (a float, or a 0-d tensor so that compiled graphs do not specialise on it).
 
-def storage_lock(tensor: torch.Tensor) -> threading.RLock:
-    """The lock of ``tensor``'s storage: held while its entries are patched, so that concurrent forwards (inference
-    servers), merges and unmerges of one weight never see each other's patched entries."""
-    key = (tensor.device.type, tensor.device.index, tensor.untyped_storage().data_ptr())
-    lock = _STORAGE_LOCKS.get(key)  # a plain dict read is atomic; only creation needs the guard
-    if lock is None:
-        with _STORAGE_LOCKS_GUARD:
-            lock = _STORAGE_LOCKS.setdefault(key, threading.RLock())
-    return lock
-
-
-class patched_weight:  # noqa: N801 (used as a function: `with patched_weight(...) as weight`)
-    """Temporarily write each adapter's update into ``weight``; restores the base entries bitwise on exit.
-
-    Holds the weight's :func:`storage_lock` throughout and runs without grad. The weight's autograd version counter is
-    preserved: its content is bitwise the same afterwards, so an untargeted op that saved the same weight for backward
-    stays valid. A plain class rather than a generator context manager: it runs twice per layer and training step.
+    ``live_count`` (a 0-d integer tensor) marks a fixed-capacity trainable set after a re-selection: entries from that
+    position on are an inert, zero tail that must get no gradient. ``None``: every entry is live.
     """
 
-    __slots__ = ("weight", "indices", "values", "scales", "backend", "flat", "saved", "lock", "version", "grad_mode")
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        indices_per_adapter: Sequence[torch.Tensor],
-        values_per_adapter: Sequence[torch.Tensor],
-        scales: Sequence[float],
-        backend: str,
-    ) -> None:
-        if not weight.is_contiguous():
-            raise RuntimeError(
-                f"SaRA needs a contiguous base weight, got strides {weight.stride()} for shape {tuple(weight.shape)}. "
-                "Convert the model with `.to(memory_format=torch.contiguous_format)`."
-            )
-        if backend == "reference":  # scatter needs int64: convert once for patch and restore
-            indices_per_adapter = [kernels.reference.as_int64(indices) for indices in indices_per_adapter]
-        self.weight, self.indices, self.values, self.scales = weight, indices_per_adapter, values_per_adapter, scales
-        self.backend = backend
-
-    def __enter__(self) -> torch.Tensor:
-        weight = self.weight
-        self.flat = weight.detach().view(-1)
-        self.saved = []
-        self.lock = storage_lock(weight)
-        self.lock.acquire()
-        self.version, self.grad_mode = weight._version, torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
-        try:
-            for indices, values, scale in zip(self.indices, self.values, self.scales):
-                self.saved.append(kernels.patch_entries_(self.flat, indices, values, scale, self.backend))
-        except BaseException:
-            self.__exit__()
-            raise
-        return weight
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            for indices, saved in zip(reversed(self.indices[: len(self.saved)]), reversed(self.saved)):
-                kernels.restore_entries_(self.flat, indices, saved, self.backend)
-            torch._C._autograd._unsafe_set_version_counter((self.weight,), (self.version,))
-        finally:
-            self.saved = []
-            torch.set_grad_enabled(self.grad_mode)
-            self.lock.release()
+    indices: torch.Tensor
+    values: torch.Tensor
+    scale: float | torch.Tensor
+    live_count: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -98,8 +49,7 @@ class SparseUpdate:
     """One adapter's update of one layer: ``weight.view(-1)[indices] += scale * values`` (trainable and frozen entries).
 
     ``indices`` are int64 flat indices into the base weight (row-major), ``values`` the deltas (detached; float32, or
-    float64 for a float64 base),
-    ``weight_shape`` the base weight's shape.
+    float64 for a float64 base), ``weight_shape`` the base weight's shape.
     """
 
     indices: torch.Tensor
@@ -109,7 +59,8 @@ class SparseUpdate:
 
     def to_dense(self) -> torch.Tensor:
         """Dense ``scale * Delta_W`` (in the values' dtype) shaped like the base weight."""
-        return dense_delta(self.weight_shape, [self.indices], [self.values], [self.scale], self.values.device)
+        entries = [SparseEntries(self.indices, self.values, self.scale)]
+        return dense_delta(self.weight_shape, entries, self.values.device)
 
 
 @runtime_checkable
@@ -117,9 +68,9 @@ class SparseDeltaOp(Protocol):
     """The contract between a SaRA layer and :func:`sparse_delta_forward`: the dense op of one module kind.
 
     A new module type (e.g. ``nn.Embedding``) is a layer class whose ``_op`` returns one of these, plus the op itself.
-    ``forward`` computes the module's output from an (already patched) weight; ``backward`` returns the input
-    gradient, the weight gradient sampled at each adapter's flat ``indices`` (float32, ``None`` where not needed)
-    and the bias gradient (``None`` unless ``need_bias``).
+    ``forward`` computes the module's output from a weight; ``backward`` returns the input gradient, the weight
+    gradient sampled at each flat index set (float32 or float64, ``None`` where not needed) and the bias gradient
+    (``None`` unless ``need_bias``). ``weight`` is the effective weight when ``need_input``, else only its shape counts.
     """
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
@@ -132,7 +83,7 @@ class SparseDeltaOp(Protocol):
         bias: torch.Tensor | None,
         need_input: bool,
         need_bias: bool,
-        indices_per_adapter: Sequence[torch.Tensor],
+        indices_per_set: Sequence[torch.Tensor],
         need_values: Sequence[bool],
         backend: str,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor | None], torch.Tensor | None]: ...
@@ -147,21 +98,18 @@ class LinearOp:
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight.t() if self.transposed else weight, bias)
 
-    def backward(self, grad_output, x, weight, bias, need_input, need_bias, indices_per_adapter, need_values, backend):
-        out_weight = weight.t() if self.transposed else weight
+    def backward(self, grad_output, x, weight, bias, need_input, need_bias, indices_per_set, need_values, backend):
         grad_input = None
         if need_input:
-            grad_input = grad_output @ out_weight.to(grad_output.dtype)
-        grad_values = [None] * len(indices_per_adapter)
+            grad_input = grad_output @ (weight.t() if self.transposed else weight).to(grad_output.dtype)
+        grad_values = [None] * len(indices_per_set)
         wanted = [i for i, need in enumerate(need_values) if need]
         if wanted:
             grad_2d = grad_output.reshape(-1, grad_output.shape[-1])
             x_2d = x.reshape(-1, x.shape[-1])
             if self.transposed:  # weight is in x out: its gradient is x^T g
                 grad_2d, x_2d = x_2d.to(grad_output.dtype), grad_2d
-            sampled = kernels.linear_weight_grad_values(
-                grad_2d, x_2d, [indices_per_adapter[i] for i in wanted], backend
-            )
+            sampled = kernels.linear_weight_grad_values(grad_2d, x_2d, [indices_per_set[i] for i in wanted], backend)
             for i, values in zip(wanted, sampled):
                 grad_values[i] = values
         grad_bias = None
@@ -205,7 +153,7 @@ class ConvOp:
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
         return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def backward(self, grad_output, x, weight, bias, need_input, need_bias, indices_per_adapter, need_values, backend):
+    def backward(self, grad_output, x, weight, bias, need_input, need_bias, indices_per_set, need_values, backend):
         need_weight = any(need_values)
         need_bias = bias is not None and need_bias
         dtype = grad_output.dtype
@@ -222,116 +170,110 @@ class ConvOp:
             self.groups,
             [need_input, need_weight, need_bias],
         )
-        grad_values = [None] * len(indices_per_adapter)
+        grad_values = [None] * len(indices_per_set)
         if need_weight:
             flat_grad = grad_weight.reshape(-1)
-            for i, (indices, need) in enumerate(zip(indices_per_adapter, need_values)):
+            for i, (indices, need) in enumerate(zip(indices_per_set, need_values)):
                 if need:
                     grad_values[i] = flat_grad.index_select(0, indices).to(compute_dtype(flat_grad.dtype))
         return grad_input, grad_values, grad_bias.to(bias.dtype) if need_bias else None
 
 
+def effective_weight(weight: torch.Tensor, entries: Sequence[SparseEntries]) -> torch.Tensor:
+    """The weight with each set's entries replaced by ``cast(w + scale * delta)``, built out of place (one contiguous
+    weight-sized tensor); differentiable in the values. Sets apply in order; ``weight`` is only read."""
+    result = weight.detach().clone(memory_format=torch.contiguous_format)
+    flat = result.view(-1)
+    for entry in entries:
+        flat.index_put_((entry.indices,), _increment(flat, entry), accumulate=True)
+    return result
+
+
+def _increment(flat: torch.Tensor, entry: SparseEntries) -> torch.Tensor:
+    """What to add at ``entry.indices`` so that each entry becomes ``cast(w + scale * delta)``: ``scale * delta`` where
+    the weight's dtype is the compute dtype; for narrower weights the difference of the rounded sum and the entry
+    (a zero delta, e.g. an inert tail entry, adds an exact zero either way)."""
+    compute = compute_dtype(flat.dtype, entry.values.dtype)
+    scaled = entry.values.to(compute) * entry.scale
+    if flat.dtype == compute:
+        return scaled
+    base = flat.index_select(0, entry.indices).to(compute)
+    return ((base + scaled).to(flat.dtype).to(compute) - base).to(flat.dtype)
+
+
 class _SparseDeltaFunction(torch.autograd.Function):
+    """``op(x, effective_weight(weight, entries), bias)``; saves only ``x`` and the values (the weight and bias are
+    frozen references), and rebuilds the effective weight in backward when the input gradient is needed."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, op, indices_per_adapter, scales, backend, *values_per_adapter):
-        with patched_weight(weight, indices_per_adapter, values_per_adapter, scales, backend):
-            output = op.forward(x, weight, bias)
-        ctx.save_for_backward(x, *values_per_adapter)
-        # The base weight and bias are frozen and only read: keep plain references (their entries are patched in
-        # place, which would otherwise trip autograd's version check).
-        ctx.weight, ctx.bias = weight, bias
-        ctx.op, ctx.indices_per_adapter, ctx.scales, ctx.backend = op, indices_per_adapter, scales, backend
+    def forward(ctx, x, weight, bias, op, scales, live_counts, backend, count, *indices_and_values):
+        entries = _entries(indices_and_values, count, scales, live_counts)
+        output = op.forward(x, effective_weight(weight, entries), bias)
+        ctx.save_for_backward(x, weight, bias, *indices_and_values)
+        ctx.op, ctx.scales, ctx.live_counts, ctx.backend, ctx.count = op, scales, live_counts, backend, count
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, *values_per_adapter = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the gradients themselves must be differentiable
-            return _differentiable_backward(ctx, grad_output, x, values_per_adapter)
-        need_values = [need and scale != 0 for need, scale in zip(ctx.needs_input_grad[7:], ctx.scales)]
-        with patched_weight(ctx.weight, ctx.indices_per_adapter, values_per_adapter, ctx.scales, ctx.backend):
-            grad_input, grad_values, grad_bias = ctx.op.backward(
-                grad_output.contiguous(),
-                x,
-                ctx.weight,
-                ctx.bias,
-                ctx.needs_input_grad[0],
-                ctx.needs_input_grad[2],
-                ctx.indices_per_adapter,
-                need_values,
-                ctx.backend,
-            )
+        x, weight, bias, *indices_and_values = ctx.saved_tensors
+        entries = _entries(indices_and_values, ctx.count, ctx.scales, ctx.live_counts)
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph (double backward)
+            return _differentiable_backward(ctx, grad_output, x, weight, bias, entries)
+        need_values = list(needs[8 + ctx.count :])
+        grad_input, grad_values, grad_bias = ctx.op.backward(
+            grad_output.contiguous(),
+            x,
+            effective_weight(weight, entries) if needs[0] else weight,
+            bias,
+            needs[0],
+            needs[2],
+            [entry.indices for entry in entries],
+            need_values,
+            ctx.backend,
+        )
         grad_values = [
-            None if grad is None else grad.mul_(scale) if scale != 1 else grad
-            for grad, scale in zip(grad_values, ctx.scales)
+            None if grad is None else _scaled_live_gradient(grad, entry).to(entry.values.dtype)
+            for grad, entry in zip(grad_values, entries)
         ]
         if grad_input is not None:
             grad_input = grad_input.to(x.dtype)
-        return (grad_input, None, grad_bias, None, None, None, None, *grad_values)
+        return (grad_input, None, grad_bias, None, None, None, None, None, *([None] * ctx.count), *grad_values)
 
 
-# Dense kernels (oneDNN / MKL on CPU) may round differently depending on an operand's address modulo the vector width;
-# a copy at the same offset keeps a zero-scale or untouched update bitwise equal to the base layer.
-_ALIGNMENT_BYTES = 64
+def _entries(indices_and_values, count, scales, live_counts) -> list[SparseEntries]:
+    indices, values = indices_and_values[:count], indices_and_values[count:]
+    return [SparseEntries(*parts) for parts in zip(indices, values, scales, live_counts)]
 
 
-def _empty_aligned_like(weight: torch.Tensor) -> torch.Tensor:
-    """An empty contiguous tensor like ``weight`` whose address has the same offset modulo 64 bytes."""
-    itemsize = weight.element_size()
-    offset = weight.data_ptr() % _ALIGNMENT_BYTES
-    buffer = torch.empty(weight.numel() + 2 * _ALIGNMENT_BYTES // itemsize, dtype=weight.dtype, device=weight.device)
-    shift = ((offset - buffer.data_ptr() % _ALIGNMENT_BYTES) % _ALIGNMENT_BYTES) // itemsize
-    return buffer[shift : shift + weight.numel()].view(weight.shape)
+def _scaled_live_gradient(grad: torch.Tensor, entry: SparseEntries) -> torch.Tensor:
+    """The sampled weight gradient times the scale, zero on an inert tail (entries at or after ``live_count``)."""
+    grad = grad * entry.scale
+    if entry.live_count is not None:
+        positions = torch.arange(grad.shape[0], device=grad.device)
+        grad = grad * (positions < entry.live_count.to(grad.device))
+    return grad
 
 
-def patched_copy(
-    weight: torch.Tensor,
-    indices_per_adapter: Sequence[torch.Tensor],
-    values_per_adapter: Sequence[torch.Tensor],
-    scales: Sequence[float],
-    backend: str,
-) -> torch.Tensor:
-    """A copy of ``weight`` with each adapter's entries patched (not differentiable): what no-grad inference computes
-    with, so that concurrent forwards and ``state_dict()`` never see a modified base weight."""
-    copy = _empty_aligned_like(weight)
-    copy.copy_(weight.detach())
-    flat = copy.view(-1)
-    for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
-        kernels.patch_entries_(flat, indices, values.detach(), scale, backend)
-    return copy
-
-
-def effective_weight(
-    weight: torch.Tensor,
-    indices_per_adapter: Sequence[torch.Tensor],
-    values_per_adapter: Sequence[torch.Tensor],
-    scales: Sequence[float],
-) -> torch.Tensor:
-    """The patched weight as a dense out-of-place copy, differentiable in the values when grad is enabled (double
-    backward); under ``no_grad`` a plain copy for export, merge checks and tests. Never used by the fast path."""
-    flat = weight.detach().reshape(-1)
-    for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
-        flat = flat.index_put(
-            (indices,), kernels.reference.patched_values(flat.index_select(0, indices), values, scale)
-        )
-    return flat.view(weight.shape)
-
-
-def _differentiable_backward(ctx, grad_output, x, values_per_adapter):
-    """Backward through a dense, differentiable re-computation, so that ``create_graph=True`` (gradient penalties,
-    double backward) gets gradients with a graph, equal to the dense reference."""
+def _differentiable_backward(ctx, grad_output, x, weight, bias, entries):
+    """Backward through a differentiable recomputation, so that ``create_graph=True`` (gradient penalties, double
+    backward) gets gradients with a graph, equal to the dense reference."""
     needs = ctx.needs_input_grad
-    inputs = {0: x} | {7 + i: values for i, values in enumerate(values_per_adapter)}
-    if ctx.bias is not None and needs[2]:
-        inputs[2] = ctx.bias
+    first_value = 8 + ctx.count
+    inputs = {0: x} | {first_value + i: entry.values for i, entry in enumerate(entries)}
+    if bias is not None and needs[2]:
+        inputs[2] = bias
     wanted = {position: tensor for position, tensor in inputs.items() if needs[position]}
     with torch.enable_grad():
-        weight = effective_weight(ctx.weight, ctx.indices_per_adapter, values_per_adapter, ctx.scales)
-        output = ctx.op.forward(x, weight.to(x.dtype), ctx.bias)
+        output = ctx.op.forward(x, effective_weight(weight, entries).to(x.dtype), bias)
         grads = torch.autograd.grad(output, list(wanted.values()), grad_output, create_graph=True, allow_unused=True)
-    result = [None] * (7 + len(values_per_adapter))
+    result = [None] * (first_value + len(entries))
     for position, grad in zip(wanted, grads):
         result[position] = grad
+    for i, entry in enumerate(entries):
+        if result[first_value + i] is not None and entry.live_count is not None:
+            positions = torch.arange(entry.values.shape[0], device=entry.values.device)
+            result[first_value + i] = result[first_value + i] * (positions < entry.live_count)
     return tuple(result)
 
 
@@ -340,33 +282,43 @@ def sparse_delta_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    indices_per_adapter: Sequence[torch.Tensor],
-    values_per_adapter: Sequence[torch.Tensor],
-    scales: Sequence[float],
+    entries: Sequence[SparseEntries],
     backend: str = "reference",
 ) -> torch.Tensor:
-    """Apply ``op`` with the base weight plus each adapter's sparse update; differentiable in ``x`` and the values."""
+    """The main path: ``op(x, W ⊕ Δ, bias)`` with the effective weight built for this call only; differentiable in
+    ``x``, the bias and the values (only what autograd needs is computed)."""
+    if not torch.is_grad_enabled() or not (
+        x.requires_grad
+        or any(entry.values.requires_grad for entry in entries)
+        or (bias is not None and bias.requires_grad)
+    ):
+        with torch.no_grad():
+            return op.forward(x, effective_weight(weight, entries), bias)
     return _SparseDeltaFunction.apply(
-        x, weight, bias, op, tuple(indices_per_adapter), tuple(float(s) for s in scales), backend, *values_per_adapter
+        x,
+        weight,
+        bias,
+        op,
+        tuple(entry.scale for entry in entries),
+        tuple(entry.live_count for entry in entries),
+        backend,
+        len(entries),
+        *(entry.indices for entry in entries),
+        *(entry.values for entry in entries),
     )
 
 
 def composable_reason(base_layer: nn.Module) -> str | None:
-    """Why the in-place patch is unsafe for ``base_layer`` (its hooks would not run, or its weight cannot be patched),
-    or ``None`` when it is safe. Layers with a reason run the base layer itself plus :func:`update_contribution`."""
+    """Why ``base_layer`` must run its own forward (its hooks, or a weight SaRA cannot read as a plain dense tensor),
+    or ``None`` for the main path. Layers with a reason run the base layer plus :func:`update_contribution`."""
     if has_forward_hooks(base_layer):
         return "the base layer has forward hooks (offloading, layerwise casting, ...)"
-    return unpatchable_storage_reason(base_layer.weight)
+    return unreadable_storage_reason(base_layer.weight)
 
 
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs more than its own ``forward``: torch hooks, or a forward replaced on the
-    instance (accelerate's `_hf_hook`, diffusers' hook registry). SaRA must then call the module itself."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or "forward" in vars(module))
-
-
-def unpatchable_storage_reason(weight: torch.Tensor) -> str | None:
-    """Why SaRA cannot write into ``weight`` (meta, quantized or 8-bit storage), or ``None`` when it can."""
+def unreadable_storage_reason(weight: torch.Tensor) -> str | None:
+    """Why ``weight`` is not a plain dense floating tensor SaRA can compute with or merge into (meta, quantized or
+    8-bit storage), or ``None`` when it is."""
     if weight.device.type == "meta":
         return "the base weight is on the meta device (offloaded)"
     if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
@@ -376,35 +328,35 @@ def unpatchable_storage_reason(weight: torch.Tensor) -> str | None:
     return None
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its own ``forward``: torch hooks, or a forward replaced on the
+    instance (accelerate's `_hf_hook`, diffusers' hook registry). SaRA must then call the module itself."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or "forward" in vars(module))
+
+
 def update_contribution(
-    op: SparseDeltaOp,
-    x: torch.Tensor,
-    weight_shape: torch.Size,
-    indices_per_adapter: Sequence[torch.Tensor],
-    values_per_adapter: Sequence[torch.Tensor],
-    scales: Sequence[float],
+    op: SparseDeltaOp, x: torch.Tensor, weight_shape: torch.Size, entries: Sequence[SparseEntries]
 ) -> torch.Tensor:
     """``op(x, Delta_W)`` without bias: the sparse update's share of the output, differentiable in ``x`` and the values.
 
     The composable path adds this to the base layer's own output; it never reads the base weight, so offloaded, cast
     or quantized storage is fine. ``Delta_W`` is formed densely for the call (one weight-sized temporary).
     """
-    delta = dense_delta(weight_shape, indices_per_adapter, values_per_adapter, scales, x.device)
+    delta = dense_delta(weight_shape, entries, x.device)
     return op.forward(x, delta.to(x.dtype), None)
 
 
-def dense_delta(
-    weight_shape: torch.Size,
-    indices_per_adapter: Sequence[torch.Tensor],
-    values_per_adapter: Sequence[torch.Tensor],
-    scales: Sequence[float],
-    device: torch.device,
-) -> torch.Tensor:
-    """Dense ``sum scale * Delta_W`` shaped like the weight, in the values' compute dtype, differentiable in them."""
-    compute = compute_dtype(*(values.dtype for values in values_per_adapter))
+def dense_delta(weight_shape: torch.Size, entries: Sequence[SparseEntries], device: torch.device) -> torch.Tensor:
+    """Dense ``sum scale * Delta_W`` shaped like the weight, in the values' compute dtype, differentiable in them.
+    An inert tail (zero values) adds nothing; its gradient is zeroed."""
+    compute = compute_dtype(*(entry.values.dtype for entry in entries))
     delta = torch.zeros(weight_shape.numel(), dtype=compute, device=device)
-    for indices, values, scale in zip(indices_per_adapter, values_per_adapter, scales):
-        delta = delta.index_add(0, indices.to(device), values.to(device=device, dtype=compute) * scale)
+    for entry in entries:
+        values = entry.values.to(device=device, dtype=compute) * entry.scale
+        if entry.live_count is not None and values.requires_grad:
+            positions = torch.arange(values.shape[0], device=device)
+            values = values * (positions < entry.live_count.to(device))
+        delta = delta.index_add(0, entry.indices.to(device), values)
     return delta.view(weight_shape)
 
 

@@ -7,7 +7,6 @@ values and scale of an adapter, frozen entries included), :meth:`SaRALayer.train
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -18,23 +17,25 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from . import kernels
-from .base_weight import MergeBackup, logical_weight_shape, merge_entries_, readable_weight, unmerge_entries_
-from .capacity import load_state_dict_into_capacity, state_dict_live_entries_only
+from .base_weight import (
+    MergeBackup,
+    keep_canonical_layout,
+    logical_weight_shape,
+    merge_entries_,
+    readable_weight,
+    unmerge_entries_,
+)
 from .config import SaRAConfig
-from .constants import CACHE_ENV_VAR
-from .custom_ops import compiled_sparse_delta
 from .functional import (
     ConvOp,
     LinearOp,
     SparseDeltaOp,
+    SparseEntries,
     SparseUpdate,
     composable_reason,
     effective_weight,
-    has_forward_hooks,
     offload_hooks_run,
-    patched_copy,
     sparse_delta_forward,
-    unpatchable_storage_reason,
     update_contribution,
 )
 from .masks import (
@@ -48,6 +49,41 @@ from .masks import (
     value_dtype_for,
     write_prefix_,
 )
+
+
+class DynamicSizeBufferDict(BufferDict):
+    """A :class:`BufferDict` whose tensors change size over an adapter's life (frozen entries grow at re-selection and
+    differ between loaded adapters). Dynamo treats module buffers' shapes as static, so compiled forwards read them
+    through :meth:`dynamic`: plain references to the same tensors, marked as having a dynamic (possibly 0 or 1) size,
+    kept in step by every write (``__setitem__``, ``del``, ``.to()`` / ``.half()`` and the like)."""
+
+    def __init__(self) -> None:
+        super().__init__(persistent=True)
+        self._dynamic: dict[str, torch.Tensor] = {}
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        super().__setitem__(key, value)
+        self._refresh(key)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._dynamic.pop(key, None)
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        for key in self._buffers:
+            self._refresh(key)
+        return result
+
+    def _refresh(self, key: str) -> None:
+        tensor = self._buffers[key]
+        torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        self._dynamic[key] = tensor
+
+    def dynamic(self, key: str) -> torch.Tensor:
+        """The tensor under ``key``, as compiled forwards should read it (its size is not baked into the graph)."""
+        return self._dynamic[key]
+
 
 # Scale of the random values drawn when `init_weights=False` (tests need a visible, non-identity update).
 RANDOM_INIT_STD = 0.02
@@ -71,26 +107,34 @@ class SaRALayer(BaseTunerLayer):
         "sara_frozen_indices",
         "sara_frozen_values",
         "sara_scaling",
+        "sara_scale",
         "sara_cutoff",
         "sara_kernel",
         "sara_num_trainable",
+        "sara_live_count",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.sara_values = nn.ParameterDict({})
         self.sara_indices = BufferDict(persistent=True)
-        self.sara_frozen_indices = BufferDict(persistent=True)
-        self.sara_frozen_values = BufferDict(persistent=True)
+        self.sara_frozen_indices = DynamicSizeBufferDict()
+        self.sara_frozen_values = DynamicSizeBufferDict()
         self.sara_scaling: dict[str, float] = {}
+        # The same scales as 0-d tensors, read by compiled forwards (a Python float would be baked into the graph).
+        self.sara_scale = BufferDict(persistent=False)
         self.sara_cutoff: dict[str, float] = {}
         self.sara_kernel: dict[str, str] = {}
         # Live (trainable) entries at the front of `sara_values` / `sara_indices`; re-selection compacts the survivors
         # there and leaves an inert, zeroed tail, so the Parameter keeps its size and identity for the whole run.
+        # The count as an int (eager bookkeeping) and as a 0-d tensor (compiled forwards mask the tail's gradient).
         self.sara_num_trainable: dict[str, int] = {}
+        self.sara_live_count = BufferDict(persistent=False)
+        # Names of the other SaRA layers whose base weight shares this one's storage (tied weights): merging refuses.
+        self.sara_tied_layers: list[str] = []
         # The state dict holds only the live entries; loading pads them back to the layer's capacity.
-        self.register_state_dict_post_hook(state_dict_live_entries_only)
-        self.register_load_state_dict_pre_hook(load_state_dict_into_capacity)
+        self.register_state_dict_post_hook(SaRALayer._state_dict_live_entries_only)
+        self.register_load_state_dict_pre_hook(SaRALayer._load_state_dict_into_capacity)
         # Base entries overwritten by `merge`, per merged adapter; written back bitwise by `unmerge`.
         self._sara_merge_backup: dict[str, MergeBackup] = {}
         self._disable_adapters = False
@@ -108,9 +152,7 @@ class SaRALayer(BaseTunerLayer):
                 "selection would read the merged weight. Call `unmerge_adapter()` first."
             )
         base_layer = self.get_base_layer()
-        if unpatchable_storage_reason(base_layer.weight) is None and not base_layer.weight.is_contiguous():
-            # Flat indices address the logical (row-major) layout; keep the base weight in it. Values are unchanged.
-            base_layer.weight.data = base_layer.weight.data.contiguous()
+        keep_canonical_layout(base_layer)
         # Selection reads the dense weight: dequantized (bitsandbytes), upcast (fp8) or onloaded (offloaded to meta).
         with readable_weight(base_layer) as weight:
             indices, cutoff = select_trainable_indices(weight, config.threshold, config.trainable_fraction)
@@ -124,10 +166,15 @@ class SaRALayer(BaseTunerLayer):
             values = (torch.randn(indices.numel(), device=device) * RANDOM_INIT_STD).to(value_dtype)
         self.sara_indices[adapter_name] = indices.to(device)
         self.sara_values[adapter_name] = nn.Parameter(values)
-        self.sara_num_trainable[adapter_name] = indices.numel()  # all entries live until a re-selection
-        self.sara_frozen_indices[adapter_name] = torch.zeros(0, dtype=indices.dtype, device=device)
-        self.sara_frozen_values[adapter_name] = torch.zeros(0, dtype=value_dtype, device=device)
-        self.sara_scaling[adapter_name] = 1.0
+        self.sara_live_count[adapter_name] = torch.zeros((), dtype=torch.int64, device=device)
+        self._set_live_count(adapter_name, indices.numel())  # all entries live until a re-selection
+        self._set_frozen(
+            adapter_name,
+            torch.zeros(0, dtype=indices.dtype, device=device),
+            torch.zeros(0, dtype=value_dtype, device=device),
+        )
+        self.sara_scale[adapter_name] = torch.ones((), dtype=torch.float32, device=device)
+        self.set_scale(adapter_name, 1.0)
         self.sara_cutoff[adapter_name] = cutoff
         self.sara_kernel[adapter_name] = config.kernel
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -149,7 +196,6 @@ class SaRALayer(BaseTunerLayer):
         self._check_entries(adapter_name, indices, values, "trainable")
         if frozen_indices is not None:
             self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
-        self._clear_index_caches()
         param = self.sara_values[adapter_name]
         device = param.device  # where the adapter lives (an offloaded base's weight is on meta)
         index_dtype = index_dtype_for(self.weight_shape.numel())
@@ -165,10 +211,13 @@ class SaRALayer(BaseTunerLayer):
             self.sara_values[adapter_name] = nn.Parameter(
                 values.detach().to(device=device, dtype=param.dtype), requires_grad=param.requires_grad
             )
-        self.sara_num_trainable[adapter_name] = indices.numel()
+        self._set_live_count(adapter_name, indices.numel())
         if frozen_indices is not None:
-            self.sara_frozen_indices[adapter_name] = frozen_indices.to(device=device, dtype=index_dtype)
-            self.sara_frozen_values[adapter_name] = frozen_values.detach().to(device=device, dtype=param.dtype)
+            self._set_frozen(
+                adapter_name,
+                frozen_indices.to(device=device, dtype=index_dtype),
+                frozen_values.detach().to(device=device, dtype=param.dtype),
+            )
 
     def reselect(self, adapter_name: str, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Progressive adjustment: keep training only the entries whose current weight is still within the cutoff.
@@ -205,10 +254,8 @@ class SaRALayer(BaseTunerLayer):
         if param.grad is not None:  # gradients accumulated for the next step follow their entries
             compact_(param.grad, keep)
         compact_(indices, keep)
-        self.sara_frozen_indices[adapter_name] = frozen_indices
-        self.sara_frozen_values[adapter_name] = frozen_values
-        self.sara_num_trainable[adapter_name] = int(keep.sum())
-        self._clear_index_caches()
+        self._set_frozen(adapter_name, frozen_indices, frozen_values)
+        self._set_live_count(adapter_name, int(keep.sum()))
         return keep
 
     @torch.no_grad()
@@ -225,18 +272,52 @@ class SaRALayer(BaseTunerLayer):
         current = base_entries.to(compute_dtype(base_entries.dtype, values.dtype)) + values
         return still_ineffective(current, self.sara_cutoff[adapter_name])
 
-    def _clear_index_caches(self) -> None:
-        self.__dict__.pop("_sara_live_views", None)
+    def _set_live_count(self, adapter_name: str, count: int) -> None:
+        self.sara_num_trainable[adapter_name] = count
+        self.sara_live_count[adapter_name].fill_(count)
 
-    def _live_prefix(self, tensor: torch.Tensor, count: int) -> torch.Tensor:
-        """``tensor[:count]``, the same view object while ``tensor`` and ``count`` stay (index caches key on it)."""
-        if torch.compiler.is_compiling():
-            return tensor[:count]
-        views = self.__dict__.setdefault("_sara_live_views", {})
-        cached = views.get(id(tensor))
-        if cached is None or cached[0] is not tensor or cached[1] != count:
-            cached = views[id(tensor)] = (tensor, count, tensor[:count])
-        return cached[2]
+    def _set_frozen(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+        self.sara_frozen_indices[adapter_name] = indices
+        self.sara_frozen_values[adapter_name] = values
+
+    # --------------------------------------------------------------------------------- fixed-capacity state dicts
+    @staticmethod
+    def _state_dict_live_entries_only(module: SaRALayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        """State-dict post-hook: trim ``sara_values`` / ``sara_indices`` to the live entries (copies, not views, so
+        ``torch.save`` does not write the whole capacity's storage)."""
+        for name in module.sara_values:
+            count = module.num_trainable(name)
+            for key in (f"{prefix}sara_values.{name}", f"{prefix}sara_indices.{name}"):
+                value = state_dict.get(key)
+                if value is not None and value.shape[0] > count:
+                    state_dict[key] = value.detach()[:count].clone()
+
+    @staticmethod
+    def _load_state_dict_into_capacity(module: SaRALayer, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Load pre-hook: a state dict holds the live entries only. Pad them to the layer's capacity (growing it when
+        they do not fit) and record their number; resize the frozen buffers to the incoming ones (a state dict without
+        frozen entries was saved before any re-selection: none)."""
+        for name, param in module.sara_values.items():
+            values_key, indices_key = f"{prefix}sara_values.{name}", f"{prefix}sara_indices.{name}"
+            values, indices = state_dict.get(values_key), state_dict.get(indices_key)
+            if values is None or indices is None or values.dim() != 1 or values.shape != indices.shape:
+                continue  # nothing to fit; PyTorch reports missing keys and size mismatches
+            count, capacity = values.shape[0], param.shape[0]
+            if count > capacity:
+                index_buffer = module.sara_indices[name]
+                module.sara_indices[name] = index_buffer.new_zeros(count)
+                module.sara_values[name] = nn.Parameter(param.detach().new_zeros(count), param.requires_grad)
+                capacity = count
+            state_dict[values_key] = torch.cat([values, values.new_zeros(capacity - count)])
+            state_dict[indices_key] = torch.cat([indices, indices.new_zeros(capacity - count)])
+            module._set_live_count(name, count)
+            frozen = []
+            for container_name in ("sara_frozen_indices", "sara_frozen_values"):
+                current = getattr(module, container_name)[name]
+                incoming = state_dict.get(f"{prefix}{container_name}.{name}")
+                shape = incoming.shape if incoming is not None else torch.Size([0])
+                frozen.append(current if current.shape == shape else current.new_zeros(shape))
+            module._set_frozen(name, *frozen)
 
     def _check_entries(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None, what: str) -> None:
         numel = self.weight_shape.numel()
@@ -247,9 +328,12 @@ class SaRALayer(BaseTunerLayer):
         device = device if device is not None else self.get_base_layer().weight.device
         if torch.device(device).type == "meta":  # an offloaded base: the adapter stays where it was created
             return
-        for container in (self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values):
+        for container in (self.sara_values, self.sara_indices, self.sara_scale, self.sara_live_count):
             if adapter_name in container:
                 container[adapter_name] = container[adapter_name].to(device)
+        if adapter_name in self.sara_frozen_values:
+            frozen_indices, frozen_values = self.frozen_entries(adapter_name)
+            self._set_frozen(adapter_name, frozen_indices.to(device), frozen_values.to(device))
 
     # ------------------------------------------------------------------------------------------------ public API
     @property
@@ -271,7 +355,7 @@ class SaRALayer(BaseTunerLayer):
         indices, values = self.sara_indices[adapter_name], self.sara_values[adapter_name]
         if count == values.shape[0]:
             return indices, values
-        return self._live_prefix(indices, count), values[:count]  # slicing keeps autograd to the Parameter
+        return indices[:count], values[:count]  # slicing keeps autograd to the Parameter
 
     def frozen_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat indices and deltas of the entries frozen by progressive re-selection (empty before it)."""
@@ -279,12 +363,12 @@ class SaRALayer(BaseTunerLayer):
 
     def get_sparse_update(self, adapter_name: str) -> SparseUpdate:
         """An adapter's whole update of this layer (trainable then frozen entries, int64 indices, detached)."""
-        indices, values, _ = self._sparse_parts([adapter_name])
+        entries = self.sparse_entries([adapter_name])
         value_dtype = compute_dtype(self.sara_values[adapter_name].dtype)
         empty = torch.zeros(0, dtype=value_dtype, device=self.sara_values[adapter_name].device)
         return SparseUpdate(
-            indices=torch.cat(indices) if indices else empty.long(),
-            values=torch.cat([part.detach().to(value_dtype) for part in values]) if values else empty,
+            indices=torch.cat([entry.indices.long() for entry in entries]) if entries else empty.long(),
+            values=torch.cat([entry.values.detach().to(value_dtype) for entry in entries]) if entries else empty,
             scale=self.sara_scaling[adapter_name],
             weight_shape=self.weight_shape,
         )
@@ -298,27 +382,41 @@ class SaRALayer(BaseTunerLayer):
         """Number of trainable (live) entries of an adapter in this layer; the values Parameter may hold more."""
         return self.sara_num_trainable.get(adapter_name, self.sara_values[adapter_name].shape[0])
 
-    def _sparse_parts(self, adapter_names: list[str], int64_indices: bool = True):
-        """(indices, values, scale) lists of the live trainable and the frozen entries of the given adapters.
-
-        Indices come as stored (int32 where they fit); ``int64_indices`` converts them (for the public API and
-        merging; the forward converts inside the op, once per call, instead of keeping int64 copies around).
-        """
-        indices, values, scales = [], [], []
+    def sparse_entries(self, adapter_names: list[str]) -> list[SparseEntries]:
+        """The live trainable and the frozen entries of the given adapters, one :class:`SparseEntries` per non-empty
+        set, in order (indices as stored; values differentiable into ``sara_values``)."""
+        entries = []
         for name in adapter_names:
             scale = self.sara_scaling[name]
-            for idx, vals in (self.trainable_entries(name), self.frozen_entries(name)):
-                if idx.numel():
-                    indices.append(idx.long() if int64_indices else idx)
-                    values.append(vals)
-                    scales.append(scale)
-        return indices, values, scales
+            for indices, values in (self.trainable_entries(name), self.frozen_entries(name)):
+                if indices.numel():
+                    entries.append(SparseEntries(indices, values, scale))
+        return entries
+
+    def _forward_entries(self, adapter_names: list[str]) -> list[SparseEntries]:
+        """:meth:`sparse_entries` for a forward. A compiled forward takes every set whole, whatever its live count and
+        size, with tensor scales and counts, so that value, scale and size changes and re-selection keep the graph."""
+        if not torch.compiler.is_compiling():
+            return self.sparse_entries(adapter_names)
+        entries = []
+        for name in adapter_names:
+            scale = self.sara_scale[name]
+            entries.append(
+                SparseEntries(self.sara_indices[name], self.sara_values[name], scale, self.sara_live_count[name])
+            )
+            frozen_indices, frozen_values = (
+                self.sara_frozen_indices.dynamic(name),
+                self.sara_frozen_values.dynamic(name),
+            )
+            entries.append(SparseEntries(frozen_indices, frozen_values, scale))
+        return entries
 
     # ------------------------------------------------------------------------------------------------ scaling
     def set_scale(self, adapter: str, scale: float) -> None:
         """Set the strength of ``adapter`` (1.0 = as trained)."""
-        if adapter in self.sara_scaling:
+        if adapter in self.sara_scale:
             self.sara_scaling[adapter] = float(scale)
+            self.sara_scale[adapter].fill_(float(scale))
 
     def scale_layer(self, scale: float) -> None:
         """Multiply the strength of the active adapters by ``scale`` (diffusers' ``cross_attention_kwargs``)."""
@@ -326,7 +424,7 @@ class SaRALayer(BaseTunerLayer):
             return
         for adapter in self.active_adapters:
             if adapter in self.sara_scaling:
-                self.sara_scaling[adapter] *= scale
+                self.set_scale(adapter, self.sara_scaling[adapter] * scale)
 
     def unscale_layer(self, scale: float | None = None) -> None:
         """Undo :meth:`scale_layer` (``None`` resets the active adapters to strength 1.0)."""
@@ -334,9 +432,9 @@ class SaRALayer(BaseTunerLayer):
             if adapter not in self.sara_scaling:
                 continue
             if scale is None:
-                self.sara_scaling[adapter] = 1.0
+                self.set_scale(adapter, 1.0)
             elif scale != 0:
-                self.sara_scaling[adapter] /= scale
+                self.set_scale(adapter, self.sara_scaling[adapter] / scale)
 
     # ------------------------------------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -348,16 +446,16 @@ class SaRALayer(BaseTunerLayer):
         """Dense copy of the weight the layer computes with (base with the adapters' entries patched)."""
         adapter_names = self.present_adapters(adapter_names if adapter_names is not None else self.active_adapters)
         with torch.no_grad(), readable_weight(self.get_base_layer()) as weight:
-            return effective_weight(weight, *self._sparse_parts(adapter_names))
+            return effective_weight(weight, self.sparse_entries(adapter_names))
 
     @torch.no_grad()
     def merge_is_finite(self, adapter_name: str) -> bool:
         """Whether merging ``adapter_name`` would write only finite entries (no weight is changed)."""
         with readable_weight(self.get_base_layer()) as weight:
             flat_weight = weight.reshape(-1)
-            for idx, vals, scale in zip(*self._sparse_parts([adapter_name])):
-                merged = kernels.reference.patched_values(flat_weight.index_select(0, idx), vals, scale)
-                if not torch.isfinite(merged).all():
+            for entry in self.sparse_entries([adapter_name]):
+                base_entries = flat_weight.index_select(0, entry.indices)
+                if not torch.isfinite(kernels.reference.patched_values(base_entries, entry.values, entry.scale)).all():
                     return False
         return True
 
@@ -365,16 +463,16 @@ class SaRALayer(BaseTunerLayer):
         """Write the adapters' updates into the base weight (only the changed entries are touched; a bitsandbytes
         weight is requantized). Layers that share their weight with another SaRA layer refuse."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        tied = getattr(self, "_sara_tied_layers", None)
-        if tied and self.present_adapters(adapter_names):
+        if self.sara_tied_layers and self.present_adapters(adapter_names):
             raise ValueError(
-                f"Cannot merge SaRA adapters {adapter_names}: this layer shares its weight with {tied}, so a merged "
+                f"Cannot merge SaRA adapters {adapter_names}: this layer shares its weight with {self.sara_tied_layers}, "
+                "so a merged "
                 "weight would apply every sharing layer's update in each of them. Keep these adapters unmerged."
             )
         base_layer = self.get_base_layer()
         for name in self.present_adapters(adapter_names):
             where = f"SaRA adapter '{name}' into {type(base_layer).__name__} of shape {tuple(self.weight_shape)}"
-            self._sara_merge_backup[name] = merge_entries_(base_layer, *self._sparse_parts([name]), safe_merge, where)
+            self._sara_merge_backup[name] = merge_entries_(base_layer, self.sparse_entries([name]), safe_merge, where)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -399,15 +497,11 @@ class SaRALayer(BaseTunerLayer):
         raise NotImplementedError
 
     def composable_reason(self) -> str | None:
-        """Why this layer cannot patch its base weight in place (see :func:`peft_sara.functional.composable_reason`),
-        or ``None`` when the fast in-place path is safe."""
+        """Why this layer runs its base layer's own forward plus the update (see
+        :func:`peft_sara.functional.composable_reason`), or ``None`` on the main path."""
         return composable_reason(self.get_base_layer())
 
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not torch.is_grad_enabled() and "_sara_inference_weight" in self.__dict__:
-            output = self._cached_inference_forward(x)
-            if output is not None:
-                return output
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -429,57 +523,15 @@ class SaRALayer(BaseTunerLayer):
             with offload_hooks_run(
                 self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values
             ):
-                return self.base_layer(x, *args, **kwargs) + self._update_contribution(x, active)
-        backend = kernels.resolve_backend(self.sara_kernel[active[0]], base_layer.weight.device)
-        compiling = torch.compiler.is_compiling()  # the registered op: traced whole, no data-dependent Python
-        indices, values, scales = self._sparse_parts(active, int64_indices=False)
-        if not indices:
+                op, op_input = self._op(x)
+                update = update_contribution(op, op_input, self.weight_shape, self._forward_entries(active))
+                return self.base_layer(x, *args, **kwargs) + update
+        entries = self._forward_entries(active)
+        if not entries:
             return self.base_layer(x, *args, **kwargs)
+        backend = kernels.resolve_backend(self.sara_kernel[active[0]], base_layer.weight.device)
         op, x = self._op(x)
-        if compiling:
-            return compiled_sparse_delta(op, x, base_layer.weight, base_layer.bias, indices, values, scales, backend)
-        if not torch.is_grad_enabled():  # inference: never write into the base weight (threads, state_dict)
-            return op.forward(
-                x, self._inference_weight(base_layer.weight, indices, values, scales, backend), base_layer.bias
-            )
-        self.__dict__.pop("_sara_inference_weight", None)  # training holds no inference copy
-        return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, indices, values, scales, backend)
-
-    def _inference_weight(self, weight, indices, values, scales, backend) -> torch.Tensor:
-        """The patched weight for no-grad forwards: a copy, kept while the weight, values and scales are unchanged
-        (one weight-sized tensor per layer; ``PEFT_SARA_CACHE_PATCHED_WEIGHTS=0`` rebuilds it on every call)."""
-        patched = patched_copy(weight, indices, values, scales, backend)
-        if os.environ.get(CACHE_ENV_VAR, "1") != "0":
-            self.__dict__["_sara_inference_weight"] = (self._inference_key(weight), patched)
-        return patched
-
-    def _inference_key(self, weight: torch.Tensor) -> tuple:
-        """What the cached patched weight depends on: the base weight's identity, storage and version, and per active
-        adapter its scale, live count and the identity and version of its trainable and frozen values."""
-        values, frozen = self._modules["sara_values"]._parameters, self._modules["sara_frozen_values"]._buffers
-        adapters = tuple(
-            (name, self.sara_scaling[name], self.sara_num_trainable.get(name), id(v), v._version, id(f), f._version)
-            for name in self.active_adapters
-            if (v := values.get(name)) is not None and (f := frozen.get(name)) is not None
-        )
-        return id(weight), weight.data_ptr(), weight._version, adapters
-
-    def _cached_inference_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The no-grad forward with the cached patched weight, or ``None`` when it does not apply (merged, disabled,
-        hooked base layer, compiling) or is stale; the general path then runs (and refreshes the cache)."""
-        base_layer = self.get_base_layer()
-        if self.merged or self.disable_adapters or has_forward_hooks(base_layer) or torch.compiler.is_compiling():
-            return None
-        key, patched = self.__dict__["_sara_inference_weight"]
-        if key != self._inference_key(base_layer.weight):
-            return None
-        op, x = self._op(x)
-        return op.forward(x, patched, base_layer.bias)
-
-    def _update_contribution(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        op, x = self._op(x)
-        parts = self._sparse_parts(adapter_names, int64_indices=False)  # index_add takes int32 indices as they are
-        return update_contribution(op, x, self.weight_shape, *parts)
+        return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, entries, backend)
 
 
 class _SaRAModule(nn.Module, SaRALayer):

@@ -90,7 +90,7 @@ def mark_tied_layers(model: nn.Module) -> dict[tuple, list[str]]:
             groups.setdefault((weight.device, weight.data_ptr(), weight.shape), []).append(name)
     for names in groups.values():
         for name in names:
-            layers[name]._sara_tied_layers = [other for other in names if other != name]
+            layers[name].sara_tied_layers = [other for other in names if other != name]
     return {key: names for key, names in groups.items() if len(names) > 1}
 
 
@@ -218,10 +218,10 @@ class SaRAModel(BaseTuner):
         for name, layer in self.sara_layers():
             names = adapter_names if adapter_names is not None else layer.active_adapters
             adapters = layer.present_adapters(list(names))
-            if adapters and getattr(layer, "_sara_tied_layers", None):
+            if adapters and layer.sara_tied_layers:
                 raise ValueError(
                     f"Cannot merge SaRA adapters {adapters}: layer '{name}' shares its weight with "
-                    f"{layer._sara_tied_layers}, so a merged weight would apply every sharing layer's update in each "
+                    f"{layer.sara_tied_layers}, so a merged weight would apply every sharing layer's update in each "
                     "of them. Keep these adapters unmerged (the unmerged forward is exact). Nothing was merged."
                 )
             for adapter in adapters if safe_merge else ():

@@ -12,18 +12,20 @@ import math
 
 import torch
 
+from .base_weight import readable_weight
 from .layer import SaRALayer
 
 # Chunk of trainable entries whose subgradient is gathered at once (bounds the U[rows] * V[cols] temporary).
 SUBGRADIENT_CHUNK = 16384
 
 
-def delta_matrix_shape(weight: torch.Tensor) -> tuple[int, int]:
-    """(rows, cols) of the 2-D view of a weight used by the low-rank loss: out x in * prod(kernel).
+def delta_matrix_shape(weight_shape: torch.Size) -> tuple[int, int]:
+    """(rows, cols) of the 2-D view of a weight of ``weight_shape`` (a layer's logical :attr:`SaRALayer.weight_shape`,
+    also for packed 4-bit storage) used by the low-rank loss: out x in * prod(kernel).
 
     (transformers' Conv1D stores in x out; the singular values of the transpose are the same.)
     """
-    return weight.shape[0], weight[0].numel()
+    return weight_shape[0], math.prod(weight_shape[1:])
 
 
 def _svd_factors(matrix: torch.Tensor, method: str, oversample: int):
@@ -69,18 +71,18 @@ def layer_nuclear_norm(
     ``target="masked_weight"`` uses the paper's written form instead: the effective weight restricted to the
     adapter's entries (base + delta at those entries, zero elsewhere).
     """
-    weight = layer.get_base_layer().weight
     indices, values = layer.trainable_entries(adapter_name)
     fixed_indices, fixed_values = layer.frozen_entries(adapter_name)
     fixed_values = fixed_values.float()
-    flat_weight = weight.detach().reshape(-1)
     if target == "masked_weight":
-        base_entries = flat_weight.index_select(0, indices).float()
-        if fixed_indices.numel():
-            fixed_values = fixed_values + flat_weight.index_select(0, fixed_indices).float()
+        with readable_weight(layer.get_base_layer()) as weight:  # dequantized / onloaded where needed
+            flat_weight = weight.detach().reshape(-1)
+            base_entries = flat_weight.index_select(0, indices).float()
+            if fixed_indices.numel():
+                fixed_values = fixed_values + flat_weight.index_select(0, fixed_indices).float()
     else:
         base_entries = torch.zeros((), dtype=torch.float32, device=values.device)
-    shape = delta_matrix_shape(weight)
+    shape = delta_matrix_shape(layer.weight_shape)
     return _SparseNuclearNorm.apply(
         values, indices, base_entries, fixed_indices, fixed_values, shape, method, oversample
     )
@@ -89,8 +91,7 @@ def layer_nuclear_norm(
 @torch.no_grad()
 def delta_rank_stats(layer: SaRALayer, adapter_name: str) -> dict[str, float]:
     """Nuclear norm, numerical rank and effective rank (exp of the singular-value entropy) of a layer's update."""
-    weight = layer.get_base_layer().weight
-    rows, cols = delta_matrix_shape(weight)
+    rows, cols = delta_matrix_shape(layer.weight_shape)
     dense = layer.get_sparse_update(adapter_name).to_dense().reshape(rows, cols)
     singular_values = torch.linalg.svdvals(dense)
     del dense
@@ -110,7 +111,7 @@ def delta_rank_stats(layer: SaRALayer, adapter_name: str) -> dict[str, float]:
 
 def qualifies_for_rank_loss(layer: SaRALayer, min_dim: int) -> bool:
     """Whether a layer's 2-D update is large enough for the low-rank loss (both dimensions > min_dim)."""
-    rows, cols = delta_matrix_shape(layer.get_base_layer().weight)
+    rows, cols = delta_matrix_shape(layer.weight_shape)
     return min(rows, cols) > min_dim
 
 

@@ -242,3 +242,60 @@ def test_merge_warning_names_the_layer_kind():
         warnings.simplefilter("always")
         model.merge_adapter()
     assert any("Linear4bit" in str(w.message) for w in caught)
+
+
+def test_4bit_layout_is_the_same_on_cpus_with_and_without_avx512_bf16():
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight for CPU inference on its first no-grad eval forward (a
+    layout with bfloat16 block scales that needs in_features >= the block size). SaRA adapts the canonical layout
+    everywhere: it unpacks a weight packed before injection and keeps the layer from repacking, so selection, merge and
+    unmerge see one weight on every x86 CPU. The packing itself is plain PyTorch, so this runs on any CPU."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    reference = get_peft_model(quantized_model("4bit"), SaRAConfig(**CONFIG))
+    model = quantized_model("4bit")
+    for layer in (model.lin0, model.lin1):
+        layer.support_avx512bf16_for_cpu = True
+    # What an eval forward on an AVX512-BF16 CPU does to a layer with in_features >= the block size (lin1; on lin0, 48
+    # inputs, bitsandbytes' repack fails: SaRA must keep it from being attempted at all).
+    model.lin1.weight.data, model.lin1.weight.quant_state = _convert_weight_packed_for_cpu(
+        model.lin1.weight.data, model.lin1.weight.quant_state
+    )
+    model = get_peft_model(model, SaRAConfig(**CONFIG))
+    for name in ("lin0", "lin1"):
+        layer, expected = getattr(model.base_model.model, name), getattr(reference.base_model.model, name)
+        base = layer.get_base_layer()
+        assert base.support_avx512bf16_for_cpu is False
+        assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+        assert layer.weight_shape == expected.weight_shape == base.weight.quant_state.shape
+        # lin0 was never packed: the same selection as without the flag; lin1's repack had rounded its block scales to
+        # bfloat16 (bitsandbytes' doing, before SaRA): its selection is that of the weight it now computes with.
+        selected, _ = select_trainable_indices(dequantized(layer), trainable_fraction=0.2)
+        assert torch.equal(layer.sara_indices["default"], selected)
+    assert torch.equal(
+        model.base_model.model.lin0.sara_indices["default"], reference.base_model.model.lin0.sara_indices["default"]
+    )
+    model.eval()
+    before = [quantized_state(getattr(model.base_model.model, name)) for name in ("lin0", "lin1")]
+    with torch.no_grad():
+        unmerged = model(X)  # an eval forward that would repack on an AVX512-BF16 CPU
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.merge_adapter()
+        torch.testing.assert_close(model(X), unmerged, rtol=0.05, atol=0.05)
+        model.unmerge_adapter()
+    after = [quantized_state(getattr(model.base_model.model, name)) for name in ("lin0", "lin1")]
+    assert all(torch.equal(a, b) for pair in zip(before, after) for a, b in zip(*pair))
+
+
+def test_4bit_layers_qualify_for_the_low_rank_loss_by_their_logical_shape():
+    from peft_sara.regularizers import layer_nuclear_norm, qualifies_for_rank_loss
+
+    model = get_peft_model(quantized_model("4bit"), SaRAConfig(**CONFIG))
+    layer = model.base_model.model.lin0
+    assert layer.get_base_layer().weight.shape != (64, 48)  # packed storage
+    assert qualifies_for_rank_loss(layer, min_dim=40)
+    dense = layer.get_sparse_update("default").to_dense().reshape(64, 48)
+    for target in ("delta", "masked_weight"):
+        norm = layer_nuclear_norm(layer, "default", target=target)
+        assert torch.isfinite(norm)
+    torch.testing.assert_close(layer_nuclear_norm(layer, "default"), torch.linalg.svdvals(dense).sum())

@@ -1,5 +1,6 @@
-"""``torch.compile(fullgraph=True)`` traces SaRA layers whole (the registered ``peft_sara::sparse_delta`` op), for
-training and inference, on adapters created in memory and loaded from files, and matches eager execution."""
+"""``torch.compile(fullgraph=True)`` traces SaRA layers whole (dynamo traces the autograd function of the main path),
+for training and inference, on adapters created in memory and loaded from files, matches eager execution, and keeps
+its graph when values, scales and the trainable set change."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import torch._dynamo
 from conftest import MLPConv, tiny_unet, unet_inputs
 from peft import PeftModel, get_peft_model
 
-from peft_sara import SaRAConfig
-from peft_sara.custom_ops import op_from_spec, op_spec
-from peft_sara.functional import ConvOp, LinearOp
+from peft_sara import SaRAConfig, sara_layers
 
 TARGETS = ["conv", "conv1x1", "lin0", "lin1"]
 X = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
@@ -32,14 +31,6 @@ def sara_mlp():
 
 def gradients(model):
     return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
-
-
-@pytest.mark.parametrize(
-    "op",
-    [LinearOp(), LinearOp(transposed=True), ConvOp((1,), (0,), (1,), 1), ConvOp((2, 1), (1, 0), (1, 2), 2)],
-)
-def test_op_spec_round_trips(op):
-    assert op_from_spec(op_spec(op)) == op
 
 
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
@@ -63,7 +54,7 @@ def test_fullgraph_train_step_matches_eager(backend):
     assert got.keys() == expected.keys() and any("sara_values" in name for name in got)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
-    # The base weights are bitwise untouched by the compiled patch/restore.
+    # The base weights are bitwise untouched.
     base = {name: p for name, p in sara_mlp().named_parameters() if "base_layer" in name}
     for name, param in model.named_parameters():
         if "base_layer" in name:
@@ -111,3 +102,52 @@ def test_fullgraph_compile_of_the_composable_path():
         expected = model(X)
         compiled = torch.compile(model.base_model.model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(X), expected)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_no_recompile_across_value_scale_and_trainable_set_changes(backend):
+    model = sara_mlp().train()
+    inner = model.base_model.model
+    layers = [layer for _, layer in sara_layers(model)]
+    compiled = torch.compile(inner, fullgraph=True, backend=backend)
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+
+    def run(forward):
+        model.zero_grad()
+        loss = forward(x).pow(2).mean()
+        loss.backward()
+        return loss.detach(), gradients(model)
+
+    def check():
+        eager_loss, eager_grads = run(inner)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled_loss, compiled_grads = run(compiled)
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+        assert compiled_grads.keys() == eager_grads.keys()
+        for name in eager_grads:
+            torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-6)
+        return compiled_loss
+
+    run(compiled)  # the one compilation
+    first = check()
+    with torch.no_grad():
+        for layer in layers:  # an optimizer step
+            layer.sara_values["default"].add_(0.05)
+    assert not torch.equal(check(), first)
+    for layer in layers:
+        layer.set_scale("default", 0.5)
+    check()
+    generator = torch.Generator().manual_seed(0)
+    for layer in layers:  # a progressive re-selection: a live prefix, an inert tail, frozen entries
+        keep = torch.rand(layer.num_trainable("default"), generator=generator) < 0.6
+        layer.reselect("default", keep)
+        assert 0 < layer.num_trainable("default") < layer.sara_values["default"].numel()
+    check()
+    _, compiled_grads = run(compiled)
+    for layer in layers:  # the inert tail gets no gradient in the compiled graph either
+        count = layer.num_trainable("default")
+        assert torch.count_nonzero(layer.sara_values["default"].grad[count:]) == 0
+    with torch.no_grad():
+        for layer in layers:
+            layer.sara_values["default"][: layer.num_trainable("default")].add_(-0.02)
+    check()

@@ -63,60 +63,6 @@ def random_indices(numel: int, density: float, index_dtype: torch.dtype, seed: i
     return chosen.to(device=DEVICE, dtype=index_dtype)
 
 
-def bit_pattern(tensor: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a float tensor, so comparisons see -0.0, NaN payloads and every last ulp."""
-    integer_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-    return tensor.contiguous().view(integer_dtype)
-
-
-@needs_kernel_device
-@pytest.mark.parametrize("scale", [0.37, -2.0])
-@pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("weight_dtype", FLOAT_DTYPES)
-def test_patch_matches_reference_and_restore_is_bitwise(weight_dtype, index_dtype, density, scale):
-    generator = torch.Generator().manual_seed(7)
-    weight = torch.randn(37, 53, generator=generator).to(device=DEVICE, dtype=weight_dtype)
-    indices = random_indices(weight.numel(), density, index_dtype, seed=11)
-    values = torch.randn(indices.numel(), generator=generator).to(DEVICE)
-    original = weight.clone()
-    expected_weight = weight.clone().view(-1)
-    expected_saved = reference.patch_entries_(expected_weight, indices, values, scale)
-
-    flat_weight = weight.view(-1)
-    saved = triton_kernels.patch_entries_(flat_weight, indices, values, scale)
-    assert saved.dtype == weight_dtype
-    assert torch.equal(bit_pattern(saved), bit_pattern(expected_saved))
-    assert torch.equal(bit_pattern(flat_weight), bit_pattern(expected_weight))
-
-    triton_kernels.restore_entries_(flat_weight, indices, saved)
-    assert torch.equal(bit_pattern(weight), bit_pattern(original))
-
-
-@needs_kernel_device
-def test_bf16_patch_rounds_to_nearest_even_like_torch():
-    # Sums exactly halfway between two bfloat16 values (both tie directions), just past halfway, and overflow.
-    base = torch.tensor([1.0, 1.0, 1.0, 3.0e38, -1.0, 2.0], dtype=torch.bfloat16, device=DEVICE)
-    values = torch.tensor([2.0**-8, 3 * 2.0**-8, 2.0**-8 + 2.0**-20, 3.0e38, -(2.0**-8), float("nan")], device=DEVICE)
-    expected = base.clone()
-    reference.patch_entries_(expected, torch.arange(6, device=DEVICE), values, 1.0)
-    triton_kernels.patch_entries_(base, torch.arange(6, device=DEVICE), values, 1.0)
-    assert torch.equal(bit_pattern(base[:5]), bit_pattern(expected[:5]))
-    assert base[5].isnan()
-
-
-@needs_kernel_device
-@pytest.mark.parametrize("values_dtype", [torch.float64, torch.bfloat16])
-def test_patch_accepts_values_in_other_float_dtypes(values_dtype):
-    weight = torch.randn(300, device=DEVICE)
-    indices = torch.arange(0, 300, 7, device=DEVICE)
-    values = torch.randn(indices.numel(), device=DEVICE).to(values_dtype)
-    expected = weight.clone()
-    reference.patch_entries_(expected, indices, values, 0.5)
-    triton_kernels.patch_entries_(weight, indices, values, 0.5)
-    assert torch.equal(bit_pattern(weight), bit_pattern(expected))
-
-
 def sampled_gradient_case(dtype, density, index_dtype, n_tokens=33, out_features=37, in_features=53, seed=0):
     generator = torch.Generator().manual_seed(seed)
     grad_output = torch.randn(n_tokens, out_features, generator=generator).to(device=DEVICE, dtype=dtype)
@@ -260,7 +206,7 @@ def test_sara_linear_layers_give_the_same_outputs_and_gradients_on_both_backends
 
     monkeypatch.setenv("TRITON_INTERPRET", "1" if DEVICE == "cpu" else "0")
     triton_calls = []
-    for name in ("patch_entries_", "restore_entries_", "linear_weight_grad_values"):
+    for name in ("linear_weight_grad_values",):
         kernel = getattr(triton_kernels, name)
         monkeypatch.setattr(triton_kernels, name, lambda *a, _k=kernel, _n=name: triton_calls.append(_n) or _k(*a))
     results = {}
@@ -279,7 +225,7 @@ def test_sara_linear_layers_give_the_same_outputs_and_gradients_on_both_backends
         for i, base in zip((0, 2), base_weights):
             assert torch.equal(peft_model.base_model.model[i].get_base_layer().weight, base)
         results[backend] = (output.detach(), value_grads)
-    assert set(triton_calls) == {"patch_entries_", "restore_entries_", "linear_weight_grad_values"}
+    assert set(triton_calls) == {"linear_weight_grad_values"}
     (ref_output, ref_grads), (triton_output, triton_grads) = results["reference"], results["triton"]
     torch.testing.assert_close(triton_output, ref_output, rtol=1e-6, atol=1e-6)
     for name, grad in ref_grads.items():
@@ -339,18 +285,6 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         "destinations_ptr": "*i32",
     }
     cases = [
-        (
-            triton_kernels._patch_entries_kernel,
-            {
-                "weight_ptr": "*bf16",
-                "indices_ptr": "*i32",
-                "values_ptr": "*fp32",
-                "saved_ptr": "*bf16",
-                "scale": "fp32",
-            },
-            {"BLOCK": triton_kernels.PATCH_BLOCK, "ROUND_TO_BF16": True},
-            {"enable_fp_fusion": triton_kernels.FP_FUSION},
-        ),
         (
             triton_kernels._sddmm_kernel,
             {"grad_t_ptr": "*fp16", "inputs_t_ptr": "*fp16", "indices_ptr": "*i64", "out_ptr": "*fp32"},

@@ -1,4 +1,4 @@
-"""The PyTorch reference kernels that every CPU step uses: sampled weight gradients and patch / restore."""
+"""The PyTorch reference kernel that every CPU step uses: the sampled weight gradient."""
 
 from __future__ import annotations
 
@@ -27,14 +27,3 @@ def test_sddmm_weight_gradient_equals_the_gemm_and_gather(dtype, index_dtype, de
     for got, via_gemm, want in zip(sampled, dense, expected):
         assert got.dtype == via_gemm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance * 10)
-
-
-def test_patch_and_restore_are_bitwise_with_int32_indices():
-    weight = torch.randn(300)
-    before = weight.clone()
-    indices = torch.tensor([5, 17, 299], dtype=torch.int32)
-    values = torch.tensor([0.5, -1.0, 2.0])
-    saved = reference.patch_entries_(weight, indices, values, 0.5)
-    assert torch.equal(weight[indices.long()], before[indices.long()] + 0.5 * values)
-    reference.restore_entries_(weight, indices, saved)
-    assert torch.equal(weight, before)

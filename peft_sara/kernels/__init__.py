@@ -54,28 +54,27 @@ def _resolve_backend(choice: str, device: torch.device, interpreting: bool) -> s
     return "triton" if usable and device.type == "cuda" else "reference"
 
 
-def _module(backend: str):
-    if backend == "triton":
-        from . import triton_kernels
-
-        return triton_kernels
-    return reference
-
-
-def patch_entries_(
-    flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float, backend: str
-) -> torch.Tensor:
-    """Add ``scale * values`` to the weight entries at ``indices`` in place; return the entries overwritten."""
-    return _module(backend).patch_entries_(flat_weight, indices, values, scale)
-
-
-def restore_entries_(flat_weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor, backend: str) -> None:
-    """Undo :func:`patch_entries_` bitwise."""
-    _module(backend).restore_entries_(flat_weight, indices, saved)
-
-
 def linear_weight_grad_values(
-    grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_adapter: Sequence[torch.Tensor], backend: str
+    grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_set: Sequence[torch.Tensor], backend: str
 ) -> list[torch.Tensor]:
-    """The weight gradient ``grad_output.T @ inputs`` sampled at each adapter's trainable entries (float32)."""
-    return _module(backend).linear_weight_grad_values(grad_output, inputs, indices_per_adapter)
+    """The weight gradient ``grad_output.T @ inputs`` sampled at each set of flat indices (float32, float64 for
+    float64 inputs). The Triton path is a registered op (:func:`sampled_linear_weight_grad`), so that
+    ``torch.compile`` traces around it; the reference is plain PyTorch that dynamo traces."""
+    if backend == "triton":
+        return torch.ops.peft_sara.sampled_linear_weight_grad(grad_output, inputs, list(indices_per_set))
+    return reference.linear_weight_grad_values(grad_output, inputs, indices_per_set)
+
+
+@torch.library.custom_op("peft_sara::sampled_linear_weight_grad", mutates_args=())
+def sampled_linear_weight_grad(
+    grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_set: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The fused SDDMM / masked-GEMM weight gradient (:func:`.triton_kernels.linear_weight_grad_values`)."""
+    from . import triton_kernels
+
+    return triton_kernels.linear_weight_grad_values(grad_output, inputs, indices_per_set)
+
+
+@sampled_linear_weight_grad.register_fake
+def _(grad_output, inputs, indices_per_set):
+    return [grad_output.new_empty(indices.shape[0], dtype=torch.float32) for indices in indices_per_set]

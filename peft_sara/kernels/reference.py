@@ -15,35 +15,15 @@ from ..masks import compute_dtype
 
 def patched_values(entries: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """``cast(entries + scale * values)`` in the entries' dtype, summed in :func:`~peft_sara.masks.compute_dtype`
-    (differentiable in ``values``): the one definition of a patched weight entry, for patch, merge and dense copies."""
+    (differentiable in ``values``): the one definition of a merged weight entry."""
     compute = compute_dtype(entries.dtype, values.dtype)
     if entries.dtype == values.dtype == compute:  # the common float32 case: no conversions to dispatch
         return entries.add(values, alpha=scale)
     return entries.to(compute).add(values.to(compute), alpha=scale).to(entries.dtype)
 
 
-def as_int64(indices: torch.Tensor) -> torch.Tensor:
-    """``indices`` as int64 (what scatter / gather take), without a dispatch when they already are."""
-    return indices if indices.dtype == torch.int64 else indices.long()
-
-
-def patch_entries_(
-    flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Write ``w[i] = cast(float(w[i]) + scale * values)`` in place; return the overwritten entries."""
-    indices = as_int64(indices)  # scatter_ needs int64, and is several times faster than index_put_
-    saved = flat_weight.index_select(0, indices)
-    flat_weight.scatter_(0, indices, patched_values(saved, values, scale))
-    return saved
-
-
-def restore_entries_(flat_weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor) -> None:
-    """Write back entries returned by :func:`patch_entries_` (bitwise restore)."""
-    flat_weight.scatter_(0, as_int64(indices), saved)
-
-
 def linear_weight_grad_values(
-    grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_adapter: Sequence[torch.Tensor]
+    grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_set: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Entries of ``grad_output.T @ inputs`` (an out x in weight gradient) at each flat index set, as float32 (float64 for
     float64 inputs).
@@ -54,5 +34,5 @@ def linear_weight_grad_values(
         inputs = inputs.to(grad_output.dtype)
     dense = (grad_output.t() @ inputs).reshape(-1)
     compute = compute_dtype(dense.dtype)
-    sampled = [dense.index_select(0, indices) for indices in indices_per_adapter]
+    sampled = [dense.index_select(0, indices) for indices in indices_per_set]
     return sampled if compute == dense.dtype else [values.to(compute) for values in sampled]

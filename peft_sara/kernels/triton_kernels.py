@@ -42,47 +42,13 @@ Strategy = Literal["auto", "sddmm", "gemm"]
 SDDMM_MAX_DENSITY = {torch.float16: 0.01, torch.bfloat16: 0.01, torch.float32: 0.05}
 
 GEMM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-PATCH_BLOCK = 1024
 SDDMM_BLOCK_ENTRIES = 32
 SDDMM_BLOCK_TOKENS = 128
 # The SDDMM reads token-major copies of its operands (coalesced rows); they are made for as many tokens at a time as
 # fit in the larger of this budget and the dense out x in gradient the reference would have allocated.
 SDDMM_COPY_BUDGET_BYTES = 32 * 2**20
-# Contract a * b + c into fma in the reductions (Triton's current default, stated so a changed default changes nothing;
-# the patch kernel rounds once through an explicit fma either way).
+# Contract a * b + c into fma in the reductions (Triton's current default, stated so a changed default changes nothing).
 FP_FUSION = True
-
-
-@triton.jit
-def _patch_entries_kernel(
-    weight_ptr, indices_ptr, values_ptr, saved_ptr, scale, count, BLOCK: tl.constexpr, ROUND_TO_BF16: tl.constexpr
-):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offsets < count
-    flat_positions = tl.load(indices_ptr + offsets, mask=in_range, other=0)
-    base_entries = tl.load(weight_ptr + flat_positions, mask=in_range)
-    delta_values = tl.load(values_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
-    tl.store(saved_ptr + offsets, base_entries, mask=in_range)
-    # One rounding, like torch's `add(alpha=scale)` (an fma on CPU and CUDA).
-    patched = tl.fma(delta_values, scale, base_entries.to(tl.float32))
-    if ROUND_TO_BF16:
-        # Round to nearest even on the bit pattern (as torch does): add 0x7FFF plus the lowest kept bit, truncate.
-        # Done by hand because the interpreter's float32 -> bfloat16 cast truncates; NaN maps to the canonical NaN.
-        bits = patched.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
-        rounded = tl.where(patched != patched, 0x7FC0, rounded).to(tl.uint16)
-        tl.store(weight_ptr + flat_positions, rounded.to(tl.bfloat16, bitcast=True), mask=in_range)
-    else:
-        tl.store(weight_ptr + flat_positions, patched.to(base_entries.dtype), mask=in_range)
-
-
-@triton.jit
-def _restore_entries_kernel(weight_ptr, indices_ptr, saved_ptr, count, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offsets < count
-    flat_positions = tl.load(indices_ptr + offsets, mask=in_range, other=0)
-    saved_entries = tl.load(saved_ptr + offsets, mask=in_range)
-    tl.store(weight_ptr + flat_positions, saved_entries, mask=in_range)
 
 
 @triton.jit
@@ -177,52 +143,7 @@ def _masked_gemm_kernel(
 
 def _interpreted() -> bool:
     """Whether the kernels were built for the Triton interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not isinstance(_patch_entries_kernel, triton.runtime.JITFunction)
-
-
-def patch_entries_(
-    flat_weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Write ``w[i] = cast(float(w[i]) + scale * values)`` in place; return the overwritten entries."""
-    saved = torch.empty(indices.numel(), dtype=flat_weight.dtype, device=flat_weight.device)
-    if indices.numel():
-        _check_flat(flat_weight)
-        grid = (triton.cdiv(indices.numel(), PATCH_BLOCK),)
-        _patch_entries_kernel[grid](
-            flat_weight,
-            indices.contiguous(),
-            values.contiguous(),
-            saved,
-            float(scale),
-            indices.numel(),
-            BLOCK=PATCH_BLOCK,
-            ROUND_TO_BF16=flat_weight.dtype == torch.bfloat16,
-            enable_fp_fusion=FP_FUSION,
-        )
-    return saved
-
-
-def restore_entries_(flat_weight: torch.Tensor, indices: torch.Tensor, saved: torch.Tensor) -> None:
-    """Write back entries returned by :func:`patch_entries_` (bitwise restore)."""
-    if indices.numel():
-        _check_flat(flat_weight)
-        grid = (triton.cdiv(indices.numel(), PATCH_BLOCK),)
-        _restore_entries_kernel[grid](
-            flat_weight,
-            indices.contiguous(),
-            saved.contiguous(),
-            indices.numel(),
-            BLOCK=PATCH_BLOCK,
-            enable_fp_fusion=FP_FUSION,
-        )
-
-
-def _check_flat(flat_weight: torch.Tensor) -> None:
-    if flat_weight.dim() != 1 or not flat_weight.is_contiguous():
-        raise ValueError(
-            f"Expected a flat, contiguous weight view, got shape {tuple(flat_weight.shape)} with strides "
-            f"{flat_weight.stride()}; pass `weight.view(-1)` of a contiguous weight."
-        )
+    return not isinstance(_sddmm_kernel, triton.runtime.JITFunction)
 
 
 def linear_weight_grad_values(
