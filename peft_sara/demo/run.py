@@ -473,8 +473,10 @@ def plot_tradeoff(
         xlabel=f"held-out loss change on {settings.style} {_names(settings, settings.styled_classes)} (%, left = "
         "learned more)",
         ylabel=f"held-out loss change on {_names(settings, settings.other_classes)} (%, down = kept more)",
-        note="One seed. For fronts over 3 seeds, 3 budgets, full fine-tuning, Super-Tuning and SHiRA: "
-        "python -m benchmarks.quality.run_all",
+        note="How to read this: lower left is better (new style learned, other classes kept); the star is the base "
+        "model, each big dot where a run ended; a run whose big dot lies below another's at the same x forgot less "
+        "for the same learning. One seed. For fronts over 3 seeds, 3 budgets, full fine-tuning, Super-Tuning and "
+        "SHiRA: python -m benchmarks.quality.run_all",
     )
 
 

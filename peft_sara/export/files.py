@@ -5,11 +5,10 @@ A SaRA file holds, per layer, the flat indices and values of the update and the 
 needs. The base model is needed only where the file cannot say how to lay the update out, and
 :func:`read_adapter_files` then names the layer and the reason:
 
-- a layer with no recorded weight shape (files of peft-sara 0.1.0);
-- a file without layout records (saved by ``PeftModel.save_pretrained`` itself, or by another tool) whose layer could
-  be laid out two ways: a 2-D weight in a component that is not a diffusers denoiser (``nn.Linear`` or transformers'
-  ``Conv1D``, stored transposed), a text encoder's module path, a convolution kernel larger than 1 x 1 (dilation is
-  not in the shape).
+- a layer with no recorded weight shape (files written before shapes were recorded, SaRA file format 1);
+- a file without layout records (saved by ``PeftModel.save_pretrained`` itself, or by another tool) for a component
+  that is not a diffusers denoiser: there a 2-D weight may be ``nn.Linear`` or transformers' ``Conv1D`` (stored
+  transposed), and a text encoder's module path in other tools' files depends on its class.
 
 Denoiser components (``unet``, ``transformer``, ``prior``, ...) without records are laid out from the shapes:
 diffusers has no ``Conv1D``; a kernel larger than 1 x 1 is then taken to be undilated, and a warning says so.
@@ -124,9 +123,8 @@ def read_adapter_files(
         for layer_name, checkpoint in sorted(parsed.layers.items()):
             if WEIGHT_SHAPE_NAME not in checkpoint.tensors:
                 raise BaseModelRequired(
-                    f"Layer '{component_name}.{layer_name}' needs the base model: '{component_folder}' was written by "
-                    "peft-sara 0.1.0 and records no weight shapes. Pass the base model, or load the adapter and save "
-                    "it again."
+                    f"Layer '{component_name}.{layer_name}' needs the base model: '{component_folder}' records no "
+                    "weight shapes (SaRA file format 1). Pass the base model, or load the adapter and save it again."
                 )
             shape = tuple(int(size) for size in checkpoint.tensors[WEIGHT_SHAPE_NAME])
             layout = _layout(layer_name, shape, recorded, component_name, weights_file)
