@@ -151,6 +151,14 @@ class SaRAModel(BaseTuner):
         super()._check_new_adapter_config(config)
         # PEFT's from_pretrained / load_adapter inject before reading the weights: check the source first.
         check_peft_load_source(self.model, config)
+        # PEFT's language-model wrappers read generation methods right after injecting, out of the tuner's reach.
+        if str(getattr(config, "task_type", None) or "") in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and not hasattr(
+            self.model, "prepare_inputs_for_generation"
+        ):
+            raise ValueError(
+                f"The SaRA config has `task_type={config.task_type!r}`, which needs a language model, but "
+                f"{type(self.model).__name__} cannot generate. Remove `task_type` from the adapter config."
+            )
         # One layer runs all its active adapters through one kernel: they must agree on it.
         kernels_in_use = sorted({adapter_config.kernel for adapter_config in self.peft_config.values()})
         if len(kernels_in_use) > 1:
