@@ -37,10 +37,9 @@ from torch import nn
 
 from .atomic import atomic_write, save_safetensors_atomic, write_text_atomic
 from .config import SaRAConfig
-from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, PREFIX, SAFETENSORS_NAME
-from .layer import SaRALayer, sara_adapter_names, sara_layers
+from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, SAFETENSORS_NAME
+from .layer import sara_layers
 from .layouts import layouts_metadata
-from .save_bridge import uninstall_save_bridge
 from .validation import (
     InvalidAdapterError,
     add_integrity_records,
@@ -310,8 +309,8 @@ def check_peft_load_source(model: nn.Module, config: PeftConfig) -> None:
             raise InvalidAdapterError(
                 f"The weights of '{model_id}' are not a readable safetensors file: {err}"
             ) from err
-    for name, module_keys in _modules_to_save_keys(model, getattr(config, "modules_to_save", None) or ()).items():
         keys = {normalize_module_name(key) for key in weights}
+    for name, module_keys in _modules_to_save_keys(model, getattr(config, "modules_to_save", None) or ()).items():
         missing = [key for key in module_keys if key not in keys]
         if missing:
             raise InvalidAdapterError(
