@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ if __package__ in (None, ""):  # `python benchmarks/memory_plan.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import PRESETS as BENCHMARK_PRESETS  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_info, write_json, write_results  # noqa: E402
 from peft_sara.planning import (  # noqa: E402
     PRESETS,
     MethodSpec,
@@ -113,19 +115,27 @@ VALIDATION_COLUMNS = (
 
 
 def scale_cases() -> list[tuple[str, int, bool, str, str | None]]:
-    """(model preset, batch size, gradient checkpointing, method label, base quantization) of the scale table."""
+    """(model preset, batch size, gradient checkpointing, method label, base quantization) of the scale table, the
+    configurations of the two questions (SDXL, Flux on a 4-bit base) first."""
     cases = []
-    for name, batch, checkpointing in itertools.product(("sd15", "sdxl", "sd3", "flux-dev"), (1, 4), (False, True)):
-        cases += [(name, batch, checkpointing, label, None) for label in METHODS]
-        if name == "flux-dev":
-            cases += [(name, batch, checkpointing, label, "4bit") for label in METHODS if label != "full FT"]
+    for name, quantization in (("sdxl", None), ("flux-dev", "4bit"), ("flux-dev", None), ("sd3", None), ("sd15", None)):
+        labels = [label for label in METHODS if not (quantization and label == "full FT")]
+        for batch, checkpointing, label in itertools.product((1, 4), (True, False), labels):
+            cases.append((name, batch, checkpointing, label, quantization))
     return cases
 
 
-def scale() -> dict:
-    """The plans of the scale table (bfloat16, AdamW)."""
-    rows = []
+def scale(out: Path, models: Sequence[str] | None = None) -> dict:
+    """The plans of the scale table (bfloat16, AdamW), written to ``out`` after each plan; plans already in ``out``
+    are kept (an interrupted run resumes)."""
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    done = {(row["model"], row["batch"], row["checkpointing"], row["method"]) for row in rows}
     for name, batch, checkpointing, label, quantization in scale_cases():
+        if models and name not in models:
+            continue
+        model_label = name + (" (4-bit base)" if quantization else "")
+        if (model_label, batch, "yes" if checkpointing else "no", label) in done:
+            continue
         model = PRESETS[name]
         resolution = 512 if name == "sd15" else 1024
         request = PlanRequest(
@@ -133,7 +143,7 @@ def scale() -> dict:
         )
         plan = plan_training_memory(request)
         row = {
-            "model": name + (" (4-bit base)" if quantization else ""),
+            "model": model_label,
             "resolution": resolution,
             "batch": batch,
             "checkpointing": "yes" if checkpointing else "no",
@@ -144,7 +154,9 @@ def scale() -> dict:
             "plan": plan.to_dict(),
         }
         rows.append(row)
+        write_json(out, {"rows": rows})
         print({key: value for key, value in row.items() if key != "plan"}, flush=True)
+    rows.sort(key=lambda row: (row["model"], row["batch"], row["checkpointing"], list(METHODS).index(row["method"])))
     return {"rows": rows}
 
 
@@ -168,15 +180,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("validate", "scale"))
     parser.add_argument("--quick", action="store_true", help="validate: the toy and small presets only")
+    parser.add_argument("--models", nargs="+", default=None, help="scale: only these presets (default: all four)")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    payload = validate(args.quick) if args.part == "validate" else scale()
+    out = args.out or RESULTS_DIR / f"memory_plan-{args.part}.json"
+    payload = validate(args.quick) if args.part == "validate" else scale(out, args.models)
     payload["machine"] = machine_info(torch.device("cpu"), args.threads)
     payload["wall_s"] = round(time.perf_counter() - start, 1)
-    out = args.out or RESULTS_DIR / f"memory_plan-{args.part}.json"
     write_results(out, payload)
     columns = VALIDATION_COLUMNS if args.part == "validate" else SCALE_COLUMNS
     table = markdown_table(payload["rows"], columns)
