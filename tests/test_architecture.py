@@ -100,7 +100,6 @@ def test_moved_public_import_paths_keep_working():
         "save_training_state",
         "load_training_state",
         "paper_learning_rate",
-        "replace_optimizer_parameters",
         "sara_layers",
     ):
         assert hasattr(training, name), name

@@ -264,23 +264,6 @@ def test_helper_refuses_an_optimizer_that_does_not_hold_the_values():
     assert [layer.num_trainable("default") for _, layer in model.base_model.sara_layers()] == counts
 
 
-def test_resuming_a_checkpoint_whose_optimizer_state_covers_only_the_live_entries(tmp_path):
-    # peft-sara 0.1.0 shrank the values Parameters at re-selection, so its optimizer state has one row per live entry.
-    model = make_model(threshold=0.05, init_weights=True, progressive_step=3)
-    optimizer, scheduler, helper = train(model, 4, lr=5e-2, data=batches(4))
-    for _, layer in model.base_model.sara_layers():
-        state = optimizer.state[layer.sara_values["default"]]
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = state[key][: layer.num_trainable("default")].clone()
-    save_training_state(tmp_path, model, optimizer, scheduler, helper)
-    fresh = make_model(threshold=0.05, init_weights=True, progressive_step=3)
-    fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=5e-2)
-    load_training_state(tmp_path, fresh, fresh_optimizer)
-    for _, layer in fresh.base_model.sara_layers():
-        param = layer.sara_values["default"]
-        assert fresh_optimizer.state[param]["exp_avg"].shape == param.shape
-
-
 def test_progressive_step_defaults_to_half_of_planned_steps():
     model = make_model(threshold=0.05)
     helper = SaRATrainingHelper(model, total_steps=10)
@@ -453,18 +436,6 @@ def test_reselection_refuses_optimizer_state_it_cannot_reindex_before_changing_a
     with pytest.raises(ValueError, match="Cannot re-order optimizer state 'blockwise_scale' of shape \\(2,\\)"):
         helper.reselect()
     assert not helper.reselected and model.base_model.model.lin1.frozen_entries("default")[0].numel() == 0
-
-
-def test_deprecated_replace_optimizer_parameters_re_orders_state_in_place():
-    from peft_sara.training import replace_optimizer_parameters
-
-    param = torch.nn.Parameter(torch.zeros(4))
-    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
-    optimizer.state[param] = {"momentum_buffer": torch.tensor([1.0, 2.0, 3.0, 4.0])}
-    keep = torch.tensor([False, True, False, True])
-    with pytest.warns(FutureWarning, match="compact_optimizer_state"):
-        replace_optimizer_parameters(optimizer, {param: (param, keep)})
-    assert optimizer.state[param]["momentum_buffer"].tolist() == [2.0, 4.0, 0.0, 0.0]
 
 
 def test_helper_warns_when_no_layer_qualifies_for_the_low_rank_loss():

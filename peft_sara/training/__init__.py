@@ -17,7 +17,7 @@ from ..layer import sara_layers
 from .callback import SaRATrainerCallback
 from .checkpoint import TRAINING_STATE_NAME, load_training_state, save_training_state
 from .helper import SaRATrainingHelper, paper_learning_rate, resolve_sara_adapter
-from .optimizer import compact_optimizer_state, replace_optimizer_parameters, unwrap_optimizer
+from .optimizer import compact_optimizer_state, unwrap_optimizer
 
 __all__ = [
     "SaRATrainingHelper",
@@ -26,7 +26,6 @@ __all__ = [
     "save_training_state",
     "load_training_state",
     "compact_optimizer_state",
-    "replace_optimizer_parameters",
     "unwrap_optimizer",
     "resolve_sara_adapter",
     "sara_layers",

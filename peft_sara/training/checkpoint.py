@@ -24,13 +24,12 @@ from torch import nn
 
 from ..atomic import save_safetensors_atomic
 from ..constants import TRAINING_STATE_NAME
-from ..layer import sara_layers
 from ..masks import is_sharded
 from ..serialization import adapter_subfolder, read_adapter_weights, save_model_adapter
 from ..transaction import all_or_nothing
 from ..validation import InvalidAdapterError, check_checkpoint_file
 from .helper import SaRATrainingHelper, resolve_sara_adapter
-from .optimizer import pad_state_to_capacity, unwrap_optimizer
+from .optimizer import unwrap_optimizer
 
 STATE_METADATA_KEY = "sara_training_state"
 STATE_FORMAT_VERSION = 1
@@ -279,10 +278,6 @@ def load_training_state(
         for group, group_names in zip(inner.param_groups, state["param_names"]):
             group["params"] = [params[name] for name in group_names]
         inner.load_state_dict(state["optimizer"])
-        layers = [layer for _, layer in sara_layers(model) if adapter_name in layer.sara_values]
-        pad_state_to_capacity(
-            inner, [(layer.sara_values[adapter_name], layer.num_trainable(adapter_name)) for layer in layers]
-        )
         if lr_scheduler is not None and state["lr_scheduler"] is not None:
             lr_scheduler.load_state_dict(state["lr_scheduler"])
         if helper is not None and state["helper"] is not None:

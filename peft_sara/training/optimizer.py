@@ -8,8 +8,7 @@ around it (LR schedulers, accelerate, DDP, FSDP2) stay valid.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -68,45 +67,8 @@ def compact_optimizer_state(optimizer: Any, keep_masks: Mapping[nn.Parameter, to
                 compact_(value, keep)
 
 
-def replace_optimizer_parameters(optimizer: Any, replacements: Mapping[nn.Parameter, Any]) -> None:
-    """Deprecated since 0.2: re-selection no longer replaces Parameters; use :func:`compact_optimizer_state`.
-
-    Accepts 0.1.0's ``{param: (new_param, keep_mask)}`` (``new_param`` must now be ``param``) or ``{param: keep}``.
-    """
-    warnings.warn(
-        "replace_optimizer_parameters is deprecated: re-selection keeps its Parameters, call "
-        "compact_optimizer_state(optimizer, helper.reselect()) (or just let SaRATrainingHelper do it).",
-        FutureWarning,
-        stacklevel=2,
-    )
-    keep_masks = {}
-    for param, replacement in replacements.items():
-        if isinstance(replacement, tuple):
-            new_param, replacement = replacement
-            if new_param is not param:
-                raise ValueError(
-                    "Re-selection keeps each values Parameter (it compacts it in place); a replacement by another "
-                    "Parameter cannot be applied. Pass {param: keep_mask} as SaRATrainingHelper.reselect() returns."
-                )
-        keep_masks[param] = replacement
-    compact_optimizer_state(optimizer, keep_masks)
-
-
-def pad_state_to_capacity(optimizer: Any, live_counts: Iterable[tuple[nn.Parameter, int]]) -> None:
-    """Pad per-entry state saved for only the live entries of a values Parameter (checkpoints of peft-sara 0.1.0,
-    whose re-selection shrank the Parameter) with zeros up to the Parameter's capacity."""
-    inner = unwrap_optimizer(optimizer)
-    for param, count in live_counts:
-        state = inner.state.get(param, {})
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.dim() == 1 and value.shape[0] == count < param.shape[0]:
-                state[key] = torch.cat([value, value.new_zeros(param.shape[0] - count)])
-
-
 __all__ = [
     "check_optimizer_state_can_follow",
     "compact_optimizer_state",
-    "pad_state_to_capacity",
-    "replace_optimizer_parameters",
     "unwrap_optimizer",
 ]
