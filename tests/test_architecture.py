@@ -1,4 +1,4 @@
-"""The package's public seams: the layer's update API, adapter-wide settings, the command line, moved import paths."""
+"""The package's public seams: the layer's update API, adapter-wide settings, the command line."""
 
 from __future__ import annotations
 
@@ -87,13 +87,10 @@ def test_cli_rejects_unknown_subcommand_clearly():
     assert result.returncode == 2 and "invalid choice: 'frobnicate'" in result.stderr
 
 
-def test_moved_public_import_paths_keep_working():
-    from peft_sara import diffusers_utils, pipelines, save_bridge, serialization, training
+def test_public_training_and_hub_names_are_importable():
+    from peft_sara import training
     from peft_sara.hub import push_sara_adapter, sara_model_card  # noqa: F401
 
-    assert diffusers_utils.load_sara_adapter is pipelines.load_sara_adapter
-    assert diffusers_utils.save_component_adapter is serialization.save_injected_adapter
-    assert diffusers_utils.install_save_bridge is save_bridge.install_save_bridge
     for name in (
         "SaRATrainingHelper",
         "SaRATrainerCallback",

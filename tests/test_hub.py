@@ -19,7 +19,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load, load_file
 
 import peft_sara
-from peft_sara.diffusers_utils import load_sara_adapter, save_sara_adapter
+from peft_sara.pipelines import load_sara_adapter, save_sara_adapter
 from peft_sara.hub import push_sara_adapter, sara_model_card
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

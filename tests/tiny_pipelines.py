@@ -294,7 +294,7 @@ def add_random_sara_adapter(
     from diffusers import ModelMixin
 
     import peft_sara
-    from peft_sara.diffusers_utils import inject_sara_adapter
+    from peft_sara.pipelines import inject_sara_adapter
 
     torch.manual_seed(seed)
     for name in components:
