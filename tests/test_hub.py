@@ -19,8 +19,8 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load, load_file
 
 import peft_sara
-from peft_sara.pipelines import load_sara_adapter, save_sara_adapter
 from peft_sara.hub import push_sara_adapter, sara_model_card
+from peft_sara.pipelines import load_sara_adapter, save_sara_adapter
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS_DIR)  # helper modules beside this file, with or without tests/__init__.py
