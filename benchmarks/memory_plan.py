@@ -176,6 +176,17 @@ SCALE_COLUMNS = (
 )
 
 
+def peak_pivot(rows: Sequence[dict]) -> str:
+    """Peak GiB per configuration (rows) and method (columns), as Markdown."""
+    cells: dict[tuple, dict[str, str]] = {}
+    for row in rows:
+        cells.setdefault((row["model"], row["batch"], row["checkpointing"]), {})[row["method"]] = row["peak_gib"]
+    pivot = [{"model": model, "batch": batch, "ckpt": ckpt, **peaks} for (model, batch, ckpt), peaks in cells.items()]
+    return markdown_table(
+        pivot, [("model", "model"), ("batch", "batch"), ("ckpt", "grad ckpt")] + [(m, m) for m in METHODS]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("validate", "scale"))
@@ -191,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     payload["machine"] = machine_info(torch.device("cpu"), args.threads)
     payload["wall_s"] = round(time.perf_counter() - start, 1)
     write_results(out, payload)
-    columns = VALIDATION_COLUMNS if args.part == "validate" else SCALE_COLUMNS
-    table = markdown_table(payload["rows"], columns)
+    if args.part == "validate":
+        table = markdown_table(payload["rows"], VALIDATION_COLUMNS)
+    else:
+        table = "peak GiB\n\n" + peak_pivot(payload["rows"]) + "\n\nat the peak, GiB\n\n"
+        table += markdown_table(payload["rows"], SCALE_COLUMNS)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
     if args.part == "validate":

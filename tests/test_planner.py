@@ -47,8 +47,9 @@ def test_planned_peak_matches_the_measured_cpu_peak_within_10_percent(method):
 def test_sara_plan_counts_the_modelled_entries_as_adapter_state():
     sara = plan_training_memory(tiny_request(MethodSpec("sara", fraction=0.05)))
     full = plan_training_memory(tiny_request(MethodSpec("full")))
-    # float32 values + int32 indices per trainable entry; AdamW keeps two float32 moments per value
-    assert sara.breakdown["adapter"] == 8 * sara.trainable_parameters
+    # float32 values + int32 indices per trainable entry (plus a few bytes of bookkeeping per layer); AdamW keeps two
+    # float32 moments per value
+    assert sara.breakdown["adapter"] == pytest.approx(8 * sara.trainable_parameters, rel=0.01)
     assert sara.breakdown["optimizer"] >= 8 * sara.trainable_parameters
     assert 0.04 * full.trainable_parameters < sara.trainable_parameters < 0.06 * full.trainable_parameters
 
