@@ -185,15 +185,18 @@ def effective_weight(weight: torch.Tensor, entries: Sequence[SparseEntries]) -> 
     result = weight.detach().clone(memory_format=torch.contiguous_format)
     flat = result.view(-1)
     for entry in entries:
-        flat.index_put_((entry.indices,), _increment(flat, entry), accumulate=True)
+        compute = compute_dtype(flat.dtype, entry.values.dtype)
+        if flat.dtype == compute == entry.values.dtype and not isinstance(entry.scale, torch.Tensor):
+            flat.index_add_(0, entry.indices, entry.values, alpha=entry.scale)  # one op: the common float32 case
+        else:
+            flat.index_add_(0, entry.indices, _increment(flat, entry, compute))
     return result
 
 
-def _increment(flat: torch.Tensor, entry: SparseEntries) -> torch.Tensor:
+def _increment(flat: torch.Tensor, entry: SparseEntries, compute: torch.dtype) -> torch.Tensor:
     """What to add at ``entry.indices`` so that each entry becomes ``cast(w + scale * delta)``: ``scale * delta`` where
     the weight's dtype is the compute dtype; for narrower weights the difference of the rounded sum and the entry
     (a zero delta, e.g. an inert tail entry, adds an exact zero either way)."""
-    compute = compute_dtype(flat.dtype, entry.values.dtype)
     scaled = entry.values.to(compute) * entry.scale
     if flat.dtype == compute:
         return scaled
