@@ -5,7 +5,7 @@ SaRA adapter instead of LoRA (the paper reports that SaRA keeps following prompt
 fine-tuning here): instance images with an instance prompt holding a rare identifier ("a photo of sks dog"),
 optional prior preservation with class images that the base model generates ("a photo of dog"), ``--train_text_encoder``
 (SaRA on the CLIP encoder(s) too), validation, checkpoints and exact resume, push to the Hub with a model card.
-Copy this file (with ``sara_script_utils.py`` beside it) and edit it.
+Copy this file (with the ``sara_*.py`` helpers beside it) and edit it.
 
     accelerate launch examples/train_dreambooth_sara.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -43,12 +43,20 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sara_script_utils.py lives beside this script
-import sara_script_utils as utils  # noqa: E402
-from sara_script_utils import logger  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sara_*.py helpers live beside this script
+import sara_args  # noqa: E402
+import sara_data  # noqa: E402
+import sara_loop  # noqa: E402
+import sara_losses  # noqa: E402
+import sara_models  # noqa: E402
+import sara_outputs  # noqa: E402
+import sara_setup  # noqa: E402
+import sara_validation  # noqa: E402
 
+logger = get_logger(__name__, log_level="INFO")
 SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -76,9 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Precision of the class-image generation (default: fp16 on GPUs, else fp32).",
     )
-    utils.add_common_arguments(parser, default_output_dir="sara-dreambooth-model")
-    utils.add_text_encoder_arguments(parser)
-    utils.add_flow_matching_arguments(parser)
+    sara_args.add_common_arguments(parser, default_output_dir="sara-dreambooth-model")
+    sara_args.add_text_encoder_arguments(parser)
+    sara_args.add_flow_matching_arguments(parser)
     args = parser.parse_args(argv)
     if args.dataset_name is None and args.instance_data_dir is None:
         parser.error("Pass --instance_data_dir or --dataset_name.")
@@ -86,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     if not args.with_prior_preservation and (args.class_data_dir or args.class_prompt):
         warnings.warn("--class_data_dir / --class_prompt are used only with --with_prior_preservation.", stacklevel=2)
-    return utils.check_common_arguments(parser, args, needs=("datasets",))
+    return sara_args.check_common_arguments(parser, args, needs=("datasets",))
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
@@ -115,7 +123,7 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     items = [example["instance"] for example in examples] + [
         example["class"] for example in examples if "class" in example
     ]
-    return {**utils.collate_images(items), "num_instances": len(examples)}
+    return {**sara_data.collate_images(items), "num_instances": len(examples)}
 
 
 def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) -> None:
@@ -123,13 +131,13 @@ def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) ->
     (seeded per batch, named ``<index>-<sha1>.png``)."""
     class_dir = Path(args.class_data_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
-    existing = len(utils.image_files(class_dir))
+    existing = len(sara_data.image_files(class_dir))
     if existing >= args.num_class_images or not accelerator.is_main_process:
         return
     default = torch.float16 if torch.cuda.is_available() else torch.float32
     dtype = PRECISIONS.get(args.prior_generation_precision, default)
-    vae = {"vae": utils.load_vae(args, dtype)} if args.pretrained_vae_model_name_or_path else {}
-    pipe = utils.load_pipeline(args, dtype, **vae).to(accelerator.device)
+    vae = {"vae": sara_models.load_vae(args, dtype)} if args.pretrained_vae_model_name_or_path else {}
+    pipe = sara_models.load_pipeline(args, dtype, **vae).to(accelerator.device)
     logger.info(f"Generating {args.num_class_images - existing} class images of {args.class_prompt!r}")
     steps = {"num_inference_steps": args.class_inference_steps} if args.class_inference_steps else {}
     for start in range(existing, args.num_class_images, args.sample_batch_size):
@@ -145,9 +153,9 @@ def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) ->
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = utils.make_accelerator(args)
-    repo_id = utils.create_hub_repo(args, accelerator)
-    weight_dtype = utils.weight_dtype_of(accelerator)
+    accelerator = sara_setup.make_accelerator(args)
+    repo_id = sara_outputs.create_hub_repo(args, accelerator)
+    weight_dtype = sara_setup.weight_dtype_of(accelerator)
 
     # 1. Class images from the base model, before anything trains.
     if args.with_prior_preservation:
@@ -155,38 +163,40 @@ def main(args: argparse.Namespace) -> None:
         accelerator.wait_for_everyone()
 
     # 2. The pipeline and its SaRA adapters (denoiser; CLIP encoders with --train_text_encoder).
-    vae = utils.load_vae(args, weight_dtype)
-    pipe = utils.load_pipeline(args, weight_dtype, vae=vae)
+    vae = sara_models.load_vae(args, weight_dtype)
+    pipe = sara_models.load_pipeline(args, weight_dtype, vae=vae)
     if not isinstance(pipe, SUPPORTED_PIPELINES):
         raise ValueError(
             f"This script trains {', '.join(cls.__name__ for cls in SUPPORTED_PIPELINES)} models; "
             f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}."
         )
-    noise_scheduler = utils.noise_scheduler_for(args, pipe)
+    noise_scheduler = sara_models.noise_scheduler_for(args, pipe)
     pipe.to(accelerator.device)
-    modules = utils.trained_modules(args, accelerator, pipe)
+    modules = sara_models.trained_modules(args, pipe)
 
     # 3. Data; an optimizer, LR schedule and SaRA helper per adapted component; resume, prepare.
     with accelerator.main_process_first():
-        instances = utils.load_image_dataset(
+        instances = sara_data.load_image_dataset(
             args, args.instance_data_dir, args.dataset_name, default_caption=args.instance_prompt
         )
         classes = None
         if args.with_prior_preservation:
-            classes = utils.load_image_dataset(args, args.class_data_dir, default_caption=args.class_prompt)
+            classes = sara_data.load_image_dataset(args, args.class_data_dir, default_caption=args.class_prompt)
             classes = torch.utils.data.Subset(classes, range(min(len(classes), args.num_class_images)))
     train_dataset = DreamBoothDataset(instances, classes, args.repeats)
-    components, train_dataloader, steps_per_epoch, deepspeed = utils.setup_training(
+    components, train_dataloader, steps_per_epoch, deepspeed = sara_setup.setup_training(
         args, accelerator, modules, train_dataset, collate
     )
     denoiser = components[0].prepared
     text_encoders = {component.name: component.prepared for component in components[1:]}
 
     def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
-        pixel_values = utils.random_flip(batch, args)
-        latents = utils.encode_latents(vae, pixel_values, weight_dtype)
-        conditioning = utils.image_conditioning(pipe, batch, batch["captions"], args, accelerator.device, text_encoders)
-        losses = utils.denoising_loss(pipe, denoiser, noise_scheduler, latents, conditioning, args)
+        pixel_values = sara_data.random_flip(batch, args)
+        latents = sara_losses.encode_latents(vae, pixel_values, weight_dtype)
+        conditioning = sara_losses.image_conditioning(
+            pipe, batch, batch["captions"], args, accelerator.device, text_encoders
+        )
+        losses = sara_losses.denoising_loss(pipe, denoiser, noise_scheduler, latents, conditioning, args)
         instances = batch["num_instances"]
         loss = losses[:instances].mean()
         if args.with_prior_preservation:
@@ -194,8 +204,10 @@ def main(args: argparse.Namespace) -> None:
         return loss
 
     # 5. Train.
-    validate = functools.partial(utils.log_validation, pipe, args, accelerator) if args.validation_prompt else None
-    global_step = utils.train(
+    validate = (
+        functools.partial(sara_validation.log_validation, pipe, args, accelerator) if args.validation_prompt else None
+    )
+    global_step = sara_loop.train(
         args, accelerator, components, train_dataloader, steps_per_epoch, compute_loss, validate, deepspeed,
         project_name="dreambooth-sara",
     )  # fmt: skip
@@ -209,10 +221,10 @@ def main(args: argparse.Namespace) -> None:
             if args.with_prior_preservation
             else ""
         )
-        utils.finish_training(
+        sara_outputs.finish_training(
             args, accelerator, pipe, components, repo_id, global_step,
-            fresh_pipeline=functools.partial(utils.load_pipeline, args, weight_dtype, vae=vae),
-            validate=utils.log_validation,
+            fresh_pipeline=functools.partial(sara_models.load_pipeline, args, weight_dtype, vae=vae),
+            validate=sara_validation.log_validation,
             trained_with=f"`examples/train_dreambooth_sara.py` on `{args.dataset_name or args.instance_data_dir}`",
             tags=["dreambooth"],
             notes=["", f"Instance prompt: `{args.instance_prompt}`: use it to call the subject.{prior}"],

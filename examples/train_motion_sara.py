@@ -4,7 +4,7 @@ The paper's AnimateDiff experiment as a diffusers script: a Stable Diffusion 1.x
 make an ``AnimateDiffPipeline`` whose UNet (``UNetMotionModel``) interleaves the image layers with temporal "motion
 modules". SaRA adapts the motion modules' linear layers only (the image layers, text encoder and VAE stay frozen), on
 a folder of short clips with captions. The adapter loads with ``peft_sara.load_sara_adapter`` into an
-``AnimateDiffPipeline`` built on the same base and motion adapter. Copy this file (with ``sara_script_utils.py``
+``AnimateDiffPipeline`` built on the same base and motion adapter. Copy this file (with the ``sara_*.py`` helpers
 beside it) and edit it.
 
     accelerate launch examples/train_motion_sara.py \\
@@ -42,8 +42,17 @@ from diffusers import AnimateDiffPipeline, DDPMScheduler, DiffusionPipeline, Mot
 from diffusers.utils import export_to_gif, load_video, make_image_grid
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sara_script_utils.py lives beside this script
-import sara_script_utils as utils  # noqa: E402
+from peft_sara.export.sources import dtype_kwargs
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sara_*.py helpers live beside this script
+import sara_args  # noqa: E402
+import sara_data  # noqa: E402
+import sara_loop  # noqa: E402
+import sara_losses  # noqa: E402
+import sara_models  # noqa: E402
+import sara_outputs  # noqa: E402
+import sara_setup  # noqa: E402
+import sara_validation  # noqa: E402
 
 # The linear layers of the temporal transformers: attention projections and feed-forward. Their proj_in / proj_out are
 # called as `proj_in(input=...)`, a keyword that PEFT tuner layers (SaRA's included) do not take.
@@ -71,10 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Noise schedule of the training scheduler (default: the base pipeline's; AnimateDiff used linear).",
     )
-    utils.add_common_arguments(parser, default_output_dir="sara-motion-model")
+    sara_args.add_common_arguments(parser, default_output_dir="sara-motion-model")
     parser.set_defaults(resolution=256)
     args = parser.parse_args(argv)
-    return utils.check_common_arguments(parser, args)
+    return sara_args.check_common_arguments(parser, args)
 
 
 def motion_targets(target_modules: str | None) -> str:
@@ -92,7 +101,7 @@ def motion_targets(target_modules: str | None) -> str:
 def read_clip(path: Path) -> list[Image.Image]:
     """The frames of a clip: a folder of images in name order, or a video file (diffusers' ``load_video``)."""
     if path.is_dir():
-        return [Image.open(frame) for frame in utils.image_files(path)]
+        return [Image.open(frame) for frame in sara_data.image_files(path)]
     return load_video(str(path))
 
 
@@ -125,9 +134,9 @@ class ClipDataset(torch.utils.data.Dataset):
                 f"{path} has {len(frames)} frames; --num_frames {self.args.num_frames} at --sample_stride "
                 f"{self.args.sample_stride} needs {span}."
             )
-        first = utils.resize_and_crop(frames[0], self.args)
+        first = sara_data.resize_and_crop(frames[0], self.args)
         pixel_values = [first["pixel_values"]] + [
-            utils.resize_and_crop(frame, self.args, first["crop_top_left"])["pixel_values"]
+            sara_data.resize_and_crop(frame, self.args, first["crop_top_left"])["pixel_values"]
             for frame in frames[self.args.sample_stride : span : self.args.sample_stride]
         ]
         return {"pixel_values": torch.stack(pixel_values), "caption": caption}
@@ -147,7 +156,7 @@ def load_animatediff(args: argparse.Namespace, weight_dtype: torch.dtype, **comp
         components["motion_adapter"] = MotionAdapter.from_pretrained(
             args.motion_adapter_name_or_path,
             cache_dir=args.cache_dir,
-            **utils.dtype_kwargs(MotionAdapter, weight_dtype),
+            **dtype_kwargs(MotionAdapter, weight_dtype),
         )
     else:
         config = DiffusionPipeline.load_config(
@@ -158,18 +167,18 @@ def load_animatediff(args: argparse.Namespace, weight_dtype: torch.dtype, **comp
                 f"{args.pretrained_model_name_or_path} has no motion adapter: pass --motion_adapter_name_or_path "
                 "(e.g. guoyww/animatediff-motion-adapter-v1-5-2)."
             )
-    return utils.load_pipeline(args, weight_dtype, pipeline_class=AnimateDiffPipeline, **components)
+    return sara_models.load_pipeline(args, weight_dtype, pipeline_class=AnimateDiffPipeline, **components)
 
 
 def log_validation(
     pipe: AnimateDiffPipeline, args: argparse.Namespace, accelerator: Accelerator, name: str, step: int
 ) -> list[Image.Image]:
     """Generate ``num_validation_images`` clips with a fixed seed, save them side by side as one GIF, log the frames."""
-    outputs = utils.generate_validation(pipe, args, accelerator, name, num_frames=args.num_frames)
+    outputs = sara_validation.generate_validation(pipe, args, accelerator, name, num_frames=args.num_frames)
     clips = [output.frames[0] for output in outputs]
     frames = [make_image_grid(list(frame), rows=1, cols=len(clips)) for frame in zip(*clips)]
     export_to_gif(frames, os.path.join(args.output_dir, f"validation-{name}.gif"))
-    utils.log_images(accelerator, name, frames, step, args.validation_prompt)
+    sara_validation.log_images(accelerator, name, frames, step, args.validation_prompt)
     return frames
 
 
@@ -194,39 +203,39 @@ def usage_lines(args: argparse.Namespace, repo_id: str | None) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = utils.make_accelerator(args)
-    repo_id = utils.create_hub_repo(args, accelerator)
-    weight_dtype = utils.weight_dtype_of(accelerator)
+    accelerator = sara_setup.make_accelerator(args)
+    repo_id = sara_outputs.create_hub_repo(args, accelerator)
+    weight_dtype = sara_setup.weight_dtype_of(accelerator)
 
     # 1. The AnimateDiff pipeline; SaRA on the motion modules of its UNet only.
-    vae = utils.load_vae(args, weight_dtype)
+    vae = sara_models.load_vae(args, weight_dtype)
     pipe = load_animatediff(args, weight_dtype, vae=vae)
-    noise_scheduler = utils.noise_scheduler_for(args, pipe)
+    noise_scheduler = sara_models.noise_scheduler_for(args, pipe)
     if args.beta_schedule is not None:
         noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, beta_schedule=args.beta_schedule)
     pipe.to(accelerator.device)
-    modules = utils.trained_modules(args, accelerator, pipe, denoiser_targets=motion_targets(args.target_modules))
+    modules = sara_models.trained_modules(args, pipe, denoiser_targets=motion_targets(args.target_modules))
 
     # 2. Clips; the optimizer, LR schedule and SaRA helper; resume (before `prepare`, in place), prepare.
     train_dataset = ClipDataset(args)
-    components, train_dataloader, steps_per_epoch, deepspeed = utils.setup_training(
+    components, train_dataloader, steps_per_epoch, deepspeed = sara_setup.setup_training(
         args, accelerator, modules, train_dataset, collate
     )
     denoiser = components[0].prepared
 
     def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
-        pixel_values = utils.random_flip(batch, args)  # whole clips: batch x frames x 3 x H x W
+        pixel_values = sara_data.random_flip(batch, args)  # whole clips: batch x frames x 3 x H x W
         batch_size, num_frames = pixel_values.shape[:2]
-        latents = utils.encode_latents(vae, pixel_values.flatten(0, 1), weight_dtype)
+        latents = sara_losses.encode_latents(vae, pixel_values.flatten(0, 1), weight_dtype)
         latents = latents.unflatten(0, (batch_size, num_frames)).transpose(1, 2)  # batch x C x frames x h x w
-        conditioning = utils.encode_prompts(pipe, utils.pick_captions(batch["captions"]), accelerator.device)
+        conditioning = sara_losses.encode_prompts(pipe, sara_data.pick_captions(batch["captions"]), accelerator.device)
         # UNetMotionModel takes one prompt embedding per frame (AnimateDiffPipeline repeats them the same way).
         conditioning["encoder_hidden_states"] = conditioning["encoder_hidden_states"].repeat_interleave(num_frames, 0)
-        return utils.ddpm_loss(denoiser, noise_scheduler, latents, conditioning, args).mean()
+        return sara_losses.ddpm_loss(denoiser, noise_scheduler, latents, conditioning, args).mean()
 
     # 3. Train.
     validate = functools.partial(log_validation, pipe, args, accelerator) if args.validation_prompt else None
-    global_step = utils.train(
+    global_step = sara_loop.train(
         args, accelerator, components, train_dataloader, steps_per_epoch, compute_loss, validate, deepspeed,
         project_name="motion-sara",
     )  # fmt: skip
@@ -234,7 +243,7 @@ def main(args: argparse.Namespace) -> None:
     # 4. Save, export, check the saved adapter from a fresh pipeline, card, push.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        utils.finish_training(
+        sara_outputs.finish_training(
             args, accelerator, pipe, components, repo_id, global_step,
             fresh_pipeline=functools.partial(load_animatediff, args, weight_dtype, vae=vae),
             validate=log_validation,

@@ -4,7 +4,7 @@ The diffusers ``train_text_to_image_lora.py`` / ``train_text_to_image_lora_sdxl.
 and a SaRA adapter instead of LoRA: only the smallest-magnitude ("temporarily ineffective") weights of the denoiser
 are trained, as a sparse update, with the paper's nuclear-norm low-rank loss and progressive re-selection
 (``peft_sara.training.SaRATrainingHelper``). The VAE and text encoders stay frozen unless ``--train_text_encoder``
-(SaRA on the CLIP encoders too). Copy this file (with ``sara_script_utils.py`` beside it) and edit it.
+(SaRA on the CLIP encoders too). Copy this file (with the ``sara_*.py`` helpers beside it) and edit it.
 
     accelerate launch examples/train_text_to_image_sara.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -51,8 +51,15 @@ from typing import Any
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sara_script_utils.py lives beside this script
-import sara_script_utils as utils  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sara_*.py helpers live beside this script
+import sara_args  # noqa: E402
+import sara_data  # noqa: E402
+import sara_loop  # noqa: E402
+import sara_losses  # noqa: E402
+import sara_models  # noqa: E402
+import sara_outputs  # noqa: E402
+import sara_setup  # noqa: E402
+import sara_validation  # noqa: E402
 
 SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
 
@@ -66,56 +73,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data("--image_column", default="image", help="Dataset column holding the images.")
     data("--caption_column", default="text", help="Dataset column holding the captions (a string or a list).")
     data("--max_train_samples", type=int, default=None, help="Train on the first N samples only (for debugging).")
-    utils.add_common_arguments(parser, default_output_dir="sara-model")
-    utils.add_text_encoder_arguments(parser)
-    utils.add_flow_matching_arguments(parser)
+    sara_args.add_common_arguments(parser, default_output_dir="sara-model")
+    sara_args.add_text_encoder_arguments(parser)
+    sara_args.add_flow_matching_arguments(parser)
     args = parser.parse_args(argv)
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("Pass --dataset_name or --train_data_dir.")
-    return utils.check_common_arguments(parser, args, needs=("datasets",))
+    return sara_args.check_common_arguments(parser, args, needs=("datasets",))
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = utils.make_accelerator(args)
-    repo_id = utils.create_hub_repo(args, accelerator)
-    weight_dtype = utils.weight_dtype_of(accelerator)
+    accelerator = sara_setup.make_accelerator(args)
+    repo_id = sara_outputs.create_hub_repo(args, accelerator)
+    weight_dtype = sara_setup.weight_dtype_of(accelerator)
 
     # 1. The pipeline: its text encoders condition the denoiser, and it renders the validation images.
-    vae = utils.load_vae(args, weight_dtype)
-    pipe = utils.load_pipeline(args, weight_dtype, vae=vae)
+    vae = sara_models.load_vae(args, weight_dtype)
+    pipe = sara_models.load_pipeline(args, weight_dtype, vae=vae)
     if not isinstance(pipe, SUPPORTED_PIPELINES):
         raise ValueError(
             f"This script trains {', '.join(cls.__name__ for cls in SUPPORTED_PIPELINES)} models; "
             f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}."
         )
-    noise_scheduler = utils.noise_scheduler_for(args, pipe)
+    noise_scheduler = sara_models.noise_scheduler_for(args, pipe)
     pipe.to(accelerator.device)
 
     # 2. SaRA adapters, injected in place: the components stay diffusers / transformers models.
-    modules = utils.trained_modules(args, accelerator, pipe)
+    modules = sara_models.trained_modules(args, pipe)
 
     # 3. Data; an optimizer, LR schedule and SaRA helper (low-rank loss, re-selection) per adapted component; resume
     #    (before `prepare`, in place) and prepare everything once.
     with accelerator.main_process_first():
-        train_dataset = utils.load_image_dataset(
+        train_dataset = sara_data.load_image_dataset(
             args, args.train_data_dir, args.dataset_name, max_samples=args.max_train_samples
         )
-    components, train_dataloader, steps_per_epoch, deepspeed = utils.setup_training(
-        args, accelerator, modules, train_dataset, utils.collate_images
+    components, train_dataloader, steps_per_epoch, deepspeed = sara_setup.setup_training(
+        args, accelerator, modules, train_dataset, sara_data.collate_images
     )
     denoiser = components[0].prepared
     text_encoders = {component.name: component.prepared for component in components[1:]}
 
     def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
-        pixel_values = utils.random_flip(batch, args)  # here, not in the dataset: resuming stays exact
-        captions = utils.pick_captions(batch["captions"])
-        latents = utils.encode_latents(vae, pixel_values, weight_dtype)
-        conditioning = utils.image_conditioning(pipe, batch, captions, args, accelerator.device, text_encoders)
-        return utils.denoising_loss(pipe, denoiser, noise_scheduler, latents, conditioning, args).mean()
+        pixel_values = sara_data.random_flip(batch, args)  # here, not in the dataset: resuming stays exact
+        captions = sara_data.pick_captions(batch["captions"])
+        latents = sara_losses.encode_latents(vae, pixel_values, weight_dtype)
+        conditioning = sara_losses.image_conditioning(pipe, batch, captions, args, accelerator.device, text_encoders)
+        return sara_losses.denoising_loss(pipe, denoiser, noise_scheduler, latents, conditioning, args).mean()
 
     # 4. Train.
-    validate = functools.partial(utils.log_validation, pipe, args, accelerator) if args.validation_prompt else None
-    global_step = utils.train(
+    validate = (
+        functools.partial(sara_validation.log_validation, pipe, args, accelerator) if args.validation_prompt else None
+    )
+    global_step = sara_loop.train(
         args, accelerator, components, train_dataloader, steps_per_epoch, compute_loss, validate, deepspeed,
         project_name="text2image-sara",
     )  # fmt: skip
@@ -124,10 +133,10 @@ def main(args: argparse.Namespace) -> None:
     #    check that it loads by rendering the final validation images from a fresh pipeline; push.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        utils.finish_training(
+        sara_outputs.finish_training(
             args, accelerator, pipe, components, repo_id, global_step,
-            fresh_pipeline=functools.partial(utils.load_pipeline, args, weight_dtype, vae=vae),
-            validate=utils.log_validation,
+            fresh_pipeline=functools.partial(sara_models.load_pipeline, args, weight_dtype, vae=vae),
+            validate=sara_validation.log_validation,
             trained_with=f"`examples/train_text_to_image_sara.py` on `{args.dataset_name or args.train_data_dir}`",
         )  # fmt: skip
     accelerator.end_training()

@@ -69,7 +69,7 @@ def instance_folder(directory: Path) -> Path:
 def runs(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("dreambooth")
     script = load_example("train_dreambooth_sara")
-    utils = load_example("sara_script_utils")
+    outputs = load_example("sara_outputs")
     pipeline_dir = tiny_pipelines.build_sd_pipeline(root)
     common = [
         *("--pretrained_model_name_or_path", str(pipeline_dir), "--cache_dir", str(root / "cache")),
@@ -81,7 +81,7 @@ def runs(tmp_path_factory, one_thread):
         "--num_validation_images 1 --validation_steps 2 --validation_inference_steps 2".split()
     )
     with HubStub(lifetime_s=600) as hub, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utils, "HfApi", functools.partial(HfApi, endpoint=hub.url))
+        patch.setattr(outputs, "HfApi", functools.partial(HfApi, endpoint=hub.url))
         push = ["--push_to_hub", "--hub_model_id", PUSHED_REPO, "--hub_token", "hf_test"]
         run_example(script, [*common, "--output_dir", str(full_dir), *validation, *push])
         pushed, unhandled = hub.files(PUSHED_REPO), list(hub.unhandled)

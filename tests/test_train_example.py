@@ -39,7 +39,14 @@ from sklearn.datasets import load_sample_images
 
 import peft_sara  # noqa: F401  (registers the method)
 from peft_sara import SaRAConfig
-from peft_sara.training import SaRATrainingHelper
+from peft_sara.training import (
+    SaRATrainingHelper,
+    TrainedComponent,
+    add_sara_adapter,
+    recorded_base_model,
+    resume_from_checkpoint,
+    save_training_checkpoint,
+)
 from peft_sara.training.checkpoint import read_training_state
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -464,38 +471,35 @@ def test_flux_run_trains_the_transformer_and_its_lora_export_loads_with_load_lor
 
 
 @pytest.mark.parametrize("flag", ["snr_gamma", "noise_offset", "prediction_type"])
-def test_ddpm_only_flags_are_refused_for_flow_matching_models(utils, flux_run, flag):
+def test_ddpm_only_flags_are_refused_for_flow_matching_models(flux_run, flag):
     args = argparse.Namespace(snr_gamma=None, noise_offset=0.0, prediction_type=None)
     setattr(args, flag, "epsilon" if flag == "prediction_type" else 0.1)
     with pytest.raises(ValueError, match=f"--{flag} applies to DDPM models.*--weighting_scheme"):
-        utils.noise_scheduler_for(args, FluxPipeline.from_pretrained(flux_run.pipeline_dir))
+        load_example("sara_models").noise_scheduler_for(args, FluxPipeline.from_pretrained(flux_run.pipeline_dir))
 
 
 # ----------------------------------------------------------------------------------------------- script building blocks
-@pytest.fixture(scope="module")
-def utils():
-    return load_example("sara_script_utils")
-
-
-def test_sdxl_time_ids_carry_original_size_and_crop_and_follow_flips(utils):
+def test_sdxl_time_ids_carry_original_size_and_crop_and_follow_flips():
+    data, losses = load_example("sara_data"), load_example("sara_losses")
     args = argparse.Namespace(resolution=32, center_crop=False, image_interpolation_mode="bilinear", random_flip=True)
     image = Image.new("RGB", (60, 40))  # resized to 48 x 32: 16 columns to crop from
     torch.manual_seed(0)
-    items = [utils.resize_and_crop(image, args) for _ in range(8)]
-    batch = utils.collate_images([{**item, "caption": "x"} for item in items])
+    items = [data.resize_and_crop(image, args) for _ in range(8)]
+    batch = data.collate_images([{**item, "caption": "x"} for item in items])
     lefts = [left for _, left in batch["crop_top_lefts"]]
     assert len(set(lefts)) > 1 and all(0 <= left <= 16 for left in lefts)
     torch.manual_seed(1)
     flipped = torch.rand(8) < 0.5
     torch.manual_seed(1)
-    utils.random_flip(batch, args)
+    data.random_flip(batch, args)
     assert 0 < int(flipped.sum()) < 8
-    time_ids = utils.sdxl_time_ids(batch, 32, torch.device("cpu"), torch.float32)
+    time_ids = losses.sdxl_time_ids(batch, 32, torch.device("cpu"), torch.float32)
     expected = [[40, 60, 0, 16 - left if flip else left, 32, 32] for left, flip in zip(lefts, flipped.tolist())]
     assert time_ids.tolist() == expected
 
 
-def test_min_snr_weighting_and_offset_noise_change_the_ddpm_loss_as_diffusers_does(utils):
+def test_min_snr_weighting_and_offset_noise_change_the_ddpm_loss_as_diffusers_does():
+    losses = load_example("sara_losses")
     unet, inputs = tiny_unet(), unet_inputs(batch=4)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     conditioning = {"encoder_hidden_states": inputs["encoder_hidden_states"]}
@@ -504,7 +508,7 @@ def test_min_snr_weighting_and_offset_noise_change_the_ddpm_loss_as_diffusers_do
         args = argparse.Namespace(snr_gamma=snr_gamma, noise_offset=noise_offset)
         torch.manual_seed(0)
         with torch.no_grad():
-            return utils.ddpm_loss(unet, scheduler, inputs["sample"], conditioning, args)
+            return losses.ddpm_loss(unet, scheduler, inputs["sample"], conditioning, args)
 
     plain = loss()
     torch.manual_seed(0)
@@ -516,24 +520,22 @@ def test_min_snr_weighting_and_offset_noise_change_the_ddpm_loss_as_diffusers_do
     assert not torch.allclose(loss(noise_offset=0.1), plain)
 
 
-def test_checkpoints_hold_one_adapter_only_folder_per_component_and_leave_save_pretrained_alone(utils, tmp_path):
+def test_checkpoints_hold_one_adapter_only_folder_per_component_and_leave_save_pretrained_alone(tmp_path):
     components = []
-    args = argparse.Namespace(gradient_checkpointing=False, enable_xformers_memory_efficient_attention=False)
     for name, model in (("unet", tiny_unet()), ("text_encoder", tiny_clip_text())):
-        utils.add_sara_adapter(model, SaRAConfig(), args, SimpleNamespace(mixed_precision="no"))
-        optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad])
+        optimizer = torch.optim.AdamW(add_sara_adapter(model, SaRAConfig()))
         helper = SaRATrainingHelper(model, optimizer, total_steps=4)
-        components.append(utils.TrainedComponent(name, model, optimizer, None, helper))
+        components.append(TrainedComponent(name, model, optimizer, None, helper))
     save_pretrained = components[0].model.save_pretrained
 
-    utils.save_checkpoint(str(tmp_path / "checkpoint-1"), components)
+    save_training_checkpoint(str(tmp_path / "checkpoint-1"), components)
     assert sorted(path.name for path in (tmp_path / "checkpoint-1").iterdir()) == ["text_encoder", "unet"]
     for name in ("unet", "text_encoder"):
         assert {path.name for path in (tmp_path / "checkpoint-1" / name).iterdir()} == CHECKPOINT_FILES
     assert components[0].model.save_pretrained == save_pretrained
     with pytest.raises(FileNotFoundError, match="did not train text_encoder_2"):
         components[1].name = "text_encoder_2"
-        utils.load_checkpoint(str(tmp_path / "checkpoint-1"), components)
+        resume_from_checkpoint(str(tmp_path / "checkpoint-1"), components)
 
 
 # -------------------------------------------------------------------------------------------------------------- flags
@@ -619,8 +621,8 @@ def test_a_missing_optional_dependency_stops_at_parsing_with_the_install_command
     assert "pip install datasets" in err and "peft-sara[examples]" in err
 
 
-def test_a_local_base_is_recorded_as_an_absolute_path_and_a_hub_id_as_given(utils, tmp_path, monkeypatch):
+def test_a_local_base_is_recorded_as_an_absolute_path_and_a_hub_id_as_given(tmp_path, monkeypatch):
     (tmp_path / "base").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert utils.recorded_base_model("base") == str(tmp_path / "base")
-    assert utils.recorded_base_model("org/tiny-sd") == "org/tiny-sd"
+    assert recorded_base_model("base") == str(tmp_path / "base")
+    assert recorded_base_model("org/tiny-sd") == "org/tiny-sd"
