@@ -1,10 +1,12 @@
 """Inference cost of a SaRA adapter: base forward vs SaRA unmerged vs SaRA merged, and the time to merge / unmerge.
 
 Builds the preset's seeded random-init model and a SaRA adapter with random (non-zero) values on a copy, then times
-interleaved rounds of: the plain model, the unmerged forward (no grad: a cached patched copy of each weight), merge,
+interleaved rounds of: the plain model, the unmerged forward (no grad: the effective weight built per call), merge,
 the merged forward (the plain model's cost plus the layers' dispatch) and unmerge, so that a slow spell of a shared
 machine hits every variant alike. Also checks that the merged output equals the unmerged one within tolerance and
-that unmerging restores every base weight bitwise. Prints a table and writes
+that unmerging restores every base weight bitwise, and counts the tensor bytes each model keeps after three no-grad
+forwards beyond the plain model's, against LoRA r=8 on the same layers (as a multiple of the adapted weights' bytes).
+Prints a table and writes
 ``benchmarks/results/inference-<preset>-bs<B>-<device>.json``.
 
     python -m benchmarks.inference --preset small
@@ -24,7 +26,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/inference.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
 import peft_sara
 from benchmarks.common import (
@@ -51,6 +54,47 @@ from peft_sara.training import sara_layers
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-3), torch.float16: (1e-3, 1e-4)}
 
 
+def held_tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages a model holds: parameters, buffers and tensors kept in its modules' attributes
+    (also inside tuples, lists and dicts, where caches live)."""
+    storages: dict[int, int] = {}
+
+    def visit(value: Any, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif depth < 3 and isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item, depth + 1)
+        elif depth < 3 and isinstance(value, dict):
+            for item in value.values():
+                visit(item, depth + 1)
+
+    for module in model.modules():
+        for attributes in (module._parameters, module._buffers, vars(module)):
+            visit(attributes)
+    return sum(storages.values())
+
+
+def kept_memory(model: nn.Module, adapted: nn.Module, forward) -> dict[str, float]:
+    """What ``adapted`` keeps after three no-grad forwards beyond the plain ``model``, absolute and as a multiple of
+    the bytes of the weights its adapter layers wrap."""
+    for _ in range(3):
+        forward(adapted)
+    wrapped = sum(layer.get_base_layer().weight.nbytes for layer in adapted.modules() if hasattr(layer, "base_layer"))
+    kept = held_tensor_bytes(adapted) - held_tensor_bytes(model)
+    tensors = dict(adapted.named_parameters()) | dict(adapted.named_buffers())
+    adapter = sum(t.untyped_storage().nbytes() for name, t in tensors.items() if "sara_" in name or "lora_" in name)
+    return {
+        "kept_bytes": kept,
+        "adapter_bytes": adapter,
+        "other_kept_bytes": kept - adapter,  # caches and copies: what inference keeps besides the adapter itself
+        "adapted_weight_bytes": wrapped,
+        "kept_vs_adapted_weights": kept / wrapped,
+        "other_kept_vs_adapted_weights": (kept - adapter) / wrapped,
+    }
+
+
 def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
     """All measurements of one run (on the current process)."""
     preset, device = child_setup(spec)
@@ -70,6 +114,13 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
     config = peft_sara.SaRAConfig(**spec["sara_selection"], init_weights=False)
     peft_model = get_peft_model(model, config).eval()
     layers = [layer for _, layer in sara_layers(peft_model.get_base_model())]
+    targets = [name for name, _ in sara_layers(peft_model.get_base_model())]
+    lora_model = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=8, lora_alpha=8, target_modules=targets)).eval()
+    memory = {
+        "sara_unmerged": kept_memory(base_model, peft_model, forward),
+        "lora_r8": kept_memory(base_model, lora_model, forward),
+    }
+    del lora_model
     base_weights = [layer.get_base_layer().weight.detach().clone() for layer in layers]
     unmerged_output = forward(peft_model)
     peft_model.merge_adapter()
@@ -134,6 +185,7 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
             "base_output_restored_bitwise": bool(torch.equal(output_after_unmerge, base_output)),
             "adapter_changes_output": not bool(torch.allclose(unmerged_output, base_output, rtol=rtol, atol=atol)),
         },
+        "kept_after_generation": memory,
         "device_name": cuda_device_name(device),
     }
 
@@ -177,6 +229,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"\nSaRA: {result['sara_trainable'] / 1e6:.3f}M entries in {result['sara_layers']} layers\n")
     print(table)
     print()
+    for name, kept in result["kept_after_generation"].items():
+        print(
+            f"  kept after 3 no-grad forwards beyond the plain model, {name}: {kept['kept_bytes'] / 2**20:.2f} MiB = "
+            f"{kept['kept_vs_adapted_weights']:.3f}x the adapted weights (the adapter's own tensors "
+            f"{kept['adapter_bytes'] / 2**20:.2f} MiB, anything else {kept['other_kept_vs_adapted_weights']:.3f}x)"
+        )
     for name, value in result["checks"].items():
         print(f"  {name}: {value}")
 

@@ -1,7 +1,8 @@
 """Time SaRA's masked-weight ops: the PyTorch reference against the Triton kernels.
 
 On CUDA: the sampled weight gradient (reference GEMM + gather, Triton SDDMM, Triton masked GEMM and the automatic
-choice) at SD1.5-like layer shapes over a range of densities, and patch + restore of the entries. Prints a table and
+choice) at SD1.5-like layer shapes over a range of densities, and building the effective weight out of place (the
+per-call copy of the forward). Prints a table and
 writes ``benchmarks/results/kernels-<device>.json``, including the measured SDDMM / GEMM crossover density to compare
 with ``triton_kernels.SDDMM_MAX_DENSITY``.
 
@@ -145,11 +146,11 @@ def benchmark(args: argparse.Namespace, device: torch.device, reference, triton_
 
 def candidate_methods(grad_output, inputs, flat_weight, indices, values, reference, triton_kernels) -> dict:
     """Name -> zero-argument call, for every method that can run here (Triton ones only on CUDA)."""
+    from peft_sara.functional import SparseEntries, effective_weight
+
     methods: dict[str, Callable[[], object]] = {
         "grad/reference": lambda: reference.linear_weight_grad_values(grad_output, inputs, [indices]),
-        "patch+restore/reference": lambda: reference.restore_entries_(
-            flat_weight, indices, reference.patch_entries_(flat_weight, indices, values, 1.0)
-        ),
+        "effective-weight": lambda: effective_weight(flat_weight, [SparseEntries(indices, values, 1.0)]),
     }
     if triton_kernels is None or not grad_output.is_cuda:
         return methods
@@ -157,9 +158,6 @@ def candidate_methods(grad_output, inputs, flat_weight, indices, values, referen
         methods[f"grad/triton-{strategy}"] = lambda s=strategy: triton_kernels.linear_weight_grad_values(
             grad_output, inputs, [indices], strategy=s
         )
-    methods["patch+restore/triton"] = lambda: triton_kernels.restore_entries_(
-        flat_weight, indices, triton_kernels.patch_entries_(flat_weight, indices, values, 1.0)
-    )
     return methods
 
 
@@ -186,11 +184,6 @@ def interpreter_smoke_run(reference, triton_kernels) -> None:
             f"interpreter {strategy:5s}: 16 tokens, 24x40, {indices.numel()} entries, max |error| {error:.2e}, "
             f"{time.perf_counter() - start:.2f} s (interpreter speed, not kernel speed)"
         )
-    weight = torch.randn(24 * 40)
-    original = weight.clone()
-    saved = triton_kernels.patch_entries_(weight, indices, torch.randn(indices.numel()), 0.5)
-    triton_kernels.restore_entries_(weight, indices, saved)
-    print(f"interpreter patch+restore: bitwise restored = {torch.equal(weight, original)}")
 
 
 def main(argv: list[str] | None = None) -> dict:
