@@ -12,14 +12,15 @@ Layers, bottom to top (nothing imports upward; ``lint-imports`` checks it): ``co
 """
 
 from .cards import sara_model_card
+from .checkpoint_checks import allow_non_finite_values
 from .config import SaRAConfig
 from .constants import __version__
+from .file_format import InvalidAdapterError
 from .hub import push_sara_adapter
 from .layer import Conv, Linear, SaRALayer, SparseUpdate, sara_layers
 from .model import SaRAModel
 from .pipelines import load_sara_adapter, save_sara_adapter
 from .registration import register
-from .validation import InvalidAdapterError, allow_non_finite_values
 
 PEFT_TYPE = register()
 

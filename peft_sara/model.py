@@ -10,13 +10,15 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from .adapter_files import base_model_id
+from .checkpoint_checks import effective_weight_problem, validate_checkpoint
 from .config import SaRAConfig
 from .constants import PREFIX, SARA_TAGS
+from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
 from .layer import SaRALayer, dispatch_sara_layer, sara_layers
+from .peft_loading import check_peft_load_source, resize_layers_to_entries
 from .save_bridge import install_save_bridge
-from .serialization import base_model_id, check_peft_load_source, fit_layers_to_checkpoint, prepare_for_saving
 from .transaction import ModelState, all_or_nothing
-from .validation import PEFT_MODEL_PREFIX, align_checkpoint_keys, effective_weight_problem
 
 # Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
 # text encoders. Suffix lists, matched by PEFT's usual rules.
@@ -257,8 +259,9 @@ class SaRAModel(BaseTuner):
     # ----------------------------------------------------------------------------------------- state dicts
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # Every save (PEFT's save_pretrained included) writes the file format of peft_sara.file_format.
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return prepare_for_saving(model, adapter_name, selected, getattr(config, "save_dtype", None))
+        return encode_adapter_state_dict(model, adapter_name, selected, getattr(config, "save_dtype", None))
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -269,8 +272,11 @@ class SaRAModel(BaseTuner):
         try:
             prefixed = any(name.startswith(PEFT_MODEL_PREFIX) for name, _ in model.named_parameters())
             state_dict = align_checkpoint_keys(state_dict, prefixed)
+            # Checked and decoded (indices back to the layers' int tensors) before anything of the model changes.
+            entries, state_dict = validate_checkpoint(model, adapter_name, state_dict)
             remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-            return fit_layers_to_checkpoint(model, adapter_name, remapped)
+            resize_layers_to_entries(model, adapter_name, entries)
+            return remapped
         except Exception:
             if pending is not None:  # PEFT's from_pretrained / load_adapter created this adapter: take it out again
                 pending.restore()

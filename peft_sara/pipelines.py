@@ -39,16 +39,18 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from safetensors.torch import load_file
 from torch import nn
 
+from .adapter_files import base_model_id, read_adapter_weights, read_sara_config, save_injected_adapter
 from .atomic import write_text_atomic
 from .cards import sara_model_card
+from .checkpoint_checks import allow_non_finite_values, check_checkpoint_file
 from .config import SaRAConfig
+from .config_checks import check_relative_path
 from .constants import CARD_NAME, CONFIG_NAME, PREFIX, SAFETENSORS_NAME
+from .file_format import InvalidAdapterError
 from .layer import count_entries, sara_adapter_names, sara_layers
 from .resolve import default_adapter_name, resolve_adapter_folder
 from .save_bridge import install_save_bridge
-from .serialization import base_model_id, read_adapter_weights, read_sara_config, save_injected_adapter
 from .transaction import all_or_nothing
-from .validation import InvalidAdapterError, allow_non_finite_values, check_checkpoint_file, check_relative_path
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +208,7 @@ def load_sara_adapter(
 ) -> str:
     """Load a SaRA adapter into a diffusers pipeline's components, in place, and make it the active adapter.
 
-    Every file is checked before it is used (``peft_sara.validation``): config, weight shapes recorded in the file
+    Every file is checked before it is used (``peft_sara.checkpoint_checks``): config, weight shapes recorded in the file
     against the pipeline's, checksums, index ranges, duplicates, non-finite values. If anything fails, the components
     are left exactly as they were.
 
@@ -239,7 +241,7 @@ def load_sara_adapter(
         FileNotFoundError: the folder / repo lacks the adapter files.
         ValueError: the adapter is not a SaRA adapter, targets a component the pipeline lacks, its name is taken, or
             its weights do not fit the model (nothing stays injected in that case). Problems of the files themselves
-            raise :class:`peft_sara.validation.InvalidAdapterError`, a ``ValueError``.
+            raise :class:`peft_sara.InvalidAdapterError`, a ``ValueError``.
     """
     components = _components_for_prefix(prefix, components)
     pipe_modules = pipeline_modules(pipe)

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peft_sara import SaRAConfig, cli
+from peft_sara.adapter_files import save_model_adapter
 from peft_sara.conversion import BaseModelRequired, export_adapter, read_adapter_files
 from peft_sara.export.formats import DIFFUSERS_METADATA_KEY, DIFFUSERS_WEIGHT_NAME
 from peft_sara.layouts import LAYOUTS_KEY, MODEL_CLASS_KEY
 from peft_sara.pipelines import inject_sara_adapter
-from peft_sara.serialization import save_model_adapter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import Conv1DModel, tiny_unet, unet_inputs  # noqa: E402

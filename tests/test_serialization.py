@@ -21,11 +21,13 @@ from peft import (
     set_peft_model_state_dict,
 )
 from peft.utils import load_peft_weights
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from peft_sara import SaRAConfig, sara_layers
-from peft_sara.serialization import save_injected_adapter
-from peft_sara.validation import FORMAT_VERSION
+from peft_sara.adapter_files import save_injected_adapter
+from peft_sara.file_format import FORMAT_VERSION
+from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
 
 TARGETS = ["conv", "conv1x1", "lin0", "lin1"]
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
@@ -44,17 +46,32 @@ def trained_adapter(tmp_path, **kwargs):
     return model
 
 
-def test_saved_files_hold_only_indices_and_values(tmp_path):
+def test_saved_files_store_indices_as_gaps_of_about_one_byte_per_entry(tmp_path):
     model = trained_adapter(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert all("sara_" in key for key in tensors)
     nnz = model.get_nb_trainable_parameters()[0]
-    assert sum(t.numel() for k, t in tensors.items() if "sara_indices" in k) == nnz
-    assert {t.dtype for k, t in tensors.items() if "indices" in k} == {torch.int32}
+    assert sum(t.numel() for k, t in tensors.items() if k.endswith("sara_values")) == nnz
+    for name, layer in sara_layers(model):
+        stream = tensors[f"{name}.sara_index_gaps"]
+        assert stream.dtype == torch.uint8 and stream.numel() == layer.trainable_entries("default")[0].numel()
+        assert torch.equal(decode_index_gaps(stream), layer.trainable_entries("default")[0].long())
     file_size = (tmp_path / "adapter_model.safetensors").stat().st_size
-    assert nnz * 8 <= file_size <= nnz * 8 * 1.1 + 4096
+    assert nnz * 5 <= file_size <= nnz * 5 + 4096  # float32 value + 1 byte of index per entry, plus the header
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "SARA" and config["trainable_fraction"] == 0.2
+
+
+def test_index_gaps_round_trip_any_ascending_indices():
+    for indices in ([], [0], [0, 1, 127, 128, 16511, 2**31 + 5, 2**62], list(range(0, 10**6, 977))):
+        expected = torch.tensor(indices, dtype=torch.int64)
+        assert torch.equal(decode_index_gaps(encode_index_gaps(expected)), expected)
+    with pytest.raises(ValueError, match="ascending"):
+        encode_index_gaps(torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match="truncated"):
+        decode_index_gaps(torch.tensor([0x85], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="longer than 9 bytes"):
+        decode_index_gaps(torch.tensor([0x80] * 9 + [1], dtype=torch.uint8))
 
 
 def test_saved_files_record_weight_shapes_checksums_and_format_version(tmp_path):
@@ -74,6 +91,8 @@ def test_saved_files_record_weight_shapes_checksums_and_format_version(tmp_path)
     save_injected_adapter(model.base_model.model, tmp_path / "injected", "default")
     injected = load_file(tmp_path / "injected" / "adapter_model.safetensors")
     assert injected.keys() == {key.removeprefix("base_model.model.") for key in tensors}
+    with safe_open(tmp_path / "injected" / "adapter_model.safetensors", framework="pt") as handle:
+        assert handle.metadata()["peft_sara_index_encoding"] == "varint-gaps"
 
 
 def test_save_dtype_stores_half_precision_values(tmp_path):
@@ -144,9 +163,10 @@ def test_mismatched_checkpoint_raises_and_leaves_model_untouched(tmp_path):
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
     out_of_range = dict(tensors)
-    key = "base_model.model.lin1.sara_indices"
-    out_of_range[key] = out_of_range[key].clone()
-    out_of_range[key][-1] = 10**6
+    key = "base_model.model.lin1.sara_index_gaps"
+    indices = decode_index_gaps(out_of_range[key])
+    indices[-1] = 10**6
+    out_of_range[key] = encode_index_gaps(indices)
     with pytest.raises(ValueError, match="SaRA layer 'base_model.model.lin1'.*span"):
         set_peft_model_state_dict(target, out_of_range)
     assert_untouched()
@@ -158,13 +178,20 @@ def test_mismatched_checkpoint_raises_and_leaves_model_untouched(tmp_path):
     assert_untouched()
 
     float_indices = dict(tensors)
-    float_indices["base_model.model.conv.sara_indices"] = float_indices["base_model.model.conv.sara_indices"].float()
-    with pytest.raises(ValueError, match="'base_model.model.conv'.*integer"):
+    key = "base_model.model.conv.sara_index_gaps"
+    float_indices[key] = float_indices[key].float()
+    with pytest.raises(ValueError, match="'base_model.model.conv'.*uint8 byte stream"):
         set_peft_model_state_dict(target, float_indices)
     assert_untouched()
 
+    raw_indices = dict(tensors)
+    raw_indices["base_model.model.conv.sara_indices"] = decode_index_gaps(raw_indices.pop(key))
+    with pytest.raises(ValueError, match="stores 'base_model.model.conv.sara_indices' as raw indices"):
+        set_peft_model_state_dict(target, raw_indices)
+    assert_untouched()
+
     foreign = dict(tensors)
-    foreign["base_model.model.decoder.sara_indices"] = torch.zeros(1, dtype=torch.int32)
+    foreign["base_model.model.decoder.sara_index_gaps"] = encode_index_gaps(torch.zeros(1, dtype=torch.int64))
     foreign["base_model.model.decoder.sara_values"] = torch.zeros(1)
     with pytest.raises(ValueError, match="match no SaRA layer"):
         set_peft_model_state_dict(target, foreign)
@@ -172,7 +199,7 @@ def test_mismatched_checkpoint_raises_and_leaves_model_untouched(tmp_path):
 
     missing = {k: v for k, v in tensors.items() if "lin1" not in k}
     save_file(missing, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match="no trainable indices for SaRA layer 'base_model.model.lin1'"):
+    with pytest.raises(ValueError, match="no entries for SaRA layer 'base_model.model.lin1'"):
         PeftModel.from_pretrained(fresh_model(), tmp_path)
 
 

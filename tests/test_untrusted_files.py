@@ -38,14 +38,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from peft_sara import SaRAConfig, load_sara_adapter
-from peft_sara.serialization import read_sara_config, save_injected_adapter, save_model_adapter
-from peft_sara.validation import (
-    ALLOW_NON_FINITE_ENV_VAR,
-    InvalidAdapterError,
-    allow_non_finite_values,
-    entries_checksum,
-    split_sara_key,
-)
+from peft_sara.adapter_files import read_sara_config, save_injected_adapter, save_model_adapter
+from peft_sara.checkpoint_checks import ALLOW_NON_FINITE_ENV_VAR, allow_non_finite_values
+from peft_sara.file_format import InvalidAdapterError, entries_checksum, split_sara_key
+from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -253,6 +249,11 @@ mutations = st.one_of(
 )
 
 
+def with_indices_edited(stream: torch.Tensor, edit) -> torch.Tensor:
+    """A varint gap stream whose decoded indices went through ``edit`` (sorted again, as a writer would)."""
+    return encode_index_gaps(torch.sort(edit(decode_index_gaps(stream))).values)
+
+
 def _edit_values(tensor: torch.Tensor, edit: str, position: int, numel_hint: int) -> torch.Tensor:
     tensor = tensor.clone()
     if tensor.numel() == 0:
@@ -354,12 +355,13 @@ def apply_mutation(mutation: tuple, folder: Path) -> None:
         else:
             tensors[key] = tensors[shape_keys[(mutation[1] + 1) % len(shape_keys)]].clone()
     elif kind == "overlap":
-        frozen_keys = [name for name in keys if name.endswith("sara_frozen_indices")]
+        frozen_keys = [name for name in keys if name.endswith("sara_frozen_index_gaps")]
         frozen_key = frozen_keys[mutation[1] % len(frozen_keys)]
-        trainable_key = frozen_key.replace("sara_frozen_indices", "sara_indices")
-        frozen = tensors[frozen_key].clone()
-        frozen[0] = tensors[trainable_key][0]
-        tensors[frozen_key] = frozen
+        trainable_key = frozen_key.replace("sara_frozen_index_gaps", "sara_index_gaps")
+        tensors[frozen_key] = with_indices_edited(
+            tensors[frozen_key],
+            lambda frozen: frozen.index_fill(0, torch.tensor([0]), int(decode_index_gaps(tensors[trainable_key])[0])),
+        )
     save_file(tensors, weights_path)
 
 
@@ -467,27 +469,6 @@ def test_transposed_layer_with_the_same_number_of_entries_is_refused(tmp_path):
         PeftModel.from_pretrained(Transposed().eval(), tmp_path)
 
 
-def test_files_of_version_0_1_0_load_and_warn_once_that_shapes_are_unverified(source, tmp_path):
-    legacy = {
-        key: value
-        for key, value in load_file(source / WEIGHTS).items()
-        if split_sara_key(key)[1] in ("sara_indices", "sara_values", "sara_frozen_indices", "sara_frozen_values")
-    }
-    shutil.copy(source / CONFIG, tmp_path / CONFIG)
-    save_file(legacy, tmp_path / WEIGHTS)
-    with pytest.warns(UserWarning, match="peft-sara 0.1.0 and records no weight shapes") as record:
-        loaded = PeftModel.from_pretrained(fresh_model(), tmp_path)
-    assert sum("0.1.0" in str(warning.message) for warning in record) == 1
-    reference = PeftModel.from_pretrained(fresh_model(), source)
-    assert not differences(observe(reference), observe(loaded))
-    # What can be checked still is: an index past the end of the weight.
-    legacy["base_model.model.lin1.sara_indices"] = legacy["base_model.model.lin1.sara_indices"].clone()
-    legacy["base_model.model.lin1.sara_indices"][-1] = 16 * 32
-    save_file(legacy, tmp_path / WEIGHTS)
-    with pytest.raises(ValueError, match="lin1'.*span"):
-        PeftModel.from_pretrained(fresh_model(), tmp_path)
-
-
 def test_non_finite_values_are_refused_unless_allowed(tmp_path, monkeypatch):
     trained_model(nan=True).save_pretrained(tmp_path)
     base = fresh_model()
@@ -511,15 +492,18 @@ def test_duplicates_and_overlaps_are_refused_even_in_self_consistent_files(sourc
     target = get_peft_model(fresh_model(), SaRAConfig(target_modules=TARGETS, threshold=0.05))
     before = observe(target)
     duplicated = dict(tensors)
-    indices = duplicated["base_model.model.lin0.sara_indices"].clone()
-    indices[5] = indices[4]
-    duplicated["base_model.model.lin0.sara_indices"] = indices
+    key = "base_model.model.lin0.sara_index_gaps"
+    duplicated[key] = with_indices_edited(
+        duplicated[key], lambda indices: indices.index_fill(0, torch.tensor([5]), int(indices[4]))
+    )
     with pytest.raises(InvalidAdapterError, match=r"'base_model.model.lin0'.*trainable indices repeat 1 entries"):
         set_peft_model_state_dict(target, resign(duplicated))
     overlapping = dict(tensors)
-    frozen = overlapping["base_model.model.lin1.sara_frozen_indices"].clone()
-    frozen[0] = overlapping["base_model.model.lin1.sara_indices"][3]
-    overlapping["base_model.model.lin1.sara_frozen_indices"] = frozen
+    trainable = decode_index_gaps(overlapping["base_model.model.lin1.sara_index_gaps"])
+    key = "base_model.model.lin1.sara_frozen_index_gaps"
+    overlapping[key] = with_indices_edited(
+        overlapping[key], lambda frozen: frozen.index_fill(0, torch.tensor([0]), int(trainable[3]))
+    )
     with pytest.raises(InvalidAdapterError, match=r"'base_model.model.lin1': 1 entries are both trainable and frozen"):
         set_peft_model_state_dict(target, resign(overlapping))
     assert not differences(before, observe(target))
@@ -572,11 +556,11 @@ def test_every_config_field_with_every_hostile_value_reads_or_fails_cleanly(sour
 def test_failed_peft_loads_leave_no_adapter_behind(source, tmp_path):
     shutil.copytree(source, tmp_path / "broken")
     tensors = load_file(source / WEIGHTS)
-    del tensors["base_model.model.conv1x1.sara_indices"]
+    del tensors["base_model.model.conv1x1.sara_index_gaps"]
     save_file(tensors, tmp_path / "broken" / WEIGHTS)
     model = get_peft_model(fresh_model(), SaRAConfig(target_modules=["lin0", "head"], trainable_fraction=0.1))
     before = observe(model)
-    with pytest.raises(InvalidAdapterError, match="no trainable indices for SaRA layer 'base_model.model.conv1x1'"):
+    with pytest.raises(InvalidAdapterError, match="'base_model.model.conv1x1' lacks its 'sara_index_gaps'"):
         model.load_adapter(tmp_path / "broken", adapter_name="other")
     assert list(model.peft_config) == ["default"] and not differences(before, observe(model))
     base = fresh_model()

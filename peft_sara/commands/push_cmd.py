@@ -9,12 +9,12 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from ..adapter_files import read_adapter_weights, read_sara_config
 from ..atomic import write_text_atomic
 from ..cards import sara_model_card
 from ..constants import CARD_NAME, CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from ..export.sources import adapter_component_names
-from ..serialization import read_adapter_weights, read_sara_config
-from ..validation import parse_checkpoint
+from ..file_format import parse_checkpoint
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..adapter_files import read_sara_config
 from ..export.sources import adapter_component_names
 from ..resolve import resolve_adapter_folder
-from ..serialization import read_sara_config
 
 DOWNLOAD_HINT = (
     "Pass --base FOLDER, a local copy of the base model (download one with `hf download ORG/NAME --local-dir FOLDER`)."

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..adapter_files import read_adapter_weights, read_sara_config
+from ..checkpoint_checks import LayerEntries, check_checkpoint_file
 from ..constants import SAFETENSORS_NAME
+from ..file_format import WEIGHT_SHAPE_NAME
 from ..layer import SparseUpdate
 from ..resolve import resolve_adapter_folder
-from ..serialization import read_adapter_weights, read_sara_config
-from ..validation import WEIGHT_SHAPE_NAME, check_checkpoint_file
 from .lowrank import effective_rank, numerical_rank
 from .sources import adapter_component_names
 
@@ -23,27 +24,23 @@ from .sources import adapter_component_names
 MAX_DENSE_PER_STORED_ENTRY = 4096
 
 
-def _layer_row(name: str, tensors: dict[str, torch.Tensor], ranks: bool) -> dict[str, Any]:
-    values = tensors.get("sara_values", torch.zeros(0)).float()
-    frozen_values = tensors.get("sara_frozen_values", torch.zeros(0)).float()
-    indices = torch.cat(
-        [tensors.get("sara_indices", torch.zeros(0)), tensors.get("sara_frozen_indices", torch.zeros(0))]
-    )
-    shape = tuple(int(size) for size in tensors[WEIGHT_SHAPE_NAME]) if WEIGHT_SHAPE_NAME in tensors else None
-    entries = values.numel() + frozen_values.numel()
+def _layer_row(name: str, entries: LayerEntries, shape: tuple[int, ...], ranks: bool) -> dict[str, Any]:
+    values, frozen_values = entries.values.float(), entries.frozen_values.float()
+    indices = torch.cat([entries.indices.long(), entries.frozen_indices.long()])
     all_values = torch.cat([values, frozen_values])
+    stored = all_values.numel()
     row: dict[str, Any] = {
         "module": name,
-        "weight_shape": list(shape) if shape else None,
+        "weight_shape": list(shape),
         "trainable": values.numel(),
         "frozen": frozen_values.numel(),
-        "density": entries / math.prod(shape) if shape and math.prod(shape) else None,
+        "density": stored / math.prod(shape) if math.prod(shape) else None,
         "delta_norm": float(torch.linalg.vector_norm(all_values)),  # entries are distinct: the dense norm
         "effective_rank": None,
         "rank": None,
     }
-    if ranks and shape and entries and math.prod(shape) <= MAX_DENSE_PER_STORED_ENTRY * entries:
-        update = SparseUpdate(indices.long(), all_values, 1.0, torch.Size(shape))
+    if ranks and stored and math.prod(shape) <= MAX_DENSE_PER_STORED_ENTRY * stored:
+        update = SparseUpdate(indices, all_values, 1.0, torch.Size(shape))
         matrix = update.to_dense().reshape(shape[0], -1)
         singular_values = torch.linalg.svdvals(matrix)
         row["effective_rank"] = round(effective_rank(singular_values), 3)
@@ -63,19 +60,18 @@ def inspect_adapter(
 ) -> dict[str, Any]:
     """Statistics of a SaRA adapter folder or Hub repo, from its files (see the module docstring).
 
-    ``ranks=False`` skips the SVD per layer (effective ranks are then ``None``). Layers of files written before
-    weight shapes were recorded (peft-sara 0.1.0) have no density or rank either, nor layers whose recorded weight is
+    ``ranks=False`` skips the SVD per layer (effective ranks are then ``None``), as do layers whose recorded weight is
     more than :data:`MAX_DENSE_PER_STORED_ENTRY` times their stored entries. The files are validated first
-    (``peft_sara.validation.check_checkpoint_file``): a corrupted or hostile file raises ``InvalidAdapterError``.
+    (``peft_sara.checkpoint_checks.check_checkpoint_file``): a corrupted or hostile file raises ``InvalidAdapterError``.
     """
     folder = resolve_adapter_folder(source, subfolder, revision, token, cache_dir, local_files_only)
     components = []
     for component in adapter_component_names(folder):
         component_folder = folder / component if component else folder
         config = read_sara_config(component_folder)
-        parsed, _ = check_checkpoint_file(read_adapter_weights(component_folder), allow_non_finite=True)
+        parsed, entries = check_checkpoint_file(read_adapter_weights(component_folder), allow_non_finite=True)
         layers = [
-            _layer_row(name, checkpoint.tensors, ranks)
+            _layer_row(name, entries[name], tuple(int(size) for size in checkpoint.tensors[WEIGHT_SHAPE_NAME]), ranks)
             for name, checkpoint in tqdm(
                 sorted(parsed.layers.items()), desc=f"inspecting {component or 'adapter'}", disable=not progress
             )

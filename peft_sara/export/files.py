@@ -1,11 +1,10 @@
 """Exporting from an adapter's files alone, without the base model.
 
 A SaRA file holds, per layer, the flat indices and values of the update and the shape of the weight they address
-(``peft_sara.validation``), and the layers' layouts (``peft_sara.layouts``): that is all a LoRA or ``.diff`` export
+(``peft_sara.file_format``), and the layers' layouts (``peft_sara.layouts``): that is all a LoRA or ``.diff`` export
 needs. The base model is needed only where the file cannot say how to lay the update out, and
 :func:`read_adapter_files` then names the layer and the reason:
 
-- a layer with no recorded weight shape (files written before shapes were recorded, SaRA file format 1);
 - a file without layout records (saved by ``PeftModel.save_pretrained`` itself, or by another tool) for a component
   that is not a diffusers denoiser: there a 2-D weight may be ``nn.Linear`` or transformers' ``Conv1D`` (stored
   transposed), and a text encoder's module path in other tools' files depends on its class.
@@ -25,13 +24,14 @@ from typing import Any
 
 import torch
 
+from ..adapter_files import read_adapter_weights, read_sara_config
+from ..checkpoint_checks import check_layer_checkpoint
 from ..constants import SAFETENSORS_NAME
+from ..file_format import WEIGHT_SHAPE_NAME, LayerCheckpoint, parse_checkpoint
 from ..layer import SparseUpdate
 from ..layouts import LayerLayout, read_layouts
 from ..pipelines import DENOISER_COMPONENTS
 from ..resolve import resolve_adapter_folder
-from ..serialization import read_adapter_weights, read_sara_config
-from ..validation import WEIGHT_SHAPE_NAME, LayerCheckpoint, check_layer_checkpoint, parse_checkpoint
 from .sources import (
     ComponentUpdates,
     ExportLayer,
@@ -61,7 +61,7 @@ class AdapterFiles:
 
 def _update_reader(checkpoint: LayerCheckpoint, shape: tuple[int, ...], name: str):
     def read() -> SparseUpdate:
-        entries = check_layer_checkpoint(name, checkpoint, shape, None, records_required=True, allow_non_finite=True)
+        entries = check_layer_checkpoint(name, checkpoint, shape, None, allow_non_finite=True)
         return SparseUpdate(
             indices=torch.cat([entries.indices, entries.frozen_indices]).long(),
             values=torch.cat([entries.values, entries.frozen_values]).float(),
@@ -121,11 +121,6 @@ def read_adapter_files(
         parsed = parse_checkpoint(read_adapter_weights(component_folder))
         layers = {}
         for layer_name, checkpoint in sorted(parsed.layers.items()):
-            if WEIGHT_SHAPE_NAME not in checkpoint.tensors:
-                raise BaseModelRequired(
-                    f"Layer '{component_name}.{layer_name}' needs the base model: '{component_folder}' records no "
-                    "weight shapes (SaRA file format 1). Pass the base model, or load the adapter and save it again."
-                )
             shape = tuple(int(size) for size in checkpoint.tensors[WEIGHT_SHAPE_NAME])
             layout = _layout(layer_name, shape, recorded, component_name, weights_file)
             if not layout.recorded and any(size > 1 for size in shape[2:]):  # dilation matters beyond 1 x 1

@@ -26,10 +26,10 @@ import torch
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
+from ..adapter_files import write_adapter_config
 from ..atomic import save_safetensors_atomic
 from ..constants import SAFETENSORS_NAME, __version__
 from ..layouts import LayerLayout
-from ..serialization import write_adapter_config
 from .files import AdapterFiles, export_updates
 from .lowrank import LayerFactors, LoRAExport, Rank, convert_to_lora, delta_matrix
 from .merged import save_merged

@@ -11,8 +11,8 @@ from typing import Any
 from peft import PeftModel
 from torch import nn
 
+from ..adapter_files import publish_staged_files
 from ..save_bridge import base_layers_swapped_in
-from ..serialization import publish_staged_files
 from .sources import adapted_components, adapter_layers, is_pipeline, single_adapter_name
 
 

@@ -22,12 +22,13 @@ from peft import set_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
 
+from ..adapter_files import adapter_subfolder, read_adapter_weights, save_model_adapter
 from ..atomic import save_safetensors_atomic
+from ..checkpoint_checks import check_checkpoint_file
 from ..constants import TRAINING_STATE_NAME
+from ..file_format import InvalidAdapterError
 from ..masks import is_sharded
-from ..serialization import adapter_subfolder, read_adapter_weights, save_model_adapter
 from ..transaction import all_or_nothing
-from ..validation import InvalidAdapterError, check_checkpoint_file
 from .helper import SaRATrainingHelper, resolve_sara_adapter
 from .optimizer import unwrap_optimizer
 

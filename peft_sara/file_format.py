@@ -1,0 +1,363 @@
+"""The SaRA adapter file format: what ``adapter_model.safetensors`` holds, how it is encoded, and its one key parser.
+
+This docstring is the one description of the format (README's "File format and sizes" and docs/RELIABILITY.md point
+here). There is one format, version :data:`FORMAT_VERSION`; a file of another version is refused.
+
+An adapter folder is PEFT's: ``adapter_config.json`` (a ``SaRAConfig``) and ``adapter_model.safetensors``. Tensor keys
+are module paths, with PEFT's ``base_model.model.`` prefix when saved from a ``PeftModel`` (either spelling loads into
+either kind of model) and without the adapter name. Per SaRA layer ``<layer>``:
+
+==================================  ========================  ==========================================================
+key                                 dtype, shape              holds
+==================================  ========================  ==========================================================
+``<layer>.sara_index_gaps``         uint8 ``[bytes]``         the trainable entries' flat indices into the base weight,
+                                                              ascending, as varint gaps (``peft_sara.index_encoding``):
+                                                              about 1 byte per entry at SaRA's densities
+``<layer>.sara_values``             float32 / float16 /       one value per index, in index order; the dtype is
+                                    bfloat16 ``[n]``          ``SaRAConfig.save_dtype`` (default float32)
+``<layer>.sara_frozen_index_gaps``  as above                  entries frozen by progressive re-selection (absent when
+``<layer>.sara_frozen_values``                                there are none)
+``<layer>.sara_weight_shape``       int64 ``[ndim]``          the shape of the base weight the indices address
+``<layer>.sara_checksum``           uint8 ``[32]``            SHA-256 of the layer's name and the tensors above (name,
+                                                              dtype, shape and bytes of each)
+==================================  ========================  ==========================================================
+
+Per file: ``sara_format_version`` (int64 ``[1]``) and ``sara_modules_to_save_checksum`` (uint8 ``[32]``, the SHA-256
+of every other tensor, by saved name). Every other tensor is a module of the config's ``modules_to_save``.
+
+The files peft-sara writes itself (``save_sara_adapter``, ``save_model_adapter`` of a model with injected adapters,
+training checkpoints) also carry safetensors metadata: ``peft_sara_index_encoding`` (:data:`INDEX_ENCODING`),
+``peft_sara_layouts`` and ``peft_sara_model_class`` (``peft_sara.layouts``). ``PeftModel.save_pretrained`` writes the
+same tensors with PEFT's metadata only, so readers decode from the tensor names and the format version, never from the
+metadata.
+
+Encoding happens at the file's edge: layers keep int32 / int64 indices in memory. SaRA's tuner encodes in its state-dict
+hook (``SaRAModel._get_adapter_state_dict``, which every save runs, PEFT's included): empty frozen sets are dropped,
+values are cast to ``save_dtype``, each set is sorted by index (values with it) and its indices written as gaps, and the
+records are added. Every reader decodes in one place (``peft_sara.checkpoint_checks.check_layer_checkpoint``), after
+the checksum and before anything reaches ``load_state_dict``: PEFT's ``from_pretrained`` / ``load_adapter`` through the
+tuner's load hook (``SaRAModel._remap_adapter_state_dict_for_load``), ``load_sara_adapter``, hotswap, training resume,
+``peft-sara inspect`` / ``export`` and ``read_adapter_files``. What each check covers is in
+``peft_sara.checkpoint_checks``.
+
+Size per stored entry: ~1 byte of index (a gap below 128) + 4 bytes of float32 value, or 2 with ``save_dtype="float16"``
+or ``"bfloat16"``: about 5 / 3 bytes, against 8 for an int32 index beside a float32 value (``benchmarks/file_size.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .index_encoding import INDEX_ENCODING, encode_index_gaps
+from .layer import sara_layers
+
+FORMAT_VERSION = 1
+FORMAT_VERSION_NAME = "sara_format_version"
+# One per file: the checksum of every tensor that is not a SaRA entry (modules_to_save), by saved name.
+OTHER_CHECKSUM_NAME = "sara_modules_to_save_checksum"
+FILE_RECORD_NAMES = (FORMAT_VERSION_NAME, OTHER_CHECKSUM_NAME)
+WEIGHT_SHAPE_NAME = "sara_weight_shape"
+CHECKSUM_NAME = "sara_checksum"
+# A layer's entries as the file stores them, and as the layer holds them (in memory, in a model's state dict).
+STORED_ENTRY_NAMES = ("sara_index_gaps", "sara_values", "sara_frozen_index_gaps", "sara_frozen_values")
+LAYER_ENTRY_NAMES = ("sara_indices", "sara_values", "sara_frozen_indices", "sara_frozen_values")
+STORED_INDEX_NAME = {"sara_indices": "sara_index_gaps", "sara_frozen_indices": "sara_frozen_index_gaps"}
+RECORD_NAMES = (WEIGHT_SHAPE_NAME, CHECKSUM_NAME)
+LAYER_TENSOR_NAMES = tuple(dict.fromkeys(STORED_ENTRY_NAMES + LAYER_ENTRY_NAMES + RECORD_NAMES))
+INDEX_ENCODING_KEY = "peft_sara_index_encoding"
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CHECKSUM_BYTES = 32
+PEFT_MODEL_PREFIX = "base_model.model."
+
+
+class InvalidAdapterError(ValueError):
+    """An adapter (file, config or state dict) that cannot be loaded as it is: malformed, corrupted, or made for
+    another model. Raised before anything of the model changes."""
+
+
+# ------------------------------------------------------------------------------------------------- key names
+def normalize_module_name(name: str) -> str:
+    """A module name / key prefix as a checkpoint stores it: without PEFT's ``base_model.model.``, nothing else.
+
+    The one key parser of checks and loading: a key is validated under exactly the name it is loaded into, so a
+    checkpoint spelt for a wrapped model (``_orig_mod.``, ``_fsdp_wrapped_module.``) matches no layer of a plain one.
+    """
+    return name.removeprefix(PEFT_MODEL_PREFIX)
+
+
+def align_checkpoint_keys(state_dict: Mapping[str, Any], prefixed: bool) -> dict[str, Any]:
+    """The checkpoint with every key spelt as the model spells it (with or without ``base_model.model.``).
+
+    Raises :class:`InvalidAdapterError` if two keys name the same tensor once aligned (``lin0.sara_values`` and
+    ``base_model.model.lin0.sara_values``): which one would load is not the file's to decide.
+    """
+    aligned: dict[str, Any] = {}
+    spelt: dict[str, str] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise InvalidAdapterError(f"The checkpoint has a non-string key {key!r}.")
+        name = normalize_module_name(key)
+        target = PEFT_MODEL_PREFIX + name if prefixed else name
+        if target in aligned:
+            raise InvalidAdapterError(
+                f"The checkpoint holds the tensor '{name}' twice, as '{spelt[target]}' and '{key}': it is ambiguous "
+                "which one would load. Keep one spelling."
+            )
+        aligned[target], spelt[target] = value, key
+    return aligned
+
+
+def split_sara_key(key: str, adapter_name: str | None = None) -> tuple[str, str] | None:
+    """(normalized layer name, SaRA tensor name) of a state-dict key, or None if it is not a SaRA tensor or record.
+
+    Accepts checkpoint keys (``base_model.model.lin0.sara_values``) and model keys (``lin0.sara_values.default``).
+    """
+    parts = key.split(".")
+    if adapter_name is not None and len(parts) >= 2 and parts[-1] == adapter_name and parts[-2] in LAYER_TENSOR_NAMES:
+        parts = parts[:-1]
+    if parts[-1] not in LAYER_TENSOR_NAMES + FILE_RECORD_NAMES:
+        return None
+    return normalize_module_name(".".join(parts[:-1]) + ".").removesuffix("."), parts[-1]
+
+
+def sibling_key(key: str, adapter_name: str | None, name: str) -> str:
+    """``key`` (a SaRA tensor's key) with its tensor name replaced by ``name``, adapter suffix kept."""
+    parts = key.split(".")
+    position = -2 if len(parts) >= 2 and parts[-1] == adapter_name and parts[-2] in LAYER_TENSOR_NAMES else -1
+    parts[position] = name
+    return ".".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------- checksums
+def checksum_name(layer_name: str) -> str:
+    """The layer name a checksum covers: as saved, without ``base_model.model.`` and CLIP's ``text_model.`` (which
+    transformers 5 flattened, so a text-encoder file saved before still verifies after)."""
+    return normalize_module_name(layer_name).removeprefix("text_model.")
+
+
+def tensors_checksum(layer_name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """SHA-256 (32 uint8) of named tensors and the layer (or file) they belong to: its name, then each tensor's
+    name, dtype, shape and bytes in sorted name order. Integrity against accidents, not security: anyone who edits the
+    file can recompute it."""
+    digest = hashlib.sha256(f"{checksum_name(layer_name)};".encode())
+    for name in sorted(tensors):
+        data = tensors[name].detach().reshape(-1).contiguous().cpu()
+        digest.update(f"{name}|{str(data.dtype).removeprefix('torch.')}|{tuple(tensors[name].shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
+def entries_checksum(layer_name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The checksum of a SaRA layer's stored tensors (encoded entries and weight shape), bound to the layer's name."""
+    return tensors_checksum(
+        layer_name, {name: tensors[name] for name in STORED_ENTRY_NAMES + (WEIGHT_SHAPE_NAME,) if name in tensors}
+    )
+
+
+def other_tensor_name(key: str, adapter_name: str | None) -> str:
+    """A modules_to_save key as saved: ``head.weight`` for ``base_model.model.head.modules_to_save.<adapter>.weight``
+    (PEFT inserts the wrapper path when it loads)."""
+    name = normalize_module_name(key)
+    return name.replace(f".modules_to_save.{adapter_name}.", ".") if adapter_name else name
+
+
+def other_tensors_checksum(tensors: Mapping[str, torch.Tensor], adapter_name: str | None) -> torch.Tensor:
+    """The checksum of a checkpoint's tensors that are not SaRA entries (its modules_to_save), by saved name."""
+    return tensors_checksum("", {other_tensor_name(key, adapter_name): tensor for key, tensor in tensors.items()})
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def _plain(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    if hasattr(tensor, "full_tensor"):  # a DTensor (FSDP2, tensor parallel): the file holds the whole tensor
+        tensor = tensor.full_tensor()
+    if tensor.is_meta:
+        raise ValueError(f"Cannot save '{key}': it is on the meta device (never loaded). Load the adapter first.")
+    return tensor.detach()
+
+
+def _encoded_entries(index_key: str, indices: torch.Tensor, value_key: str, values: torch.Tensor, adapter_name: str):
+    """The stored form of one entry set: sorted by index, indices as varint gaps."""
+    indices, values = _plain(index_key, indices), _plain(value_key, values)
+    if indices.numel() > 1 and not bool((indices[1:] >= indices[:-1]).all()):
+        order = torch.argsort(indices, stable=True)
+        indices, values = indices[order], values[order]
+    name = STORED_INDEX_NAME[split_sara_key(index_key, adapter_name)[1]]
+    return {sibling_key(index_key, adapter_name, name): encode_index_gaps(indices), value_key: values.contiguous()}
+
+
+def encode_adapter_state_dict(
+    model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], save_dtype: str | None
+) -> dict[str, torch.Tensor]:
+    """An adapter state dict (model keys, adapter name still in them) in the file format: empty frozen sets dropped,
+    values cast to ``save_dtype``, indices sorted and written as gaps, weight shapes, checksums and format version
+    added. Other tensors (modules_to_save) are kept as they are, under one checksum."""
+    layers = {
+        normalize_module_name(name): layer
+        for name, layer in sara_layers(model)
+        if layer.present_adapters([adapter_name])
+    }
+    grouped: dict[str, dict[str, str]] = {}
+    others = {}
+    for key, tensor in state_dict.items():
+        split = split_sara_key(key, adapter_name)
+        if split is None or split[1] not in LAYER_ENTRY_NAMES:
+            others[key] = _plain(key, tensor)
+        else:
+            grouped.setdefault(split[0], {})[split[1]] = key
+    value_dtype = getattr(torch, save_dtype) if save_dtype is not None else None
+    encoded = {}
+    for layer_name, keys in grouped.items():
+        layer = layers.get(layer_name)
+        if layer is None or "sara_indices" not in keys or "sara_values" not in keys:
+            raise ValueError(
+                f"Cannot save SaRA layer '{layer_name}' of adapter '{adapter_name}': the state dict lacks its indices "
+                "or values, or the model has no such layer."
+            )
+        tensors = {}
+        for index_name, value_name in (("sara_indices", "sara_values"), ("sara_frozen_indices", "sara_frozen_values")):
+            if index_name not in keys:
+                continue
+            indices, values = state_dict[keys[index_name]], state_dict[keys[value_name]]
+            if index_name == "sara_frozen_indices" and indices.numel() == 0:
+                continue  # nothing re-selected yet
+            values = values.to(value_dtype) if value_dtype is not None else values
+            tensors.update(_encoded_entries(keys[index_name], indices, keys[value_name], values, adapter_name))
+        shape_key = sibling_key(keys["sara_indices"], adapter_name, WEIGHT_SHAPE_NAME)
+        tensors[shape_key] = torch.tensor(tuple(layer.weight_shape), dtype=torch.int64)
+        by_name = {split_sara_key(key, adapter_name)[1]: tensor for key, tensor in tensors.items()}
+        tensors[sibling_key(keys["sara_indices"], adapter_name, CHECKSUM_NAME)] = entries_checksum(layer_name, by_name)
+        encoded.update(tensors)
+    prefix = PEFT_MODEL_PREFIX if all(key.startswith(PEFT_MODEL_PREFIX) for key in state_dict) else ""
+    encoded[prefix + FORMAT_VERSION_NAME] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
+    encoded[prefix + OTHER_CHECKSUM_NAME] = other_tensors_checksum(others, adapter_name)
+    return {**others, **encoded}
+
+
+def format_metadata() -> dict[str, str]:
+    """The safetensors metadata entries peft-sara's own writers add (readers never need them)."""
+    return {INDEX_ENCODING_KEY: INDEX_ENCODING}
+
+
+# ------------------------------------------------------------------------------------------------- reading
+@dataclass
+class LayerCheckpoint:
+    """The tensors a checkpoint holds for one SaRA layer, by SaRA tensor name, with their state-dict keys."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ParsedCheckpoint:
+    """A SaRA checkpoint split into per-layer tensors, its records and every other key."""
+
+    layers: dict[str, LayerCheckpoint]
+    record_keys: list[str]
+    other_keys: list[str]
+    other_checksum: torch.Tensor
+
+
+def _read_version(key: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.numel() != 1:
+        raise InvalidAdapterError(
+            f"'{key}' must be one integer (the SaRA file format version), got dtype {tensor.dtype} and shape "
+            f"{tuple(tensor.shape)}: the file is corrupted."
+        )
+    version = int(tensor.reshape(-1)[0])
+    if version != FORMAT_VERSION:
+        raise InvalidAdapterError(
+            f"The checkpoint uses SaRA file format {version}; this peft-sara reads format {FORMAT_VERSION} "
+            "(see `peft_sara.file_format`). Save the adapter again with this version, or use the peft-sara that wrote it."
+        )
+
+
+def checked_checksum(where: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if it has a checksum's form (32 uint8), else :class:`InvalidAdapterError`."""
+    if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (CHECKSUM_BYTES,):
+        raise InvalidAdapterError(
+            f"{where} must be {CHECKSUM_BYTES} uint8, got dtype {tensor.dtype} and shape {tuple(tensor.shape)}: the "
+            "file is corrupted."
+        )
+    return tensor
+
+
+def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = None) -> ParsedCheckpoint:
+    """Group a checkpoint's stored SaRA tensors by layer and read its file records.
+
+    Raises :class:`InvalidAdapterError` on non-tensors, repeated tensors, raw (unencoded) index tensors, a missing or
+    foreign format version and a missing modules_to_save checksum. What the layers' tensors hold is checked later
+    (``peft_sara.checkpoint_checks``).
+    """
+    layers: dict[str, LayerCheckpoint] = {}
+    version_key, record_keys, other_keys, other_checksum = None, [], [], None
+    for key, tensor in state_dict.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise InvalidAdapterError(f"The checkpoint entry {key!r} is a {type(tensor).__name__}, not a tensor.")
+        split = split_sara_key(key, adapter_name)
+        if split is None:
+            other_keys.append(key)
+            continue
+        layer_name, name = split
+        if name == FORMAT_VERSION_NAME:
+            if version_key is not None:
+                raise InvalidAdapterError(f"The checkpoint holds two format versions: '{version_key}' and '{key}'.")
+            _read_version(key, tensor)
+            version_key = key
+            record_keys.append(key)
+            continue
+        if name == OTHER_CHECKSUM_NAME:
+            if other_checksum is not None or layer_name:
+                raise InvalidAdapterError(
+                    f"The checkpoint holds a misplaced or second '{OTHER_CHECKSUM_NAME}': '{key}'."
+                )
+            other_checksum = checked_checksum(f"'{key}'", tensor)
+            record_keys.append(key)
+            continue
+        if name in STORED_INDEX_NAME:
+            raise InvalidAdapterError(
+                f"The checkpoint stores '{key}' as raw indices; SaRA files store them as '{STORED_INDEX_NAME[name]}' "
+                "(varint gaps, see `peft_sara.file_format`). Was it written by another tool?"
+            )
+        layer = layers.setdefault(layer_name, LayerCheckpoint())
+        if name in layer.tensors:
+            raise InvalidAdapterError(
+                f"The checkpoint holds '{name}' of SaRA layer '{layer_name}' twice: '{layer.keys[name]}' and '{key}'."
+            )
+        layer.tensors[name], layer.keys[name] = tensor, key
+        if name in RECORD_NAMES:
+            record_keys.append(key)
+    if version_key is None:
+        raise InvalidAdapterError(
+            f"The checkpoint has no '{FORMAT_VERSION_NAME}': it is not a SaRA adapter file, or it was edited after "
+            "saving."
+        )
+    if other_checksum is None:
+        raise InvalidAdapterError(
+            f"The checkpoint has no '{OTHER_CHECKSUM_NAME}', which every SaRA file has: the file is corrupted or was "
+            "edited after saving."
+        )
+    return ParsedCheckpoint(layers, record_keys, other_keys, other_checksum)
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "InvalidAdapterError",
+    "LayerCheckpoint",
+    "ParsedCheckpoint",
+    "align_checkpoint_keys",
+    "encode_adapter_state_dict",
+    "entries_checksum",
+    "format_metadata",
+    "normalize_module_name",
+    "other_tensors_checksum",
+    "parse_checkpoint",
+    "sibling_key",
+    "split_sara_key",
+    "tensors_checksum",
+]
