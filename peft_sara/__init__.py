@@ -6,8 +6,8 @@ Importing this package registers the ``"sara"`` method with PEFT, so that ``get_
 Layers, bottom to top (nothing imports upward; ``lint-imports`` checks it): ``constants`` / ``peft_type`` /
 ``config`` / ``masks`` -> ``kernels`` -> ``functional`` (the sparse-update op) -> ``base_weight``
 -> ``layer`` -> tuner (``serialization``, ``save_bridge``, ``validation``, ``model``, ``merging``,
-``regularizers``, ``registration``) -> integrations (``cards``, ``resolve``, ``pipelines``, ``export``, ``hub``,
-``conversion``) -> ``training`` -> applications (``cli``, ``commands``, ``demo``). The import-linter contract in
+``regularizers``, ``registration``) -> integrations (``cards``, ``resolve``, ``hotswap``, ``pipelines``, ``export``,
+``hub``, ``conversion``) -> ``training`` -> applications (``cli``, ``commands``, ``demo``). The import-linter contract in
 ``pyproject.toml`` is the exact list.
 """
 
@@ -16,6 +16,7 @@ from .checkpoint_checks import allow_non_finite_values
 from .config import SaRAConfig
 from .constants import __version__
 from .file_format import InvalidAdapterError
+from .hotswap import enable_sara_hotswap, hotswap_adapter
 from .hub import push_sara_adapter
 from .layer import Conv, Linear, SaRALayer, SparseUpdate, sara_layers
 from .model import SaRAModel
@@ -35,6 +36,8 @@ __all__ = [
     "PEFT_TYPE",
     "__version__",
     "load_sara_adapter",
+    "enable_sara_hotswap",
+    "hotswap_adapter",
     "save_sara_adapter",
     "push_sara_adapter",
     "sara_model_card",

@@ -47,6 +47,7 @@ from .config import SaRAConfig
 from .config_checks import check_relative_path
 from .constants import CARD_NAME, CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from .file_format import InvalidAdapterError
+from .hotswap import swap_state_dicts
 from .layer import count_entries, sara_adapter_names, sara_layers
 from .resolve import default_adapter_name, resolve_adapter_folder
 from .save_bridge import install_save_bridge
@@ -205,6 +206,7 @@ def load_sara_adapter(
     allow_non_finite: bool | None = None,
     weight_name: str | None = None,
     prefix: str | None = None,
+    hotswap: bool = False,
 ) -> str:
     """Load a SaRA adapter into a diffusers pipeline's components, in place, and make it the active adapter.
 
@@ -233,6 +235,8 @@ def load_sara_adapter(
             (default: ``adapter_model.safetensors``, PEFT's name). Only ``.safetensors`` files.
         prefix: The one component to load, as diffusers' ``load_lora_adapter(prefix=...)`` takes it (``"unet"``,
             ``"text_encoder"``, ...); the same as ``components=[prefix]``.
+        hotswap: Replace the entries of the existing adapter ``adapter_name`` in place (a slot reserved by
+            :func:`peft_sara.enable_sara_hotswap`), so a compiled model keeps its graph (``peft_sara.hotswap``).
 
     Returns:
         The adapter name, for ``pipe.set_adapters([...])`` and friends.
@@ -254,12 +258,19 @@ def load_sara_adapter(
         config = read_sara_config(component_folder)
         config.inference_mode = True
         module = pipe_modules[component]
-        if adapter_name in (getattr(module, "peft_config", None) or {}):
+        if not hotswap and adapter_name in (getattr(module, "peft_config", None) or {}):
             raise ValueError(
                 f"pipe.{component} already has an adapter named '{adapter_name}': pass another `adapter_name`, or "
                 "remove it first with `pipe.delete_adapters(...)`."
             )
         plan.append((component, module, config, _read_component_weights(component_folder, weight_name)))
+
+    if hotswap:
+        if fuse:
+            raise ValueError("`hotswap=True` replaces an unfused adapter in place; fuse it afterwards if needed.")
+        targets = [(f"pipe.{c}", module, _align_text_model_prefix(module, sd)) for c, module, _, sd in plan]
+        swap_state_dicts(targets, adapter_name, scale, allow_non_finite)
+        return adapter_name
 
     # Everything the files say about themselves is checked before any component changes; what needs the model
     # (shapes, target layers, modules_to_save) is checked by the tuner's load hook before any value is written.

@@ -1,0 +1,277 @@
+"""Hotswapping SaRA adapters: replace an adapter's entries in place, so a compiled model keeps its graph.
+
+As diffusers does for LoRA (``enable_lora_hotswap(target_rank=...)`` then ``load_lora_weights(..., hotswap=True)``)::
+
+    peft_sara.enable_sara_hotswap(pipe, max_fraction=0.1, target_modules=[...])   # before the first load
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+    peft_sara.load_sara_adapter(pipe, "adapter_a", adapter_name="default", hotswap=True)
+    peft_sara.load_sara_adapter(pipe, "adapter_b", adapter_name="default", hotswap=True)   # no recompile
+
+:func:`enable_sara_hotswap` injects an inert adapter slot into every layer an adapter may touch, with a fixed capacity
+of ``ceil(max_fraction * numel)`` entries per layer (a compiled graph bakes the sizes of the values Parameter and the
+index buffer in). A swap writes the new adapter's entries into that capacity in place: same tensors, same shapes, the
+live count and scale as 0-d tensors, the frozen entries in the layer's dynamic-size buffers. Layers the new adapter
+does not touch get an inert (zero) update. Nothing changes before every file has been checked against every layer;
+an adapter that does not fit raises an error naming the layer, and leaves the current adapter as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from torch import nn
+
+from .adapter_files import read_adapter_weights, read_sara_config
+from .checkpoint_checks import LayerEntries, check_checkpoint_file, check_layer_checkpoint, non_finite_allowed
+from .config import SaRAConfig
+from .file_format import InvalidAdapterError, normalize_module_name
+from .layer import SaRALayer, sara_layers
+from .resolve import resolve_adapter_folder
+from .save_bridge import install_save_bridge
+from .transaction import all_or_nothing
+
+# Pipeline components a slot goes into when `components` is not given (the first one the pipeline has).
+DENOISERS = ("unet", "transformer", "prior", "decoder")
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The model behind a ``torch.compile`` wrapper (its layers are the compiled model's)."""
+    return getattr(module, "_orig_mod", module)
+
+
+def _targets(pipe_or_model: Any, components: Sequence[str] | None) -> dict[str, nn.Module]:
+    """``{label: module}``: the chosen components of a pipeline, or the model itself."""
+    if isinstance(pipe_or_model, nn.Module):
+        if components is not None:
+            raise ValueError("`components` applies to pipelines only; pass the model alone.")
+        return {type(_unwrap(pipe_or_model)).__name__: _unwrap(pipe_or_model)}
+    modules = {
+        name: module
+        for name, module in getattr(pipe_or_model, "components", {}).items()
+        if isinstance(module, nn.Module)
+    }
+    if not modules:
+        raise TypeError(f"Expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}.")
+    names = list(components) if components else [name for name in DENOISERS if name in modules][:1]
+    missing = [name for name in names if name not in modules]
+    if missing or not names:
+        raise ValueError(f"The pipeline has no component {missing or list(DENOISERS)}; it has {sorted(modules)}.")
+    return {f"pipe.{name}": _unwrap(modules[name]) for name in names}
+
+
+def _slot_layers(module: nn.Module, adapter_name: str) -> dict[str, SaRALayer]:
+    """The layers holding ``adapter_name``, by name as checkpoints spell it."""
+    return {
+        normalize_module_name(name): layer
+        for name, layer in sara_layers(module)
+        if layer.present_adapters([adapter_name])
+    }
+
+
+def _inject_slot(module: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
+    if isinstance(module, PeftModel):
+        module.add_adapter(adapter_name, config)
+        module.set_adapter(adapter_name)
+        return
+    inject_adapter_in_model(config, module, adapter_name)
+    cast_adapter_dtype(module, adapter_name)
+    module._hf_peft_config_loaded = True  # diffusers' and transformers' adapter API then drive it
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.set_adapter([adapter_name], inference_mode=True)
+    install_save_bridge(module)
+
+
+def enable_sara_hotswap(
+    pipe_or_model: Any,
+    max_fraction: float,
+    target_modules: list[str] | str | None = None,
+    adapter_name: str = "default",
+    components: Sequence[str] | None = None,
+    exclude_modules: list[str] | str | None = None,
+) -> dict[str, int]:
+    """Reserve a fixed-capacity, inert SaRA adapter slot for hotswapping, before the first load and before compiling.
+
+    Every layer matched by ``target_modules`` (``SaRAConfig``'s default when ``None``) gets an adapter
+    ``adapter_name`` with room for ``ceil(max_fraction * numel)`` entries and no live entry (its output is the base
+    layer's). Later loads with ``hotswap=True`` (:func:`peft_sara.load_sara_adapter`, :func:`hotswap_adapter`) write
+    into it in place. Choose ``max_fraction`` at least the largest trainable fraction of the adapters to serve, and
+    ``target_modules`` covering every layer any of them adapts.
+
+    Args:
+        pipe_or_model: A diffusers pipeline, a model (a ``ModelMixin``, any ``nn.Module``) or a ``PeftModel``.
+        max_fraction: Capacity per layer, as a fraction of its weight's entries (0 < max_fraction <= 1).
+        target_modules: Layers to reserve (names, suffixes or a regex, as in ``SaRAConfig``).
+        adapter_name: Name of the slot; pass it as ``adapter_name`` to the hotswapping loads.
+        components: Pipeline components to reserve in (default: the denoiser, ``unet`` / ``transformer``).
+        exclude_modules: Layers never to reserve (as in ``SaRAConfig``).
+
+    Returns:
+        ``{label: total reserved entries}`` per component (``pipe.unet``) or model (its class name).
+    """
+    if not 0 < max_fraction <= 1:
+        raise ValueError(f"`max_fraction` must be in (0, 1], got {max_fraction}.")
+    reserved = {}
+    for label, module in _targets(pipe_or_model, components).items():
+        if adapter_name in (getattr(module, "peft_config", None) or {}):
+            raise ValueError(
+                f"{label} already has an adapter named '{adapter_name}': enable hotswap before the first load, or "
+                "pick another `adapter_name` for the slot."
+            )
+        config = SaRAConfig(
+            target_modules=target_modules,
+            exclude_modules=exclude_modules,
+            trainable_fraction=max_fraction,
+            init_weights=True,
+            inference_mode=True,
+        )
+        _inject_slot(module, config, adapter_name)
+        total = 0
+        for _, layer in _slot_layers(module, adapter_name).items():
+            numel = layer.weight_shape.numel()
+            capacity = max(math.ceil(max_fraction * numel), layer.sara_values[adapter_name].shape[0])
+            reference = layer.sara_indices[adapter_name]
+            # Grow to the capacity (unique in-range placeholder indices), then empty it: zero values, no live entry.
+            layer.set_trainable_entries(adapter_name, torch.arange(capacity, device=reference.device))
+            empty = reference.new_zeros(0)
+            values = layer.sara_values[adapter_name].detach().new_zeros(0)
+            layer.set_trainable_entries(adapter_name, empty, values, empty, values)
+            total += capacity
+        reserved[label] = total
+    return reserved
+
+
+@dataclass
+class _Swap:
+    layer: SaRALayer
+    entries: LayerEntries | None  # None: the new adapter does not touch this layer (inert update)
+
+
+def _plan_swaps(
+    label: str, module: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, allow_non_finite: bool
+) -> list[_Swap]:
+    """Check a checkpoint against the slot of ``module`` and return what to write; change nothing."""
+    slots = _slot_layers(module, adapter_name)
+    if not slots:
+        raise ValueError(
+            f"{label} has no SaRA adapter '{adapter_name}' to hotswap into. Call "
+            f"`peft_sara.enable_sara_hotswap(..., adapter_name='{adapter_name}')` before the first load (or load "
+            "without `hotswap=True`)."
+        )
+    merged = [name for name, layer in slots.items() if layer.merged]
+    if merged:
+        raise ValueError(f"{label}: unfuse / unmerge the adapters before hotswapping (e.g. '{merged[0]}' is merged).")
+    parsed, _ = check_checkpoint_file(state_dict, allow_non_finite)
+    if parsed.other_keys:
+        raise InvalidAdapterError(
+            f"The adapter for {label} also holds full modules (modules_to_save, e.g. '{parsed.other_keys[0]}'): "
+            "hotswap replaces SaRA entries only. Load it without `hotswap=True`."
+        )
+    entries = {}
+    for layer_name, checkpoint in parsed.layers.items():
+        layer = slots.get(layer_name)
+        if layer is None:
+            raise ValueError(
+                f"The adapter for {label} adapts layer '{layer_name}', which has no hotswap slot: "
+                "`enable_sara_hotswap` reserved only the layers its `target_modules` matched. Include this layer "
+                "there (before compiling), or load the adapter without `hotswap=True`."
+            )
+        param = layer.sara_values[adapter_name]
+        layer_entries = check_layer_checkpoint(
+            layer_name,
+            checkpoint,
+            tuple(layer.weight_shape),
+            param.dtype,
+            allow_non_finite=allow_non_finite,
+        )
+        count, capacity, numel = layer_entries.indices.numel(), param.shape[0], layer.weight_shape.numel()
+        if count > capacity:
+            raise ValueError(
+                f"The adapter for {label} does not fit the hotswap slot of layer '{layer_name}': it has {count} "
+                f"trainable entries ({count / numel:.4f} of the weight), the slot holds {capacity}. Call "
+                f"`enable_sara_hotswap` with `max_fraction >= {count / numel:.4f}` (before compiling)."
+            )
+        entries[layer_name] = layer_entries
+    return [_Swap(layer, entries.get(name)) for name, layer in slots.items()]
+
+
+def _write(swap: _Swap, adapter_name: str, scale: float) -> None:
+    layer = swap.layer
+    if swap.entries is None:
+        empty = layer.sara_indices[adapter_name].new_zeros(0)
+        values = layer.sara_values[adapter_name].detach().new_zeros(0)
+        layer.set_trainable_entries(adapter_name, empty, values, empty, values)
+    else:
+        e = swap.entries
+        layer.set_trainable_entries(adapter_name, e.indices, e.values, e.frozen_indices, e.frozen_values)
+    layer.set_scale(adapter_name, scale)
+
+
+def swap_state_dicts(
+    targets: Sequence[tuple[str, nn.Module, dict[str, torch.Tensor]]],
+    adapter_name: str,
+    scale: float = 1.0,
+    allow_non_finite: bool | None = None,
+) -> None:
+    """Hotswap ``adapter_name`` of each ``(label, module, checkpoint)`` in place, all or nothing.
+
+    Every checkpoint is validated against its module's slot first (files, shapes, capacity, target layers); only then
+    are entries written, into the existing tensors. Used by ``load_sara_adapter(..., hotswap=True)``.
+    """
+    allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
+    plans = [
+        (_unwrap(module), _plan_swaps(label, _unwrap(module), sd, adapter_name, allow_non_finite))
+        for label, module, sd in targets
+    ]
+    modules = [module for module, _ in plans]
+    with torch.no_grad(), all_or_nothing(*modules) as state:
+        for _, swaps in plans:
+            state.keep_values(
+                tensor
+                for swap in swaps
+                for tensor in (
+                    swap.layer.sara_values[adapter_name],
+                    swap.layer.sara_indices[adapter_name],
+                    swap.layer.sara_live_count[adapter_name],
+                    swap.layer.sara_scale[adapter_name],
+                )
+            )
+        for _, swaps in plans:
+            for swap in swaps:
+                _write(swap, adapter_name, scale)
+
+
+def hotswap_adapter(
+    model: nn.Module,
+    model_id: str | os.PathLike,
+    adapter_name: str = "default",
+    scale: float = 1.0,
+    allow_non_finite: bool | None = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> str:
+    """Hotswap the SaRA adapter ``adapter_name`` of a ``PeftModel`` (or of a model with a slot from
+    :func:`enable_sara_hotswap`) for the adapter saved at ``model_id`` (a folder or Hub repo written by
+    ``save_pretrained``), in place: a compiled model keeps its graph. Transactional: a refused file changes nothing.
+
+    The adapter slot keeps its config (``peft_config[adapter_name]`` still describes the reserved layers). Returns
+    ``adapter_name``.
+    """
+    folder = Path(resolve_adapter_folder(model_id, subfolder, revision, token, None, local_files_only, None))
+    read_sara_config(folder)  # a SaRA adapter at all (a clear error for LoRA and foreign configs)
+    state_dict = read_adapter_weights(folder)
+    swap_state_dicts([(type(_unwrap(model)).__name__, model, state_dict)], adapter_name, scale, allow_non_finite)
+    return adapter_name
+
+
+__all__ = ["enable_sara_hotswap", "hotswap_adapter", "swap_state_dicts"]
