@@ -26,16 +26,10 @@ from diffusers import UNet2DModel
 from peft_sara.demo.data import dataset_info
 from peft_sara.demo.diffusion import build_noise_scheduler, sample_images
 from peft_sara.demo.finetune import FinetuneHistory, finetune
-from peft_sara.demo.judge import Judge, TrainedJudge
-from peft_sara.demo.run import (
-    DemoData,
-    change_pct,
-    heldout_losses,
-    prepare_data,
-    pretrained_base,
-    sample_judge,
-    sample_scores,
-)
+from peft_sara.demo.judge import Judge, TrainedJudge, sample_scores
+from peft_sara.demo.metrics import change_pct
+from peft_sara.demo.records import DemoData, heldout_losses
+from peft_sara.demo.run import prepare_data, pretrained_base, sample_judge
 from peft_sara.demo.settings import DemoSettings, cache_key, default_cache_root
 
 from .methods import BuiltMethod, build_method

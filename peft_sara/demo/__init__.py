@@ -8,12 +8,14 @@ classes). Writes the trade-off plot, sample grids scored by a small classifier, 
 
 Layout: ``data.py`` (datasets and styles), ``diffusion.py`` (model, loss, sampling, pretraining cache),
 ``finetune.py`` (SaRA / LoRA set-up, the training loop with checkpoints, the reload check), ``judge.py`` (the
-classifier that scores samples, Fréchet distance), ``report.py`` (pictures and tables), ``settings.py`` (the knobs and
-the cache key), ``run.py`` (the run, step by step), ``metrics.py`` (metrics.json), ``cli.py`` (command line).
+classifier that scores samples, Fréchet distance), ``settings.py`` (the knobs and the cache key), ``records.py`` (what
+a run carries between its steps), ``run.py`` (the run, step by step), ``plots.py`` (pictures), ``metrics.py``
+(metrics.json), ``report.py`` (the written report and summary tables), ``cli.py`` (command line).
 """
 
 from .cli import main, run_from_args
-from .run import DemoResult, run_demo
+from .records import DemoResult
+from .run import run_demo
 from .settings import DemoSettings
 
 __all__ = ["DemoResult", "DemoSettings", "main", "run_demo", "run_from_args"]

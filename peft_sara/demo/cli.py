@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .data import DATASETS, STYLES
-from .run import DemoResult, run_demo
+from .records import DemoResult
+from .run import run_demo
 from .settings import DemoSettings, default_cache_root
 
 # One thread by default: this model's 8x8 convolutions gain little from a second one, a single thread makes every

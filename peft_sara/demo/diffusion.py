@@ -199,7 +199,7 @@ def load_or_pretrain(
     """Load the pretrained base model from ``cache_folder`` if it holds one, else pretrain it (and cache it there).
 
     ``cache_folder=None`` disables the cache. The folder name should encode every setting that affects the weights
-    (see :func:`peft_sara.demo.run.cache_key`). ``threads``: torch threads while pretraining (restored after).
+    (see :func:`peft_sara.demo.settings.cache_key`). ``threads``: torch threads while pretraining (restored after).
     """
     if cache_folder is not None and (cache_folder / PRETRAIN_INFO_NAME).is_file():
         info = json.loads((cache_folder / PRETRAIN_INFO_NAME).read_text())

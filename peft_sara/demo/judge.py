@@ -121,3 +121,18 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
     root = root.real
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def sample_scores(
+    judge: TrainedJudge,
+    samples: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor],
+    references: dict[str, torch.Tensor],
+) -> dict[str, float]:
+    """The judge's accuracy on the samples of each class group (fine-tuned classes: expected in the new style;
+    other classes: in the original style) and the Fréchet distance of their features to the real ``references``."""
+    scores = {}
+    for group, styled in (("styled_classes", True), ("other_classes", False)):
+        scores[f"{group}_accuracy"] = judge.accuracy(samples[group], labels[group], styled)
+        scores[f"{group}_frechet"] = frechet_distance(judge.features(samples[group]), judge.features(references[group]))
+    return scores

@@ -1,11 +1,12 @@
-"""What metrics.json records about a demo run: settings, seeds, data sizes, the base model, both methods, times."""
+"""What metrics.json records about a demo run: settings, seeds, data sizes, the base model, both methods, times,
+and every learning rate's run of the sweep."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -13,10 +14,8 @@ from peft import PeftModel
 from ..constants import __version__
 from ..training import paper_learning_rate
 from .diffusion import PretrainResult, recent_mean
+from .records import DemoRun, MethodRun
 from .settings import LEARNING_RATE_CHOICE
-
-if TYPE_CHECKING:
-    from .run import DemoRun, MethodRun
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -128,4 +127,16 @@ def collect_metrics(
             "total_seconds": time.perf_counter() - run.start,
         },
         "outputs": sorted(path.name for path in run.output_dir.iterdir()) + ["metrics.json"],
+    }
+
+
+def sweep_entry(method: MethodRun, base_losses: dict[str, float]) -> dict[str, Any]:
+    """One run of the learning-rate sweep as metrics.json records it: its final losses' change and its checkpoints."""
+    return {
+        "learning_rate": method.learning_rate,
+        "trainable_params": method.trainable,
+        "new_style_loss_change_pct": change_pct(base_losses["new_style"], method.losses["new_style"]),
+        "other_classes_loss_change_pct": change_pct(base_losses["other_classes"], method.losses["other_classes"]),
+        "checkpoints": [{"step": step, **losses} for step, losses in method.history.checkpoints],
+        "train_seconds": method.history.seconds,
     }
