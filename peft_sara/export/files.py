@@ -35,10 +35,11 @@ from ..resolve import resolve_adapter_folder
 from .sources import (
     ComponentUpdates,
     ExportLayer,
+    ExportSource,
     adapter_component_names,
     component_name_of,
     file_name_prefix,
-    live_updates,
+    live_source,
 )
 
 ADAPTER_FROM_FILES = "sara"  # the adapter name exports of files report
@@ -137,18 +138,18 @@ def read_adapter_files(
     return AdapterFiles(folder, components, single_model=names == [""])
 
 
-def export_updates(
+def resolve_export_source(
     source: Any, adapter_name: str | None = None, component: str | None = None, components: Sequence[str] | None = None
-) -> tuple[str, dict[str, ComponentUpdates]]:
-    """(adapter name, per-component layers) of what an export reads: :class:`AdapterFiles`, a pipeline, a
-    ``PeftModel`` or a model with an injected adapter."""
+) -> ExportSource:
+    """What an export reads, resolved once: from :class:`AdapterFiles`, a pipeline, a ``PeftModel`` or a model with an
+    injected adapter; ``components`` chooses some of a pipeline's (or a pipeline adapter's) components."""
     if not isinstance(source, AdapterFiles):
-        return live_updates(source, adapter_name, component, components)
+        return live_source(source, adapter_name, component, components)
     missing = [name for name in components or () if name not in source.components]
     if missing:
         raise ValueError(f"'{source.folder}' has no adapter for {missing}; it has {sorted(source.components)}.")
     chosen = {name: source.components[name] for name in components} if components else source.components
-    return adapter_name or ADAPTER_FROM_FILES, chosen
+    return ExportSource(adapter_name or ADAPTER_FROM_FILES, chosen, source.single_model)
 
 
-__all__ = ["ADAPTER_FROM_FILES", "AdapterFiles", "BaseModelRequired", "export_updates", "read_adapter_files"]
+__all__ = ["ADAPTER_FROM_FILES", "AdapterFiles", "BaseModelRequired", "read_adapter_files", "resolve_export_source"]

@@ -30,10 +30,10 @@ from ..adapter_files import write_adapter_config
 from ..atomic import save_safetensors_atomic
 from ..constants import SAFETENSORS_NAME, __version__
 from ..layouts import LayerLayout
-from .files import AdapterFiles, export_updates
-from .lowrank import LayerFactors, LoRAExport, Rank, convert_to_lora, delta_matrix
-from .merged import save_merged
-from .sources import ComponentUpdates, is_pipeline
+from .files import resolve_export_source
+from .lowrank import LayerFactors, LoRAExport, Rank, delta_matrix, factorize_source, parse_rank
+from .merged import write_merged
+from .sources import ComponentUpdates, ExportSource
 
 PEFT_LORA, DIFFUSERS, KOHYA, DIFF, MERGED = "peft-lora", "diffusers", "kohya", "diff", "merged"
 FORMATS = (PEFT_LORA, DIFFUSERS, KOHYA, DIFF, MERGED)
@@ -125,16 +125,12 @@ def _layouts(parts: ComponentUpdates) -> dict[str, LayerLayout]:
 
 
 def write_peft_lora(
-    export: LoRAExport,
-    output_dir: str | os.PathLike,
-    updates: dict[str, ComponentUpdates],
-    single_model: bool,
-    dtype: torch.dtype | None = None,
+    export: LoRAExport, output_dir: str | os.PathLike, source: ExportSource, dtype: torch.dtype | None = None
 ) -> list[Path]:
     """PEFT LoRA folder(s): the root for a single model, one subfolder per component for a pipeline."""
     written = []
     for component, layers in export.components.items():
-        directory = Path(output_dir) if single_model else Path(output_dir) / component
+        directory = Path(output_dir) if source.single_model else Path(output_dir) / component
         tensors = {}
         for name, factors in layers.items():
             if factors.rank:
@@ -142,7 +138,7 @@ def write_peft_lora(
                 tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = _cast(factors.up, dtype)
         directory.mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(tensors, directory / SAFETENSORS_NAME, metadata=_metadata())
-        parts = updates[component]
+        parts = source.components[component]
         config = lora_config_for(layers, _layouts(parts), parts.base_model)
         write_adapter_config(config, directory)
         written.append(directory)
@@ -150,26 +146,26 @@ def write_peft_lora(
 
 
 def diffusers_state_dict(
-    export: LoRAExport, updates: dict[str, ComponentUpdates], dtype: torch.dtype | None = None
+    export: LoRAExport, source: ExportSource, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """``<component>.<module>.lora_A.weight`` / ``lora_B`` tensors, as diffusers' ``save_lora_weights`` writes them."""
     tensors = {}
     for component, layers in export.components.items():
         for name, factors in layers.items():
             if factors.rank:
-                key = f"{component}.{updates[component].file_prefix}{name}"
+                key = f"{component}.{source.components[component].file_prefix}{name}"
                 tensors[f"{key}.lora_A.weight"] = _cast(factors.down, dtype)
                 tensors[f"{key}.lora_B.weight"] = _cast(factors.up, dtype)
     return tensors
 
 
-def diffusers_metadata(export: LoRAExport, updates: dict[str, ComponentUpdates]) -> dict[str, str]:
+def diffusers_metadata(export: LoRAExport, source: ExportSource) -> dict[str, str]:
     """The header diffusers' ``save_lora_weights`` writes: each component's ``LoraConfig`` (ranks and alphas, as
     ``<component>.<field>``) under ``lora_adapter_metadata``. With it, readers take the alphas from the file instead
     of guessing them (diffusers changed its guess for mixed-rank files without alphas in 0.40)."""
     fields = {}
     for component, layers in export.components.items():
-        parts = updates[component]
+        parts = source.components[component]
         config = lora_config_for(layers, _layouts(parts), parts.base_model).to_dict()
         for key, value in config.items():
             fields[f"{component}.{key}"] = sorted(value) if isinstance(value, set) else value
@@ -177,7 +173,7 @@ def diffusers_metadata(export: LoRAExport, updates: dict[str, ComponentUpdates])
 
 
 def kohya_state_dict(
-    export: LoRAExport, updates: dict[str, ComponentUpdates], dtype: torch.dtype | None = None
+    export: LoRAExport, source: ExportSource, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """``lora_unet_*`` / ``lora_te_*`` tensors with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``."""
     tensors = {}
@@ -186,7 +182,7 @@ def kohya_state_dict(
         for name, factors in layers.items():
             if not factors.rank:
                 continue
-            key = kohya_key(component, names, updates[component].file_prefix + name)
+            key = kohya_key(component, names, source.components[component].file_prefix + name)
             # readers scale by alpha / rank: fold rank / alpha into the factors, evenly
             gain = (factors.rank / KOHYA_ALPHA) ** 0.5
             tensors[f"{key}.lora_down.weight"] = _cast(factors.down * gain, dtype)
@@ -210,22 +206,15 @@ def kohya_metadata(export: LoRAExport, base_model: str | None) -> dict[str, str]
 
 
 def diff_state_dict(
-    source: Any,
-    adapter_name: str | None = None,
-    component: str | None = None,
-    components: Sequence[str] | None = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = False,
+    source: ExportSource, dtype: torch.dtype | None = None, progress: bool = False
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """``<kohya name>.diff`` dense weight differences (exact), and a per-layer report."""
-    _, updates = export_updates(source, adapter_name, component, components)
-    names = list(updates)
+    names = list(source.components)
     tensors, report = {}, []
-    work = [(c, name, layer) for c, parts in updates.items() for name, layer in parts.layers.items()]
-    for component_name, name, layer in tqdm(work, desc="dense differences", disable=not progress):
+    for component_name, name, layer in tqdm(source.layers(), desc="dense differences", disable=not progress):
         update = layer.read_update()
         dense = update.to_dense()
-        key = kohya_key(component_name, names, updates[component_name].file_prefix + name)
+        key = kohya_key(component_name, names, source.components[component_name].file_prefix + name)
         tensors[f"{key}.diff"] = _cast(dense, dtype)
         norm = float(torch.linalg.vector_norm(delta_matrix(update)))
         report.append({"component": component_name, "module": name, "delta_norm": norm, "relative_error": 0.0})
@@ -268,31 +257,26 @@ def export_adapter(
         if dtype not in DTYPES:
             raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype]
-    if format == MERGED and isinstance(source, AdapterFiles):
-        raise ValueError("A merged model needs the base model: load it with the adapter and export that instead.")
-    adapter_name, updates = export_updates(source, adapter_name, component, components)
+    resolved = resolve_export_source(source, adapter_name, component, components)
 
     if format == MERGED:
-        return ExportResult(format, [save_merged(source, output, adapter_name)], layers=[])
+        return ExportResult(format, [write_merged(resolved, output)], layers=[])
     if format == DIFF:
-        tensors, report = diff_state_dict(source, adapter_name, component, components, dtype, progress)
+        tensors, report = diff_state_dict(resolved, dtype, progress)
         save_safetensors_atomic(tensors, output, metadata=_metadata({"peft_sara_export": "dense weight differences"}))
         return ExportResult(format, [output], layers=report)
 
-    export = convert_to_lora(source, rank, adapter_name, component, components, progress)
+    export = factorize_source(resolved, parse_rank(rank), progress)
     if format == PEFT_LORA:
-        single_model = source.single_model if isinstance(source, AdapterFiles) else not is_pipeline(source)
-        paths = write_peft_lora(export, output, updates, single_model, dtype)
-        return ExportResult(format, paths, export)
+        return ExportResult(format, write_peft_lora(export, output, resolved, dtype), export)
     if format == DIFFUSERS:
         output.mkdir(parents=True, exist_ok=True)
         path = output / DIFFUSERS_WEIGHT_NAME
-        tensors = diffusers_state_dict(export, updates, dtype)
-        save_safetensors_atomic(tensors, path, metadata=diffusers_metadata(export, updates))
+        tensors = diffusers_state_dict(export, resolved, dtype)
+        save_safetensors_atomic(tensors, path, metadata=diffusers_metadata(export, resolved))
         return ExportResult(format, [path], export)
-    base_model = next((parts.base_model for parts in updates.values() if parts.base_model), None)
     save_safetensors_atomic(
-        kohya_state_dict(export, updates, dtype), output, metadata=kohya_metadata(export, base_model)
+        kohya_state_dict(export, resolved, dtype), output, metadata=kohya_metadata(export, resolved.base_model)
     )
     return ExportResult(format, [output], export)
 

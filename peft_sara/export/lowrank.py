@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..layer import SparseUpdate
 from ..layouts import CONV, LayerLayout
-from .files import export_updates
+from .files import resolve_export_source
+from .sources import ExportSource
 
 # The ranks an export accepts: a fixed rank, "full" (exact up to float error) or an energy fraction in (0, 1].
 Rank = int | float | str
@@ -232,8 +233,13 @@ def convert_to_lora(
         progress: Show a progress bar.
     """
     rank = parse_rank(rank)
-    _, updates = export_updates(source, adapter_name, component, components)
-    work = [(c, name, layer) for c, parts in updates.items() for name, layer in parts.layers.items()]
+    return factorize_source(resolve_export_source(source, adapter_name, component, components), rank, progress)
+
+
+def factorize_source(source: ExportSource, rank: Rank, progress: bool = False) -> LoRAExport:
+    """LoRA factors of every layer of a resolved source (``rank`` as :func:`parse_rank` returns it); raises a
+    ``ValueError`` naming a layer LoRA cannot express (grouped or dilated convolutions, ...) before any SVD."""
+    work = source.layers()
     problems = [problem for c, name, layer in work if (problem := layer.layout.lora_problem(f"{c}.{name}"))]
     if problems:
         raise ValueError(problems[0] + (f" ({len(problems) - 1} more such layers.)" if len(problems) > 1 else ""))
@@ -252,6 +258,7 @@ __all__ = [
     "parse_rank",
     "describe_rank",
     "factorize",
+    "factorize_source",
     "convert_to_lora",
     "choose_rank",
     "effective_rank",

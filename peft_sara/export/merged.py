@@ -13,7 +13,7 @@ from torch import nn
 
 from ..adapter_files import publish_staged_files
 from ..save_bridge import base_layers_swapped_in
-from .sources import adapted_components, adapter_layers, is_pipeline, single_adapter_name
+from .sources import ExportSource, adapter_layers, is_pipeline, live_source
 
 
 def save_merged(
@@ -28,8 +28,15 @@ def save_merged(
     an injected adapter (saved as the plain base class). The source is left as it was: the adapter is unmerged again
     (bitwise) unless it was already fused. Other adapters are not included.
     """
-    modules = adapted_components(source)
-    adapter_name = single_adapter_name(modules, adapter_name)
+    return write_merged(live_source(source, adapter_name), output_dir, max_shard_size)
+
+
+def write_merged(source: ExportSource, output_dir: str | os.PathLike, max_shard_size: str | int | None = None) -> Path:
+    """:func:`save_merged` of a resolved source: every adapted component of ``source.model`` gets the adapter merged
+    in, then the model is saved and the adapter unmerged again."""
+    if source.model is None:
+        raise ValueError("A merged model needs the base model: load it with the adapter and export that instead.")
+    model, modules, adapter_name = source.model, source.modules, source.adapter_name
     others = sorted(
         {
             name
@@ -57,10 +64,10 @@ def save_merged(
         kwargs["max_shard_size"] = max_shard_size
     try:
         with tempfile.TemporaryDirectory(prefix=".tmp-merge-", dir=directory) as staging:
-            if is_pipeline(source):
-                source.save_pretrained(staging, **kwargs)
+            if is_pipeline(model):
+                model.save_pretrained(staging, **kwargs)
             else:
-                inner = source.get_base_model() if isinstance(source, PeftModel) else source
+                inner = model.get_base_model() if isinstance(model, PeftModel) else model
                 _save_plain(inner, staging, kwargs)
             publish_staged_files(Path(staging), directory)
     finally:
@@ -79,4 +86,4 @@ def _save_plain(model: nn.Module, folder: str, kwargs: dict[str, Any]) -> None:
         type(model).save_pretrained(model, folder, **kwargs)
 
 
-__all__ = ["save_merged"]
+__all__ = ["save_merged", "write_merged"]

@@ -1,7 +1,7 @@
-"""Where an export reads from: the SaRA layers of a pipeline, a ``PeftModel`` or a model with an injected adapter
-(:func:`live_updates`), or an adapter's files alone (:mod:`peft_sara.export.files`), both as per-layer updates and
-layouts (:class:`ComponentUpdates`); and, for the command line, base models and adapters loaded from folders (or Hub
-ids)."""
+"""Where an export reads from, resolved once into an :class:`ExportSource`: the SaRA layers of a pipeline, a
+``PeftModel`` or a model with an injected adapter (:func:`live_source`), or an adapter's files alone
+(:mod:`peft_sara.export.files`), as per-layer updates and layouts (:class:`ComponentUpdates`); and, for the command
+line, base models and adapters loaded from folders (or Hub ids)."""
 
 from __future__ import annotations
 
@@ -50,17 +50,10 @@ def component_name_of(model: nn.Module | str) -> str:
     return "model"
 
 
-def adapted_components(
-    source: Any, component: str | None = None, components: Sequence[str] | None = None
-) -> dict[str, nn.Module]:
+def adapted_components(source: Any, component: str | None = None) -> dict[str, nn.Module]:
     """The modules holding SaRA layers, by component name (a single model counts as ``component``)."""
     if is_pipeline(source):
         modules = {name: module for name, module in pipeline_modules(source).items() if any(sara_layers(module))}
-        if components is not None:
-            missing = [name for name in components if name not in modules]
-            if missing:
-                raise ValueError(f"No SaRA adapter in pipe.{missing[0]}; adapted components: {sorted(modules)}.")
-            modules = {name: modules[name] for name in components}
     elif isinstance(source, nn.Module):
         inner = source.get_base_model() if isinstance(source, PeftModel) else source
         modules = {component or component_name_of(inner): inner} if any(sara_layers(inner)) else {}
@@ -117,14 +110,46 @@ class ComponentUpdates:
     base_model: str | None = None
 
 
-def live_updates(
+@dataclass
+class ExportSource:
+    """What an export reads, resolved once from what its caller passed
+    (:func:`peft_sara.export.files.resolve_export_source`): the adapter's name, the exported components' layers,
+    whether the adapter is one model's (its files at a folder's root) rather than a pipeline's, and, when the adapter
+    is live in a model, that model and every component module holding SaRA layers (what a merge bakes in)."""
+
+    adapter_name: str
+    components: dict[str, ComponentUpdates]
+    single_model: bool
+    model: Any = None  # the pipeline or model holding the adapter; None for an adapter's files alone
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # every adapted component module (live only)
+
+    @property
+    def base_model(self) -> str | None:
+        """The base model the first component that records one names."""
+        return next((parts.base_model for parts in self.components.values() if parts.base_model), None)
+
+    def layers(self) -> list[tuple[str, str, ExportLayer]]:
+        """(component, module name, layer) of every exported layer, in order."""
+        return [(c, name, layer) for c, parts in self.components.items() for name, layer in parts.layers.items()]
+
+
+def live_source(
     source: Any, adapter_name: str | None = None, component: str | None = None, components: Sequence[str] | None = None
-) -> tuple[str, dict[str, ComponentUpdates]]:
-    """(adapter name, per-component layers) of an adapter in a pipeline, ``PeftModel`` or adapted model."""
-    modules = adapted_components(source, component, components)
-    adapter_name = single_adapter_name(modules, adapter_name)
-    result = {}
-    for component_name, module in modules.items():
+) -> ExportSource:
+    """The :class:`ExportSource` of an adapter in a pipeline, ``PeftModel`` or adapted model; ``components`` chooses
+    some of a pipeline's components."""
+    modules = adapted_components(source, component)
+    chosen = modules
+    if components is not None and is_pipeline(source):
+        missing = [name for name in components if name not in modules]
+        if missing:
+            raise ValueError(f"No SaRA adapter in pipe.{missing[0]}; adapted components: {sorted(modules)}.")
+        chosen = {name: modules[name] for name in components}
+        if not chosen:
+            raise ValueError(f"{type(source).__name__} has no SaRA layers: load or add a SaRA adapter first.")
+    adapter_name = single_adapter_name(chosen, adapter_name)
+    updates = {}
+    for component_name, module in chosen.items():
         config = (getattr(module, "peft_config", None) or {}).get(adapter_name)
         layers = {
             name: ExportLayer(
@@ -133,8 +158,8 @@ def live_updates(
             for name, layer in adapter_layers(module, adapter_name)
         }
         prefix = file_name_prefix(type(module).__name__, list(layers), hasattr(module, "text_model"))
-        result[component_name] = ComponentUpdates(layers, prefix, getattr(config, "base_model_name_or_path", None))
-    return adapter_name, result
+        updates[component_name] = ComponentUpdates(layers, prefix, getattr(config, "base_model_name_or_path", None))
+    return ExportSource(adapter_name, updates, single_model=not is_pipeline(source), model=source, modules=modules)
 
 
 def read_json(path: Path) -> dict:
@@ -270,7 +295,8 @@ def _only_component(folder: Path) -> str:
 __all__ = [
     "ComponentUpdates",
     "ExportLayer",
-    "live_updates",
+    "ExportSource",
+    "live_source",
     "file_name_prefix",
     "Components",
     "adapted_components",
