@@ -78,9 +78,3 @@ def save_safetensors_atomic(
     payload = safetensors_bytes(tensors, metadata=metadata)
     with atomic_write(path) as file:
         file.write(payload)
-
-
-def torch_save_atomic(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` made atomic."""
-    with atomic_write(path) as file:
-        torch.save(obj, file)

@@ -96,10 +96,4 @@ def install_save_bridge(module: nn.Module) -> None:
     module.save_pretrained = _SaveWithBaseLayers(module)
 
 
-def uninstall_save_bridge(module: nn.Module) -> None:
-    """Undo :func:`install_save_bridge` (once no tuner layer is left, e.g. after a failed load)."""
-    if getattr(module.__dict__.get("save_pretrained"), "_sara_save_bridge", False):
-        del module.__dict__["save_pretrained"]
-
-
-__all__ = ["base_layers_swapped_in", "install_save_bridge", "uninstall_save_bridge"]
+__all__ = ["base_layers_swapped_in", "install_save_bridge"]
