@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base_weight import quantized_backend
 from .file_format import (
     CHECKSUM_NAME,
     RECORD_NAMES,
@@ -302,8 +303,11 @@ def effective_weight_problem(
     (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). Quantized or offloaded
     base weights are not read (not checked).
     """
-    weight = getattr(layer.get_base_layer(), "weight", None)
+    base_layer = layer.get_base_layer()
+    weight = getattr(base_layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.is_meta:
+        return None
+    if quantized_backend(base_layer) is not None:  # torchao / quanto tensors report a float dtype
         return None
     flat = weight.detach().reshape(-1)
     fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))

@@ -11,7 +11,7 @@ The effective weight of a SaRA layer is the frozen base weight with each adapter
 * **composable path** (a base layer that must run its own forward: hooks, offloading, layerwise casting, quantized or
   meta storage): ``base_layer(x) + op(x, Δ)`` with :func:`update_contribution`.
 
-:func:`composable_reason` chooses between them; the layer calls it in one place.
+:func:`peft_sara.base_weight.composable_reason` chooses between them; the layer calls it in one place.
 """
 
 from __future__ import annotations
@@ -205,36 +205,29 @@ def _increment(flat: torch.Tensor, entry: SparseEntries, compute: torch.dtype) -
 
 
 class _SparseDeltaFunction(torch.autograd.Function):
-    """``op(x, operand, bias)`` where the operand is ``effective_weight(weight, entries)`` (main path), or the dense
-    update alone when ``weight`` is a shape (composable path). Saves only ``x`` and the values (the weight and bias are
-    frozen references), and rebuilds the operand in backward when the input gradient is needed."""
+    """``op(x, effective_weight(weight, entries), bias)``; saves only ``x`` and the values (the weight and bias are
+    frozen references), and rebuilds the effective weight in backward when the input gradient is needed."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, op, scales, live_counts, backend, count, *indices_and_values):
         entries = _entries(indices_and_values, count, scales, live_counts)
-        output = op.forward(x, _operand(weight, entries, x), bias)
-        ctx.weight_shape = weight if isinstance(weight, torch.Size) else None
-        ctx.save_for_backward(x, None if ctx.weight_shape else weight, bias, *indices_and_values)
+        output = op.forward(x, effective_weight(weight, entries), bias)
+        ctx.save_for_backward(x, weight, bias, *indices_and_values)
         ctx.op, ctx.scales, ctx.live_counts, ctx.backend, ctx.count = op, scales, live_counts, backend, count
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, bias, *indices_and_values = ctx.saved_tensors
-        weight = ctx.weight_shape or weight
         entries = _entries(indices_and_values, ctx.count, ctx.scales, ctx.live_counts)
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: gradients with a graph (double backward)
             return _differentiable_backward(ctx, grad_output, x, weight, bias, entries)
         need_values = list(needs[8 + ctx.count :])
-        if needs[0]:
-            operand = _operand(weight, entries, x)
-        else:  # only the operand's shape matters for the weight gradient
-            operand = weight if ctx.weight_shape is None else x.new_zeros(()).expand(ctx.weight_shape)
         grad_input, grad_values, grad_bias = ctx.op.backward(
             grad_output.contiguous(),
             x,
-            operand,
+            effective_weight(weight, entries) if needs[0] else weight,
             bias,
             needs[0],
             needs[2],
@@ -249,13 +242,6 @@ class _SparseDeltaFunction(torch.autograd.Function):
         if grad_input is not None:
             grad_input = grad_input.to(x.dtype)
         return (grad_input, None, grad_bias, None, None, None, None, None, *([None] * ctx.count), *grad_values)
-
-
-def _operand(weight: torch.Tensor | torch.Size, entries: Sequence[SparseEntries], x: torch.Tensor) -> torch.Tensor:
-    """The effective weight (``weight`` a tensor), or the dense update in ``x``'s dtype (``weight`` a shape)."""
-    if isinstance(weight, torch.Size):
-        return dense_delta(weight, entries, x.device).to(x.dtype)
-    return effective_weight(weight, entries)
 
 
 def _entries(indices_and_values, count, scales, live_counts) -> list[SparseEntries]:
@@ -282,7 +268,7 @@ def _differentiable_backward(ctx, grad_output, x, weight, bias, entries):
         inputs[2] = bias
     wanted = {position: tensor for position, tensor in inputs.items() if needs[position]}
     with torch.enable_grad():
-        output = ctx.op.forward(x, _operand(weight, entries, x).to(x.dtype), bias)
+        output = ctx.op.forward(x, effective_weight(weight, entries).to(x.dtype), bias)
         grads = torch.autograd.grad(output, list(wanted.values()), grad_output, create_graph=True, allow_unused=True)
     result = [None] * (first_value + len(entries))
     for position, grad in zip(wanted, grads):
@@ -297,21 +283,20 @@ def _differentiable_backward(ctx, grad_output, x, weight, bias, entries):
 def sparse_delta_forward(
     op: SparseDeltaOp,
     x: torch.Tensor,
-    weight: torch.Tensor | torch.Size,
+    weight: torch.Tensor,
     bias: torch.Tensor | None,
     entries: Sequence[SparseEntries],
     backend: str = "reference",
 ) -> torch.Tensor:
-    """``op(x, W ⊕ Δ, bias)`` with the effective weight built for this call only (``weight`` a tensor: the main path),
-    or ``op(x, Δ)`` (``weight`` the weight's shape: the composable path's share); differentiable in ``x``, the bias
-    and the values, saving only ``x`` and the values (only what autograd needs is computed)."""
+    """The main path: ``op(x, W ⊕ Δ, bias)`` with the effective weight built for this call only; differentiable in
+    ``x``, the bias and the values (only what autograd needs is computed)."""
     if not torch.is_grad_enabled() or not (
         x.requires_grad
         or any(entry.values.requires_grad for entry in entries)
         or (bias is not None and bias.requires_grad)
     ):
         with torch.no_grad():
-            return op.forward(x, _operand(weight, entries, x), bias)
+            return op.forward(x, effective_weight(weight, entries), bias)
     return _SparseDeltaFunction.apply(
         x,
         weight,
@@ -326,26 +311,6 @@ def sparse_delta_forward(
     )
 
 
-def composable_reason(base_layer: nn.Module) -> str | None:
-    """Why ``base_layer`` must run its own forward (its hooks, or a weight SaRA cannot read as a plain dense tensor),
-    or ``None`` for the main path. Layers with a reason run the base layer plus :func:`update_contribution`."""
-    if has_forward_hooks(base_layer):
-        return "the base layer has forward hooks (offloading, layerwise casting, ...)"
-    return unreadable_storage_reason(base_layer.weight)
-
-
-def unreadable_storage_reason(weight: torch.Tensor) -> str | None:
-    """Why ``weight`` is not a plain dense floating tensor SaRA can compute with or merge into (meta, quantized or
-    8-bit storage), or ``None`` when it is."""
-    if weight.device.type == "meta":
-        return "the base weight is on the meta device (offloaded)"
-    if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
-        return f"the base weight is a {type(weight).__name__} of dtype {weight.dtype} (quantized storage)"
-    if weight.dtype.itemsize < 2:
-        return f"the base weight is stored in {weight.dtype}"
-    return None
-
-
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` runs more than its own ``forward``: torch hooks, or a forward replaced on the
     instance (accelerate's `_hf_hook`, diffusers' hook registry). SaRA must then call the module itself."""
@@ -353,19 +318,15 @@ def has_forward_hooks(module: nn.Module) -> bool:
 
 
 def update_contribution(
-    op: SparseDeltaOp,
-    x: torch.Tensor,
-    weight_shape: torch.Size,
-    entries: Sequence[SparseEntries],
-    backend: str = "reference",
+    op: SparseDeltaOp, x: torch.Tensor, weight_shape: torch.Size, entries: Sequence[SparseEntries]
 ) -> torch.Tensor:
     """``op(x, Delta_W)`` without bias: the sparse update's share of the output, differentiable in ``x`` and the values.
 
     The composable path adds this to the base layer's own output; it never reads the base weight, so offloaded, cast
-    or quantized storage is fine. ``Delta_W`` is formed densely for the call (one weight-sized temporary) and again in
-    backward: training saves ``x`` and the values, not ``Delta_W``.
+    or quantized storage is fine. ``Delta_W`` is formed densely for the call (one weight-sized temporary).
     """
-    return sparse_delta_forward(op, x, torch.Size(weight_shape), None, entries, backend)
+    delta = dense_delta(weight_shape, entries, x.device)
+    return op.forward(x, delta.to(x.dtype), None)
 
 
 def dense_delta(weight_shape: torch.Size, entries: Sequence[SparseEntries], device: torch.device) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from . import kernels
 from .base_weight import (
     MergeBackup,
+    composable_reason,
     keep_canonical_layout,
     logical_weight_shape,
     merge_entries_,
@@ -33,7 +34,6 @@ from .functional import (
     SparseDeltaOp,
     SparseEntries,
     SparseUpdate,
-    composable_reason,
     effective_weight,
     offload_hooks_run,
     sparse_delta_forward,
@@ -270,7 +270,7 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
 
     def composable_reason(self) -> str | None:
         """Why this layer runs its base layer's own forward plus the update (see
-        :func:`peft_sara.functional.composable_reason`), or ``None`` on the main path."""
+        :func:`peft_sara.base_weight.composable_reason`), or ``None`` on the main path."""
         return composable_reason(self.get_base_layer())
 
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -291,18 +291,17 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
                 "silently give the weight no gradient. Freeze it (`requires_grad_(False)`), or train the whole module "
                 "with `modules_to_save` instead."
             )
-        backend = kernels.resolve_backend(self.sara_kernel[active[0]], x.device)
         if composable_reason(base_layer) is not None:
             with offload_hooks_run(
                 self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values
             ):
                 op, op_input = self._op(x)
-                entries = self._forward_entries(active)
-                update = update_contribution(op, op_input, self.weight_shape, entries, backend)
+                update = update_contribution(op, op_input, self.weight_shape, self._forward_entries(active))
                 return self.base_layer(x, *args, **kwargs) + update
         entries = self._forward_entries(active)
         if not entries:
             return self.base_layer(x, *args, **kwargs)
+        backend = kernels.resolve_backend(self.sara_kernel[active[0]], base_layer.weight.device)
         op, x = self._op(x)
         return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, entries, backend)
 
