@@ -205,29 +205,36 @@ def _increment(flat: torch.Tensor, entry: SparseEntries, compute: torch.dtype) -
 
 
 class _SparseDeltaFunction(torch.autograd.Function):
-    """``op(x, effective_weight(weight, entries), bias)``; saves only ``x`` and the values (the weight and bias are
-    frozen references), and rebuilds the effective weight in backward when the input gradient is needed."""
+    """``op(x, operand, bias)`` where the operand is ``effective_weight(weight, entries)`` (main path), or the dense
+    update alone when ``weight`` is a shape (composable path). Saves only ``x`` and the values (the weight and bias are
+    frozen references), and rebuilds the operand in backward when the input gradient is needed."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, op, scales, live_counts, backend, count, *indices_and_values):
         entries = _entries(indices_and_values, count, scales, live_counts)
-        output = op.forward(x, effective_weight(weight, entries), bias)
-        ctx.save_for_backward(x, weight, bias, *indices_and_values)
+        output = op.forward(x, _operand(weight, entries, x), bias)
+        ctx.weight_shape = weight if isinstance(weight, torch.Size) else None
+        ctx.save_for_backward(x, None if ctx.weight_shape else weight, bias, *indices_and_values)
         ctx.op, ctx.scales, ctx.live_counts, ctx.backend, ctx.count = op, scales, live_counts, backend, count
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, bias, *indices_and_values = ctx.saved_tensors
+        weight = ctx.weight_shape or weight
         entries = _entries(indices_and_values, ctx.count, ctx.scales, ctx.live_counts)
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: gradients with a graph (double backward)
             return _differentiable_backward(ctx, grad_output, x, weight, bias, entries)
         need_values = list(needs[8 + ctx.count :])
+        if needs[0]:
+            operand = _operand(weight, entries, x)
+        else:  # only the operand's shape matters for the weight gradient
+            operand = weight if ctx.weight_shape is None else x.new_zeros(()).expand(ctx.weight_shape)
         grad_input, grad_values, grad_bias = ctx.op.backward(
             grad_output.contiguous(),
             x,
-            effective_weight(weight, entries) if needs[0] else weight,
+            operand,
             bias,
             needs[0],
             needs[2],
@@ -242,6 +249,13 @@ class _SparseDeltaFunction(torch.autograd.Function):
         if grad_input is not None:
             grad_input = grad_input.to(x.dtype)
         return (grad_input, None, grad_bias, None, None, None, None, None, *([None] * ctx.count), *grad_values)
+
+
+def _operand(weight: torch.Tensor | torch.Size, entries: Sequence[SparseEntries], x: torch.Tensor) -> torch.Tensor:
+    """The effective weight (``weight`` a tensor), or the dense update in ``x``'s dtype (``weight`` a shape)."""
+    if isinstance(weight, torch.Size):
+        return dense_delta(weight, entries, x.device).to(x.dtype)
+    return effective_weight(weight, entries)
 
 
 def _entries(indices_and_values, count, scales, live_counts) -> list[SparseEntries]:
@@ -268,7 +282,7 @@ def _differentiable_backward(ctx, grad_output, x, weight, bias, entries):
         inputs[2] = bias
     wanted = {position: tensor for position, tensor in inputs.items() if needs[position]}
     with torch.enable_grad():
-        output = ctx.op.forward(x, effective_weight(weight, entries).to(x.dtype), bias)
+        output = ctx.op.forward(x, _operand(weight, entries, x).to(x.dtype), bias)
         grads = torch.autograd.grad(output, list(wanted.values()), grad_output, create_graph=True, allow_unused=True)
     result = [None] * (first_value + len(entries))
     for position, grad in zip(wanted, grads):
@@ -283,20 +297,21 @@ def _differentiable_backward(ctx, grad_output, x, weight, bias, entries):
 def sparse_delta_forward(
     op: SparseDeltaOp,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | torch.Size,
     bias: torch.Tensor | None,
     entries: Sequence[SparseEntries],
     backend: str = "reference",
 ) -> torch.Tensor:
-    """The main path: ``op(x, W ⊕ Δ, bias)`` with the effective weight built for this call only; differentiable in
-    ``x``, the bias and the values (only what autograd needs is computed)."""
+    """``op(x, W ⊕ Δ, bias)`` with the effective weight built for this call only (``weight`` a tensor: the main path),
+    or ``op(x, Δ)`` (``weight`` the weight's shape: the composable path's share); differentiable in ``x``, the bias
+    and the values, saving only ``x`` and the values (only what autograd needs is computed)."""
     if not torch.is_grad_enabled() or not (
         x.requires_grad
         or any(entry.values.requires_grad for entry in entries)
         or (bias is not None and bias.requires_grad)
     ):
         with torch.no_grad():
-            return op.forward(x, effective_weight(weight, entries), bias)
+            return op.forward(x, _operand(weight, entries, x), bias)
     return _SparseDeltaFunction.apply(
         x,
         weight,
@@ -318,15 +333,19 @@ def has_forward_hooks(module: nn.Module) -> bool:
 
 
 def update_contribution(
-    op: SparseDeltaOp, x: torch.Tensor, weight_shape: torch.Size, entries: Sequence[SparseEntries]
+    op: SparseDeltaOp,
+    x: torch.Tensor,
+    weight_shape: torch.Size,
+    entries: Sequence[SparseEntries],
+    backend: str = "reference",
 ) -> torch.Tensor:
     """``op(x, Delta_W)`` without bias: the sparse update's share of the output, differentiable in ``x`` and the values.
 
     The composable path adds this to the base layer's own output; it never reads the base weight, so offloaded, cast
-    or quantized storage is fine. ``Delta_W`` is formed densely for the call (one weight-sized temporary).
+    or quantized storage is fine. ``Delta_W`` is formed densely for the call (one weight-sized temporary) and again in
+    backward: training saves ``x`` and the values, not ``Delta_W``.
     """
-    delta = dense_delta(weight_shape, entries, x.device)
-    return op.forward(x, delta.to(x.dtype), None)
+    return sparse_delta_forward(op, x, torch.Size(weight_shape), None, entries, backend)
 
 
 def dense_delta(weight_shape: torch.Size, entries: Sequence[SparseEntries], device: torch.device) -> torch.Tensor:

@@ -291,17 +291,18 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
                 "silently give the weight no gradient. Freeze it (`requires_grad_(False)`), or train the whole module "
                 "with `modules_to_save` instead."
             )
+        backend = kernels.resolve_backend(self.sara_kernel[active[0]], x.device)
         if composable_reason(base_layer) is not None:
             with offload_hooks_run(
                 self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values
             ):
                 op, op_input = self._op(x)
-                update = update_contribution(op, op_input, self.weight_shape, self._forward_entries(active))
+                entries = self._forward_entries(active)
+                update = update_contribution(op, op_input, self.weight_shape, entries, backend)
                 return self.base_layer(x, *args, **kwargs) + update
         entries = self._forward_entries(active)
         if not entries:
             return self.base_layer(x, *args, **kwargs)
-        backend = kernels.resolve_backend(self.sara_kernel[active[0]], base_layer.weight.device)
         op, x = self._op(x)
         return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, entries, backend)
 

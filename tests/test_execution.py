@@ -289,3 +289,30 @@ def test_a_non_contiguous_base_weight_is_used_as_it_is():
     torch.testing.assert_close(model(x), reference)
     model.unmerge_adapter()
     assert torch.equal(layer.get_base_layer().weight, expected_base)
+
+
+@pytest.mark.parametrize("name", ["lin1", "conv"])
+def test_both_paths_save_only_the_input_and_the_values_for_backward(name):
+    model = sara_model()
+    layer = getattr(model.base_model.model, name)
+    x = torch.randn(5, 32) if name == "lin1" else torch.randn(2, 3, 5, 5)
+    weight_shape = layer.get_base_layer().weight.shape
+    expected = None
+    for composable in (False, True):
+        if composable:  # a hooked base layer runs itself plus the update (offloading, layerwise casting, ...)
+            layer.get_base_layer().register_forward_pre_hook(lambda module, args: None)
+        assert (layer.composable_reason() is not None) == composable
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            output = layer(x)
+        assert not any(
+            t.shape == weight_shape and t.data_ptr() != layer.get_base_layer().weight.data_ptr() for t in saved
+        )
+        layer.sara_values["default"].grad = None
+        output.square().sum().backward()
+        grad = layer.sara_values["default"].grad.clone()
+        if expected is None:
+            expected = (output.detach(), grad)
+        else:
+            torch.testing.assert_close(output, expected[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grad, expected[1], rtol=1e-5, atol=1e-6)
