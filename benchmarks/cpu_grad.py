@@ -24,7 +24,9 @@ if __package__ in (None, ""):  # run as a file
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, format_table, median, set_threads, time_call, usable_cores, write_results
+from benchmarks.flags import usable_cores
+from benchmarks.measure import median, set_threads, time_call
+from benchmarks.report import RESULTS_DIR, format_table, write_results
 from peft_sara.kernels import reference
 from peft_sara.masks import compute_dtype
 

@@ -24,7 +24,9 @@ import torch._dynamo
 from peft import PeftModel, get_peft_model
 
 import peft_sara
-from benchmarks.common import PRESETS, RESULTS_DIR, build_model, format_table, machine_info, make_batch, write_results
+from benchmarks.report import RESULTS_DIR, format_table, machine_info, write_results
+from benchmarks.workload import make_batch
+from peft_sara.presets import PRESETS, build_model
 
 ADAPTERS = {  # name: (target_modules, trainable_fraction)
     "A": (["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"], 0.05),

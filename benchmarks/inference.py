@@ -30,24 +30,11 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import peft_sara
-from benchmarks.common import (
-    DTYPES,
-    add_common_arguments,
-    add_selection_arguments,
-    build_model,
-    child_setup,
-    cuda_device_name,
-    finish_machine_info,
-    format_table,
-    make_batch,
-    median,
-    model_output,
-    preset_summary,
-    results_path,
-    setup_run,
-    time_call,
-    write_results,
-)
+from benchmarks.flags import add_common_arguments, add_selection_arguments, child_setup, setup_run
+from benchmarks.measure import DTYPES, median, time_call
+from benchmarks.report import cuda_device_name, finish_machine_info, format_table, results_path, write_results
+from benchmarks.workload import make_batch, model_output, preset_summary
+from peft_sara.presets import build_model
 from peft_sara.training import sara_layers
 
 # Merged and unmerged runs compute with the same effective weight entries, so they should agree to rounding.

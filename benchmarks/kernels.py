@@ -30,19 +30,10 @@ if __package__ in (None, ""):  # run as `python benchmarks/kernels.py`
 
 import torch
 
-# benchmarks.common imports neither peft_sara nor Triton, so TRITON_INTERPRET can still be set in main().
-from benchmarks.common import (
-    DTYPES,
-    RESULTS_DIR,
-    SHORT_DTYPE_NAMES,
-    MemoryProbe,
-    median,
-    mib,
-    package_version,
-    synchronize,
-    time_call,
-    write_results,
-)
+# benchmarks.measure and benchmarks.report import neither peft_sara nor Triton, so TRITON_INTERPRET can still be set in
+# main().
+from benchmarks.measure import DTYPES, SHORT_DTYPE_NAMES, MemoryProbe, median, mib, synchronize, time_call
+from benchmarks.report import RESULTS_DIR, package_version, write_results
 
 DEFAULT_SHAPES = "320x320,640x2560,1280x1280"
 DEFAULT_DENSITIES = "0.001,0.005,0.01,0.02,0.05,0.1,0.2,0.5"

@@ -24,7 +24,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import peft_sara
-from benchmarks.common import RESULTS_DIR, format_table
+from benchmarks.report import RESULTS_DIR, format_table
 
 
 class LinearStack(nn.Module):

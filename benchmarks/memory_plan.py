@@ -29,8 +29,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/memory_plan.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import PRESETS as BENCHMARK_PRESETS  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_info, write_json, write_results  # noqa: E402
+from benchmarks.report import RESULTS_DIR, machine_info, write_json, write_results
 from peft_sara.planning import (  # noqa: E402
     PRESETS,
     MethodSpec,
@@ -40,6 +39,7 @@ from peft_sara.planning import (  # noqa: E402
     plan_training_memory,
 )
 from peft_sara.planning.report import gib, markdown_table  # noqa: E402
+from peft_sara.presets import PRESETS as BENCHMARK_PRESETS
 
 GIB = 2**30
 METHODS = {
@@ -53,7 +53,7 @@ VALIDATION_METHODS = ("SaRA 6%", "LoRA r16", "full FT")
 
 
 def benchmark_model(name: str) -> tuple[ModelSpec, int]:
-    """A ``benchmarks.common`` preset as a planner model, with its native resolution."""
+    """A ``peft_sara.presets`` benchmark preset as a planner model, with its native resolution."""
     preset = BENCHMARK_PRESETS[name]
     class_name = "UNet2DConditionModel" if preset.family == "unet" else "SD3Transformer2DModel"
     spec = ModelSpec(name, class_name, dict(preset.config), preset.text_tokens, preset.pooled_dim)

@@ -24,22 +24,11 @@ import torch
 from peft import get_peft_model
 
 import peft_sara
-from benchmarks.common import (
-    PhaseClock,
-    RunSetup,
-    add_common_arguments,
-    add_selection_arguments,
-    build_model,
-    diffusion_loss,
-    finish_machine_info,
-    format_table,
-    make_batch,
-    median,
-    results_path,
-    set_threads,
-    setup_run,
-    write_results,
-)
+from benchmarks.flags import RunSetup, add_common_arguments, add_selection_arguments, setup_run
+from benchmarks.measure import PhaseClock, median, set_threads
+from benchmarks.report import finish_machine_info, format_table, results_path, write_results
+from benchmarks.workload import diffusion_loss, make_batch
+from peft_sara.presets import build_model
 from peft_sara.regularizers import delta_rank_stats
 from peft_sara.training import SaRATrainingHelper
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import peft_sara  # noqa: F401  (registers the method)
+from peft_sara.presets import PRESETS, TINY_SD3_TRANSFORMER, build_model
 
 
 class MLPConv(nn.Module):
@@ -68,11 +69,8 @@ def mlp_conv() -> MLPConv:
 
 
 def tiny_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-    from tiny_pipelines import TINY_UNET_CONFIG
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**TINY_UNET_CONFIG, sample_size=8).eval()
+    """The presets' tiny SD1.x-shaped UNet (``peft_sara.presets.TINY_UNET``), seeded, in eval mode."""
+    return build_model(PRESETS["tiny"], seed).eval()
 
 
 def unet_inputs(batch: int = 2, seed: int = 1):
@@ -85,21 +83,11 @@ def unet_inputs(batch: int = 2, seed: int = 1):
 
 
 def tiny_sd3_transformer(seed: int = 0):
+    """The presets' two-block SD3 transformer (``peft_sara.presets.TINY_SD3_TRANSFORMER``), seeded, in eval mode."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        caption_projection_dim=16,
-        pooled_projection_dim=16,
-        out_channels=4,
-    ).eval()
+    return SD3Transformer2DModel(**TINY_SD3_TRANSFORMER).eval()
 
 
 def sd3_inputs(batch: int = 2, seed: int = 1):

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_suite
-from benchmarks.common import PRESETS, model_class, run_in_fresh_process
-from benchmarks.train_step import DEFAULT_METHODS, METHODS, failure_status
+from benchmarks.gpu_suite import kernels as suite_kernels
+from benchmarks.gpu_suite.budget import GRACE_S, Budget, CaseLog
+from benchmarks.gpu_suite.settings import TINY
+from benchmarks.processes import failure_status, run_in_fresh_process
+from benchmarks.train_methods import DEFAULT_METHODS, METHODS
+from peft_sara.presets import PRESETS, model_class
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 240
@@ -189,7 +192,7 @@ def test_kernels_benchmark_runs_as_a_module_and_times_the_reference_on_cpu(tmp_p
     report = json.loads(out.read_text())
     assert report["dtype"] == "fp32" and report["torch"]
     ops = {row["op"] for row in report["rows"]}
-    assert {"grad/reference", "patch+restore/reference"} <= ops
+    assert {"grad/reference", "effective-weight"} <= ops
     assert all(row["ms"] > 0 and row["nnz"] == 38 for row in report["rows"])
 
 
@@ -214,18 +217,18 @@ def test_gpu_suite_tiny_measures_each_part_and_writes_json_and_markdown(runs):
     report = _finish(*runs["suite"])
     assert report["benchmark"] == "gpu_suite" and report["tiny"] is True and report["skipped"] == []
     sd15 = report["sd15"]["batches"]["2"]
-    assert sd15["failed"] == {} and set(sd15["methods"]) == set(gpu_suite.TINY.sd15_methods)
+    assert sd15["failed"] == {} and set(sd15["methods"]) == set(TINY.sd15_methods)
     sara = sd15["methods"]["sara"]
     assert sara["step_s"] > 0 and sara["peak_bytes"] > 0
     assert sara["step_vs_lora_r8"] > 0 and sara["step_vs_floor"] > 0 and sara["peak_vs_lora_r8"] > 0
     assert report["sd15"]["dtype"] == "bfloat16"
     sdxl = report["sdxl"]
     assert sdxl["gradient_checkpointing"] is True and sdxl["preset"]["name"] == "tiny-sdxl"
-    assert set(sdxl["batches"]["1"]["methods"]) == set(gpu_suite.TINY.sdxl_methods)
+    assert set(sdxl["batches"]["1"]["methods"]) == set(TINY.sdxl_methods)
     assert any("16 GiB" in target["target"] and target["met"] for target in report["targets"])
     kernels = report["kernels"]
     assert kernels["status"] == "ok" and kernels["triton"] is False  # reference timings only on CPU
-    assert {row["dtype"] for row in kernels["rows"]} == {case[0] for case in gpu_suite.TINY.kernel_cases}
+    assert {row["dtype"] for row in kernels["rows"]} == {case[0] for case in TINY.kernel_cases}
     markdown = runs["suite"][1].with_suffix(".md").read_text()
     assert "## Train step: `tiny`" in markdown and "## Targets" in markdown and "| sara | ok |" in markdown
 
@@ -243,7 +246,7 @@ def test_sddmm_cutoff_is_the_density_with_least_mean_slowdown():
     rows = _kernel_rows("bf16", "320x320", 4096, {0.01: 1.0, 0.02: 1.5, 0.05: 3.0, 0.1: 6.0}, gemm_ms=2.0)
     rows += _kernel_rows("bf16", "1280x1280", 4096, {0.01: 1.0, 0.02: 2.0, 0.05: 3.5, 0.1: 7.0}, gemm_ms=4.0)
     rows += _kernel_rows("fp32", "320x320", 4096, {0.01: 3.0, 0.1: 9.0}, gemm_ms=1.0)
-    chosen = gpu_suite.choose_sddmm_cutoffs(rows, {"bf16": 0.01, "fp32": 0.05})
+    chosen = suite_kernels.choose_sddmm_cutoffs(rows, {"bf16": 0.01, "fp32": 0.05})
     assert chosen["bf16"]["cutoff"] == 0.02 and chosen["bf16"]["gemm_from_density"] == 0.05
     assert chosen["bf16"]["mean_slowdown"] == pytest.approx((7 + 4.0 / 3.5) / 8)  # 1280x1280 loses at 0.05
     assert chosen["bf16"]["current_mean_slowdown"] > chosen["bf16"]["mean_slowdown"]
@@ -257,7 +260,7 @@ def test_sddmm_cutoff_is_the_density_with_least_mean_slowdown():
         "patch+restore/reference": 3.0,
         "patch+restore/triton": 1.5,
     }
-    speedups = gpu_suite.kernel_speedups([{**point, "op": op, "ms": ms} for op, ms in timed.items()])
+    speedups = suite_kernels.kernel_speedups([{**point, "op": op, "ms": ms} for op, ms in timed.items()])
     assert speedups == [
         {"dtype": "bf16", "tokens": 4096, "grad_speedup_median": 4.0, "patch_restore_speedup_median": 2.0}
     ]
@@ -265,8 +268,8 @@ def test_sddmm_cutoff_is_the_density_with_least_mean_slowdown():
 
 def test_budget_passes_unused_time_on_and_skips_cases_that_would_overrun():
     now = [100.0]
-    budget = gpu_suite.Budget({"a": 10.0, "b": 20.0}, clock=lambda: now[0])
-    log = gpu_suite.CaseLog("a", budget)
+    budget = Budget({"a": 10.0, "b": 20.0}, clock=lambda: now[0])
+    log = CaseLog("a", budget)
     assert log.should_run("x", "first case")  # nothing measured yet: a part's first case always runs
     now[0] += 4.0
     log.record("x", 4.0)
@@ -274,11 +277,11 @@ def test_budget_passes_unused_time_on_and_skips_cases_that_would_overrun():
     now[0] += 4.0
     log.record("x", 4.0)
     assert not log.should_run("x", "third case") and "third case: skipped" in log.skipped[0]
-    later = gpu_suite.CaseLog("b", budget, guesses_s={"slow": 25.0})
+    later = CaseLog("b", budget, guesses_s={"slow": 25.0})
     assert budget.left("b") == pytest.approx(22.0)  # part a's 2 unused seconds pass to b
     assert not later.should_run("slow", "compiled case")  # the guess stands in until a case of its kind ran
     assert later.should_run("quick", "other case")
-    assert budget.timeout("b") == pytest.approx(22.0 + gpu_suite.GRACE_S)
+    assert budget.timeout("b") == pytest.approx(22.0 + GRACE_S)
 
 
 def _sleep(seconds: float) -> dict:

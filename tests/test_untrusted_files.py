@@ -439,13 +439,14 @@ def test_adapter_for_another_base_model_is_refused_with_both_shapes(tmp_path):
     """SD1.5 -> SD2 in small: cross-attention 32 wide vs 48 wide. The indices fit (48-wide weights have more
     entries), so only the recorded shape tells the two apart."""
     from diffusers import UNet2DConditionModel
-    from tiny_pipelines import TINY_UNET_CONFIG
+
+    from peft_sara.presets import TINY_UNET
 
     torch.manual_seed(0)
-    sd15 = get_peft_model(UNet2DConditionModel(**TINY_UNET_CONFIG), SaRAConfig(trainable_fraction=0.1))
+    sd15 = get_peft_model(UNet2DConditionModel(**TINY_UNET), SaRAConfig(trainable_fraction=0.1))
     sd15.save_pretrained(tmp_path / "sd15-style")
     torch.manual_seed(0)
-    sd2 = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "cross_attention_dim": 48})
+    sd2 = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 48})
     before = observe(sd2)
     pattern = r"attn2\.to_k' was trained on a weight of shape \(32, 32\).*shape \(32, 48\).*made for another base model"
     with pytest.raises(InvalidAdapterError, match=pattern):

@@ -13,21 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peft_sara.presets import TINY_UNET
+
 PROMPT = "a red cat"
 TOKENIZER_MAX_LENGTH = 16
 HEIGHT = WIDTH = 32
-# The tiny SD1.x-shaped UNet used across the tests (tests/conftest.py builds the same one without a pipeline).
-TINY_UNET_CONFIG = dict(
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
 TINY_VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
@@ -106,7 +96,7 @@ def build_sd_pipeline(directory: Path) -> Path:
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG, sample_size=HEIGHT // 2)
+    unet = UNet2DConditionModel(**{**TINY_UNET, "sample_size": HEIGHT // 2})
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     text_encoder = CLIPTextModel(_clip_text_config())
     scheduler = DDIMScheduler(
@@ -187,8 +177,7 @@ def build_sdxl_pipeline(directory: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        **{**TINY_UNET_CONFIG, "cross_attention_dim": 64},  # the two encoders' hidden states, concatenated
-        sample_size=HEIGHT // 2,
+        **{**TINY_UNET, "sample_size": HEIGHT // 2, "cross_attention_dim": 64},  # the encoders' states, concatenated
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop ids + the pooled projection
@@ -275,10 +264,10 @@ def build_motion_adapter(directory: Path) -> Path:
 
     torch.manual_seed(0)
     adapter = MotionAdapter(
-        block_out_channels=TINY_UNET_CONFIG["block_out_channels"],
-        motion_layers_per_block=TINY_UNET_CONFIG["layers_per_block"],
+        block_out_channels=TINY_UNET["block_out_channels"],
+        motion_layers_per_block=TINY_UNET["layers_per_block"],
         motion_num_attention_heads=2,
-        motion_norm_num_groups=TINY_UNET_CONFIG["norm_num_groups"],
+        motion_norm_num_groups=TINY_UNET["norm_num_groups"],
         motion_max_seq_length=32,
         use_motion_mid_block=False,
     )
