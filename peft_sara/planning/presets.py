@@ -1,5 +1,5 @@
-"""The models the planner knows by name: the diffusers configs of SD1.5, SDXL, SD3 and Flux.1-dev, written out here
-(nothing is downloaded), their input shapes, and SaRA's threshold -> trainable fraction table.
+"""The models the planner knows by name: the diffusers configs of SD1.5, SDXL, SD3 and Flux.1-dev from
+:mod:`peft_sara.presets` (nothing is downloaded), their input shapes, and SaRA's threshold -> trainable fraction table.
 
 A model is a :class:`ModelSpec`: a diffusers class name, its ``config.json`` contents and the text conditioning the
 training step feeds it. :func:`resolve_model` turns a preset name or a folder holding a diffusers ``config.json``
@@ -13,6 +13,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..presets import (
+    FLUX1_DEV_TRANSFORMER,
+    SD3_MEDIUM_TRANSFORMER,
+    SD15_HALF_UNET,
+    SD15_UNET,
+    SDXL_UNET,
+    TINY_UNET,
+)
 
 
 @dataclass(frozen=True)
@@ -34,96 +43,6 @@ class ModelSpec:
     description: str = ""
     default_resolution: int = field(default=512)
 
-
-SD15_UNET = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-
-SDXL_UNET = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
-}
-
-SD3_MEDIUM_TRANSFORMER = {
-    "attention_head_dim": 64,
-    "caption_projection_dim": 1536,
-    "in_channels": 16,
-    "joint_attention_dim": 4096,
-    "num_attention_heads": 24,
-    "num_layers": 24,
-    "out_channels": 16,
-    "patch_size": 2,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 192,
-    "sample_size": 128,
-}
-
-FLUX1_DEV_TRANSFORMER = {
-    "attention_head_dim": 128,
-    "axes_dims_rope": [16, 56, 56],
-    "guidance_embeds": True,
-    "in_channels": 64,
-    "joint_attention_dim": 4096,
-    "num_attention_heads": 24,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "patch_size": 1,
-    "pooled_projection_dim": 768,
-}
-
-# A ~230M-parameter SD1.5-shaped UNet (channels / 2): the largest model the validation runs for real on a CPU.
-SD15_HALF_UNET = {**SD15_UNET, "block_out_channels": [160, 320, 640, 640], "attention_head_dim": 8}
-
-# A few-thousand-parameter UNet for tests (real and fake runs take well under a second).
-TINY_UNET = {
-    "block_out_channels": [32, 64],
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "sample_size": 8,
-}
 
 PRESETS: dict[str, ModelSpec] = {
     "sd15": ModelSpec("sd15", "UNet2DConditionModel", SD15_UNET, description="Stable Diffusion 1.5 UNet (860M)"),
