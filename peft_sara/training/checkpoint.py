@@ -9,6 +9,7 @@ dicts, tensors, numpy arrays): anything else is refused when saving, with its pa
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from .helper import SaRATrainingHelper, resolve_sara_adapter
 from .optimizer import unwrap_optimizer
 
 STATE_METADATA_KEY = "sara_training_state"
+STATE_CHECKSUM_KEY = "sara_training_state_sha256"
 STATE_FORMAT_VERSION = 1
 
 
@@ -89,11 +91,27 @@ def decode_state(data: Any, tensors: dict[str, torch.Tensor], where: str) -> Any
     raise InvalidAdapterError(f"{where} holds an entry this peft-sara never writes: {str(data)[:80]}")
 
 
+def state_checksum(description: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a training state's JSON description and of every tensor (key, dtype, shape, bytes): integrity
+    against accidents (truncation, bit flips, partial copies); anyone can recompute it, so it is no signature."""
+    digest = hashlib.sha256(description.encode())
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def write_training_state(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write a training state (plain data and tensors) as one safetensors file, atomically."""
+    """Write a training state (plain data and tensors) as one safetensors file with its checksum, atomically."""
     tensors: dict[str, torch.Tensor] = {}
     description = json.dumps({"version": STATE_FORMAT_VERSION, "state": encode_state(state, tensors)})
-    save_safetensors_atomic(tensors, path, metadata={"format": "pt", STATE_METADATA_KEY: description})
+    metadata = {
+        "format": "pt",
+        STATE_METADATA_KEY: description,
+        STATE_CHECKSUM_KEY: state_checksum(description, tensors),
+    }
+    save_safetensors_atomic(tensors, path, metadata=metadata)
 
 
 def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -105,6 +123,10 @@ def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        if metadata.get(STATE_CHECKSUM_KEY) != state_checksum(metadata[STATE_METADATA_KEY], tensors):
+            raise InvalidAdapterError(
+                f"{where} does not match its checksum: the file is corrupted or was modified after saving."
+            )
         description = json.loads(metadata[STATE_METADATA_KEY])
         if not isinstance(description, dict) or description.get("version") != STATE_FORMAT_VERSION:
             raise InvalidAdapterError(f"{where} has an unknown format: {str(description)[:80]}")
@@ -148,6 +170,75 @@ def _check_state_layout(state: Any, where: str) -> None:
     python_state = rng.get("python")
     if not (isinstance(python_state, tuple) and len(python_state) == 3 and isinstance(python_state[1], tuple)):
         fail("the Python RNG state is not random.getstate()'s tuple")
+    _check_rng_states(rng, where)
+
+
+def _check_per_parameter_state(state: dict[str, Any], params: dict[str, nn.Parameter]) -> None:
+    """Every per-parameter optimizer tensor (Adam's moments, momentum buffers) has its parameter's shape, so a resumed
+    step cannot fail or broadcast silently; 0-d entries (step counters) are scalars."""
+    names = [name for group_names in state["param_names"] for name in group_names]
+    for key, entry in state["optimizer"]["state"].items():
+        if not isinstance(key, int) or not 0 <= key < len(names) or not isinstance(entry, dict):
+            raise InvalidAdapterError(f"The training state's optimizer has state for an unknown parameter ({key!r}).")
+        param = params[names[key]]
+        for field, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise InvalidAdapterError(
+                    f"The training state's optimizer {field!r} of '{names[key]}' has shape {tuple(value.shape)}, the "
+                    f"parameter {tuple(param.shape)}: the checkpoint does not belong to this model."
+                )
+
+
+def _same_kind(saved: Any, current: Any) -> bool:
+    """Whether a saved optimizer setting can stand where ``current`` stands: numbers for (finite) numbers, tuples of
+    numbers of the same length, and otherwise the same type (None stays None)."""
+    if isinstance(current, bool) or current is None or isinstance(current, str):
+        return type(saved) is type(current)
+    if isinstance(current, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and np.isfinite(saved)
+    if isinstance(current, (tuple, list)):
+        return (
+            isinstance(saved, (tuple, list))
+            and len(saved) == len(current)
+            and all(_same_kind(a, b) for a, b in zip(saved, current))
+        )
+    if isinstance(current, torch.Tensor):
+        return isinstance(saved, torch.Tensor) and saved.shape == current.shape
+    return type(saved) is type(current)
+
+
+def _check_group_settings(saved_groups: list[dict], current_groups: list[dict]) -> None:
+    """The saved parameter groups' settings (lr, betas, weight decay, ...) are those of this optimizer's kind, so that
+    resuming cannot fail at the next step."""
+    for index, (saved, current) in enumerate(zip(saved_groups, current_groups)):
+        settings = set(current) - {"params"}
+        if set(saved) - {"params"} != settings:
+            raise InvalidAdapterError(
+                f"Parameter group {index} of the training state's optimizer has settings "
+                f"{sorted(set(saved) - {'params'})}, this optimizer {sorted(settings)}: build the optimizer the same "
+                "way as when the checkpoint was saved."
+            )
+        for key in sorted(settings):
+            if not _same_kind(saved[key], current[key]):
+                raise InvalidAdapterError(
+                    f"Parameter group {index} of the training state's optimizer has {key}={str(saved[key])[:40]}, "
+                    f"which cannot stand for this optimizer's {key}={current[key]!r}."
+                )
+
+
+def _check_rng_states(rng: dict[str, Any], where: str) -> None:
+    """Apply the saved RNG states to throwaway generators first: a bad one is refused before anything changes."""
+    try:
+        torch.Generator().set_state(rng["torch"])
+        random.Random().setstate(rng["python"])
+        if rng.get("numpy") is not None:
+            np.random.RandomState().set_state(rng["numpy"])
+        if rng.get("cuda") is not None and not (
+            isinstance(rng["cuda"], list) and all(isinstance(t, torch.Tensor) for t in rng["cuda"])
+        ):
+            raise TypeError("the CUDA RNG states are not a list of tensors")
+    except (Exception, RecursionError) as err:
+        raise InvalidAdapterError(f"{where}: a saved random-number-generator state is invalid ({err}).") from err
 
 
 def _trainable_parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
@@ -278,6 +369,8 @@ def load_training_state(
         params = dict(model.named_parameters())  # loading may have grown a values Parameter
         for group, group_names in zip(inner.param_groups, state["param_names"]):
             group["params"] = [params[name] for name in group_names]
+        _check_per_parameter_state(state, params)
+        _check_group_settings(state["optimizer"]["param_groups"], inner.param_groups)
         inner.load_state_dict(state["optimizer"])
         if lr_scheduler is not None and state["lr_scheduler"] is not None:
             lr_scheduler.load_state_dict(state["lr_scheduler"])
