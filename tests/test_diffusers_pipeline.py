@@ -308,11 +308,13 @@ def test_taken_adapter_name_is_refused_before_anything_changes(sd, pipe):
 def test_failed_load_leaves_no_adapter_behind(sd, pipe, tmp_path):
     import shutil
 
+    from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
+
     broken = tmp_path / "broken"
     shutil.copytree(sd.adapter_dir, broken)
     weights = load_file(broken / "unet" / "adapter_model.safetensors")
-    key = next(k for k in weights if k.endswith("sara_indices"))
-    weights[key] = weights[key] + 10**9  # indices past the end of the weight
+    key = next(k for k in weights if k.endswith("sara_index_gaps"))
+    weights[key] = encode_index_gaps(decode_index_gaps(weights[key]) + 10**9)  # indices past the end of the weight
     save_file(weights, broken / "unet" / "adapter_model.safetensors")
     before = {"unet": base_weights(pipe.unet), "text_encoder": base_weights(pipe.text_encoder)}
 

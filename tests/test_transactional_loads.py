@@ -131,7 +131,7 @@ def test_what_is_validated_is_exactly_what_is_loaded(tmp_path, edit, message):
 def test_checksums_bind_the_layer_name_and_cover_modules_to_save(tmp_path):
     from peft_sara.file_format import entries_checksum
 
-    tensors = {"sara_indices": torch.arange(3), "sara_values": torch.ones(3)}
+    tensors = {"sara_index_gaps": torch.arange(3, dtype=torch.uint8), "sara_values": torch.ones(3)}
     assert not torch.equal(entries_checksum("down.0", tensors), entries_checksum("down.1", tensors))  # swap detected
     saved_adapter(tmp_path, modules_to_save=["head"])
     edit_weights(tmp_path, lambda t: t.update({"base_model.model.head.bias": t["base_model.model.head.bias"] + 1}))
