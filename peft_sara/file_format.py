@@ -47,6 +47,7 @@ or ``"bfloat16"``: about 5 / 3 bytes, against 8 for an int32 index beside a floa
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,8 +198,9 @@ def encode_adapter_state_dict(
     """An adapter state dict (model keys, adapter name still in them) in the file format: empty frozen sets dropped,
     values cast to ``save_dtype``, indices sorted and written as gaps, weight shapes, checksums and format version
     added. Other tensors (modules_to_save) are kept as they are, under one checksum."""
+    # FSDP and activation checkpointing wrap modules but drop their wrapper names from state-dict keys: so does this.
     layers = {
-        normalize_module_name(name): layer
+        normalize_module_name(re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.", "", name)): layer
         for name, layer in sara_layers(model)
         if layer.present_adapters([adapter_name])
     }
