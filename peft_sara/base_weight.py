@@ -31,6 +31,10 @@ from .quantized import torchao as torchao_backend
 QUANTIZED_BACKENDS: tuple[ModuleType, ...] = (bnb_backend, torchao_backend, quanto_backend, gguf_backend)
 
 
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+_PLAIN_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def quantized_backend(base_layer: nn.Module) -> tuple[ModuleType, str] | None:
     """The backend module that stores ``base_layer``'s weight and its description ("torchao Int8Tensor"), or
     ``None`` for a weight no quantization backend owns."""
@@ -52,6 +56,14 @@ def composable_reason(base_layer: nn.Module) -> str | None:
 def storage_reason(base_layer: nn.Module) -> str | None:
     """Why the weight of ``base_layer`` is not a plain dense floating tensor SaRA can compute with or write into
     (quantized by a named backend, meta, a tensor subclass, integer or 1-byte storage), or ``None`` when it is."""
+    weight = base_layer.weight
+    if (  # the common case first (it runs on every forward): a plain float tensor, in no quantized module
+        type(weight) in _PLAIN_TENSOR_TYPES
+        and weight.dtype in _PLAIN_FLOAT_DTYPES
+        and weight.device.type != "meta"
+        and quanto_backend.describe(base_layer) is None
+    ):
+        return None
     backend = quantized_backend(base_layer)
     if backend is not None:
         return f"the base weight is stored by {backend[1]}"
@@ -138,13 +150,10 @@ def merge_entries_(
             target = dense.clone()
     backup = MergeBackup()
     for entry in entries:
-        coordinates = torch.unravel_index(entry.indices.long(), target.shape)
-        saved = target[coordinates]
-        target.index_put_(coordinates, patched_values(saved, entry.values.detach(), float(entry.scale)))
+        saved = _read_entries(target, entry.indices)
+        _write_entries_(target, entry.indices, patched_values(saved, entry.values.detach(), float(entry.scale)))
         backup.entries.append((entry.indices, saved))
-    if check_finite and not all(
-        torch.isfinite(target[torch.unravel_index(indices.long(), target.shape)]).all() for indices, _ in backup.entries
-    ):
+    if check_finite and not all(torch.isfinite(_read_entries(target, indices)).all() for indices, _ in backup.entries):
         if backend is None:
             unmerge_entries_(base_layer, backup)
         raise ValueError(f"NaNs or infs detected while merging {where}: the adapter seems to be broken.")
@@ -173,7 +182,22 @@ def unmerge_entries_(base_layer: nn.Module, backup: MergeBackup) -> None:
         return
     weight = base_layer.weight.data
     for indices, saved in reversed(backup.entries):
-        weight.index_put_(torch.unravel_index(indices.long(), weight.shape), saved)
+        _write_entries_(weight, indices, saved)
+
+
+def _read_entries(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The entries at flat (row-major) ``indices`` of ``weight``, whatever its strides."""
+    if weight.is_contiguous():
+        return weight.view(-1).index_select(0, indices)
+    return weight[torch.unravel_index(indices.long(), weight.shape)]
+
+
+def _write_entries_(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` at flat (row-major) ``indices`` of ``weight`` in place, whatever its strides."""
+    if weight.is_contiguous():
+        weight.view(-1).index_copy_(0, indices.long(), values)
+    else:
+        weight.index_put_(torch.unravel_index(indices.long(), weight.shape), values)
 
 
 __all__ = [

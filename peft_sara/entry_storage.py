@@ -88,15 +88,22 @@ class SparseEntryStorage:
         Only the live entries: after a re-selection both are prefixes (views) of the fixed-capacity index buffer and
         values Parameter; before it, the buffer and the Parameter themselves.
         """
-        count = self.num_trainable(adapter_name)
-        indices, values = self.sara_indices[adapter_name], self.sara_values[adapter_name]
+        # Read through the containers' own dicts: this runs on every forward, where each nn.Module attribute lookup
+        # costs about as much as a small op's dispatch.
+        containers = self._modules
+        values = containers["sara_values"]._parameters[adapter_name]
+        indices = containers["sara_indices"]._buffers[adapter_name]
+        count = self.sara_num_trainable.get(adapter_name, values.shape[0])
         if count == values.shape[0]:
             return indices, values
         return indices[:count], values[:count]  # slicing keeps autograd to the Parameter
 
     def frozen_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat indices and deltas of the entries frozen by progressive re-selection (empty before it)."""
-        return self.sara_frozen_indices[adapter_name], self.sara_frozen_values[adapter_name]
+        containers = self._modules
+        return containers["sara_frozen_indices"]._buffers[adapter_name], containers["sara_frozen_values"]._buffers[
+            adapter_name
+        ]
 
     def num_entries(self, adapter_name: str, trainable_only: bool = False) -> int:
         """Number of stored entries of an adapter in this layer (trainable, plus frozen unless ``trainable_only``)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,7 @@ from . import kernels
 from .masks import compute_dtype
 
 
-@dataclass(frozen=True)
-class SparseEntries:
+class SparseEntries(NamedTuple):
     """One set of sparse entries of a weight: ``indices`` (flat, row-major; int32 or int64), their deltas ``values``
     and the adapter's ``scale`` (a float, or a 0-d tensor so that compiled graphs do not specialise on it).
 
@@ -305,7 +304,9 @@ def sparse_delta_forward(
     """``op(x, W ⊕ Δ, bias)`` with the effective weight built for this call only (``weight`` a tensor: the main path),
     or ``op(x, Δ)`` (``weight`` the weight's shape: the composable path's share); differentiable in ``x``, the bias
     and the values, saving only ``x`` and the values (only what autograd needs is computed)."""
-    if not torch.is_grad_enabled() or not (
+    if not torch.is_grad_enabled():  # inference
+        return op.forward(x, _operand(weight, entries, x), bias)
+    if not (
         x.requires_grad
         or any(entry.values.requires_grad for entry in entries)
         or (bias is not None and bias.requires_grad)
