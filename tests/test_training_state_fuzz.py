@@ -67,7 +67,10 @@ def differences(before, after):
     changed = [k for k in tensors_a.keys() | tensors_b.keys() if k not in tensors_a or k not in tensors_b]
     for key in tensors_a.keys() & tensors_b.keys():
         a, b = tensors_a[key], tensors_b[key]
-        same = torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+        else:
+            same = a == b
         if not same:
             changed.append(key)
     return changed + (["param_groups"] if groups_a != groups_b or params_a != params_b else [])

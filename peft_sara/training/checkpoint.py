@@ -173,20 +173,54 @@ def _check_state_layout(state: Any, where: str) -> None:
     _check_rng_states(rng, where)
 
 
-def _check_per_parameter_state(state: dict[str, Any], params: dict[str, nn.Parameter]) -> None:
-    """Every per-parameter optimizer tensor (Adam's moments, momentum buffers) has its parameter's shape, so a resumed
-    step cannot fail or broadcast silently; 0-d entries (step counters) are scalars."""
+# Per-parameter state fields of the optimizers whose resume is checked field by field; others get the shape checks.
+_OPTIMIZER_FIELDS = {
+    "Adam": ("step", "exp_avg", "exp_avg_sq"),
+    "AdamW": ("step", "exp_avg", "exp_avg_sq"),
+    "SGD": ("momentum_buffer",),
+}
+
+
+def _check_per_parameter_state(state: dict[str, Any], params: dict[str, nn.Parameter], optimizer: Any) -> None:
+    """The saved optimizer state can be resumed by ``optimizer``: parameter references are the saved positions, every
+    per-parameter tensor (Adam's moments, momentum buffers) has its parameter's shape and a floating dtype, step
+    counters are non-negative scalars, and every parameter's state has the same fields (for torch's Adam, AdamW and SGD:
+    the fields they create). Anything else would fail, or broadcast silently, at the first resumed step."""
     names = [name for group_names in state["param_names"] for name in group_names]
-    for key, entry in state["optimizer"]["state"].items():
-        if not isinstance(key, int) or not 0 <= key < len(names) or not isinstance(entry, dict):
+    saved = state["optimizer"]
+    positions = [p for group in saved["param_groups"] for p in group["params"]]
+    if positions != list(range(len(names))) or any(type(p) is not int for p in positions):
+        raise InvalidAdapterError("The training state's optimizer refers to its parameters out of order or by bad ids.")
+    expected = _OPTIMIZER_FIELDS.get(type(optimizer).__name__)
+    if expected is not None and type(optimizer).__name__ in ("Adam", "AdamW"):
+        expected = expected + (("max_exp_avg_sq",) if optimizer.defaults.get("amsgrad") else ())
+    fields_seen = set()
+    for key, entry in saved["state"].items():
+        if type(key) is not int or not 0 <= key < len(names) or not isinstance(entry, dict):
             raise InvalidAdapterError(f"The training state's optimizer has state for an unknown parameter ({key!r}).")
-        param = params[names[key]]
+        param, where = params[names[key]], f"The training state's optimizer state of '{names[key]}'"
+        fields_seen.add(tuple(sorted(map(str, entry))))
+        if (
+            expected is not None
+            and set(entry) != set(expected)
+            and not (set(entry) <= set(expected) and "step" not in expected)
+        ):
+            raise InvalidAdapterError(
+                f"{where} has fields {sorted(map(str, entry))}, {type(optimizer).__name__} {list(expected)}."
+            )
         for field, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+            if field == "step":
+                number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < 2**53:
+                    raise InvalidAdapterError(f"{where} has an invalid step {str(value)[:40]}.")
+            elif not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape != param.shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise InvalidAdapterError(
-                    f"The training state's optimizer {field!r} of '{names[key]}' has shape {tuple(value.shape)}, the "
-                    f"parameter {tuple(param.shape)}: the checkpoint does not belong to this model."
+                    f"{where}: {field!r} is {shape}, the parameter {tuple(param.shape)}: the checkpoint does not belong "
+                    "to this model and optimizer."
                 )
+    if len(fields_seen) > 1:
+        raise InvalidAdapterError("The training state's optimizer state has different fields for different parameters.")
 
 
 def _same_kind(saved: Any, current: Any) -> bool:
@@ -215,7 +249,7 @@ def _check_group_settings(saved_groups: list[dict], current_groups: list[dict]) 
         if set(saved) - {"params"} != settings:
             raise InvalidAdapterError(
                 f"Parameter group {index} of the training state's optimizer has settings "
-                f"{sorted(set(saved) - {'params'})}, this optimizer {sorted(settings)}: build the optimizer the same "
+                f"{sorted(map(str, set(saved) - {'params'}))}, this optimizer {sorted(settings)}: build the optimizer the same "
                 "way as when the checkpoint was saved."
             )
         for key in sorted(settings):
@@ -369,7 +403,7 @@ def load_training_state(
         params = dict(model.named_parameters())  # loading may have grown a values Parameter
         for group, group_names in zip(inner.param_groups, state["param_names"]):
             group["params"] = [params[name] for name in group_names]
-        _check_per_parameter_state(state, params)
+        _check_per_parameter_state(state, params, inner)
         _check_group_settings(state["optimizer"]["param_groups"], inner.param_groups)
         inner.load_state_dict(state["optimizer"])
         if lr_scheduler is not None and state["lr_scheduler"] is not None:
