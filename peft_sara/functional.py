@@ -226,20 +226,19 @@ class _SparseDeltaFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: gradients with a graph (double backward)
             return _differentiable_backward(ctx, grad_output, x, weight, bias, entries)
         need_values = list(needs[8 + ctx.count :])
-        if needs[0]:
+        grad_output = grad_output.contiguous()
+        indices = [entry.indices for entry in entries]
+        grad_input = None
+        if needs[0]:  # the input gradient first, so the rebuilt operand is freed before the weight-gradient GEMM
             operand = _operand(weight, entries, x)
-        else:  # only the operand's shape matters for the weight gradient
-            operand = weight if ctx.weight_shape is None else x.new_zeros(()).expand(ctx.weight_shape)
-        grad_input, grad_values, grad_bias = ctx.op.backward(
-            grad_output.contiguous(),
-            x,
-            operand,
-            bias,
-            needs[0],
-            needs[2],
-            [entry.indices for entry in entries],
-            need_values,
-            ctx.backend,
+            grad_input, _, _ = ctx.op.backward(
+                grad_output, x, operand, bias, True, False, indices, [False], ctx.backend
+            )
+            del operand
+        # Only the operand's shape matters for the weight and bias gradients.
+        shaped = weight if ctx.weight_shape is None else x.new_zeros(()).expand(ctx.weight_shape)
+        _, grad_values, grad_bias = ctx.op.backward(
+            grad_output, x, shaped, bias, False, needs[2], indices, need_values, ctx.backend
         )
         grad_values = [
             None if grad is None else _scaled_live_gradient(grad, entry).to(entry.values.dtype)
