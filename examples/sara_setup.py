@@ -1,5 +1,6 @@
 """Setting up a SaRA training run with accelerate: the Accelerator, the step plan, an optimizer / LR schedule / SaRA
-helper per adapted component (:class:`peft_sara.training.TrainedComponent`), resuming and ``accelerator.prepare``."""
+helper per adapted component (:class:`peft_sara.training.TrainedComponent`), resuming and ``accelerator.prepare``, and
+the plan logged before the loop."""
 
 from __future__ import annotations
 
@@ -272,3 +273,23 @@ def prepare_and_resume(
     if checkpoint is not None:
         logger.info(f"Resumed from {checkpoint} at step {components[0].helper.global_step}")
     return prepared[2 * count], deepspeed
+
+
+def log_training_plan(
+    args: argparse.Namespace, accelerator: Accelerator, components: Sequence[TrainedComponent], num_examples: int
+) -> None:
+    """Log the run's size (examples, epochs, optimizer steps, batch sizes) and each component's SaRA selection."""
+    logger.info("***** Running training *****")
+    logger.info(
+        f"  Examples = {num_examples}, epochs = {args.num_train_epochs}, optimizer steps = {args.max_train_steps}"
+    )
+    logger.info(
+        f"  Batch size per device = {args.train_batch_size}, accumulation = {args.gradient_accumulation_steps}, "
+        f"total batch = {args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps}"
+    )
+    for component in components:
+        logger.info(
+            f"  SaRA on {component.name}: {component.helper.config.selection_rule}, "
+            f"{component.helper.trainable_count():,} trainable entries, re-selection at step "
+            f"{component.helper.progressive_step}"
+        )

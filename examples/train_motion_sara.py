@@ -5,7 +5,7 @@ make an ``AnimateDiffPipeline`` whose UNet (``UNetMotionModel``) interleaves the
 modules". SaRA adapts the motion modules' linear layers only (the image layers, text encoder and VAE stay frozen), on
 a folder of short clips with captions. The adapter loads with ``peft_sara.load_sara_adapter`` into an
 ``AnimateDiffPipeline`` built on the same base and motion adapter. Copy this file (with the ``sara_*.py`` helpers
-beside it) and edit it.
+beside it) and edit it: its training loop is written out in ``main``.
 
     accelerate launch examples/train_motion_sara.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -38,21 +38,24 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from diffusers import AnimateDiffPipeline, DDPMScheduler, DiffusionPipeline, MotionAdapter
 from diffusers.utils import export_to_gif, load_video, make_image_grid
 from PIL import Image
+from tqdm.auto import tqdm
 
 from peft_sara.export.sources import dtype_kwargs
+from peft_sara.training import checkpoint_folder, remove_old_checkpoints, save_training_checkpoint, unwrap_optimizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sara_*.py helpers live beside this script
 import sara_args  # noqa: E402
 import sara_data  # noqa: E402
-import sara_loop  # noqa: E402
 import sara_losses  # noqa: E402
 import sara_models  # noqa: E402
 import sara_outputs  # noqa: E402
 import sara_setup  # noqa: E402
-import sara_validation  # noqa: E402
+
+logger = get_logger(__name__, log_level="INFO")
 
 # The linear layers of the temporal transformers: attention projections and feed-forward. Their proj_in / proj_out are
 # called as `proj_in(input=...)`, a keyword that PEFT tuner layers (SaRA's included) do not take.
@@ -174,11 +177,11 @@ def log_validation(
     pipe: AnimateDiffPipeline, args: argparse.Namespace, accelerator: Accelerator, name: str, step: int
 ) -> list[Image.Image]:
     """Generate ``num_validation_images`` clips with a fixed seed, save them side by side as one GIF, log the frames."""
-    outputs = sara_validation.generate_validation(pipe, args, accelerator, name, num_frames=args.num_frames)
+    outputs = sara_outputs.generate_validation(pipe, args, accelerator, name, num_frames=args.num_frames)
     clips = [output.frames[0] for output in outputs]
     frames = [make_image_grid(list(frame), rows=1, cols=len(clips)) for frame in zip(*clips)]
     export_to_gif(frames, os.path.join(args.output_dir, f"validation-{name}.gif"))
-    sara_validation.log_images(accelerator, name, frames, step, args.validation_prompt)
+    sara_outputs.log_images(accelerator, name, frames, step, args.validation_prompt)
     return frames
 
 
@@ -223,22 +226,102 @@ def main(args: argparse.Namespace) -> None:
     )
     denoiser = components[0].prepared
 
-    def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
-        pixel_values = sara_data.random_flip(batch, args)  # whole clips: batch x frames x 3 x H x W
-        batch_size, num_frames = pixel_values.shape[:2]
-        latents = sara_losses.encode_latents(vae, pixel_values.flatten(0, 1), weight_dtype)
-        latents = latents.unflatten(0, (batch_size, num_frames)).transpose(1, 2)  # batch x C x frames x h x w
-        conditioning = sara_losses.encode_prompts(pipe, sara_data.pick_captions(batch["captions"]), accelerator.device)
-        # UNetMotionModel takes one prompt embedding per frame (AnimateDiffPipeline repeats them the same way).
-        conditioning["encoder_hidden_states"] = conditioning["encoder_hidden_states"].repeat_interleave(num_frames, 0)
-        return sara_losses.ddpm_loss(denoiser, noise_scheduler, latents, conditioning, args).mean()
+    # 3. Train: the loop of diffusers' LoRA scripts, plus SaRA's low-rank loss (once per optimizer step) and the SaRA
+    #    helpers' step after the optimizers' (progressive re-selection, in place).
+    models = [component.prepared for component in components]
+    helpers = [component.helper for component in components]
+    trainable = [param for component in components for param in component.trainable_parameters()]
 
-    # 3. Train.
-    validate = functools.partial(log_validation, pipe, args, accelerator) if args.validation_prompt else None
-    global_step = sara_loop.train(
-        args, accelerator, components, train_dataloader, steps_per_epoch, compute_loss, validate, deepspeed,
-        project_name="motion-sara",
-    )  # fmt: skip
+    def validate(name: str, step: int) -> None:
+        """The validation clips (main process only), with the trained models in eval mode meanwhile."""
+        if not (args.validation_prompt and accelerator.is_main_process):
+            return
+        for model in models:
+            model.eval()
+        log_validation(pipe, args, accelerator, name, step)
+        for model in models:
+            model.train()
+
+    if accelerator.is_main_process:
+        config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        accelerator.init_trackers("motion-sara", config=config)
+    sara_setup.log_training_plan(args, accelerator, components, len(train_dataset))
+    global_step = helpers[0].global_step  # > 0 when resumed
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(first_epoch, args.num_train_epochs):
+        for model in models:
+            model.train()
+        loader = train_dataloader
+        if epoch == first_epoch and batches_to_skip:  # resumed mid-epoch: the batches the run had not seen yet
+            loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        loader.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(*models):
+                pixel_values = sara_data.random_flip(batch, args)  # whole clips: batch x frames x 3 x H x W
+                batch_size, num_frames = pixel_values.shape[:2]
+                latents = sara_losses.encode_latents(vae, pixel_values.flatten(0, 1), weight_dtype)
+                latents = latents.unflatten(0, (batch_size, num_frames)).transpose(1, 2)  # batch x C x frames x h x w
+                captions = sara_data.pick_captions(batch["captions"])
+                conditioning = sara_losses.encode_prompts(pipe, captions, accelerator.device)
+                # UNetMotionModel takes one prompt embedding per frame (AnimateDiffPipeline repeats them alike).
+                embeds = conditioning["encoder_hidden_states"]
+                conditioning["encoder_hidden_states"] = embeds.repeat_interleave(num_frames, 0)
+                loss = sara_losses.ddpm_loss(denoiser, noise_scheduler, latents, conditioning, args).mean()
+                total_loss = loss
+                if accelerator.sync_gradients:
+                    # The low-rank loss counts once per optimizer step: accelerator.backward divides every
+                    # micro-batch's loss by the accumulation steps, so scale it back up.
+                    regularization = sum(helper.regularization() for helper in helpers)
+                    total_loss = loss + regularization * args.gradient_accumulation_steps
+                accelerator.backward(total_loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                for component in components:
+                    component.optimizer.step()
+                    component.lr_scheduler.step()
+                    component.optimizer.zero_grad()
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            for component in components:
+                if args.use_8bit_adam and component.helper.reselection_due():
+                    # Blockwise-quantized moments cannot be re-ordered entry by entry: restart them.
+                    unwrap_optimizer(component.optimizer).state.clear()
+                if component.helper.step():  # in place: same Parameters, optimizer state re-ordered
+                    logger.info(
+                        f"Step {global_step}: re-selected {component.name}, "
+                        f"{component.helper.trainable_count():,} trainable entries left"
+                    )
+            logs = {
+                "loss": loss.detach().item(),
+                "rank_loss": sum(helper.last_regularization for helper in helpers),
+                "lr": components[0].lr_scheduler.get_last_lr()[0],
+            }
+            progress_bar.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0:
+                save_path = checkpoint_folder(args.output_dir, global_step)
+                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+                    for removed in remove_old_checkpoints(args.output_dir, keep=args.checkpoints_total_limit - 1):
+                        logger.info(f"Removed {removed} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+                if deepspeed:  # every rank writes its part
+                    accelerator.save_state(save_path, exclude_frozen_parameters=True)
+                elif accelerator.is_main_process:
+                    save_training_checkpoint(save_path, components)
+                logger.info(f"Saved {save_path}")
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                validate(f"step-{global_step}", global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if args.validation_epochs and epoch % args.validation_epochs == 0:
+            validate(f"epoch-{epoch}", global_step)
 
     # 4. Save, export, check the saved adapter from a fresh pipeline, card, push.
     accelerator.wait_for_everyone()

@@ -4,7 +4,8 @@ The diffusers ``train_text_to_image_lora.py`` / ``train_text_to_image_lora_sdxl.
 and a SaRA adapter instead of LoRA: only the smallest-magnitude ("temporarily ineffective") weights of the denoiser
 are trained, as a sparse update, with the paper's nuclear-norm low-rank loss and progressive re-selection
 (``peft_sara.training.SaRATrainingHelper``). The VAE and text encoders stay frozen unless ``--train_text_encoder``
-(SaRA on the CLIP encoders too). Copy this file (with the ``sara_*.py`` helpers beside it) and edit it.
+(SaRA on the CLIP encoders too). Copy this file (with the ``sara_*.py`` helpers beside it) and edit it: its training
+loop is written out in ``main``.
 
     accelerate launch examples/train_text_to_image_sara.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -46,21 +47,22 @@ import argparse
 import functools
 import os
 import sys
-from typing import Any
 
-import torch
+from accelerate.logging import get_logger
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from tqdm.auto import tqdm
+
+from peft_sara.training import checkpoint_folder, remove_old_checkpoints, save_training_checkpoint, unwrap_optimizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sara_*.py helpers live beside this script
 import sara_args  # noqa: E402
 import sara_data  # noqa: E402
-import sara_loop  # noqa: E402
 import sara_losses  # noqa: E402
 import sara_models  # noqa: E402
 import sara_outputs  # noqa: E402
 import sara_setup  # noqa: E402
-import sara_validation  # noqa: E402
 
+logger = get_logger(__name__, log_level="INFO")
 SUPPORTED_PIPELINES = (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)
 
 
@@ -113,21 +115,99 @@ def main(args: argparse.Namespace) -> None:
     denoiser = components[0].prepared
     text_encoders = {component.name: component.prepared for component in components[1:]}
 
-    def compute_loss(batch: dict[str, Any]) -> torch.Tensor:
-        pixel_values = sara_data.random_flip(batch, args)  # here, not in the dataset: resuming stays exact
-        captions = sara_data.pick_captions(batch["captions"])
-        latents = sara_losses.encode_latents(vae, pixel_values, weight_dtype)
-        conditioning = sara_losses.image_conditioning(pipe, batch, captions, args, accelerator.device, text_encoders)
-        return sara_losses.denoising_loss(pipe, denoiser, noise_scheduler, latents, conditioning, args).mean()
+    # 4. Train: the loop of diffusers' LoRA scripts, plus SaRA's low-rank loss (once per optimizer step) and the SaRA
+    #    helpers' step after the optimizers' (progressive re-selection, in place).
+    models = [component.prepared for component in components]
+    helpers = [component.helper for component in components]
+    trainable = [param for component in components for param in component.trainable_parameters()]
 
-    # 4. Train.
-    validate = (
-        functools.partial(sara_validation.log_validation, pipe, args, accelerator) if args.validation_prompt else None
+    def validate(name: str, step: int) -> None:
+        """The validation images (main process only), with the trained models in eval mode meanwhile."""
+        if not (args.validation_prompt and accelerator.is_main_process):
+            return
+        for model in models:
+            model.eval()
+        sara_outputs.log_validation(pipe, args, accelerator, name, step)
+        for model in models:
+            model.train()
+
+    if accelerator.is_main_process:
+        config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        accelerator.init_trackers("text2image-sara", config=config)
+    sara_setup.log_training_plan(args, accelerator, components, len(train_dataset))
+    global_step = helpers[0].global_step  # > 0 when resumed
+    first_epoch = global_step // steps_per_epoch
+    batches_to_skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    global_step = sara_loop.train(
-        args, accelerator, components, train_dataloader, steps_per_epoch, compute_loss, validate, deepspeed,
-        project_name="text2image-sara",
-    )  # fmt: skip
+    for epoch in range(first_epoch, args.num_train_epochs):
+        for model in models:
+            model.train()
+        loader = train_dataloader
+        if epoch == first_epoch and batches_to_skip:  # resumed mid-epoch: the batches the run had not seen yet
+            loader = accelerator.skip_first_batches(train_dataloader, batches_to_skip)
+        loader.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(*models):
+                pixel_values = sara_data.random_flip(batch, args)  # here, not in the dataset: resuming stays exact
+                captions = sara_data.pick_captions(batch["captions"])
+                latents = sara_losses.encode_latents(vae, pixel_values, weight_dtype)
+                conditioning = sara_losses.image_conditioning(
+                    pipe, batch, captions, args, accelerator.device, text_encoders
+                )
+                loss = sara_losses.denoising_loss(pipe, denoiser, noise_scheduler, latents, conditioning, args).mean()
+                total_loss = loss
+                if accelerator.sync_gradients:
+                    # The low-rank loss counts once per optimizer step: accelerator.backward divides every
+                    # micro-batch's loss by the accumulation steps, so scale it back up.
+                    regularization = sum(helper.regularization() for helper in helpers)
+                    total_loss = loss + regularization * args.gradient_accumulation_steps
+                accelerator.backward(total_loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                for component in components:
+                    component.optimizer.step()
+                    component.lr_scheduler.step()
+                    component.optimizer.zero_grad()
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            for component in components:
+                if args.use_8bit_adam and component.helper.reselection_due():
+                    # Blockwise-quantized moments cannot be re-ordered entry by entry: restart them.
+                    unwrap_optimizer(component.optimizer).state.clear()
+                if component.helper.step():  # in place: same Parameters, optimizer state re-ordered
+                    logger.info(
+                        f"Step {global_step}: re-selected {component.name}, "
+                        f"{component.helper.trainable_count():,} trainable entries left"
+                    )
+            logs = {
+                "loss": loss.detach().item(),
+                "rank_loss": sum(helper.last_regularization for helper in helpers),
+                "lr": components[0].lr_scheduler.get_last_lr()[0],
+            }
+            progress_bar.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0:
+                save_path = checkpoint_folder(args.output_dir, global_step)
+                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+                    for removed in remove_old_checkpoints(args.output_dir, keep=args.checkpoints_total_limit - 1):
+                        logger.info(f"Removed {removed} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+                if deepspeed:  # every rank writes its part
+                    accelerator.save_state(save_path, exclude_frozen_parameters=True)
+                elif accelerator.is_main_process:
+                    save_training_checkpoint(save_path, components)
+                logger.info(f"Saved {save_path}")
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                validate(f"step-{global_step}", global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if args.validation_epochs and epoch % args.validation_epochs == 0:
+            validate(f"epoch-{epoch}", global_step)
 
     # 5. Save the adapter (PEFT format, one folder per component) with a model card and the optional LoRA export;
     #    check that it loads by rendering the final validation images from a fresh pipeline; push.
@@ -136,7 +216,7 @@ def main(args: argparse.Namespace) -> None:
         sara_outputs.finish_training(
             args, accelerator, pipe, components, repo_id, global_step,
             fresh_pipeline=functools.partial(sara_models.load_pipeline, args, weight_dtype, vae=vae),
-            validate=sara_validation.log_validation,
+            validate=sara_outputs.log_validation,
             trained_with=f"`examples/train_text_to_image_sara.py` on `{args.dataset_name or args.train_data_dir}`",
         )  # fmt: skip
     accelerator.end_training()
