@@ -268,6 +268,26 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
+def class_conditional_unet2d_config(
+    image_size: int, channels: int, num_classes: int, block_out_channels: tuple[int, ...], attention_head_dim: int
+) -> dict[str, Any]:
+    """A small class-conditional diffusers ``UNet2DModel`` config (the demo's model): one resnet per level, attention
+    at the lowest resolution, a class embedding added to the time embedding."""
+    levels = len(block_out_channels)
+    return {
+        "sample_size": image_size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": block_out_channels,
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
+        "up_block_types": ("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+        "num_class_embeds": num_classes,
+        "norm_num_groups": 8,
+        "attention_head_dim": attention_head_dim,
+    }
+
+
 def model_class(family: str) -> type[nn.Module]:
     """The diffusers class of a preset family, imported on first use (a launcher calls it once before forking, so
     its children do not each pay the import)."""

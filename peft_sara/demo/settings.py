@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..presets import class_conditional_unet2d_config
 from .data import dataset_info
 
 CACHE_FORMAT_VERSION = 2  # bump when the pretraining code changes what a cached model contains (2: EMA weights)
@@ -21,22 +22,11 @@ LEARNING_RATE_CHOICE = (
 
 
 def unet_config(dataset: str, block_out_channels: tuple[int, ...], attention_head_dim: int) -> dict[str, Any]:
-    """A small class-conditional ``UNet2DModel`` config for ``dataset``: one resnet per level, attention at the
-    lowest resolution."""
+    """The demo's class-conditional ``UNet2DModel`` config for ``dataset`` (:mod:`peft_sara.presets` builds it)."""
     info = dataset_info(dataset)
-    levels = len(block_out_channels)
-    return {
-        "sample_size": info.image_size,
-        "in_channels": info.channels,
-        "out_channels": info.channels,
-        "block_out_channels": block_out_channels,
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
-        "up_block_types": ("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
-        "num_class_embeds": info.num_classes,  # class-conditional: an embedding per class, added to the time embedding
-        "norm_num_groups": 8,
-        "attention_head_dim": attention_head_dim,
-    }
+    return class_conditional_unet2d_config(
+        info.image_size, info.channels, info.num_classes, block_out_channels, attention_head_dim
+    )
 
 
 # Per dataset: the model, the new style and which classes learn it.
