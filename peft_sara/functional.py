@@ -264,10 +264,16 @@ def _entries(indices_and_values, count, scales, live_counts) -> list[SparseEntri
 def _scaled_live_gradient(grad: torch.Tensor, entry: SparseEntries) -> torch.Tensor:
     """The sampled weight gradient times the scale, zero on an inert tail (entries at or after ``live_count``)."""
     grad = grad * entry.scale
-    if entry.live_count is not None:
-        positions = torch.arange(grad.shape[0], device=grad.device)
-        grad = grad * (positions < entry.live_count.to(grad.device))
-    return grad
+    return _without_inert_tail(grad, entry)
+
+
+def _without_inert_tail(per_entry: torch.Tensor, entry: SparseEntries) -> torch.Tensor:
+    """``per_entry`` (one value per entry of ``entry``) with the inert tail (positions at or after ``live_count``)
+    zeroed; as it is when every entry is live."""
+    if entry.live_count is None:
+        return per_entry
+    positions = torch.arange(per_entry.shape[0], device=per_entry.device)
+    return per_entry * (positions < entry.live_count.to(per_entry.device))
 
 
 def _differentiable_backward(ctx, grad_output, x, weight, bias, entries):
@@ -286,9 +292,8 @@ def _differentiable_backward(ctx, grad_output, x, weight, bias, entries):
     for position, grad in zip(wanted, grads):
         result[position] = grad
     for i, entry in enumerate(entries):
-        if result[first_value + i] is not None and entry.live_count is not None:
-            positions = torch.arange(entry.values.shape[0], device=entry.values.device)
-            result[first_value + i] = result[first_value + i] * (positions < entry.live_count)
+        if result[first_value + i] is not None:
+            result[first_value + i] = _without_inert_tail(result[first_value + i], entry)
     return tuple(result)
 
 
@@ -355,9 +360,8 @@ def dense_delta(weight_shape: torch.Size, entries: Sequence[SparseEntries], devi
     delta = torch.zeros(weight_shape.numel(), dtype=compute, device=device)
     for entry in entries:
         values = entry.values.to(device=device, dtype=compute) * entry.scale
-        if entry.live_count is not None and values.requires_grad:
-            positions = torch.arange(values.shape[0], device=device)
-            values = values * (positions < entry.live_count.to(device))
+        if values.requires_grad:
+            values = _without_inert_tail(values, entry)
         delta = delta.index_add(0, entry.indices.to(device), values)
     return delta.view(weight_shape)
 
