@@ -193,11 +193,16 @@ def _encoded_entries(index_key: str, indices: torch.Tensor, value_key: str, valu
 
 
 def encode_adapter_state_dict(
-    model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], save_dtype: str | None
+    model: nn.Module,
+    adapter_name: str,
+    state_dict: dict[str, torch.Tensor],
+    save_dtype: str | None,
+    modules_to_save: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """An adapter state dict (model keys, adapter name still in them) in the file format: empty frozen sets dropped,
     values cast to ``save_dtype``, indices sorted and written as gaps, weight shapes, checksums and format version
-    added. Other tensors (modules_to_save) are kept as they are, under one checksum."""
+    added. Other tensors are kept as they are; they and ``modules_to_save`` (the copies a writer adds to the file
+    after this, as PEFT's ``get_peft_model_state_dict`` does) are covered by one checksum."""
     # FSDP and activation checkpointing wrap modules but drop their wrapper names from state-dict keys: so does this.
     layers = {
         normalize_module_name(re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.", "", name)): layer
@@ -237,7 +242,8 @@ def encode_adapter_state_dict(
         encoded.update(tensors)
     prefix = PEFT_MODEL_PREFIX if all(key.startswith(PEFT_MODEL_PREFIX) for key in state_dict) else ""
     encoded[prefix + FORMAT_VERSION_NAME] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
-    encoded[prefix + OTHER_CHECKSUM_NAME] = other_tensors_checksum(others, adapter_name)
+    covered = others | {key: _plain(key, tensor) for key, tensor in (modules_to_save or {}).items()}
+    encoded[prefix + OTHER_CHECKSUM_NAME] = other_tensors_checksum(covered, adapter_name)
     return {**others, **encoded}
 
 

@@ -15,13 +15,7 @@ from .adapter_files import base_model_id
 from .checkpoint_checks import effective_weight_problem, validate_checkpoint
 from .config import SaRAConfig
 from .constants import PREFIX, SARA_TAGS
-from .file_format import (
-    OTHER_CHECKSUM_NAME,
-    PEFT_MODEL_PREFIX,
-    align_checkpoint_keys,
-    encode_adapter_state_dict,
-    other_tensors_checksum,
-)
+from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
 from .layer import SaRALayer, dispatch_sara_layer, sara_layers
 from .peft_loading import check_peft_load_source, resize_layers_to_entries
 from .save_bridge import install_save_bridge
@@ -103,20 +97,16 @@ def mark_tied_layers(model: nn.Module) -> dict[tuple, list[str]]:
     return {key: names for key, names in groups.items() if len(names) > 1}
 
 
-def modules_to_save_checksum(
-    model: nn.Module, adapter_name: str, state_dict: dict[str, Any], encoded: dict[str, Any]
-) -> dict[str, Any]:
-    """The file's modules_to_save checksum over exactly the tensors PEFT's ``get_peft_model_state_dict`` saves beside
-    the SaRA entries (each auxiliary wrapper's ``adapter_state_dict``), under the key the encoded state dict uses."""
+def modules_to_save_copies(model: nn.Module, adapter_name: str, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Exactly the tensors PEFT's ``get_peft_model_state_dict`` saves beside the SaRA entries, after the tuner's hook:
+    each auxiliary wrapper's (modules_to_save) ``adapter_state_dict``."""
     copies = {}
     for name, module in model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
             name = name.removeprefix("_fsdp_wrapped_module.")
             own = {k.removeprefix(f"{name}."): v for k, v in state_dict.items() if k.startswith(f"{name}.")}
             copies.update({f"{name}.{k}": v for k, v in module.adapter_state_dict(adapter_name, own).items()})
-    key = next(k for k in encoded if k.endswith(OTHER_CHECKSUM_NAME))
-    plain = {k: v.full_tensor() if hasattr(v, "full_tensor") else v.detach() for k, v in copies.items()}
-    return {key: other_tensors_checksum(plain, adapter_name)}
+    return copies
 
 
 class SaRAModel(BaseTuner):
@@ -284,10 +274,9 @@ class SaRAModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         # Every save (PEFT's save_pretrained included) writes the file format of peft_sara.file_format.
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        encoded = encode_adapter_state_dict(model, adapter_name, selected, getattr(config, "save_dtype", None))
-        # PEFT adds the modules_to_save copies after this hook: cover the same tensors by the file's checksum here.
-        encoded.update(modules_to_save_checksum(model, adapter_name, state_dict, encoded))
-        return encoded
+        # PEFT adds the modules_to_save copies after this hook: the file's checksum covers them all the same.
+        copies = modules_to_save_copies(model, adapter_name, state_dict)
+        return encode_adapter_state_dict(model, adapter_name, selected, getattr(config, "save_dtype", None), copies)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
