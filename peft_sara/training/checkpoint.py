@@ -173,11 +173,12 @@ def _check_state_layout(state: Any, where: str) -> None:
     _check_rng_states(rng, where)
 
 
-# Per-parameter state fields of the optimizers whose resume is checked field by field; others get the shape checks.
+# Per-parameter state of the optimizers whose resume is checked field by field: the fields they create, and whether
+# every entry has all of them (SGD creates its momentum buffer only with momentum). Others get the shape checks.
 _OPTIMIZER_FIELDS = {
-    "Adam": ("step", "exp_avg", "exp_avg_sq"),
-    "AdamW": ("step", "exp_avg", "exp_avg_sq"),
-    "SGD": ("momentum_buffer",),
+    "Adam": (frozenset({"step", "exp_avg", "exp_avg_sq"}), True),
+    "AdamW": (frozenset({"step", "exp_avg", "exp_avg_sq"}), True),
+    "SGD": (frozenset({"momentum_buffer"}), False),
 }
 
 
@@ -191,22 +192,18 @@ def _check_per_parameter_state(state: dict[str, Any], params: dict[str, nn.Param
     positions = [p for group in saved["param_groups"] for p in group["params"]]
     if positions != list(range(len(names))) or any(type(p) is not int for p in positions):
         raise InvalidAdapterError("The training state's optimizer refers to its parameters out of order or by bad ids.")
-    expected = _OPTIMIZER_FIELDS.get(type(optimizer).__name__)
-    if expected is not None and type(optimizer).__name__ in ("Adam", "AdamW"):
-        expected = expected + (("max_exp_avg_sq",) if optimizer.defaults.get("amsgrad") else ())
+    expected, exact = _OPTIMIZER_FIELDS.get(type(optimizer).__name__, (None, False))
+    if expected is not None and optimizer.defaults.get("amsgrad"):
+        expected = expected | {"max_exp_avg_sq"}
     fields_seen = set()
     for key, entry in saved["state"].items():
         if type(key) is not int or not 0 <= key < len(names) or not isinstance(entry, dict):
             raise InvalidAdapterError(f"The training state's optimizer has state for an unknown parameter ({key!r}).")
         param, where = params[names[key]], f"The training state's optimizer state of '{names[key]}'"
         fields_seen.add(tuple(sorted(map(str, entry))))
-        if (
-            expected is not None
-            and set(entry) != set(expected)
-            and not (set(entry) <= set(expected) and "step" not in expected)
-        ):
+        if expected is not None and not (set(entry) == expected if exact else set(entry) <= expected):
             raise InvalidAdapterError(
-                f"{where} has fields {sorted(map(str, entry))}, {type(optimizer).__name__} {list(expected)}."
+                f"{where} has fields {sorted(map(str, entry))}, {type(optimizer).__name__} {sorted(expected)}."
             )
         for field, value in entry.items():
             if field == "step":
