@@ -181,15 +181,26 @@ class ConvOp:
 def effective_weight(weight: torch.Tensor, entries: Sequence[SparseEntries]) -> torch.Tensor:
     """The weight with each set's entries replaced by ``cast(w + scale * delta)``, built out of place (one contiguous
     weight-sized tensor); differentiable in the values. Sets apply in order; ``weight`` is only read."""
-    result = weight.detach().clone(memory_format=torch.contiguous_format)
-    flat = result.view(-1)
+    if weight.requires_grad:
+        weight = weight.detach()
+    contiguous = weight.is_contiguous()
+    flat = weight.reshape(-1)  # a view of a contiguous weight, else a row-major copy we own
     for entry in entries:
-        compute = compute_dtype(flat.dtype, entry.values.dtype)
-        if flat.dtype == compute == entry.values.dtype and not isinstance(entry.scale, torch.Tensor):
-            flat.index_add_(0, entry.indices, entry.values, alpha=entry.scale)  # one op: the common float32 case
+        if entry.values.dtype == flat.dtype in _OWN_COMPUTE_DTYPES and not isinstance(entry.scale, torch.Tensor):
+            increment, alpha = entry.values, entry.scale  # the common case: one op, no temporary
         else:
-            flat.index_add_(0, entry.indices, _increment(flat, entry, compute))
-    return result
+            increment, alpha = _increment(flat, entry, compute_dtype(flat.dtype, entry.values.dtype)), 1
+        if contiguous:  # the first set copies the weight as it adds (one pass), later sets add into that copy
+            flat, contiguous = torch.index_add(flat, 0, entry.indices, increment, alpha=alpha), False
+        else:
+            flat.index_add_(0, entry.indices, increment, alpha=alpha)
+    if contiguous:  # no entries: still a tensor of its own
+        flat = flat.clone()
+    return flat.view(weight.shape)
+
+
+# Dtypes that are their own compute dtype (see `compute_dtype`): entries add as `scale * delta` in one op.
+_OWN_COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 def _increment(flat: torch.Tensor, entry: SparseEntries, compute: torch.dtype) -> torch.Tensor:

@@ -140,7 +140,8 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
 
     def present_adapters(self, adapter_names: list[str]) -> list[str]:
         """The names among ``adapter_names`` that this layer has an update for (in order)."""
-        return [name for name in adapter_names if name in self.sara_values]
+        values = self._modules["sara_values"]._parameters  # a dict read (this runs on every forward)
+        return [name for name in adapter_names if name in values]
 
     def get_sparse_update(self, adapter_name: str) -> SparseUpdate:
         """An adapter's whole update of this layer (trainable then frozen entries, int64 indices, detached)."""
@@ -273,7 +274,17 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         :func:`peft_sara.base_weight.composable_reason`), or ``None`` on the main path."""
         return composable_reason(self.get_base_layer())
 
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped module (recursively, through any tuner layer that wraps it); PEFT's walk, with a fast path for
+        the usual direct wrap (a failing ``hasattr`` on a module costs as much as a small op, on every forward)."""
+        base_layer = self._modules["base_layer"]
+        if isinstance(base_layer, BaseTunerLayer) or _may_have_attribute(base_layer, "base_layer"):
+            return super().get_base_layer()
+        return base_layer
+
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Runs once per layer call: module attributes are read through their dicts (an nn.Module `__getattr__` costs
+        # about as much as a small op's dispatch), and the kernel backend is resolved only when autograd will run.
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -284,14 +295,15 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         base_layer = self.get_base_layer()
-        if base_layer.weight.requires_grad and torch.is_grad_enabled():
+        grad_enabled = torch.is_grad_enabled()
+        if grad_enabled and base_layer.weight.requires_grad:
             raise RuntimeError(
                 f"The base weight of this SaRA layer ({type(base_layer).__name__}, shape "
                 f"{tuple(base_layer.weight.shape)}) requires grad, but SaRA trains only its sparse values and would "
                 "silently give the weight no gradient. Freeze it (`requires_grad_(False)`), or train the whole module "
                 "with `modules_to_save` instead."
             )
-        backend = kernels.resolve_backend(self.sara_kernel[active[0]], x.device)
+        backend = kernels.resolve_backend(self.sara_kernel[active[0]], x.device) if grad_enabled else "reference"
         if composable_reason(base_layer) is not None:
             with offload_hooks_run(
                 self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values
@@ -305,6 +317,18 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         op, x = self._op(x)
         return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, entries, backend)
+
+
+def _may_have_attribute(module: nn.Module, name: str) -> bool:
+    """``hasattr(module, name)`` without the cost of nn.Module's failing ``__getattr__`` in the usual case: ``False``
+    only when no instance dict, parameter, buffer, submodule or class attribute has that name."""
+    return (
+        name in module.__dict__
+        or name in module._modules
+        or name in module._parameters
+        or name in module._buffers
+        or hasattr(type(module), name)
+    )
 
 
 class _SaRAModule(nn.Module, SaRALayer):
@@ -339,7 +363,14 @@ class Conv(_SaRAModule):
     """SaRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: any kernel, stride, padding, dilation, groups, bias."""
 
     def _op(self, x):
-        return ConvOp.for_module(self.get_base_layer(), x)
+        base_layer = self.get_base_layer()
+        if base_layer.padding_mode != "zeros" or base_layer.padding == "same":  # the input may need explicit padding
+            return ConvOp.for_module(base_layer, x)
+        key = (base_layer.stride, base_layer.padding, base_layer.dilation, base_layer.groups)
+        cached = self.__dict__.get("_conv_op")  # built once per configuration (read on every forward)
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_conv_op"] = (key, ConvOp.for_module(base_layer, x)[0])
+        return cached[1], x
 
 
 def _is_transformers_conv1d(module: nn.Module) -> bool:
