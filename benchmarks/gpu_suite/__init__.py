@@ -8,7 +8,7 @@ Four parts, run in this order, each in fresh processes forked from this one (so 
 2. ``sdxl``: the SDXL-config UNet (2.6B parameters, 1024 px = 128x128 latents), batch 1, bf16 with gradient
    checkpointing: floor, full fine-tuning, LoRA r=8 and SaRA. A method that runs out of memory is recorded, not fatal.
 3. ``sd15-compiled``: SaRA through ``torch.compile`` at batch 4, in the same tables as part 1.
-4. ``kernels``: the masked-weight ops (patch + restore, sampled weight gradient), Triton against the PyTorch reference,
+4. ``kernels``: the sampled weight gradient, Triton against the PyTorch reference, and the out-of-place effective weight,
    at SD1.5 layer shapes, densities 0.1-50 %, bf16 / fp16 / fp32 and 1K-16K tokens (``benchmarks/kernels.py``), and
    the SDDMM / masked-GEMM density cutoff per dtype that these numbers favour. Its (dtype, tokens) cases run in
    priority order, so it also takes whatever time the other parts left.
