@@ -183,18 +183,18 @@ def effective_weight(weight: torch.Tensor, entries: Sequence[SparseEntries]) -> 
     weight-sized tensor); differentiable in the values. Sets apply in order; ``weight`` is only read."""
     if weight.requires_grad:
         weight = weight.detach()
-    contiguous = weight.is_contiguous()
-    flat = weight.reshape(-1)  # a view of a contiguous weight, else a row-major copy we own
+    shares_weight = weight.is_contiguous()
+    flat = weight.reshape(-1)  # a view of a contiguous weight, else a row-major copy of its own
     for entry in entries:
         if entry.values.dtype == flat.dtype in _OWN_COMPUTE_DTYPES and not isinstance(entry.scale, torch.Tensor):
             increment, alpha = entry.values, entry.scale  # the common case: one op, no temporary
         else:
             increment, alpha = _increment(flat, entry, compute_dtype(flat.dtype, entry.values.dtype)), 1
-        if contiguous:  # the first set copies the weight as it adds (one pass), later sets add into that copy
-            flat, contiguous = torch.index_add(flat, 0, entry.indices, increment, alpha=alpha), False
+        if shares_weight:  # the first set copies the weight as it adds (one pass), later sets add into that copy
+            flat, shares_weight = torch.index_add(flat, 0, entry.indices, increment, alpha=alpha), False
         else:
             flat.index_add_(0, entry.indices, increment, alpha=alpha)
-    if contiguous:  # no entries: still a tensor of its own
+    if shares_weight:  # no entries: still a tensor of its own
         flat = flat.clone()
     return flat.view(weight.shape)
 

@@ -155,3 +155,35 @@ def test_layers_accept_the_input_keyword_like_torch_modules(mlp_conv):
     layer = model.base_model.model.lin1
     x = torch.randn(2, 32)
     assert torch.equal(layer(input=x), layer(x))
+
+
+def test_conv_follows_changes_of_the_wrapped_modules_settings():
+    torch.manual_seed(0)
+    peft_model, layer = wrap(nn.Conv2d(4, 6, 3, padding=1))
+    base = layer.get_base_layer()
+    x = torch.randn(1, 4, 9, 9)
+    with torch.no_grad():
+        peft_model(x)  # a first call, with the settings the module had
+        base.stride, base.padding = (2, 2), (0, 0)
+        assert torch.equal(peft_model(x), F.conv2d(x, dense_reference_weight(layer), base.bias, stride=2))
+        base.padding_mode, base.padding, base.stride = "reflect", (1, 1), (1, 1)
+        base._reversed_padding_repeated_twice = [1, 1, 1, 1]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        assert torch.equal(peft_model(x), F.conv2d(padded, dense_reference_weight(layer), base.bias))
+
+
+class _LinearHoldingALinear(nn.Linear):
+    """A base module that has a `base_layer` of its own: PEFT's walk goes on into it."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 8)
+        self.base_layer = nn.Linear(8, 8)
+
+
+def test_get_base_layer_walks_like_peft():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in (nn.Linear(8, 8), _LinearHoldingALinear()):
+        _, layer = wrap(module)
+        assert layer.get_base_layer() is BaseTunerLayer.get_base_layer(layer)
+    assert layer.get_base_layer() is module.base_layer
