@@ -11,6 +11,7 @@ which layers must run their own forward with the update added beside it.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,8 +61,8 @@ def storage_reason(base_layer: nn.Module) -> str | None:
     if (  # the common case first (it runs on every forward): a plain float tensor, in no quantized module
         type(weight) in _PLAIN_TENSOR_TYPES
         and weight.dtype in _PLAIN_FLOAT_DTYPES
-        and weight.device.type != "meta"
-        and quanto_backend.describe(base_layer) is None
+        and not weight.is_meta
+        and ("optimum.quanto" not in sys.modules or quanto_backend.describe(base_layer) is None)
     ):
         return None
     backend = quantized_backend(base_layer)

@@ -7,6 +7,7 @@ values and scale of an adapter, frozen entries included), :meth:`SaRALayer.train
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
+from torch.compiler import is_compiling
 
 from . import kernels
 from .base_weight import (
@@ -161,15 +163,18 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         entries = []
         for name in adapter_names:
             scale = self.sara_scaling[name]
-            for indices, values in (self.trainable_entries(name), self.frozen_entries(name)):
-                if indices.numel():
-                    entries.append(SparseEntries(indices, values, scale))
+            indices, values = self.trainable_entries(name)
+            if indices.numel():
+                entries.append(SparseEntries(indices, values, scale))
+            indices, values = self.frozen_entries(name)
+            if indices.numel():
+                entries.append(SparseEntries(indices, values, scale))
         return entries
 
     def _forward_entries(self, adapter_names: list[str]) -> list[SparseEntries]:
         """:meth:`sparse_entries` for a forward. A compiled forward takes every set whole, whatever its live count and
         size, with tensor scales and counts, so that value, scale and size changes and re-selection keep the graph."""
-        if not torch.compiler.is_compiling():
+        if not is_compiling():
             return self.sparse_entries(adapter_names)
         entries = []
         for name in adapter_names:
@@ -278,20 +283,19 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         """The wrapped module (recursively, through any tuner layer that wraps it); PEFT's walk, with a fast path for
         the usual direct wrap (a failing ``hasattr`` on a module costs as much as a small op, on every forward)."""
         base_layer = self._modules["base_layer"]
-        if isinstance(base_layer, BaseTunerLayer) or _may_have_attribute(base_layer, "base_layer"):
+        if _may_have_attribute(base_layer, "base_layer"):  # a tuner layer, or any module with a `base_layer`
             return super().get_base_layer()
         return base_layer
 
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Runs once per layer call: module attributes are read through their dicts (an nn.Module `__getattr__` costs
         # about as much as a small op's dispatch), and the kernel backend is resolved only when autograd will run.
-        if self.disable_adapters:
-            if self.merged:
+        if self._disable_adapters or self.merged_adapters:  # PEFT's `disable_adapters` and `merged`, read directly
+            if self._disable_adapters and self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = self.present_adapters(self.active_adapters)
+        names = self._active_adapter
+        active = self.present_adapters((names,) if isinstance(names, str) else names)
         if not active:
             return self.base_layer(x, *args, **kwargs)
         base_layer = self.get_base_layer()
@@ -327,8 +331,13 @@ def _may_have_attribute(module: nn.Module, name: str) -> bool:
         or name in module._modules
         or name in module._parameters
         or name in module._buffers
-        or hasattr(type(module), name)
+        or _class_has_attribute(type(module), name)
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _class_has_attribute(cls: type, name: str) -> bool:
+    return hasattr(cls, name)
 
 
 class _SaRAModule(nn.Module, SaRALayer):
