@@ -2,8 +2,10 @@
 
 Builds the preset's seeded random-init model and a SaRA adapter with random (non-zero) values on a copy, then times
 interleaved rounds of: the plain model, the unmerged forward (no grad: the effective weight built per call), merge,
-the merged forward (the plain model's cost plus the layers' dispatch) and unmerge, so that a slow spell of a shared
-machine hits every variant alike. Also checks that the merged output equals the unmerged one within tolerance and
+the merged forward (the plain model's cost plus the layers' dispatch), unmerge, and the *effective-weight floor*: the
+plain model whose adapted layers only build their effective weight per call (one ``torch.index_add``) and run their
+op, with no adapter machinery, the least an unmerged forward that keeps no weight copy can cost. A slow spell of a
+shared machine hits every variant alike. Also checks that the merged output equals the unmerged one within tolerance and
 that unmerging restores every base weight bitwise, and counts the tensor bytes each model keeps after three no-grad
 forwards beyond the plain model's, against LoRA r=8 on the same layers (as a multiple of the adapted weights' bytes).
 Prints a table and writes
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +29,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/inference.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -82,6 +86,33 @@ def kept_memory(model: nn.Module, adapted: nn.Module, forward) -> dict[str, floa
     }
 
 
+def effective_weight_floor(plain_model: nn.Module, adapted: nn.Module) -> nn.Module:
+    """A copy of ``plain_model`` whose layers that ``adapted`` adapts build their effective weight per call from the
+    adapter's entries (``torch.index_add``, out of place) and run their own op on it, and do nothing else."""
+    floor_model = copy.deepcopy(plain_model)
+    modules = dict(floor_model.named_modules())
+    for name, layer in sara_layers(adapted.get_base_model()):
+        module = modules[name]
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            raise TypeError(f"The effective-weight floor covers Linear and Conv layers, not {type(module).__name__}.")
+        entries = [
+            entry._replace(values=entry.values.detach().to(module.weight.dtype))
+            for entry in layer.sparse_entries(layer.active_adapters)
+        ]
+        module.forward = functools.partial(_floor_forward, module, entries)
+    return floor_model
+
+
+def _floor_forward(module: nn.Module, entries: list, x: torch.Tensor) -> torch.Tensor:
+    weight = module.weight
+    for entry in entries:
+        weight = torch.index_add(weight.reshape(-1), 0, entry.indices, entry.values, alpha=entry.scale)
+    weight = weight.view(module.weight.shape)
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, module.bias)
+    return module._conv_forward(x, weight, module.bias)
+
+
 def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
     """All measurements of one run (on the current process)."""
     preset, device = child_setup(spec)
@@ -110,6 +141,8 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
     del lora_model
     base_weights = [layer.get_base_layer().weight.detach().clone() for layer in layers]
     unmerged_output = forward(peft_model)
+    floor_model = effective_weight_floor(base_model, peft_model)
+    floor_output = forward(floor_model)
     peft_model.merge_adapter()
     merged_output = forward(peft_model)
     peft_model.unmerge_adapter()
@@ -122,6 +155,7 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
         "merge": peft_model.merge_adapter,
         "sara_merged_forward": lambda: forward(peft_model),
         "unmerge": peft_model.unmerge_adapter,
+        "effective_weight_floor": lambda: forward(floor_model),
     }
     all_times: dict[str, list[float]] = {name: [] for name in calls}
     for round_index in range(warmup + repeats):
@@ -155,6 +189,7 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
             "sara_merged_forward": median(merged_times),
             "merge": median(merge_times),
             "unmerge": median(unmerge_times),
+            "effective_weight_floor": median(all_times["effective_weight_floor"]),
         },
         "times_s_all": {
             "base_forward": base_times,
@@ -162,10 +197,12 @@ def run_inference(spec: dict[str, Any]) -> dict[str, Any]:
             "sara_merged_forward": merged_times,
             "merge": merge_times,
             "unmerge": unmerge_times,
+            "effective_weight_floor": all_times["effective_weight_floor"],
         },
         "checks": {
             "merged_matches_unmerged": bool(torch.allclose(merged_output, unmerged_output, rtol=rtol, atol=atol)),
             "merged_equals_unmerged_bitwise": bool(torch.equal(merged_output, unmerged_output)),
+            "floor_matches_unmerged": bool(torch.allclose(floor_output, unmerged_output, rtol=rtol, atol=atol)),
             "merged_vs_unmerged_max_abs_diff": float(difference.max()),
             "tolerance": {"rtol": rtol, "atol": atol},
             "unmerge_restores_base_bitwise": bool(restored_bitwise),

@@ -123,10 +123,12 @@ def test_inference_reports_latencies_and_merge_checks(runs):
         "sara_merged_forward",
         "merge",
         "unmerge",
+        "effective_weight_floor",
     }
     assert all(seconds > 0 for seconds in report["times_s"].values())
     checks = report["checks"]
     assert checks["merged_matches_unmerged"] is True
+    assert checks["floor_matches_unmerged"] is True  # the floor computes the same outputs, with no adapter machinery
     assert checks["unmerge_restores_base_bitwise"] is True
     assert checks["base_output_restored_bitwise"] is True
     assert checks["adapter_changes_output"] is True
