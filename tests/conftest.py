@@ -116,3 +116,30 @@ def tiny_clip_text(seed: int = 0):
         pad_token_id=1,
     )
     return CLIPTextModel(config).eval()
+
+
+def train_square_loss(model: nn.Module, x: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:
+    """``steps`` AdamW steps on ``model(x).pow(2).mean()`` over the trainable parameters; the loss before each step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def fuzz_settings(max_examples: int):
+    """The hypothesis settings of the fuzz tests: reproducible (derandomized, no example database), no deadline, and
+    no health check against slow or large examples (each one saves and loads files)."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )

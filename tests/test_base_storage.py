@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import MLPConv
+from conftest import MLPConv, train_square_loss
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -76,14 +76,7 @@ def test_quantized_base_selects_trains_saves_loads_and_merges(kind, tmp_path):
         reference = nn.functional.linear(X, lin0.get_effective_weight(), lin0.get_base_layer().bias)
         torch.testing.assert_close(lin0(X), reference, rtol=1e-5, atol=1e-5)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(X).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_square_loss(model, X, steps=4)
     assert losses[-1] < losses[0]
     assert all(torch.equal(a, b) for a, b in zip(before, quantized_state(lin0)))  # base untouched by training
 

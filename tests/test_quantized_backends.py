@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import train_square_loss
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -111,14 +112,7 @@ def test_quantized_base_selects_trains_saves_loads_and_merges_per_policy(label, 
         torch.testing.assert_close(lin0(X), reference, rtol=2e-2, atol=2e-2)
 
     before = stored_weights(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(X).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_square_loss(model, X, steps=3)
     assert losses[-1] < losses[0]
     assert all(torch.equal(a, b) for a, b in zip(before, stored_weights(model)))  # the base is never written
 

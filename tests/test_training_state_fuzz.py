@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLPConv
+from conftest import MLPConv, fuzz_settings
 from peft import get_peft_model
 
 from peft_sara import InvalidAdapterError, SaRAConfig
@@ -27,7 +27,7 @@ from peft_sara.training import load_training_state, save_training_state
 from peft_sara.training.checkpoint import STATE_CHECKSUM_KEY, STATE_METADATA_KEY, state_checksum
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -212,13 +212,7 @@ def test_fuzzed_training_states_load_equal_or_fail_cleanly(checkpoint, one_threa
     counts = Counter()
     failures = []
 
-    @settings(
-        max_examples=FUZZ_EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @fuzz_settings(FUZZ_EXAMPLES)
     @given(mutation=mutations)
     def run(mutation):
         counts["hostile inputs tried"] += 1

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MLPConv
+from conftest import MLPConv, fuzz_settings
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from safetensors import safe_open
@@ -44,7 +44,7 @@ from peft_sara.file_format import InvalidAdapterError, entries_checksum, split_s
 from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 TARGETS = ["conv", "conv1x1", "lin0", "lin1"]
@@ -370,13 +370,7 @@ def test_fuzzed_adapter_files_load_equal_or_fail_cleanly(source, references, one
     counts = Counter()
     failures = []
 
-    @settings(
-        max_examples=FUZZ_EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @fuzz_settings(FUZZ_EXAMPLES)
     @given(loader=st.sampled_from(LOADERS), mutation=mutations)
     def run(loader, mutation):
         if loader.name == "PeftModel.from_pretrained" and mutation[:3] == ("config_set", "peft_type", "LORA"):
