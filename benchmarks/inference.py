@@ -38,6 +38,7 @@ from benchmarks.flags import add_common_arguments, add_selection_arguments, chil
 from benchmarks.measure import DTYPES, median, time_call
 from benchmarks.report import cuda_device_name, finish_machine_info, format_table, results_path, write_results
 from benchmarks.workload import make_batch, model_output, preset_summary
+from peft_sara.functional import SparseEntries, effective_weight
 from peft_sara.presets import build_model
 from peft_sara.training import sara_layers
 
@@ -88,7 +89,8 @@ def kept_memory(model: nn.Module, adapted: nn.Module, forward) -> dict[str, floa
 
 def effective_weight_floor(plain_model: nn.Module, adapted: nn.Module) -> nn.Module:
     """A copy of ``plain_model`` whose layers that ``adapted`` adapts build their effective weight per call from the
-    adapter's entries (``torch.index_add``, out of place) and run their own op on it, and do nothing else."""
+    adapter's entries (:func:`peft_sara.functional.effective_weight`) and run their own op on it, and do nothing
+    else: no adapter layer, no checks, no dispatch."""
     floor_model = copy.deepcopy(plain_model)
     modules = dict(floor_model.named_modules())
     for name, layer in sara_layers(adapted.get_base_model()):
@@ -96,18 +98,14 @@ def effective_weight_floor(plain_model: nn.Module, adapted: nn.Module) -> nn.Mod
         if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             raise TypeError(f"The effective-weight floor covers Linear and Conv layers, not {type(module).__name__}.")
         entries = [
-            entry._replace(values=entry.values.detach().to(module.weight.dtype))
-            for entry in layer.sparse_entries(layer.active_adapters)
+            entry._replace(values=entry.values.detach()) for entry in layer.sparse_entries(layer.active_adapters)
         ]
         module.forward = functools.partial(_floor_forward, module, entries)
     return floor_model
 
 
-def _floor_forward(module: nn.Module, entries: list, x: torch.Tensor) -> torch.Tensor:
-    weight = module.weight
-    for entry in entries:
-        weight = torch.index_add(weight.reshape(-1), 0, entry.indices, entry.values, alpha=entry.scale)
-    weight = weight.view(module.weight.shape)
+def _floor_forward(module: nn.Module, entries: list[SparseEntries], x: torch.Tensor) -> torch.Tensor:
+    weight = effective_weight(module.weight, entries)
     if isinstance(module, nn.Linear):
         return F.linear(x, weight, module.bias)
     return module._conv_forward(x, weight, module.bias)
