@@ -50,7 +50,6 @@ from .file_format import (
     sibling_key,
 )
 from .index_encoding import decode_index_gaps
-from .tuner.base_weight import quantized_backend
 from .tuner.layer import SaRALayer, sara_layers
 from .tuner.selection import check_entries, index_dtype_for
 
@@ -307,7 +306,7 @@ def effective_weight_problem(
     weight = getattr(base_layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.is_meta:
         return None
-    if quantized_backend(base_layer) is not None:  # torchao / quanto tensors report a float dtype
+    if layer.storage_backend(base_layer) is not None:  # quantized, fp8, offloaded: no patched weight in its dtype
         return None
     flat = weight.detach().reshape(-1)
     fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))

@@ -20,7 +20,6 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..tuner import layer as sara_layer_module
 from ..tuner.config import SaRAConfig
-from ..tuner.functional import has_forward_hooks
 from ..tuner.model import default_target_modules
 from ..tuner.selection import index_dtype_for
 from .presets import ModelSpec
@@ -97,13 +96,13 @@ def build_model(model: ModelSpec, dtype: torch.dtype, fake: bool, seed: int = 0)
 
 @contextlib.contextmanager
 def sara_on_fake_weights(fraction: float, plain_weights: bool = True) -> Iterator[None]:
-    """SaRA layers created and run on fake weights behave as on real ones. Two names of ``peft_sara.tuner.layer`` stand in
-    while the plan runs: the selection (:func:`fraction_selection`), and the path choice, which takes a fake tensor
-    (type ``FakeTensor``, not ``Parameter``) for quantized storage. With ``plain_weights`` a fake floating weight of
-    2+ bytes without hooks takes the main path, as a real one does; without, the composable path, as a quantized
-    (bitsandbytes) base does."""
+    """SaRA layers created and run on fake weights behave as on real ones. Two names of ``peft_sara.tuner.layer`` stand
+    in while the plan runs: the selection (:func:`fraction_selection`), and the storage resolution, which takes a fake
+    tensor (type ``FakeTensor``, not ``Parameter``) for unknown storage. With ``plain_weights`` a fake floating weight
+    of 2+ bytes is plain storage, as a real one is (the main path when it has no hooks); without, storage of its own
+    (the composable path), as a quantized (bitsandbytes) base is."""
     originals = {
-        name: getattr(sara_layer_module, name, None) for name in ("select_trainable_indices", "composable_reason")
+        name: getattr(sara_layer_module, name, None) for name in ("select_trainable_indices", "resolve_storage_backend")
     }
     missing = [name for name, original in originals.items() if original is None]
     if missing:
@@ -111,17 +110,17 @@ def sara_on_fake_weights(fraction: float, plain_weights: bool = True) -> Iterato
             f"peft_sara.tuner.layer no longer uses {missing}: update peft_sara.planning.build, which stands in for them on "
             "fake weights."
         )
-    original_reason = originals["composable_reason"]
+    original_resolve = originals["resolve_storage_backend"]
 
-    def composable_reason(base_layer: nn.Module) -> str | None:
+    def resolve_storage_backend(base_layer: nn.Module):
         weight = base_layer.weight
         plain_fake = isinstance(weight, FakeTensor) and weight.dtype.is_floating_point and weight.dtype.itemsize >= 2
-        if plain_weights and plain_fake and not has_forward_hooks(base_layer):
+        if plain_weights and plain_fake:
             return None
-        return original_reason(base_layer)
+        return original_resolve(base_layer)
 
     sara_layer_module.select_trainable_indices = fraction_selection(fraction)
-    sara_layer_module.composable_reason = composable_reason
+    sara_layer_module.resolve_storage_backend = resolve_storage_backend
     try:
         yield
     finally:

@@ -1,119 +1,115 @@
-"""Reading and rewriting a base layer's weight whatever its storage: plain, quantized (bitsandbytes, torchao,
-optimum-quanto, GGUF: one module per backend in :mod:`peft_sara.tuner.quantized`), fp8 (diffusers' layerwise casting) or
-offloaded to the meta device by accelerate.
+"""Reading and rewriting a base layer's weight whatever its storage, through the layer's resolved backend.
+
+:func:`resolve_storage_backend` asks each backend module of :mod:`peft_sara.tuner.quantized` once and returns a
+:class:`~peft_sara.tuner.quantized.StorageBackend` (PEFT's ``QuantizationBackend`` interface), or ``None`` for a plain
+floating weight; a SaRA layer calls it at creation and again only when its base weight object is replaced or cast,
+and keeps the answer as ``layer.quantization_backend``. From that backend and the base layer's hooks,
+:func:`execution_path` decides how a layer runs (off / main / composable), and every caller asks it.
 
 SaRA selects entries by magnitude and merges by writing entries, so it needs the weight as a dense floating tensor of
-the layer's logical shape; :func:`readable_weight` provides one (dequantized or onloaded for the duration), and
-:func:`merge_entries_` writes a merged weight back (in place, requantized, or refused). :func:`composable_reason` says
-which layers must run their own forward with the update added beside it.
+the layer's logical shape: :func:`readable_weight` gives one (dequantized or onloaded for the duration), and
+:func:`merge_entries_` writes a merged weight back (in place, requantized by the backend, or refused).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
+import enum
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 from torch import nn
 
 from .functional import SparseEntries, has_forward_hooks
 from .kernels.reference import patched_values
-from .quantized import MergeRefused
-from .quantized import bnb as bnb_backend
-from .quantized import gguf as gguf_backend
-from .quantized import quanto as quanto_backend
-from .quantized import torchao as torchao_backend
+from .quantized import StorageBackend, bnb, gguf, quanto, storage, torchao
 
-# The quantized storage backends, asked in order; each module answers the same questions (see peft_sara.tuner.quantized).
-QUANTIZED_BACKENDS: tuple[ModuleType, ...] = (bnb_backend, torchao_backend, quanto_backend, gguf_backend)
+# The backend modules, asked in order (the first that claims the weight resolves it); `storage` last: it claims
+# whatever floating storage of 2+ bytes is not plain.
+BACKEND_MODULES = (bnb, torchao, quanto, gguf, storage)
 
-
-_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
-_PLAIN_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HOOKS_REASON = "the base layer has forward hooks (offloading, layerwise casting, ...)"
 
 
-def quantized_backend(base_layer: nn.Module) -> tuple[ModuleType, str] | None:
-    """The backend module that stores ``base_layer``'s weight and its description ("torchao Int8Tensor"), or
-    ``None`` for a weight no quantization backend owns."""
-    for backend in QUANTIZED_BACKENDS:
-        description = backend.describe(base_layer)
-        if description is not None:
-            return backend, description
+class ExecutionPath(enum.Enum):
+    """How a SaRA layer runs. ``OFF``: the base layer alone (adapters disabled, merged, or none active here).
+    ``MAIN``: the op on the base weight with the entries patched in (a plain floating weight, no hooks).
+    ``COMPOSABLE``: the base layer's own forward plus the update's contribution (hooks, or storage of a backend)."""
+
+    OFF = "off"
+    MAIN = "main"
+    COMPOSABLE = "composable"
+
+
+def resolve_storage_backend(base_layer: nn.Module) -> StorageBackend | None:
+    """The backend storing ``base_layer``'s weight, or ``None`` for a plain floating weight SaRA computes with and
+    writes into directly. Asks each backend module once; a library never imported stores nothing, so none is imported
+    to answer."""
+    weight = base_layer.weight
+    if type(weight) in storage.PLAIN_TENSOR_TYPES and weight.dtype.itemsize >= 2 and weight.dtype.is_floating_point:
+        if not weight.is_meta and quanto.resolve(base_layer) is None:  # the common case (quanto keeps a float weight)
+            return None
+    for module in BACKEND_MODULES:
+        backend = module.resolve(base_layer)
+        if backend is not None:
+            backend.prepare(base_layer)
+            return backend
     return None
 
 
-def composable_reason(base_layer: nn.Module) -> str | None:
-    """Why ``base_layer`` must run its own forward (its hooks, or a weight SaRA cannot compute with as a plain dense
-    tensor), or ``None`` for the main path. Layers with a reason run the base layer plus the update's contribution."""
-    if has_forward_hooks(base_layer):
-        return "the base layer has forward hooks (offloading, layerwise casting, ...)"
-    return storage_reason(base_layer)
+def execution_path(layer: nn.Module, adapter_names: Sequence[str], base_layer: nn.Module) -> ExecutionPath:
+    """The one decision of how ``layer`` runs for the ``adapter_names`` it holds (see :class:`ExecutionPath`).
+
+    Off when the layer's adapters are disabled or merged or none is given; composable when calling the base layer runs
+    more than its ``forward`` (accelerate's offload hooks, diffusers' layerwise casting: those can be added at any
+    time, so they are looked at on each call) or its weight has a storage backend; main otherwise.
+    """
+    if layer._disable_adapters or layer.merged_adapters or not adapter_names:
+        return ExecutionPath.OFF
+    if has_forward_hooks(base_layer) or layer.storage_backend(base_layer) is not None:
+        return ExecutionPath.COMPOSABLE
+    return ExecutionPath.MAIN
 
 
-def storage_reason(base_layer: nn.Module) -> str | None:
-    """Why the weight of ``base_layer`` is not a plain dense floating tensor SaRA can compute with or write into
-    (quantized by a named backend, meta, a tensor subclass, integer or 1-byte storage), or ``None`` when it is."""
-    weight = base_layer.weight
-    if (  # the common case first (it runs on every forward): a plain float tensor, in no quantized module
-        type(weight) in _PLAIN_TENSOR_TYPES
-        and weight.dtype in _PLAIN_FLOAT_DTYPES
-        and not weight.is_meta
-        and ("optimum.quanto" not in sys.modules or quanto_backend.describe(base_layer) is None)
-    ):
+def composable_reason(layer: nn.Module, base_layer: nn.Module) -> str | None:
+    """Why ``layer`` runs its base layer's own forward (its hooks, or the weight's storage), or ``None`` if it does
+    not, for messages; :func:`execution_path` decides."""
+    if execution_path(layer, list(layer.sara_values.keys()), base_layer) is not ExecutionPath.COMPOSABLE:
         return None
-    backend = quantized_backend(base_layer)
-    if backend is not None:
-        return f"the base weight is stored by {backend[1]}"
-    weight = base_layer.weight
-    if weight.device.type == "meta":
-        return "the base weight is on the meta device (offloaded)"
-    if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
-        return f"the base weight is a {type(weight).__name__} of dtype {weight.dtype} (unknown storage)"
-    if weight.dtype.itemsize < 2:
-        return f"the base weight is stored in {weight.dtype}"
-    return None
+    if has_forward_hooks(base_layer):
+        return HOOKS_REASON
+    return layer.storage_backend(base_layer).storage_reason
 
 
-def logical_weight_shape(base_layer: nn.Module) -> torch.Size:
+def logical_weight_shape(base_layer: nn.Module, backend: StorageBackend | None) -> torch.Size:
     """Shape of the weight the layer computes with (packed quantized storage has another shape)."""
-    backend = quantized_backend(base_layer)
-    return backend[0].logical_shape(base_layer) if backend is not None else base_layer.weight.shape
+    return backend.logical_shape(base_layer) if backend is not None else base_layer.weight.shape
 
 
-def keep_canonical_layout(base_layer: nn.Module) -> None:
-    """Keep the base weight's layout fixed for the adapter's life (bitsandbytes' CPU repacking; see
-    :func:`peft_sara.tuner.quantized.bnb.keep_canonical_layout`)."""
-    bnb_backend.keep_canonical_layout(base_layer)
+_RESOLVE = object()
 
 
 @contextlib.contextmanager
-def readable_weight(base_layer: nn.Module) -> Iterator[torch.Tensor]:
+def readable_weight(
+    base_layer: nn.Module, backend: StorageBackend | None | object = _RESOLVE
+) -> Iterator[torch.Tensor]:
     """The base weight as a dense floating tensor of its logical shape, for reading only.
 
-    Plain weights come as they are; quantized weights dequantized by their backend; 1-byte floating storage (fp8)
-    upcast to float32; a weight offloaded to the meta device is onloaded through its accelerate hook for the duration.
+    Plain weights come as they are; others as their ``backend`` (resolved here when not given) reads them: dequantized,
+    fp8 upcast to float32; a weight offloaded to the meta device is onloaded through its accelerate hook for the
+    duration (the onloaded weight is another object, resolved again).
     """
     hook = getattr(base_layer, "_hf_hook", None)
-    onload = base_layer.weight.device.type == "meta" and hook is not None
-    if base_layer.weight.device.type == "meta" and not onload:
-        raise ValueError(
-            f"The weight of this {type(base_layer).__name__} is on the meta device with no accelerate hook to load it "
-            "from: SaRA must read the pre-trained weight to select entries. Load the model's weights first."
-        )
+    onload = hook is not None and base_layer.weight.is_meta
     if onload:
         hook.pre_forward(base_layer)
+        backend = _RESOLVE
     try:
-        weight = base_layer.weight.detach()
-        backend = quantized_backend(base_layer)
-        if backend is not None:
-            weight = backend[0].dequantized(base_layer)
-        elif weight.dtype.itemsize < 2:
-            weight = weight.float()
-        yield weight
+        if backend is _RESOLVE:
+            backend = resolve_storage_backend(base_layer)
+        yield base_layer.weight.detach() if backend is None else backend.get_base_weight(base_layer)
     finally:
         if onload:
             hook.post_forward(base_layer, None)
@@ -123,32 +119,35 @@ def readable_weight(base_layer: nn.Module) -> Iterator[torch.Tensor]:
 class MergeBackup:
     """What :func:`unmerge_entries_` needs to restore a base weight bitwise: the overwritten entries of a plain weight
     (per entry set: its flat indices and their old values), or the whole previous parameter of a quantized one
-    (requantizing is lossy, restoring is not)."""
+    (requantizing is lossy, restoring is not) with the backend that swaps it back."""
 
     entries: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     weight: nn.Parameter | None = None
+    backend: StorageBackend | None = None
+
+
+def merge_refusal(backend: StorageBackend | None) -> str | None:
+    """Why a weight of this storage cannot take a merge, or ``None`` if it can (in place, or requantized)."""
+    if backend is None or backend.supports_merge:
+        return None
+    return backend.merge_refusal
 
 
 @torch.no_grad()
-def merge_entries_(
-    base_layer: nn.Module, entries: Sequence[SparseEntries], check_finite: bool, where: str
-) -> MergeBackup:
-    """Write ``cast(w + scale * delta)`` at each entry set into the base weight; a quantized weight is dequantized,
-    patched and requantized by its backend (with a warning: requantization rounds every entry of the layer), or the
-    merge is refused where the backend cannot requantize. ``where`` names the adapter and layer in errors. Raises,
-    changing nothing, if ``check_finite`` and a written entry is not finite."""
-    backend = quantized_backend(base_layer)
+def merge_entries_(layer: nn.Module, entries: Sequence[SparseEntries], check_finite: bool, where: str) -> MergeBackup:
+    """Write ``cast(w + scale * delta)`` at each entry set into ``layer``'s base weight; a quantized weight is read
+    dense, patched and requantized by the layer's backend (with a warning: requantization rounds every entry of the
+    layer), or the merge is refused where the backend cannot write. ``where`` names the adapter and layer in errors.
+    Raises, changing nothing, if ``check_finite`` and a written entry is not finite."""
+    base_layer = layer.get_base_layer()
+    backend = layer.storage_backend(base_layer)
+    refusal = merge_refusal(backend)
+    if refusal is not None:
+        raise ValueError(f"Cannot merge {where}: {refusal}")
     if backend is None:
-        reason = storage_reason(base_layer)
-        if reason is not None:
-            raise ValueError(
-                f"Cannot merge {where}: {reason}. Keep the adapter unmerged (it runs through the base layer), or load "
-                "the base in a plain float dtype to merge."
-            )
         target = base_layer.weight.data  # any strides: entries are addressed by their coordinates
     else:
-        with readable_weight(base_layer) as dense:
-            target = dense.clone()
+        target = backend.get_base_weight(base_layer).clone()
     backup = MergeBackup()
     for entry in entries:
         saved = _read_entries(target, entry.indices)
@@ -160,26 +159,22 @@ def merge_entries_(
         raise ValueError(f"NaNs or infs detected while merging {where}: the adapter seems to be broken.")
     if backend is None:
         return backup
-    module, description = backend
-    try:
-        requantized = module.requantized(base_layer, target)
-    except MergeRefused as refusal:
-        raise ValueError(f"Cannot merge {where}: {refusal}") from None
+    previous = base_layer.weight
+    backend.set_base_weight(layer, target)
     warnings.warn(
-        f"Merging {where} into a {description} weight requantizes the whole layer, which rounds every entry; "
+        f"Merging {where} into a {backend.backend_name} weight requantizes the whole layer, which rounds every entry; "
         "generations may change slightly. Unmerging restores the original quantized weight exactly.",
         UserWarning,
         stacklevel=3,
     )
-    return MergeBackup(weight=module.replace_weight(base_layer, requantized))
+    return MergeBackup(weight=previous, backend=backend)
 
 
 @torch.no_grad()
 def unmerge_entries_(base_layer: nn.Module, backup: MergeBackup) -> None:
     """Undo :func:`merge_entries_` bitwise."""
     if backup.weight is not None:
-        backend, _ = quantized_backend(base_layer)  # a backup of the whole weight is taken only for quantized ones
-        backend.replace_weight(base_layer, backup.weight)
+        backup.backend.swap_base_weight(base_layer, backup.weight)
         return
     weight = base_layer.weight.data
     for indices, saved in reversed(backup.entries):
@@ -202,14 +197,15 @@ def _write_entries_(weight: torch.Tensor, indices: torch.Tensor, values: torch.T
 
 
 __all__ = [
-    "QUANTIZED_BACKENDS",
+    "BACKEND_MODULES",
+    "ExecutionPath",
     "MergeBackup",
     "composable_reason",
-    "keep_canonical_layout",
+    "execution_path",
     "logical_weight_shape",
     "merge_entries_",
-    "quantized_backend",
+    "merge_refusal",
     "readable_weight",
-    "storage_reason",
+    "resolve_storage_backend",
     "unmerge_entries_",
 ]

@@ -16,7 +16,6 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from .base_weight import readable_weight
 from .selection import (
     check_entries,
     compact_,
@@ -210,7 +209,7 @@ class SparseEntryStorage:
         count = self.num_trainable(adapter_name)
         indices = self.sara_indices[adapter_name][:count]
         values = gathered(self.sara_values[adapter_name]).detach()[:count]
-        with readable_weight(self.get_base_layer()) as weight:  # dequantized / onloaded where needed
+        with self.readable_base_weight() as weight:  # dequantized / onloaded where needed
             base_entries = gathered(weight).detach().reshape(-1).index_select(0, indices)
         current = base_entries.to(compute_dtype(base_entries.dtype, values.dtype)) + values
         return still_ineffective(current, self.sara_cutoff[adapter_name])

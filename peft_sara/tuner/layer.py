@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,12 +21,14 @@ from torch.compiler import is_compiling
 
 from . import kernels
 from .base_weight import (
+    ExecutionPath,
     MergeBackup,
     composable_reason,
-    keep_canonical_layout,
+    execution_path,
     logical_weight_shape,
     merge_entries_,
     readable_weight,
+    resolve_storage_backend,
     unmerge_entries_,
 )
 from .config import SaRAConfig
@@ -92,7 +95,33 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
 
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        base_layer = self.get_base_layer()
+        self.in_features, self.out_features = _get_in_out_features(base_layer)
+        self._resolve_storage_backend(base_layer)
+
+    # ---------------------------------------------------------------------------------------------- base storage
+    def _resolve_storage_backend(self, base_layer: nn.Module) -> None:
+        """Resolve the base weight's storage backend (PEFT's ``quantization_backend`` attribute; ``None`` for a plain
+        floating weight) and remember which weight object, in which dtype, it was resolved for."""
+        self.quantization_backend = resolve_storage_backend(base_layer)
+        self._sara_resolved_for = _ResolvedFor(base_layer.weight)
+
+    def storage_backend(self, base_layer: nn.Module | None = None) -> Any:
+        """The base weight's :class:`~peft_sara.tuner.quantized.StorageBackend` (``None``: a plain floating weight),
+        resolved at creation and again only when the base weight object was replaced (a requantizing merge, an onload,
+        ``freeze``, ``quantize_``) or cast in place (``.to(dtype)``) since."""
+        base_layer = base_layer if base_layer is not None else self.get_base_layer()
+        weight = base_layer.weight
+        resolved_for = self._sara_resolved_for
+        if resolved_for.reference() is not weight or weight.dtype is not resolved_for.dtype:
+            self._resolve_storage_backend(base_layer)
+        return self.quantization_backend
+
+    def execution_path(self, adapter_names: list[str] | None = None) -> ExecutionPath:
+        """How this layer runs for ``adapter_names`` (default: the active adapters it holds): off, main or composable
+        (see :func:`peft_sara.tuner.base_weight.execution_path`, the one place that decides)."""
+        names = self.present_adapters(adapter_names if adapter_names is not None else self.active_adapters)
+        return execution_path(self, names, self.get_base_layer())
 
     # ----------------------------------------------------------------------------------------------- adapters
     def update_layer(self, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
@@ -103,9 +132,8 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
                 "selection would read the merged weight. Call `unmerge_adapter()` first."
             )
         base_layer = self.get_base_layer()
-        keep_canonical_layout(base_layer)
         # Selection reads the dense weight: dequantized (bitsandbytes), upcast (fp8) or onloaded (offloaded to meta).
-        with readable_weight(base_layer) as weight:
+        with self.readable_base_weight() as weight:
             indices, cutoff = select_trainable_indices(weight, config.threshold, config.trainable_fraction)
             device = weight.device
         # Created in the base dtype, like PEFT's other tuners: PeftModel upcasts half-precision adapter values to
@@ -138,7 +166,8 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
     @property
     def weight_shape(self) -> torch.Size:
         """Shape of the base weight the flat indices address (the logical shape of a packed 4-bit weight)."""
-        return logical_weight_shape(self.get_base_layer())
+        base_layer = self.get_base_layer()
+        return logical_weight_shape(base_layer, self.storage_backend(base_layer))
 
     def present_adapters(self, adapter_names: list[str]) -> list[str]:
         """The names among ``adapter_names`` that this layer has an update for (in order)."""
@@ -223,13 +252,19 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
     def get_effective_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
         """Dense copy of the weight the layer computes with (base with the adapters' entries patched)."""
         adapter_names = self.present_adapters(adapter_names if adapter_names is not None else self.active_adapters)
-        with torch.no_grad(), readable_weight(self.get_base_layer()) as weight:
+        with torch.no_grad(), self.readable_base_weight() as weight:
             return effective_weight(weight, self.sparse_entries(adapter_names))
+
+    def readable_base_weight(self) -> Any:
+        """A context giving the base weight as a dense floating tensor of :attr:`weight_shape`, for reading only
+        (dequantized, upcast or onloaded by the layer's storage backend where needed)."""
+        base_layer = self.get_base_layer()
+        return readable_weight(base_layer, self.storage_backend(base_layer))
 
     @torch.no_grad()
     def merge_is_finite(self, adapter_name: str) -> bool:
         """Whether merging ``adapter_name`` would write only finite entries (no weight is changed)."""
-        with readable_weight(self.get_base_layer()) as weight:
+        with self.readable_base_weight() as weight:
             flat_weight = weight.reshape(-1)
             for entry in self.sparse_entries([adapter_name]):
                 base_entries = flat_weight.index_select(0, entry.indices)
@@ -250,7 +285,7 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         base_layer = self.get_base_layer()
         for name in self.present_adapters(adapter_names):
             where = f"SaRA adapter '{name}' into {type(base_layer).__name__} of shape {tuple(self.weight_shape)}"
-            self._sara_merge_backup[name] = merge_entries_(base_layer, self.sparse_entries([name]), safe_merge, where)
+            self._sara_merge_backup[name] = merge_entries_(self, self.sparse_entries([name]), safe_merge, where)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -275,9 +310,9 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         raise NotImplementedError
 
     def composable_reason(self) -> str | None:
-        """Why this layer runs its base layer's own forward plus the update (see
-        :func:`peft_sara.tuner.base_weight.composable_reason`), or ``None`` on the main path."""
-        return composable_reason(self.get_base_layer())
+        """Why this layer runs its base layer's own forward plus the update (its hooks, or its weight's storage), or
+        ``None`` if it does not (see :meth:`execution_path`)."""
+        return composable_reason(self, self.get_base_layer())
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped module (recursively, through any tuner layer that wraps it); PEFT's walk, with a fast path for
@@ -290,15 +325,14 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Runs once per layer call: module attributes are read through their dicts (an nn.Module `__getattr__` costs
         # about as much as a small op's dispatch), and the kernel backend is resolved only when autograd will run.
-        if self._disable_adapters or self.merged_adapters:  # PEFT's `disable_adapters` and `merged`, read directly
-            if self._disable_adapters and self.merged_adapters:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+        if self._disable_adapters and self.merged_adapters:  # PEFT's `disable_adapters` and `merged`, read directly
+            self.unmerge()
         names = self._active_adapter
         active = self.present_adapters((names,) if isinstance(names, str) else names)
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
         base_layer = self.get_base_layer()
+        path = execution_path(self, active, base_layer)
+        if path is ExecutionPath.OFF:
+            return self.base_layer(x, *args, **kwargs)
         grad_enabled = torch.is_grad_enabled()
         if grad_enabled and base_layer.weight.requires_grad:
             raise RuntimeError(
@@ -308,7 +342,7 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
                 "with `modules_to_save` instead."
             )
         backend = kernels.resolve_backend(self.sara_kernel[active[0]], x.device) if grad_enabled else "reference"
-        if composable_reason(base_layer) is not None:
+        if path is ExecutionPath.COMPOSABLE:
             with offload_hooks_run(
                 self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values
             ):
@@ -321,6 +355,27 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         op, x = self._op(x)
         return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, entries, backend)
+
+
+class _ResolvedFor:
+    """The weight object (held weakly: an offloaded weight must be freed once moved off) and dtype a layer's storage
+    backend was resolved for. A copied or unpickled layer resolves again."""
+
+    __slots__ = ("reference", "dtype")
+
+    def __init__(self, weight: torch.Tensor | None = None) -> None:
+        self.reference = weakref.ref(weight) if weight is not None else _no_weight
+        self.dtype = weight.dtype if weight is not None else None
+
+    def __reduce__(self) -> tuple:
+        return (_ResolvedFor, ())
+
+    def __deepcopy__(self, memo: dict) -> _ResolvedFor:
+        return _ResolvedFor()
+
+
+def _no_weight() -> None:
+    return None
 
 
 def _may_have_attribute(module: nn.Module, name: str) -> bool:

@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from .base_weight import readable_weight
 from .layer import SaRALayer
 
 # Chunk of trainable entries whose subgradient is gathered at once (bounds the U[rows] * V[cols] temporary).
@@ -75,7 +74,7 @@ def layer_nuclear_norm(
     fixed_indices, fixed_values = layer.frozen_entries(adapter_name)
     fixed_values = fixed_values.float()
     if target == "masked_weight":
-        with readable_weight(layer.get_base_layer()) as weight:  # dequantized / onloaded where needed
+        with layer.readable_base_weight() as weight:  # dequantized / onloaded where needed
             flat_weight = weight.detach().reshape(-1)
             base_entries = flat_weight.index_select(0, indices).float()
             if fixed_indices.numel():

@@ -2,8 +2,9 @@
 ``Float8Tensor``; ``AffineQuantizedTensor`` / ``LinearActivationQuantizedTensor`` in older releases), all derived
 from ``TorchAOBaseTensor``. The layer keeps its own forward (torchao's kernels); SaRA adds its update beside it.
 
-Merging is refused: the weight does not record the ``quantize_`` config it was made with, so SaRA cannot requantize
-it faithfully. Merge into the float model and quantize afterwards (one rounding instead of two).
+PEFT's ``TorchaoBackend`` requantizes a merge with the ``quantize_`` config transformers' quantizer recorded; a weight
+does not record it itself, so SaRA, which also adapts diffusers and plain models, refuses the merge: merge into the
+float model and quantize afterwards (one rounding instead of two).
 """
 
 from __future__ import annotations
@@ -11,55 +12,46 @@ from __future__ import annotations
 import sys
 
 import torch
+from peft.utils.quantization_utils import TorchaoBackend
 from torch import nn
 
-from . import MergeRefused
+from . import StorageBackend
 
 
-def _is_torchao_tensor(weight: torch.Tensor) -> bool:
+def resolve(base_layer: nn.Module) -> StorageBackend | None:
+    """The backend of a torchao tensor subclass weight, or ``None``."""
     if "torchao" not in sys.modules:  # no torchao tensor exists before torchao is imported
-        return False
+        return None
     from torchao.utils import TorchAOBaseTensor
 
-    return isinstance(weight, TorchAOBaseTensor)
-
-
-def describe(base_layer: nn.Module) -> str | None:
-    """``"torchao Int8Tensor"`` and the like, or ``None`` for other weights."""
     weight = base_layer.weight
-    return f"torchao {type(weight).__name__}" if _is_torchao_tensor(weight) else None
+    return Torchao(type(weight).__name__) if isinstance(weight, TorchAOBaseTensor) else None
 
 
-def logical_shape(base_layer: nn.Module) -> torch.Size:
-    """torchao tensors report their logical shape."""
-    return base_layer.weight.shape
+class Torchao(StorageBackend, TorchaoBackend):
+    supports_merge = False
 
+    def __init__(self, tensor_type: str) -> None:
+        super().__init__(get_apply_tensor_subclass=None)
+        self.backend_name = f"torchao {tensor_type}"
+        self.merge_refusal = (
+            f"a {self.backend_name} weight does not record the quantization config it was made with, so SaRA cannot "
+            "requantize a merged weight. Keep the adapter unmerged (it runs beside torchao's kernels), or merge into "
+            "the unquantized model and apply `torchao.quantization.quantize_` afterwards."
+        )
 
-def dequantized(base_layer: nn.Module) -> torch.Tensor:
-    """The weight as a dense float tensor in its original dtype."""
-    weight = base_layer.weight
-    original = getattr(weight, "original_weight_tensor", weight)  # LinearActivationQuantizedTensor wraps the weight
-    try:
-        return original.dequantize()
-    except NotImplementedError as error:
-        raise TypeError(
-            f"The torchao {type(weight).__name__} weight of this {type(base_layer).__name__} cannot be dequantized, "
-            "which SaRA needs to select its entries. Quantize with a config whose weights support `dequantize()` "
-            "(Int8WeightOnlyConfig, Float8WeightOnlyConfig, ...), or add the adapter before quantizing."
-        ) from error
+    def get_base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        """The weight as a dense float tensor in its original dtype."""
+        weight = base_layer.weight
+        original = getattr(weight, "original_weight_tensor", weight)  # LinearActivationQuantizedTensor wraps the weight
+        try:
+            return original.dequantize()
+        except NotImplementedError as error:
+            raise TypeError(
+                f"The {self.backend_name} weight of this {type(base_layer).__name__} cannot be dequantized, which SaRA "
+                "needs to select its entries. Quantize with a config whose weights support `dequantize()` "
+                "(Int8WeightOnlyConfig, Float8WeightOnlyConfig, ...), or add the adapter before quantizing."
+            ) from error
 
-
-def requantized(base_layer: nn.Module, dense_weight: torch.Tensor) -> nn.Parameter:
-    """Refused: see the module docstring."""
-    raise MergeRefused(
-        f"a torchao {type(base_layer.weight).__name__} weight does not record the quantization config it was made "
-        "with, so SaRA cannot requantize a merged weight. Keep the adapter unmerged (it runs beside torchao's "
-        "kernels), or merge into the unquantized model and apply `torchao.quantization.quantize_` afterwards."
-    )
-
-
-def replace_weight(base_layer: nn.Module, weight: nn.Parameter) -> nn.Parameter:
-    """Install ``weight`` and return the previous one."""
-    previous = base_layer.weight
-    base_layer.weight = weight
-    return previous
+    def set_base_weight(self, peft_layer: nn.Module, weight_data: torch.Tensor) -> None:
+        raise TypeError(self.merge_refusal)
