@@ -299,15 +299,13 @@ def effective_weight_problem(
     """Why the weight the layer would compute with, ``cast(w + scale * delta)`` in the base dtype, is unusable, or None.
 
     Unusable: an entry that is not finite, or one so large that a unit input overflows the layer's output
-    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). Quantized or offloaded
-    base weights are not read (not checked).
+    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). Base weights with a
+    storage backend (quantized, fp8, offloaded) are not read (not checked): the layer never forms such a weight.
     """
     base_layer = layer.get_base_layer()
-    weight = getattr(base_layer, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.is_meta:
-        return None
     if layer.storage_backend(base_layer) is not None:  # quantized, fp8, offloaded: no patched weight in its dtype
         return None
+    weight = base_layer.weight
     flat = weight.detach().reshape(-1)
     fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))
     limit = torch.finfo(weight.dtype).max / fan_in

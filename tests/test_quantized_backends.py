@@ -155,3 +155,77 @@ def test_merge_warning_names_the_backend():
         warnings.simplefilter("always")
         model.merge_adapter()
     assert any("optimum-quanto qint8 QLinear" in str(w.message) for w in caught)
+
+
+# (label, model factory, PEFT backend class the layer's backend is, backend name)
+RESOLVED = [
+    ("torchao-int8", lambda: torchao_model("Int8WeightOnlyConfig"), "TorchaoBackend", "torchao Int8Tensor"),
+    ("quanto-qint8", lambda: quanto_model("qint8"), "QuantizationBackend", "optimum-quanto qint8 QLinear (frozen)"),
+    ("gguf-Q8_0", lambda: gguf_model("Q8_0"), "QuantizationBackend", "GGUF Q8_0"),
+]
+
+
+@pytest.mark.parametrize(("label", "make_model", "peft_class", "name"), RESOLVED, ids=[r[0] for r in RESOLVED])
+def test_each_layer_resolves_its_backend_once_with_peft_interface(label, make_model, peft_class, name, monkeypatch):
+    import peft.utils.quantization_utils as peft_quantization
+
+    import peft_sara.tuner.layer as layer_module
+
+    model = get_peft_model(make_model(), SaRAConfig(**CONFIG))
+    lin0 = model.base_model.model.lin0
+    assert isinstance(lin0.quantization_backend, getattr(peft_quantization, peft_class))
+    assert lin0.quantization_backend.backend_name == name
+    assert {status.quantization_backend for status in model.get_layer_status()} == {name}  # PEFT reads the attribute
+    calls = []
+    original = layer_module.resolve_storage_backend
+    monkeypatch.setattr(layer_module, "resolve_storage_backend", lambda base: calls.append(base) or original(base))
+    train_square_loss(model, X, steps=2)
+    with torch.no_grad():
+        model(X)
+    lin0.get_effective_weight()
+    assert calls == []  # forward, backward and reads use the backend resolved at creation
+
+
+def test_plain_layers_have_no_backend_and_take_the_main_path_until_hooked_disabled_or_merged():
+    from peft_sara.tuner.base_weight import ExecutionPath
+
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLinear(), SaRAConfig(**CONFIG))
+    lin0 = model.base_model.model.lin0
+    assert lin0.quantization_backend is None
+    assert lin0.execution_path() is ExecutionPath.MAIN
+    with model.disable_adapter():
+        assert lin0.execution_path() is ExecutionPath.OFF
+    model.merge_adapter()
+    assert lin0.execution_path() is ExecutionPath.OFF
+    model.unmerge_adapter()
+    handle = lin0.get_base_layer().register_forward_pre_hook(lambda module, args: None)
+    assert lin0.execution_path() is ExecutionPath.COMPOSABLE
+    handle.remove()
+    assert lin0.execution_path() is ExecutionPath.MAIN
+    assert lin0.execution_path(["no-such-adapter"]) is ExecutionPath.OFF
+
+
+def test_a_weight_replaced_or_cast_after_injection_is_resolved_again():
+    quanto = pytest.importorskip("optimum.quanto")
+    model = get_peft_model(quanto_model("qint8", frozen=False), SaRAConfig(**CONFIG))
+    lin0 = model.base_model.model.lin0
+    assert "not frozen" in lin0.composable_reason()
+    quanto.freeze(model)  # replaces the weight object by a quantized one
+    assert lin0.composable_reason().endswith("(frozen)")
+    with torch.no_grad():
+        unmerged = model(X)
+        with pytest.warns(UserWarning, match=r"qint8 QLinear \(frozen\) weight requantizes"):
+            model.merge_adapter()
+        model.unmerge_adapter()
+        assert torch.equal(model(X), unmerged)
+
+    torch.manual_seed(0)
+    plain = get_peft_model(TwoLinear(), SaRAConfig(**CONFIG))
+    base = plain.base_model.model.lin0.get_base_layer()
+    base.to(torch.float8_e4m3fn)  # cast in place: the same parameter object, another storage
+    before = base.weight.clone()
+    assert plain.base_model.model.lin0.composable_reason() == "the base weight is stored in torch.float8_e4m3fn"
+    with pytest.raises(ValueError, match="Cannot merge .* stored in torch.float8_e4m3fn"):
+        plain.base_model.model.lin0.merge()
+    assert torch.equal(base.weight.view(torch.uint8), before.view(torch.uint8))

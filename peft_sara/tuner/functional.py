@@ -11,7 +11,8 @@ The effective weight of a SaRA layer is the frozen base weight with each adapter
 * **composable path** (a base layer that must run its own forward: hooks, offloading, layerwise casting, quantized or
   meta storage): ``base_layer(x) + op(x, Δ)`` with :func:`update_contribution`.
 
-:func:`peft_sara.tuner.base_weight.composable_reason` chooses between them; the layer calls it in one place.
+:func:`peft_sara.tuner.base_weight.execution_path` chooses between them (from the layer's storage backend and the base
+layer's hooks); every caller asks it.
 """
 
 from __future__ import annotations
