@@ -44,6 +44,7 @@ from .functional import (
     sparse_delta_forward,
     update_contribution,
 )
+from .quantized import StorageBackend
 from .selection import (
     compute_dtype,
     select_trainable_indices,
@@ -65,6 +66,9 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
     """
 
     adapter_layer_names = ("sara_values",)
+    # The base weight's storage backend (PEFT's attribute, with its `QuantizationBackend` interface; `None` for a plain
+    # floating weight), resolved at creation: read it through `storage_backend()`, which resolves a replaced weight.
+    quantization_backend: StorageBackend | None = None
     # PEFT's protocol for diffusers' layerwise casting: SaRA layers may cast their input to the compute dtype.
     cast_input_dtype_enabled: bool = True
     other_param_names = (
@@ -106,7 +110,7 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         self.quantization_backend = resolve_storage_backend(base_layer)
         self._sara_resolved_for = _ResolvedFor(base_layer.weight)
 
-    def storage_backend(self, base_layer: nn.Module | None = None) -> Any:
+    def storage_backend(self, base_layer: nn.Module | None = None) -> StorageBackend | None:
         """The base weight's :class:`~peft_sara.tuner.quantized.StorageBackend` (``None``: a plain floating weight),
         resolved at creation and again only when the base weight object was replaced (a requantizing merge, an onload,
         ``freeze``, ``quantize_``) or cast in place (``.to(dtype)``) since."""
@@ -341,20 +345,20 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
                 "silently give the weight no gradient. Freeze it (`requires_grad_(False)`), or train the whole module "
                 "with `modules_to_save` instead."
             )
-        backend = kernels.resolve_backend(self.sara_kernel[active[0]], x.device) if grad_enabled else "reference"
+        kernel = kernels.resolve_backend(self.sara_kernel[active[0]], x.device) if grad_enabled else "reference"
         if path is ExecutionPath.COMPOSABLE:
             with offload_hooks_run(
                 self.sara_values, self.sara_indices, self.sara_frozen_indices, self.sara_frozen_values
             ):
                 op, op_input = self._op(x)
                 entries = self._forward_entries(active)
-                update = update_contribution(op, op_input, self.weight_shape, entries, backend)
+                update = update_contribution(op, op_input, self.weight_shape, entries, kernel)
                 return self.base_layer(x, *args, **kwargs) + update
         entries = self._forward_entries(active)
         if not entries:
             return self.base_layer(x, *args, **kwargs)
         op, x = self._op(x)
-        return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, entries, backend)
+        return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, entries, kernel)
 
 
 class _ResolvedFor:
