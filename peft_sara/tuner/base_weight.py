@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -81,6 +82,27 @@ def composable_reason(layer: nn.Module, base_layer: nn.Module) -> str | None:
     if has_forward_hooks(base_layer):
         return HOOKS_REASON
     return layer.storage_backend(base_layer).storage_reason
+
+
+class ResolvedFor:
+    """The weight object (held weakly: an offloaded weight must be freed once moved off) and dtype a layer's storage
+    backend was resolved for. A copied or unpickled layer resolves again."""
+
+    __slots__ = ("reference", "dtype")
+
+    def __init__(self, weight: torch.Tensor | None = None) -> None:
+        self.reference = weakref.ref(weight) if weight is not None else _no_weight
+        self.dtype = weight.dtype if weight is not None else None
+
+    def __reduce__(self) -> tuple:
+        return (ResolvedFor, ())
+
+    def __deepcopy__(self, memo: dict) -> ResolvedFor:
+        return ResolvedFor()
+
+
+def _no_weight() -> None:
+    return None
 
 
 def logical_weight_shape(base_layer: nn.Module, backend: StorageBackend | None) -> torch.Size:
@@ -200,6 +222,7 @@ __all__ = [
     "BACKEND_MODULES",
     "ExecutionPath",
     "MergeBackup",
+    "ResolvedFor",
     "composable_reason",
     "execution_path",
     "logical_weight_shape",

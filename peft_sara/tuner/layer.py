@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ from . import kernels
 from .base_weight import (
     ExecutionPath,
     MergeBackup,
+    ResolvedFor,
     composable_reason,
     execution_path,
     logical_weight_shape,
@@ -108,7 +108,7 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         """Resolve the base weight's storage backend (PEFT's ``quantization_backend`` attribute; ``None`` for a plain
         floating weight) and remember which weight object, in which dtype, it was resolved for."""
         self.quantization_backend = resolve_storage_backend(base_layer)
-        self._sara_resolved_for = _ResolvedFor(base_layer.weight)
+        self._sara_resolved_for = ResolvedFor(base_layer.weight)
 
     def storage_backend(self, base_layer: nn.Module | None = None) -> StorageBackend | None:
         """The base weight's :class:`~peft_sara.tuner.quantized.StorageBackend` (``None``: a plain floating weight),
@@ -359,27 +359,6 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         op, x = self._op(x)
         return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, entries, kernel)
-
-
-class _ResolvedFor:
-    """The weight object (held weakly: an offloaded weight must be freed once moved off) and dtype a layer's storage
-    backend was resolved for. A copied or unpickled layer resolves again."""
-
-    __slots__ = ("reference", "dtype")
-
-    def __init__(self, weight: torch.Tensor | None = None) -> None:
-        self.reference = weakref.ref(weight) if weight is not None else _no_weight
-        self.dtype = weight.dtype if weight is not None else None
-
-    def __reduce__(self) -> tuple:
-        return (_ResolvedFor, ())
-
-    def __deepcopy__(self, memo: dict) -> _ResolvedFor:
-        return _ResolvedFor()
-
-
-def _no_weight() -> None:
-    return None
 
 
 def _may_have_attribute(module: nn.Module, name: str) -> bool:
