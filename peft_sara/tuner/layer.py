@@ -115,7 +115,9 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         resolved at creation and again only when the base weight object was replaced (a requantizing merge, an onload,
         ``freeze``, ``quantize_``) or cast in place (``.to(dtype)``) since."""
         base_layer = base_layer if base_layer is not None else self.get_base_layer()
-        weight = base_layer.weight
+        weight = base_layer._parameters.get("weight")  # a dict read: this runs on every forward
+        if weight is None:
+            weight = base_layer.weight
         resolved_for = self._sara_resolved_for
         if resolved_for.reference() is not weight or weight.dtype is not resolved_for.dtype:
             self._resolve_storage_backend(base_layer)
