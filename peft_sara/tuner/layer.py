@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -261,7 +262,7 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         with torch.no_grad(), self.readable_base_weight() as weight:
             return effective_weight(weight, self.sparse_entries(adapter_names))
 
-    def readable_base_weight(self) -> Any:
+    def readable_base_weight(self) -> AbstractContextManager[torch.Tensor]:
         """A context giving the base weight as a dense floating tensor of :attr:`weight_shape`, for reading only
         (dequantized, upcast or onloaded by the layer's storage backend where needed)."""
         base_layer = self.get_base_layer()
