@@ -229,3 +229,25 @@ def test_a_weight_replaced_or_cast_after_injection_is_resolved_again():
     with pytest.raises(ValueError, match="Cannot merge .* stored in torch.float8_e4m3fn"):
         plain.base_model.model.lin0.merge()
     assert torch.equal(base.weight.view(torch.uint8), before.view(torch.uint8))
+
+
+def test_offloaded_layers_keep_their_backend_across_forwards(monkeypatch):
+    from accelerate import cpu_offload
+
+    import peft_sara.tuner.layer as layer_module
+
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLinear(), SaRAConfig(**CONFIG))
+    with torch.no_grad():
+        expected = model(X)
+    calls = []
+    original = layer_module.resolve_storage_backend
+    monkeypatch.setattr(layer_module, "resolve_storage_backend", lambda base: calls.append(base) or original(base))
+    cpu_offload(model.base_model.model, execution_device=torch.device("cpu"))
+    lin0 = model.base_model.model.lin0
+    assert lin0.composable_reason() == "the base layer has forward hooks (offloading, layerwise casting, ...)"
+    assert lin0.storage_backend().backend_name == "the base weight is on the meta device (offloaded)"
+    with torch.no_grad():
+        for _ in range(3):  # each forward onloads the weight and puts a new meta parameter back
+            torch.testing.assert_close(model(X), expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2  # once per layer, for the meta weight the offloading put in place

@@ -88,11 +88,17 @@ class ResolvedFor:
     """The weight object (held weakly: an offloaded weight must be freed once moved off) and dtype a layer's storage
     backend was resolved for. A copied or unpickled layer resolves again."""
 
-    __slots__ = ("reference", "dtype")
+    __slots__ = ("reference", "dtype", "offloaded_type")
 
     def __init__(self, weight: torch.Tensor | None = None) -> None:
         self.reference = weakref.ref(weight) if weight is not None else _no_weight
         self.dtype = weight.dtype if weight is not None else None
+        self.offloaded_type = type(weight) if weight is not None and weight.is_meta else None
+
+    def still_holds(self, weight: torch.Tensor) -> bool:
+        """Whether a weight other than the one resolved has the same storage anyway: accelerate's offload hooks put a
+        new meta parameter of the same type and dtype in place after each forward."""
+        return self.offloaded_type is type(weight) and weight.is_meta and weight.dtype is self.dtype
 
     def __reduce__(self) -> tuple:
         return (ResolvedFor, ())

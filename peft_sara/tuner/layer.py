@@ -121,7 +121,8 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
             weight = base_layer.weight
         resolved_for = self._sara_resolved_for
         if resolved_for.reference() is not weight or weight.dtype is not resolved_for.dtype:
-            self._resolve_storage_backend(base_layer)
+            if not resolved_for.still_holds(weight):
+                self._resolve_storage_backend(base_layer)
         return self.quantization_backend
 
     def execution_path(self, adapter_names: list[str] | None = None) -> ExecutionPath:
