@@ -21,13 +21,13 @@ from .constants import __version__
 
 # Public name -> the module that defines it (imported on first access).
 _EXPORTS = {
-    "SaRAConfig": "config",
-    "SaRAModel": "model",
-    "SaRALayer": "layer",
-    "SparseUpdate": "layer",
-    "Linear": "layer",
-    "Conv": "layer",
-    "sara_layers": "layer",
+    "SaRAConfig": "tuner.config",
+    "SaRAModel": "tuner.model",
+    "SaRALayer": "tuner.layer",
+    "SparseUpdate": "tuner.layer",
+    "Linear": "tuner.layer",
+    "Conv": "tuner.layer",
+    "sara_layers": "tuner.layer",
     "load_sara_adapter": "pipelines",
     "save_sara_adapter": "pipelines",
     "enable_sara_hotswap": "hotswap",
@@ -74,6 +74,10 @@ class _RegisterWhenPeftIsImported(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != "peft" and not fullname.startswith(f"{__name__}."):
             return None
+        if fullname == "peft":  # PEFT imports bitsandbytes: first import it without its Hub kernel lookup
+            from .hub_kernels import import_bitsandbytes_offline
+
+            import_bitsandbytes_offline()
         for finder in sys.meta_path:
             if type(finder).__name__ == type(self).__name__ or not hasattr(finder, "find_spec"):
                 continue
