@@ -6,9 +6,27 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+
+def parse_arguments(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    check: Callable[[argparse.Namespace], str | None] | None = None,
+) -> argparse.Namespace:
+    """Parse a subcommand's arguments (``check(args)`` returns an error message, or ``None``), then register SaRA
+    with PEFT: the subcommand modules import nothing heavy before this point, so ``--help`` and argument errors answer
+    at once."""
+    args = parser.parse_args(argv)
+    problem = check(args) if check is not None else None
+    if problem:
+        parser.error(problem)
+    from ..registration import register
+
+    register()
+    return args
 
 
 def add_common_options(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
@@ -76,6 +94,7 @@ def refuse_overlapping_output(output: str | os.PathLike, inputs: Sequence[str | 
 
 
 __all__ = [
+    "parse_arguments",
     "refuse_overlapping_output",
     "add_common_options",
     "format_value",
