@@ -2,7 +2,8 @@
 
 Optional dependencies log about their own optional parts as they are imported: torchao that a compiled kernel for
 another GPU generation is absent, torch that torchao registers an enum the deprecated way, bitsandbytes that it did
-not fetch a CPU kernel from the Hub, diffusers that this torchao release moved its tensor classes. None of it concerns the command being run, and a user cannot tell which lines
+not fetch a CPU kernel from the Hub, diffusers that this torchao release moved its tensor classes, transformers that
+it uses its PIL image processor because torchvision is absent. None of it concerns the command being run, and a user cannot tell which lines
 matter. :func:`drop_import_noise` drops exactly those records (by logger and message); the entry points call it
 unless ``--verbose`` / ``--debug`` is given. The library itself never filters anything.
 """
@@ -19,6 +20,8 @@ IMPORT_NOISE: tuple[tuple[str, str], ...] = (
     ("kernels._internals.hf_hub", "publisher trust check"),  # the same lookup, from the kernels package
     # diffusers' torchao support, on a torchao release whose tensor classes moved (shown as diffusers loads a model)
     ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+    # transformers picking its PIL image processor where torchvision is absent (a pipeline's feature extractor)
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
 )
 
 

@@ -26,7 +26,21 @@ def parse_arguments(
     from ..registration import register
 
     register()
+    if getattr(args, "quiet", False):
+        hide_library_progress_bars()
     return args
+
+
+def hide_library_progress_bars() -> None:
+    """``--quiet``: no progress bars from the libraries either (transformers' "Loading weights", diffusers' pipeline
+    loading, Hub downloads)."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def add_common_options(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
