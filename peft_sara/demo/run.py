@@ -113,10 +113,18 @@ def prepare_data(settings: DemoSettings) -> DemoData:
 
 
 def pretrained_base(
-    settings: DemoSettings, data: DemoData, cache_folder: Path | None, threads: int | None = None
+    settings: DemoSettings,
+    data: DemoData,
+    cache_folder: Path | None,
+    threads: int | None = None,
+    use_shipped: bool = True,
 ) -> PretrainResult:
-    """The pretrained base model of ``settings``: from ``cache_folder`` if it holds one, else trained (and cached)
-    with ``threads`` torch threads (default: the current count)."""
+    """The pretrained base model of ``settings``: the one shipped with the package when ``use_shipped`` and
+    ``settings`` pretrain exactly that one (:mod:`peft_sara.demo.pretrain_base`), else from ``cache_folder`` if it
+    holds one, else trained (and cached) with ``threads`` torch threads (default: the current count)."""
+    shipped = shipped_base(settings) if use_shipped else None
+    if shipped is not None:
+        return shipped
     return load_or_pretrain(
         settings.unet_config,
         build_noise_scheduler(),
@@ -133,18 +141,16 @@ def pretrained_base(
 
 
 def load_base(run: DemoRun, use_shipped: bool = True) -> PretrainResult:
-    """The base model: the one shipped with the package (``use_shipped`` and the run's pretraining settings are the
-    ones it was made with), else pretrained on all classes or reused from the run's cache folder; print which."""
-    shipped = shipped_base(run.settings) if use_shipped else None
-    if shipped is not None:
+    """The base model (see :func:`pretrained_base`); print where it came from."""
+    pretrained = pretrained_base(run.settings, run.data, run.cache_folder, run.pretrain_threads, use_shipped)
+    if pretrained.shipped:
         print(
-            f"Using the pretrained base model shipped with peft-sara ({parameter_count(shipped.unet):,} parameters, "
-            f"{run.settings.pretrain_steps} steps on all {dataset_info(run.settings.dataset).num_classes} classes; "
-            "--pretrain trains it anew, `python -m peft_sara.demo.pretrain_base --check` reproduces it)."
+            f"Using the pretrained base model shipped with peft-sara ({parameter_count(pretrained.unet):,} "
+            f"parameters, {run.settings.pretrain_steps} steps on all "
+            f"{dataset_info(run.settings.dataset).num_classes} classes; --pretrain trains it anew, "
+            "`python -m peft_sara.demo.pretrain_base --check` reproduces it)."
         )
-        return shipped
-    pretrained = pretrained_base(run.settings, run.data, run.cache_folder, run.pretrain_threads)
-    if pretrained.reused_from:
+    elif pretrained.reused_from:
         print(
             f"Reused the pretrained base model from the cache: {pretrained.reused_from} "
             f"(pretraining took {pretrained.seconds:.0f} s when it was made; --no-cache retrains)."
