@@ -5,7 +5,7 @@ but no dense out x in temporary), over density, token count and SD1.5 layer shap
 Prints, per shape and token count, the SDDMM / GEMM time ratio at each density and the densities where the SDDMM
 wins, and writes ``benchmarks/results/cpu_grad-cpu.json``. Measured here (benchmarks/README.md): the SDDMM loses
 at SaRA's densities (2-10%) on every shape and token count, and wins only around 1% in a few places, so the CPU
-backward keeps the GEMM (``peft_sara.kernels.reference.linear_weight_grad_values``); on CUDA the Triton kernels
+backward keeps the GEMM (``peft_sara.tuner.kernels.reference.linear_weight_grad_values``); on CUDA the Triton kernels
 choose between an SDDMM and a masked GEMM.
 
     python -m benchmarks.cpu_grad --threads 1
@@ -27,8 +27,8 @@ import torch
 from benchmarks.flags import usable_cores
 from benchmarks.measure import median, set_threads, time_call
 from benchmarks.report import RESULTS_DIR, format_table, write_results
-from peft_sara.kernels import reference
-from peft_sara.masks import compute_dtype
+from peft_sara.tuner.kernels import reference
+from peft_sara.tuner.selection import compute_dtype
 
 DEFAULT_SHAPES = "320x320,640x640,1280x1280,320x768"
 DEFAULT_TOKENS = "16,256,1024,4096"
@@ -52,7 +52,7 @@ SDDMM_CHUNK_ELEMENTS = 1 << 22  # tokens x entries gathered at a time (16 MiB of
 def sddmm_weight_grad_values(
     grad_output: torch.Tensor, inputs: torch.Tensor, indices_per_adapter: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """The entries of :func:`peft_sara.kernels.reference.linear_weight_grad_values` without the dense GEMM: for each
+    """The entries of :func:`peft_sara.tuner.kernels.reference.linear_weight_grad_values` without the dense GEMM: for each
     flat index ``k = row * in + col``, ``sum_n grad_output[n, row] * inputs[n, col]`` from gathered columns, over token
     chunks (``density`` times the multiply-adds of the GEMM, at gather speed)."""
     in_features = inputs.shape[1]

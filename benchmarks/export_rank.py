@@ -27,7 +27,7 @@ from peft_sara.demo.data import apply_style, load_digit_splits, of_classes
 from peft_sara.demo.diffusion import build_noise_scheduler, load_or_pretrain
 from peft_sara.demo.finetune import finetune, make_sara_model
 from peft_sara.demo.settings import DemoSettings, cache_key, default_cache_root
-from peft_sara.layer import count_entries
+from peft_sara.tuner.layer import count_entries
 
 DEFAULT_RANKS = ("1", "2", "4", "8", "16", "0.9", "0.99", "full")
 DEFAULT_LAMBDAS = (0.0, 5e-4, 5e-3)  # off; the official script's value (the demo's); the paper appendix's

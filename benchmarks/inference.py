@@ -38,9 +38,9 @@ from benchmarks.flags import add_common_arguments, add_selection_arguments, chil
 from benchmarks.measure import DTYPES, median, time_call
 from benchmarks.report import cuda_device_name, finish_machine_info, format_table, results_path, write_results
 from benchmarks.workload import make_batch, model_output, preset_summary
-from peft_sara.functional import SparseEntries, effective_weight
 from peft_sara.presets import build_model
 from peft_sara.training import sara_layers
+from peft_sara.tuner.functional import SparseEntries, effective_weight
 
 # Merged and unmerged runs compute with the same effective weight entries, so they should agree to rounding.
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-3), torch.float16: (1e-3, 1e-4)}
@@ -89,7 +89,7 @@ def kept_memory(model: nn.Module, adapted: nn.Module, forward) -> dict[str, floa
 
 def effective_weight_floor(plain_model: nn.Module, adapted: nn.Module) -> nn.Module:
     """A copy of ``plain_model`` whose layers that ``adapted`` adapts build their effective weight per call from the
-    adapter's entries (:func:`peft_sara.functional.effective_weight`) and run their own op on it, and do nothing
+    adapter's entries (:func:`peft_sara.tuner.functional.effective_weight`) and run their own op on it, and do nothing
     else: no adapter layer, no checks, no dispatch."""
     floor_model = copy.deepcopy(plain_model)
     modules = dict(floor_model.named_modules())

@@ -84,7 +84,7 @@ def extra_mib(function: Callable[[], object], device: torch.device) -> float | N
 
 
 def random_indices(numel: int, density: float, device: torch.device) -> torch.Tensor:
-    """Sorted distinct int32 flat indices, like a selection from ``peft_sara.masks``."""
+    """Sorted distinct int32 flat indices, like a selection from ``peft_sara.tuner.selection``."""
     count = max(1, round(density * numel))
     return torch.randperm(numel, device=device)[:count].sort().values.to(torch.int32)
 
@@ -137,7 +137,7 @@ def benchmark(args: argparse.Namespace, device: torch.device, reference, triton_
 
 def candidate_methods(grad_output, inputs, flat_weight, indices, values, reference, triton_kernels) -> dict:
     """Name -> zero-argument call, for every method that can run here (Triton ones only on CUDA)."""
-    from peft_sara.functional import SparseEntries, effective_weight
+    from peft_sara.tuner.functional import SparseEntries, effective_weight
 
     methods: dict[str, Callable[[], object]] = {
         "grad/reference": lambda: reference.linear_weight_grad_values(grad_output, inputs, [indices]),
@@ -184,11 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.interpret and not on_cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
     from peft_sara import kernels
-    from peft_sara.kernels import reference
+    from peft_sara.tuner.kernels import reference
 
     triton_kernels = None
     if kernels.triton_available():
-        from peft_sara.kernels import triton_kernels
+        from peft_sara.tuner.kernels import triton_kernels
     if not on_cuda:
         print("No CUDA device: Triton kernel timings need a GPU. Timing the PyTorch reference only.")
         if args.interpret:

@@ -29,8 +29,8 @@ from benchmarks.measure import PhaseClock, median, set_threads
 from benchmarks.report import finish_machine_info, format_table, results_path, write_results
 from benchmarks.workload import diffusion_loss, make_batch
 from peft_sara.presets import build_model
-from peft_sara.regularizers import delta_rank_stats
 from peft_sara.training import SaRATrainingHelper
+from peft_sara.tuner.regularizers import delta_rank_stats
 
 TIMING_COLUMNS = [
     ("setting", "setting", ""),

@@ -16,9 +16,9 @@ import peft_sara
 from benchmarks.flags import child_setup
 from benchmarks.measure import DTYPES, PhaseClock
 from benchmarks.workload import Batch, diffusion_loss, target_layers
-from peft_sara.masks import select_trainable_indices
 from peft_sara.presets import ModelPreset, build_model
 from peft_sara.training import sara_layers
+from peft_sara.tuner.selection import select_trainable_indices
 
 METHODS: dict[str, str] = {
     "frozen_forward": "frozen base, forward only (torch.no_grad)",

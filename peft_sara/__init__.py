@@ -21,13 +21,13 @@ from .constants import __version__
 
 # Public name -> the module that defines it (imported on first access).
 _EXPORTS = {
-    "SaRAConfig": "config",
-    "SaRAModel": "model",
-    "SaRALayer": "layer",
-    "SparseUpdate": "layer",
-    "Linear": "layer",
-    "Conv": "layer",
-    "sara_layers": "layer",
+    "SaRAConfig": "tuner.config",
+    "SaRAModel": "tuner.model",
+    "SaRALayer": "tuner.layer",
+    "SparseUpdate": "tuner.layer",
+    "Linear": "tuner.layer",
+    "Conv": "tuner.layer",
+    "sara_layers": "tuner.layer",
     "load_sara_adapter": "pipelines",
     "save_sara_adapter": "pipelines",
     "enable_sara_hotswap": "hotswap",

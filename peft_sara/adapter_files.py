@@ -28,11 +28,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .atomic import atomic_write, save_safetensors_atomic, write_text_atomic
-from .config import SaRAConfig
 from .config_checks import check_config_dict, config_from_dict
 from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from .file_format import InvalidAdapterError, format_metadata
 from .layouts import layouts_metadata
+from .tuner.config import SaRAConfig
 
 # Order in which a staged save is published: a folder whose config is new has new weights.
 PUBLISH_ORDER = (SAFETENSORS_NAME, PICKLE_NAME, CONFIG_NAME, CARD_NAME)

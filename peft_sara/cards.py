@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 import peft
 from huggingface_hub import ModelCard, ModelCardData
 
-from .config import SaRAConfig
 from .constants import DIFFUSERS_TAGS, PAPER_URL, SARA_TAGS, __version__
+from .tuner.config import SaRAConfig
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base_weight import quantized_backend
 from .file_format import (
     CHECKSUM_NAME,
     RECORD_NAMES,
@@ -51,8 +50,9 @@ from .file_format import (
     sibling_key,
 )
 from .index_encoding import decode_index_gaps
-from .layer import SaRALayer, sara_layers
-from .masks import check_entries, index_dtype_for
+from .tuner.base_weight import quantized_backend
+from .tuner.layer import SaRALayer, sara_layers
+from .tuner.selection import check_entries, index_dtype_for
 
 ALLOW_NON_FINITE_ENV_VAR = "PEFT_SARA_ALLOW_NON_FINITE"
 OTHER_MODEL_HINT = "The checkpoint was made for a different model."

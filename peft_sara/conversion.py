@@ -3,7 +3,7 @@ kohya / A1111 / ComfyUI files), ComfyUI / A1111 ``.diff`` files and merged model
 paper's weight-magnitude analysis.
 
 Like PEFT's ``tuners/lora/conversion.py``, the exporters ask each layer only for its public update
-(:meth:`peft_sara.layer.SaRALayer.get_sparse_update`) through the layer walker (:func:`peft_sara.layer.sara_layers`).
+(:meth:`peft_sara.tuner.layer.SaRALayer.get_sparse_update`) through the layer walker (:func:`peft_sara.tuner.layer.sara_layers`).
 The implementation lives in :mod:`peft_sara.export`; this module is the public import path::
 
     from peft_sara.conversion import convert_to_lora, export_adapter, save_merged

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from .index_encoding import INDEX_ENCODING, encode_index_gaps
-from .layer import sara_layers
+from .tuner.layer import sara_layers
 
 FORMAT_VERSION = 1
 FORMAT_VERSION_NAME = "sara_format_version"

@@ -14,8 +14,8 @@ from torch import nn
 
 from .adapter_files import adapter_subfolder, save_injected_adapter, save_model_adapter
 from .cards import SARA_TAGS, is_hub_repo_id, sara_model_card
-from .layer import count_entries, sara_adapter_names
 from .pipelines import save_sara_adapter
+from .tuner.layer import count_entries, sara_adapter_names
 
 
 def _is_pipeline(obj: Any) -> bool:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .file_format import normalize_module_name
-from .layer import sara_layers
+from .tuner.layer import sara_layers
 
 LAYOUTS_KEY = "peft_sara_layouts"
 MODEL_CLASS_KEY = "peft_sara_model_class"

@@ -12,8 +12,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .export.sources import is_pipeline
-from .layer import sara_layers
 from .pipelines import inject_sara_adapter, pipeline_modules
+from .tuner.layer import sara_layers
 
 
 def set_adapter_strength(model: nn.Module, strength: float, adapter_name: str | None = None) -> None:

@@ -23,7 +23,7 @@ from .adapter_files import adapter_weight_keys
 from .checkpoint_checks import LayerEntries
 from .config_checks import check_config_values, check_relative_path
 from .file_format import InvalidAdapterError, normalize_module_name
-from .layer import sara_layers
+from .tuner.layer import sara_layers
 
 
 def resize_layers_to_entries(model: nn.Module, adapter_name: str, entries: dict[str, LayerEntries]) -> None:

@@ -43,15 +43,15 @@ from .adapter_files import base_model_id, read_adapter_weights, read_sara_config
 from .atomic import write_text_atomic
 from .cards import sara_model_card
 from .checkpoint_checks import allow_non_finite_values, check_checkpoint_file
-from .config import SaRAConfig
 from .config_checks import check_relative_path
 from .constants import CARD_NAME, CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from .file_format import InvalidAdapterError
 from .hotswap import swap_state_dicts
-from .layer import count_entries, sara_adapter_names, sara_layers
 from .resolve import default_adapter_name, resolve_adapter_folder
 from .save_bridge import install_save_bridge
 from .transaction import all_or_nothing
+from .tuner.config import SaRAConfig
+from .tuner.layer import count_entries, sara_adapter_names, sara_layers
 
 logger = logging.getLogger(__name__)
 

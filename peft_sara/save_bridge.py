@@ -19,7 +19,7 @@ from typing import Any
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .layer import sara_layers
+from .tuner.layer import sara_layers
 
 
 @contextlib.contextmanager

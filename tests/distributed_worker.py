@@ -29,8 +29,8 @@ from torch.distributed.fsdp import fully_shard
 
 import peft_sara  # noqa: F401  (registers the method)
 from peft_sara import SaRAConfig
-from peft_sara.masks import gathered
 from peft_sara.training import SaRATrainingHelper, load_training_state, save_training_state
+from peft_sara.tuner.selection import gathered
 
 GLOBAL_BATCH = 4
 TARGETS = ["conv", "lin0", "lin1"]

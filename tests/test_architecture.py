@@ -11,7 +11,7 @@ from peft import get_peft_model
 
 import peft_sara
 from peft_sara import SaRAConfig, SparseUpdate, sara_layers
-from peft_sara.layer import count_entries, sara_adapter_names
+from peft_sara.tuner.layer import count_entries, sara_adapter_names
 
 TARGETS = ["conv", "conv1x1", "lin0", "lin1"]
 

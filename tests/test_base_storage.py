@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_sara import SaRAConfig
-from peft_sara.masks import select_trainable_indices
+from peft_sara.tuner.selection import select_trainable_indices
 
 bnb = pytest.importorskip("bitsandbytes")
 from peft.utils.integrations import dequantize_bnb_weight  # noqa: E402
@@ -281,7 +281,7 @@ def test_4bit_layout_is_the_same_on_cpus_with_and_without_avx512_bf16():
 
 
 def test_4bit_layers_qualify_for_the_low_rank_loss_by_their_logical_shape():
-    from peft_sara.regularizers import layer_nuclear_norm, qualifies_for_rank_loss
+    from peft_sara.tuner.regularizers import layer_nuclear_norm, qualifies_for_rank_loss
 
     model = get_peft_model(quantized_model("4bit"), SaRAConfig(**CONFIG))
     layer = model.base_model.model.lin0

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peft_sara
-from peft_sara.layer import SaRALayer
 from peft_sara.pipelines import load_sara_adapter, save_sara_adapter
+from peft_sara.tuner.layer import SaRALayer
 
 sys.path.insert(0, os.path.dirname(__file__))  # helper modules beside this file, with or without tests/__init__.py
 import tiny_pipelines  # noqa: E402

@@ -24,14 +24,14 @@ import pytest
 import torch
 from torch import nn
 
-from peft_sara.kernels import reference
+from peft_sara.tuner.kernels import reference
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (pip install 'peft-sara[triton]').", allow_module_level=True)
 
 import triton  # noqa: E402
 
-from peft_sara.kernels import triton_kernels  # noqa: E402
+from peft_sara.tuner.kernels import triton_kernels  # noqa: E402
 
 
 def _kernel_device() -> str | None:

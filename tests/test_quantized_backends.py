@@ -14,8 +14,8 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_sara import SaRAConfig
-from peft_sara.base_weight import readable_weight
-from peft_sara.masks import select_trainable_indices
+from peft_sara.tuner.base_weight import readable_weight
+from peft_sara.tuner.selection import select_trainable_indices
 
 X = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
 CONFIG = dict(target_modules=["lin0", "lin1"], trainable_fraction=0.1, init_weights=False)

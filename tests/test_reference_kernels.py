@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import cpu_grad
 from benchmarks.cpu_grad import sddmm_weight_grad_values
-from peft_sara.kernels import reference
+from peft_sara.tuner.kernels import reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

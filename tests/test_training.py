@@ -9,13 +9,13 @@ from peft import get_peft_model
 
 from peft_sara import SaRAConfig
 from peft_sara.merging import combine_adapters, set_adapter_strength
-from peft_sara.regularizers import delta_rank_stats, layer_nuclear_norm
 from peft_sara.training import (
     SaRATrainingHelper,
     load_training_state,
     paper_learning_rate,
     save_training_state,
 )
+from peft_sara.tuner.regularizers import delta_rank_stats, layer_nuclear_norm
 
 TARGETS = ["conv", "lin0", "lin1"]
 
@@ -202,7 +202,7 @@ def test_trainable_fraction_keeps_entries_tied_with_the_cutoff(fraction, cutoff)
 
 
 def test_threshold_cutoff_selects_exactly_the_strictly_smaller_magnitudes():
-    from peft_sara.masks import select_trainable_indices, still_ineffective, threshold_cutoff
+    from peft_sara.tuner.selection import select_trainable_indices, still_ineffective, threshold_cutoff
 
     threshold = 2e-3
     at = torch.tensor(threshold, dtype=torch.float32)
@@ -218,7 +218,7 @@ def test_threshold_cutoff_selects_exactly_the_strictly_smaller_magnitudes():
 def test_selection_is_a_pure_function_of_the_weights():
     # What lets every data-parallel rank select alike without communicating (the helper still broadcasts rank 0's
     # re-selection): same bits in, same selection out, whatever the thread count.
-    from peft_sara.masks import select_trainable_indices
+    from peft_sara.tuner.selection import select_trainable_indices
 
     weight = (torch.randn(257, 129) * 1e-2).to(torch.bfloat16).float()  # many exact ties
     threads = torch.get_num_threads()

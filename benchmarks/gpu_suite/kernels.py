@@ -19,7 +19,7 @@ from benchmarks.gpu_suite.settings import SuiteSettings
 from benchmarks.measure import DTYPES, SHORT_DTYPE_NAMES
 from benchmarks.processes import failure_status, run_in_fresh_process
 from peft_sara import kernels as sara_kernels
-from peft_sara.kernels import reference
+from peft_sara.tuner.kernels import reference
 
 
 def run_kernel_cases(settings: SuiteSettings, device_name: str, allowance_s: float) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def run_kernel_cases(settings: SuiteSettings, device_name: str, allowance_s: flo
     device = torch.device(device_name)
     triton_kernels = None
     if device.type == "cuda" and sara_kernels.triton_available():
-        from peft_sara.kernels import triton_kernels  # optional: needs Triton and a GPU
+        from peft_sara.tuner.kernels import triton_kernels  # optional: needs Triton and a GPU
     start, durations, rows, skipped = time.perf_counter(), [], [], []
     for dtype, tokens, shapes in settings.kernel_cases:
         estimate = statistics.fmean(durations) if durations else 0.0

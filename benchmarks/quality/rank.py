@@ -1,7 +1,7 @@
 """Rank of a trained SaRA update: nuclear norm and effective rank of each layer's Delta_W, and how well the adapter
 travels as a LoRA (the exporter's whole-adapter relative error at several ranks).
 
-The numbers come from the library: :func:`peft_sara.regularizers.delta_rank_stats` and
+The numbers come from the library: :func:`peft_sara.tuner.regularizers.delta_rank_stats` and
 :func:`peft_sara.conversion.convert_to_lora` (the same export ``benchmarks/export_rank.py`` measures on the demo's
 default run; here it is measured on the ablation runs, with and without the low-rank loss).
 """
@@ -14,8 +14,8 @@ from typing import Any
 from torch import nn
 
 from peft_sara.conversion import convert_to_lora, parse_rank
-from peft_sara.regularizers import delta_rank_stats
 from peft_sara.training import sara_layers
+from peft_sara.tuner.regularizers import delta_rank_stats
 
 
 def update_rank_report(model: nn.Module, export_ranks: Sequence[str]) -> dict[str, Any] | None:

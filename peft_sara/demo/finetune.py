@@ -19,8 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import SaRAConfig
 from ..training import SaRATrainingHelper, sara_layers
+from ..tuner.config import SaRAConfig
 from .diffusion import BatchSampler, diffusion_loss, predict_noise, recent_mean
 
 WEIGHT_DECAY = 1e-2  # the paper's AdamW setting, used for both methods

@@ -14,8 +14,8 @@ from ..adapter_files import read_adapter_weights, read_sara_config
 from ..checkpoint_checks import LayerEntries, check_checkpoint_file
 from ..constants import SAFETENSORS_NAME
 from ..file_format import WEIGHT_SHAPE_NAME
-from ..layer import SparseUpdate
 from ..resolve import resolve_adapter_folder
+from ..tuner.layer import SparseUpdate
 from .lowrank import effective_rank, numerical_rank
 from .sources import adapter_component_names
 

@@ -28,10 +28,10 @@ from ..adapter_files import read_adapter_weights, read_sara_config
 from ..checkpoint_checks import check_layer_checkpoint
 from ..constants import SAFETENSORS_NAME
 from ..file_format import WEIGHT_SHAPE_NAME, LayerCheckpoint, parse_checkpoint
-from ..layer import SparseUpdate
 from ..layouts import LayerLayout, read_layouts
 from ..pipelines import DENOISER_COMPONENTS
 from ..resolve import resolve_adapter_folder
+from ..tuner.layer import SparseUpdate
 from .sources import (
     ComponentUpdates,
     ExportLayer,

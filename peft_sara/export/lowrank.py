@@ -1,7 +1,7 @@
 """SaRA -> LoRA by truncated SVD, one layer at a time, with the error each truncation makes
 (:func:`convert_to_lora` for a whole pipeline or model).
 
-A layer's update ``Delta_W`` (from :meth:`peft_sara.layer.SaRALayer.get_sparse_update`) is viewed as a matrix
+A layer's update ``Delta_W`` (from :meth:`peft_sara.tuner.layer.SaRALayer.get_sparse_update`) is viewed as a matrix
 ``out x in * prod(kernel)`` (transformers' ``Conv1D`` stores its weight transposed: ``in x out``, transposed back here)
 and factorised as ``up @ down`` from its SVD, the singular values split evenly (``sqrt(S)`` on each side, which keeps
 both factors in the same range for half-precision files). Convolutions take the LoCon layout: ``down`` is a k x k
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..layer import SparseUpdate
 from ..layouts import CONV, LayerLayout
+from ..tuner.layer import SparseUpdate
 from .files import resolve_export_source
 from .sources import ExportSource
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
-from ..layer import LAYER_CLASSES
+from ..tuner.layer import LAYER_CLASSES
 
 # The paper's thresholds (Sec. 3): 2e-4 / 8e-4 / 2e-3 select about 5M / 20M / 50M of SD1.5's UNet; 1e-3 is its FID test.
 DEFAULT_THRESHOLDS = (2e-4, 8e-4, 1e-3, 2e-3)

@@ -18,11 +18,11 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .. import layer as sara_layer_module
-from ..config import SaRAConfig
-from ..functional import has_forward_hooks
-from ..masks import index_dtype_for
-from ..model import default_target_modules
+from ..tuner import layer as sara_layer_module
+from ..tuner.config import SaRAConfig
+from ..tuner.functional import has_forward_hooks
+from ..tuner.model import default_target_modules
+from ..tuner.selection import index_dtype_for
 from .presets import ModelSpec
 
 METHODS = ("sara", "lora", "full")
@@ -49,7 +49,7 @@ class MethodSpec:
 
 
 def fraction_selection(fraction: float):
-    """A stand-in for :func:`peft_sara.masks.select_trainable_indices` on fake weights: as many entries as
+    """A stand-in for :func:`peft_sara.tuner.selection.select_trainable_indices` on fake weights: as many entries as
     ``trainable_fraction=fraction`` selects (``max(1, round(fraction * numel))``), at placeholder positions."""
 
     def select(weight: torch.Tensor, threshold: float | None = None, trainable_fraction: float | None = None):
@@ -97,7 +97,7 @@ def build_model(model: ModelSpec, dtype: torch.dtype, fake: bool, seed: int = 0)
 
 @contextlib.contextmanager
 def sara_on_fake_weights(fraction: float, plain_weights: bool = True) -> Iterator[None]:
-    """SaRA layers created and run on fake weights behave as on real ones. Two names of ``peft_sara.layer`` stand in
+    """SaRA layers created and run on fake weights behave as on real ones. Two names of ``peft_sara.tuner.layer`` stand in
     while the plan runs: the selection (:func:`fraction_selection`), and the path choice, which takes a fake tensor
     (type ``FakeTensor``, not ``Parameter``) for quantized storage. With ``plain_weights`` a fake floating weight of
     2+ bytes without hooks takes the main path, as a real one does; without, the composable path, as a quantized
@@ -108,7 +108,7 @@ def sara_on_fake_weights(fraction: float, plain_weights: bool = True) -> Iterato
     missing = [name for name, original in originals.items() if original is None]
     if missing:
         raise RuntimeError(
-            f"peft_sara.layer no longer uses {missing}: update peft_sara.planning.build, which stands in for them on "
+            f"peft_sara.tuner.layer no longer uses {missing}: update peft_sara.planning.build, which stands in for them on "
             "fake weights."
         )
     original_reason = originals["composable_reason"]

@@ -25,7 +25,7 @@ components), ``checkpoint_folders.py`` (a run's ``checkpoint-<step>/`` folders),
 at the end), ``callback.py`` (transformers ``Trainer``).
 """
 
-from ..layer import sara_layers
+from ..tuner.layer import sara_layers
 from .callback import SaRATrainerCallback
 from .checkpoint import TRAINING_STATE_NAME, load_training_state, save_training_state
 from .checkpoint_folders import (

@@ -28,8 +28,8 @@ from ..atomic import save_safetensors_atomic
 from ..checkpoint_checks import check_checkpoint_file
 from ..constants import TRAINING_STATE_NAME
 from ..file_format import InvalidAdapterError
-from ..masks import is_sharded
 from ..transaction import all_or_nothing
+from ..tuner.selection import is_sharded
 from .helper import SaRATrainingHelper, resolve_sara_adapter
 from .optimizer import unwrap_optimizer
 

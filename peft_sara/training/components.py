@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SaRAConfig
-from ..layer import sara_layers
 from ..pipelines import inject_sara_adapter
+from ..tuner.config import SaRAConfig
+from ..tuner.layer import sara_layers
 from .helper import SaRATrainingHelper
 
 DEFAULT_ADAPTER_NAME = "default"

@@ -15,9 +15,9 @@ import torch.distributed as dist
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from ..config import SaRAConfig
-from ..layer import sara_layers
-from ..regularizers import layer_nuclear_norm, qualifies_for_rank_loss, sample_layers
+from ..tuner.config import SaRAConfig
+from ..tuner.layer import sara_layers
+from ..tuner.regularizers import layer_nuclear_norm, qualifies_for_rank_loss, sample_layers
 from .optimizer import check_optimizer_state_can_follow, compact_optimizer_state
 
 

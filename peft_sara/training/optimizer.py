@@ -1,7 +1,7 @@
 """Keeping an optimizer consistent when progressive re-selection compacts the SaRA value Parameters in place.
 
 Re-selection never replaces a Parameter: the surviving entries move to the front of each fixed-capacity values
-Parameter and the freed tail is zeroed (:func:`peft_sara.masks.compact_`). Per-entry optimizer state (Adam's moments,
+Parameter and the freed tail is zeroed (:func:`peft_sara.tuner.selection.compact_`). Per-entry optimizer state (Adam's moments,
 momentum buffers) is re-ordered the same way, in place, so the optimizer object, its parameter list and every wrapper
 around it (LR schedulers, accelerate, DDP, FSDP2) stay valid.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..masks import compact_
+from ..tuner.selection import compact_
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

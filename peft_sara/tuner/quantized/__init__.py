@@ -1,6 +1,6 @@
 """Quantized base weights, one module per backend (as PEFT puts each LoRA integration in its own file).
 
-Each backend module answers the same five questions about a base layer; :mod:`peft_sara.base_weight` asks them
+Each backend module answers the same five questions about a base layer; :mod:`peft_sara.tuner.base_weight` asks them
 through one dispatch and knows no backend itself:
 
 * ``describe(base_layer) -> str | None``: what stores the layer's weight ("torchao Int8Tensor"), or ``None`` when this

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..masks import compute_dtype
+from ..selection import compute_dtype
 
 
 def patched_values(entries: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """``cast(entries + scale * values)`` in the entries' dtype, summed in :func:`~peft_sara.masks.compute_dtype`
+    """``cast(entries + scale * values)`` in the entries' dtype, summed in :func:`~peft_sara.tuner.selection.compute_dtype`
     (differentiable in ``values``): the one definition of a merged weight entry."""
     compute = compute_dtype(entries.dtype, values.dtype)
     if entries.dtype == values.dtype == compute:  # the common float32 case: no conversions to dispatch

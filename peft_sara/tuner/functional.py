@@ -11,7 +11,7 @@ The effective weight of a SaRA layer is the frozen base weight with each adapter
 * **composable path** (a base layer that must run its own forward: hooks, offloading, layerwise casting, quantized or
   meta storage): ``base_layer(x) + op(x, Δ)`` with :func:`update_contribution`.
 
-:func:`peft_sara.base_weight.composable_reason` chooses between them; the layer calls it in one place.
+:func:`peft_sara.tuner.base_weight.composable_reason` chooses between them; the layer calls it in one place.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .masks import compute_dtype
+from .selection import compute_dtype
 
 
 class SparseEntries(NamedTuple):

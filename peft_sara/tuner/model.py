@@ -11,15 +11,15 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .adapter_files import base_model_id
-from .checkpoint_checks import effective_weight_problem, validate_checkpoint
+from ..adapter_files import base_model_id
+from ..checkpoint_checks import effective_weight_problem, validate_checkpoint
+from ..constants import PREFIX, SARA_TAGS
+from ..file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
+from ..peft_loading import check_peft_load_source, resize_layers_to_entries
+from ..save_bridge import install_save_bridge
+from ..transaction import ModelState, all_or_nothing
 from .config import SaRAConfig
-from .constants import PREFIX, SARA_TAGS
-from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
 from .layer import SaRALayer, dispatch_sara_layer, sara_layers
-from .peft_loading import check_peft_load_source, resize_layers_to_entries
-from .save_bridge import install_save_bridge
-from .transaction import ModelState, all_or_nothing
 
 # Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
 # text encoders. Suffix lists, matched by PEFT's usual rules.

@@ -1,5 +1,5 @@
 """Reading and rewriting a base layer's weight whatever its storage: plain, quantized (bitsandbytes, torchao,
-optimum-quanto, GGUF: one module per backend in :mod:`peft_sara.quantized`), fp8 (diffusers' layerwise casting) or
+optimum-quanto, GGUF: one module per backend in :mod:`peft_sara.tuner.quantized`), fp8 (diffusers' layerwise casting) or
 offloaded to the meta device by accelerate.
 
 SaRA selects entries by magnitude and merges by writing entries, so it needs the weight as a dense floating tensor of
@@ -28,7 +28,7 @@ from .quantized import gguf as gguf_backend
 from .quantized import quanto as quanto_backend
 from .quantized import torchao as torchao_backend
 
-# The quantized storage backends, asked in order; each module answers the same questions (see peft_sara.quantized).
+# The quantized storage backends, asked in order; each module answers the same questions (see peft_sara.tuner.quantized).
 QUANTIZED_BACKENDS: tuple[ModuleType, ...] = (bnb_backend, torchao_backend, quanto_backend, gguf_backend)
 
 
@@ -86,7 +86,7 @@ def logical_weight_shape(base_layer: nn.Module) -> torch.Size:
 
 def keep_canonical_layout(base_layer: nn.Module) -> None:
     """Keep the base weight's layout fixed for the adapter's life (bitsandbytes' CPU repacking; see
-    :func:`peft_sara.quantized.bnb.keep_canonical_layout`)."""
+    :func:`peft_sara.tuner.quantized.bnb.keep_canonical_layout`)."""
     bnb_backend.keep_canonical_layout(base_layer)
 
 

@@ -5,7 +5,7 @@ Per adapter: a fixed-capacity trainable set (the flat indices ``sara_indices`` a
 keeps its size and identity for optimizers, DDP / FSDP and compiled graphs) and the entries frozen by progressive
 re-selection (``sara_frozen_indices`` / ``sara_frozen_values``, whose size changes, read by compiled forwards with a
 dynamic size). State dicts hold only the live entries; loading pads them back to the capacity.
-:class:`SparseEntryStorage` is the part of :class:`peft_sara.layer.SaRALayer` that owns all of this.
+:class:`SparseEntryStorage` is the part of :class:`peft_sara.tuner.layer.SaRALayer` that owns all of this.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from .base_weight import readable_weight
-from .masks import check_entries, compact_, compute_dtype, gathered, index_dtype_for, still_ineffective, write_prefix_
+from .selection import (
+    check_entries,
+    compact_,
+    compute_dtype,
+    gathered,
+    index_dtype_for,
+    still_ineffective,
+    write_prefix_,
+)
 
 
 class DynamicSizeBufferDict(BufferDict):
@@ -55,7 +63,7 @@ class DynamicSizeBufferDict(BufferDict):
 
 
 class SparseEntryStorage:
-    """Mixin of :class:`peft_sara.layer.SaRALayer`: the containers of each adapter's entries and every change to them
+    """Mixin of :class:`peft_sara.tuner.layer.SaRALayer`: the containers of each adapter's entries and every change to them
     (setting entries, progressive re-selection, state-dict trimming and padding)."""
 
     def _init_entry_storage(self) -> None:
@@ -163,7 +171,7 @@ class SparseEntryStorage:
 
         ``keep`` overrides the decision (a boolean mask over the trainable entries, as :meth:`reselection_mask`
         returns; :class:`peft_sara.training.SaRATrainingHelper` passes rank 0's on every rank). Returns the mask used:
-        re-order per-entry optimizer state with it (:func:`peft_sara.masks.compact_`).
+        re-order per-entry optimizer state with it (:func:`peft_sara.tuner.selection.compact_`).
         """
         if self.merged:
             raise RuntimeError(

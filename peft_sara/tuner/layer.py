@@ -41,7 +41,7 @@ from .functional import (
     sparse_delta_forward,
     update_contribution,
 )
-from .masks import (
+from .selection import (
     compute_dtype,
     select_trainable_indices,
     value_dtype_for,
@@ -276,7 +276,7 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
 
     def composable_reason(self) -> str | None:
         """Why this layer runs its base layer's own forward plus the update (see
-        :func:`peft_sara.base_weight.composable_reason`), or ``None`` on the main path."""
+        :func:`peft_sara.tuner.base_weight.composable_reason`), or ``None`` on the main path."""
         return composable_reason(self.get_base_layer())
 
     def get_base_layer(self) -> nn.Module:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from peft.config import PeftConfig
 
-from .constants import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES
+from ..constants import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES
 from .peft_type import sara_peft_type
 
 

@@ -1,6 +1,6 @@
 """Fused Triton kernels for SaRA's masked-weight operations, with the semantics of :mod:`.reference`.
 
-Importing this module needs Triton; :func:`peft_sara.kernels.triton_available` guards the import. Kernels run on CUDA
+Importing this module needs Triton; :func:`peft_sara.tuner.kernels.triton_available` guards the import. Kernels run on CUDA
 tensors, or on CPU tensors through the Triton interpreter when ``TRITON_INTERPRET=1`` was set before Triton was first
 imported (how the tests run them).
 
