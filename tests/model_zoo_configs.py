@@ -201,7 +201,11 @@ def _cogview4_inputs(g: torch.Generator) -> dict[str, Any]:
 
 
 def _sana_inputs(g: torch.Generator) -> dict[str, Any]:
-    return {"hidden_states": _randn(g, 1, 4, 32, 32), "encoder_hidden_states": _randn(g, 1, 8, 8), "timestep": _timesteps(g)}
+    return {
+        "hidden_states": _randn(g, 1, 4, 32, 32),
+        "encoder_hidden_states": _randn(g, 1, 8, 8),
+        "timestep": _timesteps(g),
+    }
 
 
 def _hidream_inputs(g: torch.Generator) -> dict[str, Any]:  # the llama states' second axis is the number of layers
@@ -234,7 +238,11 @@ def _lumina2_inputs(g: torch.Generator) -> dict[str, Any]:
 
 
 def _auraflow_inputs(g: torch.Generator) -> dict[str, Any]:
-    return {"hidden_states": _randn(g, 1, 4, 32, 32), "encoder_hidden_states": _randn(g, 1, 256, 32), "timestep": _timesteps(g)}
+    return {
+        "hidden_states": _randn(g, 1, 4, 32, 32),
+        "encoder_hidden_states": _randn(g, 1, 256, 32),
+        "timestep": _timesteps(g),
+    }
 
 
 def _sd3_inputs(g: torch.Generator) -> dict[str, Any]:
@@ -247,7 +255,11 @@ def _sd3_inputs(g: torch.Generator) -> dict[str, Any]:
 
 
 def _dit_inputs(g: torch.Generator) -> dict[str, Any]:
-    return {"hidden_states": _randn(g, 1, 4, 8, 8), "timestep": _timesteps(g), "class_labels": torch.randint(0, 4, (1,), generator=g)}
+    return {
+        "hidden_states": _randn(g, 1, 4, 8, 8),
+        "timestep": _timesteps(g),
+        "class_labels": torch.randint(0, 4, (1,), generator=g),
+    }
 
 
 def _pixart_inputs(g: torch.Generator) -> dict[str, Any]:
@@ -260,7 +272,11 @@ def _pixart_inputs(g: torch.Generator) -> dict[str, Any]:
 
 
 def _unet2d_condition_inputs(g: torch.Generator) -> dict[str, Any]:  # batch 4 in the test
-    return {"sample": _randn(g, 1, 4, 16, 16), "timestep": torch.tensor([10]), "encoder_hidden_states": _randn(g, 1, 4, 8)}
+    return {
+        "sample": _randn(g, 1, 4, 16, 16),
+        "timestep": torch.tensor([10]),
+        "encoder_hidden_states": _randn(g, 1, 4, 8),
+    }
 
 
 def _unet2d_inputs(g: torch.Generator) -> dict[str, Any]:  # batch 4 in the test
@@ -268,7 +284,11 @@ def _unet2d_inputs(g: torch.Generator) -> dict[str, Any]:  # batch 4 in the test
 
 
 def _unet_motion_inputs(g: torch.Generator) -> dict[str, Any]:  # batch 4 in the test; 4 frames
-    return {"sample": _randn(g, 1, 4, 4, 16, 16), "timestep": torch.tensor([10]), "encoder_hidden_states": _randn(g, 4, 4, 16)}
+    return {
+        "sample": _randn(g, 1, 4, 4, 16, 16),
+        "timestep": torch.tensor([10]),
+        "encoder_hidden_states": _randn(g, 4, 4, 16),
+    }
 
 
 ZOO: list[ZooModel] = [
