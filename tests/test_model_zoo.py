@@ -214,3 +214,87 @@ def test_flux_single_blocks_adapt_proj_out_and_proj_mlp():
         "transformer_blocks.N.norm1_context.linear",
     )
     assert report.adapted_layers == report.block_layers - 3
+
+
+def _text_encoders() -> dict[str, object]:
+    import transformers as hf
+
+    decoder = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        head_dim=8,
+    )
+    clip = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    t5 = dict(vocab_size=100, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
+    return {  # the text encoders of SD / SDXL / SD3 / Flux / Wan / Z-Image / Sana, Lumina 2 / HiDream / Flux 2
+        "CLIPTextModel": lambda: hf.CLIPTextModel(hf.CLIPTextConfig(**clip, bos_token_id=0, eos_token_id=1)),
+        "CLIPTextModelWithProjection": lambda: hf.CLIPTextModelWithProjection(
+            hf.CLIPTextConfig(**clip, bos_token_id=0, eos_token_id=1)
+        ),
+        "T5EncoderModel": lambda: hf.T5EncoderModel(hf.T5Config(**t5, feed_forward_proj="gated-gelu")),
+        "UMT5EncoderModel": lambda: hf.UMT5EncoderModel(hf.UMT5Config(**t5)),
+        "Qwen3Model": lambda: hf.Qwen3Model(hf.Qwen3Config(**decoder)),
+        "Gemma2Model": lambda: hf.Gemma2Model(hf.Gemma2Config(**decoder)),
+        "LlamaForCausalLM": lambda: hf.LlamaForCausalLM(hf.LlamaConfig(**decoder)),
+        "MistralModel": lambda: hf.MistralModel(hf.MistralConfig(**decoder)),
+    }
+
+
+@pytest.mark.parametrize("class_name", list(_text_encoders()))
+def test_text_encoder_defaults_adapt_every_layer_and_nothing_outside(class_name):
+    torch.manual_seed(0)
+    model = _text_encoders()[class_name]().eval()
+    layer_lists = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    blocks = [name for name in layer_lists if name.endswith(("layers", "block"))]
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    in_blocks = {name for name in linears if name.startswith(tuple(f"{block}." for block in blocks))}
+    peft_model = get_peft_model(model, SaRAConfig(trainable_fraction=0.05, init_weights=False))
+    adapted = {
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if isinstance(module, BaseTunerLayer)
+    }
+    assert adapted == in_blocks  # q / k / v / o and the MLP of every layer; no head, projection or embedding
+    ids = torch.tensor([[0, 5, 7, 1]])
+    out = peft_model(input_ids=ids)
+    with peft_model.disable_adapter():
+        assert not torch.equal(peft_model(input_ids=ids)[0], out[0])
+
+
+def test_vision_language_text_encoder_keeps_its_vision_tower_frozen():
+    import transformers as hf
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    config = hf.Qwen2_5_VLConfig(
+        text_config=dict(text, num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32),
+    )
+    model = hf.Qwen2_5_VLForConditionalGeneration(config)
+    peft_model = get_peft_model(model, SaRAConfig(trainable_fraction=0.05))
+    adapted = [name for name, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)]
+    assert len(adapted) == 2 * 7 and all(".language_model.layers." in name for name in adapted)
+
+
+def test_coverage_reports_the_share_of_block_weights_adapted():
+    entry = next(entry for entry in ZOO if entry.class_name == "SD3Transformer2DModel")
+    model = build(entry)
+    before = coverage(model)
+    assert str(before).startswith(f"adapts {before.adapted_layers} of {before.block_layers} Linear/Conv weights")
+    peft_model = get_peft_model(model, SaRAConfig(trainable_fraction=0.05, target_modules=["to_q", "to_k"]))
+    explicit = coverage(peft_model)
+    q = model.transformer_blocks[0].attn.to_q.base_layer.weight.numel()
+    modulation = sum(
+        module.weight.numel() for name, module in model.named_modules() if re.search(r"norm1(_context)?\.linear$", name)
+    )
+    assert (explicit.adapted_layers, explicit.block_layers) == (8, before.block_layers)
+    assert explicit.adapted_parameters == 8 * q and before.block_parameters - before.adapted_parameters == modulation
+    assert coverage(model, ["conv_in_does_not_exist"]).adapted_layers == 0
+
+
+def test_a_model_without_repeated_blocks_still_needs_explicit_targets(mlp_conv):
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        get_peft_model(mlp_conv, SaRAConfig())
