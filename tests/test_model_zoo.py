@@ -298,3 +298,14 @@ def test_coverage_reports_the_share_of_block_weights_adapted():
 def test_a_model_without_repeated_blocks_still_needs_explicit_targets(mlp_conv):
     with pytest.raises(ValueError, match="no repeated blocks"):
         get_peft_model(mlp_conv, SaRAConfig())
+
+
+def test_analyze_command_reports_what_the_default_targets_cover(tmp_path, capsys):
+    from peft_sara import cli
+
+    entry = next(entry for entry in ZOO if entry.class_name == "FluxTransformer2DModel")
+    model = build(entry)
+    model.save_pretrained(tmp_path / "transformer")
+    assert cli.main(["analyze", str(tmp_path / "transformer"), "--no-histogram", "--quiet"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("SaRA's default targets"))
+    assert line.endswith(str(coverage(model))) and "adapts 17 of 20 Linear/Conv weights" in line
