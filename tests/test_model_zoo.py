@@ -309,3 +309,46 @@ def test_analyze_command_reports_what_the_default_targets_cover(tmp_path, capsys
     assert cli.main(["analyze", str(tmp_path / "transformer"), "--no-histogram", "--quiet"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("SaRA's default targets"))
     assert line.endswith(str(coverage(model))) and "adapts 17 of 20 Linear/Conv weights" in line
+
+
+# The UNet defaults before the structural rule, as adapters saved then record them in adapter_config.json.
+PREVIOUS_UNET_DEFAULTS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+]
+
+
+def test_explicit_target_lists_and_adapters_saved_with_them_load_as_before(tmp_path):
+    entry = next(entry for entry in ZOO if entry.class_name == "UNet2DConditionModel")
+    config = SaRAConfig(trainable_fraction=0.05, target_modules=PREVIOUS_UNET_DEFAULTS, init_weights=False)
+    peft_model = get_peft_model(build(entry), config).eval()
+    expected = {
+        name
+        for name, module in build(entry).named_modules()
+        if any(name == target or name.endswith(f".{target}") for target in PREVIOUS_UNET_DEFAULTS)
+    }
+    wrapped = {
+        name.removeprefix("base_model.model.")
+        for name, module in peft_model.named_modules()
+        if isinstance(module, BaseTunerLayer)
+    }
+    assert wrapped == expected and not any("samplers" in name for name in wrapped)
+    peft_model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(saved) == sorted(PREVIOUS_UNET_DEFAULTS)
+    reloaded = PeftModel.from_pretrained(build(entry), tmp_path).eval()
+    assert {n for n, m in reloaded.named_modules() if isinstance(m, BaseTunerLayer)} == {
+        n for n, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer)
+    }
+    with torch.no_grad():
+        assert torch.equal(output_tensor(reloaded(**inputs(entry))), output_tensor(peft_model(**inputs(entry))))
