@@ -293,6 +293,9 @@ def test_coverage_reports_the_share_of_block_weights_adapted():
     assert (explicit.adapted_layers, explicit.block_layers) == (8, before.block_layers)
     assert explicit.adapted_parameters == 8 * q and before.block_parameters - before.adapted_parameters == modulation
     assert coverage(model, ["conv_in_does_not_exist"]).adapted_layers == 0
+    assert coverage(model, SaRAConfig(target_modules=["to_q", "to_k"])) == explicit
+    excluding = SaRAConfig(exclude_modules=["to_q"])  # the defaults, less every to_q
+    assert coverage(model, excluding).adapted_layers == before.adapted_layers - 4
 
 
 def test_a_model_without_repeated_blocks_still_needs_explicit_targets(mlp_conv):

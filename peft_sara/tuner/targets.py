@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from torch import nn
@@ -162,15 +163,23 @@ class Coverage:
         return text
 
 
-def coverage(model: nn.Module, target_modules: Sequence[str] | str | None = None) -> Coverage:
+def coverage(model: nn.Module, targets: Sequence[str] | str | Any | None = None) -> Coverage:
     """How much of ``model``'s repeated blocks an adapter covers, by layers and by weight parameters.
 
-    The adapted layers are ``target_modules`` when given (as PEFT would match them), else the layers a PEFT tuner
-    layer wraps now, else SaRA's defaults.
+    ``targets``: a PEFT config (its ``target_modules``, ``exclude_modules`` and ``layers_to_transform``; SaRA's defaults
+    where ``target_modules`` is None) or a ``target_modules`` value, matched as PEFT matches them. Without it: the
+    layers a PEFT tuner layer wraps now, or else SaRA's defaults.
     """
     layers = wrappable_layers(model)
-    if target_modules is not None:
-        config = SimpleNamespace(target_modules=target_modules, layers_to_transform=None, layers_pattern=None)
+    if targets is not None:
+        config = targets if hasattr(targets, "target_modules") else SimpleNamespace(target_modules=targets)
+        target_modules = config.target_modules if config.target_modules is not None else default_targets(model) or []
+        config = SimpleNamespace(
+            target_modules=target_modules,
+            exclude_modules=getattr(config, "exclude_modules", None),
+            layers_to_transform=getattr(config, "layers_to_transform", None),
+            layers_pattern=getattr(config, "layers_pattern", None),
+        )
         adapted = {layer.name for layer in layers if check_target_module_exists(config, layer.name)}
     elif any(layer.wrapped for layer in layers):
         adapted = {layer.name for layer in layers if layer.wrapped}
