@@ -137,7 +137,8 @@ def _run(entry: ZooModel, root: Path) -> ZooRun:
         if isinstance(module, BaseTunerLayer) and bool(module.get_sparse_update("default").values.any())
     }
     lora_error = convert_to_lora(peft_model, rank="full").total_error
-    export_adapter(peft_model, root / "kohya.safetensors", "kohya", rank=4)
+    component = "unet" if "UNet" in entry.class_name else "transformer"  # the pipeline component it is
+    export_adapter(peft_model, root / "kohya.safetensors", "kohya", rank=4, component=component)
     kohya_keys = set(load_file(root / "kohya.safetensors"))
     return ZooRun(
         peft_model=peft_model,
