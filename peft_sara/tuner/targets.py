@@ -50,9 +50,8 @@ def _can_wrap(module: nn.Module) -> bool:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model PEFT's names are relative to: a ``PeftModel``'s tuner model, or the model itself."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base
+    """The model PEFT's module names are relative to: a ``PeftModel``'s base model, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def wrappable_layers(model: nn.Module) -> list[BlockLayer]:
