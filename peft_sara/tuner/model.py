@@ -20,66 +20,14 @@ from ..save_bridge import install_save_bridge
 from ..transaction import ModelState, all_or_nothing
 from .config import SaRAConfig
 from .layer import SaRALayer, dispatch_sara_layer, sara_layers
-
-# Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
-# text encoders. Suffix lists, matched by PEFT's usual rules.
-UNET_TARGET_MODULES = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "time_emb_proj",
-]
-DIT_TARGET_MODULES = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-]
-CLIP_TEXT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-DIFFUSERS_TARGET_MODULES_MAPPING = {
-    "UNet2DConditionModel": UNET_TARGET_MODULES,
-    "UNet2DModel": UNET_TARGET_MODULES,
-    "UNetMotionModel": UNET_TARGET_MODULES,
-    "SD3Transformer2DModel": DIT_TARGET_MODULES,
-    "FluxTransformer2DModel": DIT_TARGET_MODULES,
-    "DiTTransformer2DModel": DIT_TARGET_MODULES,
-    "PixArtTransformer2DModel": DIT_TARGET_MODULES,
-}
-TRANSFORMERS_TARGET_MODULES_MAPPING = {
-    "clip_text_model": CLIP_TEXT_TARGET_MODULES,
-    "clip": CLIP_TEXT_TARGET_MODULES,
-    "clip_text_model_with_projection": CLIP_TEXT_TARGET_MODULES,
-    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
-}
+from .targets import default_targets
 
 
 def default_target_modules(model: nn.Module) -> list[str] | None:
-    """SaRA's default targets for a known diffusers / transformers model, or None."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in DIFFUSERS_TARGET_MODULES_MAPPING:
-            return list(DIFFUSERS_TARGET_MODULES_MAPPING[cls.__name__])
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in TRANSFORMERS_TARGET_MODULES_MAPPING:
-        return list(TRANSFORMERS_TARGET_MODULES_MAPPING[model_type])
-    return None
+    """SaRA's default targets for ``model``: the full names of the layers its structural rule picks (every Linear /
+    Conv inside the repeated blocks, no modulation, norm or embedding; see :mod:`peft_sara.tuner.targets`), or None
+    when the model has no repeated blocks."""
+    return default_targets(model)
 
 
 def mark_tied_layers(model: nn.Module) -> dict[tuple, list[str]]:
@@ -125,7 +73,7 @@ class SaRAModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = SaRALayer
-    target_module_mapping = TRANSFORMERS_TARGET_MODULES_MAPPING
+    target_module_mapping: dict[str, list[str]] = {}  # defaults come from the structural rule, not a table
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
         # Adapters injected from a config read from a file, whose weights PEFT's loader has not set yet, with the state
@@ -187,8 +135,9 @@ class SaRAModel(BaseTuner):
             defaults = default_target_modules(self.model)
             if defaults is None:
                 raise ValueError(
-                    f"SaRA has no default `target_modules` for {type(self.model).__name__}: pass `target_modules` "
-                    "(a list of module names or suffixes, or a regex) in SaRAConfig."
+                    f"SaRA has no default `target_modules` for {type(self.model).__name__}: it has no repeated blocks "
+                    "(an nn.ModuleList of layers) to adapt. Pass `target_modules` (a list of module names or "
+                    "suffixes, or a regex) in SaRAConfig."
                 )
             peft_config.target_modules = set(defaults)
         return peft_config
