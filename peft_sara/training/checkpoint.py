@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..adapter_files import adapter_subfolder, read_adapter_weights, save_model_adapter
-from ..atomic import save_safetensors_atomic
+from ..atomic import folder_writer, recover_folder, save_safetensors_atomic
 from ..checkpoint_checks import check_checkpoint_file
 from ..constants import TRAINING_STATE_NAME
 from ..file_format import InvalidAdapterError
@@ -286,8 +287,10 @@ def save_training_state(
     """Save everything needed to resume bitwise: adapter, optimizer, scheduler, helper and RNG states.
 
     The adapter is written with ``save_pretrained`` (PEFT format, live entries only) into ``output_dir``; the rest
-    goes to ``sara_training_state.safetensors`` beside it (no pickle), written atomically. Optimizer state keeps the values Parameters'
-    full (fixed) capacity, freed tail included, so that a resumed run continues bitwise.
+    goes to ``sara_training_state.safetensors`` beside it (no pickle). Both are published as one unit
+    (``peft_sara.atomic.folder_writer``): a kill leaves the previous checkpoint or this one, never a mix. Optimizer
+    state keeps the values Parameters' full (fixed) capacity, freed tail included, so that a resumed run continues
+    bitwise.
     """
     sharded = [name for name, param in model.named_parameters() if "sara_" in name and is_sharded(param)]
     if sharded:
@@ -296,8 +299,14 @@ def save_training_state(
             f"such as '{sharded[0]}'. Checkpoint an FSDP run with torch.distributed.checkpoint (or accelerate's "
             "save_state) instead; see docs/DISTRIBUTED.md."
         )
-    os.makedirs(output_dir, exist_ok=True)
-    save_model_adapter(model, output_dir)
+    with folder_writer(output_dir) as staging:  # the adapter and its training state, published as one unit
+        save_model_adapter(model, staging)
+        _write_training_state_file(staging, model, optimizer, lr_scheduler, helper)
+
+
+def _write_training_state_file(
+    folder: os.PathLike, model: nn.Module, optimizer: Any, lr_scheduler: Any | None, helper: Any | None
+) -> None:
     names = _trainable_parameter_names(model)
     inner = unwrap_optimizer(optimizer)
     state = {
@@ -312,7 +321,7 @@ def save_training_state(
         },
     }
     state["rng"]["numpy"] = np.random.get_state()
-    write_training_state(state, os.path.join(output_dir, TRAINING_STATE_NAME))
+    write_training_state(state, os.path.join(folder, TRAINING_STATE_NAME))
 
 
 def _adapter_tensors(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
@@ -330,9 +339,14 @@ def _resumable_states_restored_on_error(
     optimizer: torch.optim.Optimizer, lr_scheduler: Any | None, helper: SaRATrainingHelper | None
 ) -> Iterator[None]:
     """If the body raises, put the optimizer, scheduler, helper and RNG states back as they were before it."""
+    # Keyed by the parameters themselves (identity), their state copied: a deepcopy of the whole dict would key the
+    # restored state by copies of the parameters, which the optimizer never looks up again (its moments lost).
     saved_optimizer = {
-        "state": copy.deepcopy(optimizer.state),
-        "param_groups": [{**group, "params": list(group["params"])} for group in optimizer.param_groups],
+        "state": defaultdict(dict, {param: copy.deepcopy(value) for param, value in optimizer.state.items()}),
+        "param_groups": [
+            {**copy.deepcopy({k: v for k, v in group.items() if k != "params"}), "params": list(group["params"])}
+            for group in optimizer.param_groups
+        ],
     }
     saved_scheduler = copy.deepcopy(lr_scheduler.state_dict()) if lr_scheduler is not None else None
     saved_helper = copy.deepcopy(helper.state_dict()) if helper is not None else None
@@ -368,6 +382,7 @@ def load_training_state(
     optimizer, scheduler, helper and RNG states are put back as they were before raising.
     """
     adapter_name, _ = resolve_sara_adapter(model, adapter_name)
+    recover_folder(input_dir)  # a save killed while publishing: finish it first (peft_sara.atomic)
     adapter_dir = os.path.join(input_dir, adapter_subfolder(adapter_name))
     weights = read_adapter_weights(adapter_dir)
     check_checkpoint_file(weights)
