@@ -88,6 +88,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     """
     if "w" not in mode:
         raise ValueError(f"atomic_write opens files for writing only, got mode {mode!r}.")
+    if _inside_staging(Path(os.path.abspath(path))):  # the folder writer publishes (and fsyncs) the whole folder
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, mode, encoding=encoding if "b" not in mode else None) as file:
+            yield file
+        return
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

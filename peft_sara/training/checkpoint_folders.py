@@ -16,6 +16,7 @@ from .checkpoint import load_training_state, save_training_state
 from .components import TrainedComponent
 
 CHECKPOINT_PREFIX = "checkpoint-"
+DELETING_SUFFIX = ".sara-deleting"  # a rotated-out checkpoint while it is deleted
 
 
 def checkpoint_folder(output_dir: str | os.PathLike, step: int) -> str:
@@ -54,8 +55,15 @@ def remove_old_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[str
     """
     steps = checkpoint_steps(output_dir)
     removed = [checkpoint_folder(output_dir, step) for step in steps[: max(len(steps) - max(keep, 1), 0)]]
-    for folder in removed:
-        shutil.rmtree(folder)
+    for folder in removed:  # renamed away first (atomic), so a checkpoint name never holds a half-deleted folder
+        doomed = os.path.join(output_dir, f".{os.path.basename(folder)}{DELETING_SUFFIX}")
+        if os.path.lexists(doomed):
+            shutil.rmtree(doomed)
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed)
+    for name in os.listdir(output_dir):  # left by a kill during an earlier rotation
+        if name.startswith(f".{CHECKPOINT_PREFIX}") and name.endswith(DELETING_SUFFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return removed
 
 
