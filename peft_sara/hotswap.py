@@ -120,7 +120,14 @@ def enable_sara_hotswap(
     if not 0 < max_fraction <= 1:
         raise ValueError(f"`max_fraction` must be in (0, 1], got {max_fraction}.")
     reserved = {}
-    for label, module in _targets(pipe_or_model, components).items():
+    targets = _targets(pipe_or_model, components)
+    with all_or_nothing(*targets.values()):  # a refusal in a later component leaves the earlier ones as they were
+        _enable_slots(targets, max_fraction, target_modules, adapter_name, exclude_modules, reserved)
+    return reserved
+
+
+def _enable_slots(targets, max_fraction, target_modules, adapter_name, exclude_modules, reserved) -> None:
+    for label, module in targets.items():
         if adapter_name in (getattr(module, "peft_config", None) or {}):
             raise ValueError(
                 f"{label} already has an adapter named '{adapter_name}': enable hotswap before the first load, or "
@@ -146,7 +153,6 @@ def enable_sara_hotswap(
             layer.set_trainable_entries(adapter_name, empty, values, empty, values)
             total += capacity
         reserved[label] = total
-    return reserved
 
 
 @dataclass

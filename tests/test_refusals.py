@@ -1,0 +1,236 @@
+"""A refused operation changes nothing: model (every tensor bitwise, ``requires_grad``, module types), configs, adapter
+names, active and merged adapters; the optimizer keeps its state keyed by the same parameter objects."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_unet
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+import peft_sara
+from peft_sara.hotswap import enable_sara_hotswap
+from peft_sara.merging import combine_adapters
+from peft_sara.pipelines import inject_sara_adapter
+from peft_sara.training import TRAINING_STATE_NAME, add_sara_adapter, load_training_state, save_training_state
+from peft_sara.training.checkpoint import read_training_state, write_training_state
+from peft_sara.tuner.layer import sara_layers
+
+
+class ThreeLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything a refusal must leave as it was."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {
+        "tensors": {name: tensor.detach().clone() for name, tensor in named},
+        "requires_grad": {name: tensor.requires_grad for name, tensor in named},
+        "modules": [(name, type(module).__name__) for name, module in model.named_modules()],
+        "configs": {name: config.to_dict() for name, config in (getattr(model, "peft_config", None) or {}).items()},
+        "layers": {
+            name: (list(layer.active_adapters), list(layer.merged_adapters), dict(layer.sara_scaling))
+            for name, layer in sara_layers(model)
+        },
+        "attributes": {key for key in vars(model)},
+    }
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+    )
+
+
+def assert_unchanged(model: nn.Module, before: dict, ignore_attributes: set[str] = frozenset()) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"]
+    assert after["configs"] == before["configs"]
+    assert after["layers"] == before["layers"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["attributes"] - ignore_attributes == before["attributes"] - ignore_attributes
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, tensor in before["tensors"].items():
+        assert bitwise_equal(after["tensors"][name], tensor), name
+
+
+def sara_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = peft_sara.SaRAConfig(target_modules=["a", "b", "c"], trainable_fraction=0.5, init_weights=False)
+    return get_peft_model(ThreeLayers(), config)
+
+
+def third_layer_fp8(model: nn.Module) -> None:
+    """Give the third SaRA layer float8 storage, which cannot take a merged weight."""
+    layer = dict(sara_layers(model))["base_model.model.c"]
+    base = layer.get_base_layer()
+    base.weight = nn.Parameter(base.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+
+
+# ------------------------------------------------------------------------------------------------- merges
+@pytest.mark.parametrize("operation", ["merge_adapter", "safe_merge_adapter", "merge_and_unload", "fuse_lora"])
+def test_a_merge_refused_in_the_third_layer_merges_nothing(operation):
+    if operation == "fuse_lora":
+        model = tiny_unet()
+        model.add_adapter(peft_sara.SaRAConfig(target_modules=["to_q", "to_k", "to_v"], init_weights=False))
+        layer = [layer for _, layer in sara_layers(model)][2]
+        base = layer.get_base_layer()
+        base.weight = nn.Parameter(base.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    else:
+        model = sara_model()
+        third_layer_fp8(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="float8.*Nothing was merged"):
+        if operation == "merge_adapter":
+            model.merge_adapter()
+        elif operation == "safe_merge_adapter":
+            model.merge_adapter(safe_merge=True)
+        elif operation == "merge_and_unload":
+            model.merge_and_unload()
+        else:
+            model.fuse_lora()
+    # diffusers' fuse_lora records its arguments on the model before merging (its bookkeeping, not an adapter change)
+    assert_unchanged(model, before, ignore_attributes={"lora_scale", "_safe_fusing"})
+    if operation == "merge_and_unload":
+        assert isinstance(model, PeftModel)
+        assert len(list(sara_layers(model))) == 3  # still wrapped
+
+
+def test_a_safe_merge_refused_for_a_broken_third_layer_merges_nothing():
+    model = sara_model()
+    layer = dict(sara_layers(model))["base_model.model.c"]
+    with torch.no_grad():
+        layer.sara_values["default"][0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="NaNs or infs.*Nothing was merged"):
+        model.merge_and_unload(safe_merge=True)
+    assert_unchanged(model, before)
+    model.merge_adapter(adapter_names=["default"])  # the unsafe merge still works and unmerges bitwise
+    model.unmerge_adapter()
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------------- injection
+BAD_CONFIGS = {
+    "unsupported module": dict(target_modules=["a", "norm"]),
+    "no match": dict(target_modules=["zzz"]),
+}
+REFUSED = (TypeError, ValueError)  # SaRA's "cannot adapt LayerNorm", PEFT's NoMatchingPeftModuleError
+REFUSAL_MESSAGE = "cannot adapt|not found"
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_CONFIGS))
+def test_a_refused_add_adapter_leaves_no_name_and_a_retry_works(bad):
+    model = sara_model()
+    before = snapshot(model)
+    with pytest.raises(REFUSED, match=REFUSAL_MESSAGE):
+        model.add_adapter("extra", peft_sara.SaRAConfig(**BAD_CONFIGS[bad]))
+    assert_unchanged(model, before)
+    model.add_adapter("extra", peft_sara.SaRAConfig(target_modules=["a"], trainable_fraction=0.5))
+    assert "extra" in model.peft_config
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_CONFIGS))
+@pytest.mark.parametrize("entry", ["get_peft_model", "inject_sara_adapter", "add_sara_adapter"])
+def test_refused_injection_entry_points_leave_the_model_unchanged(entry, bad):
+    torch.manual_seed(0)
+    model = ThreeLayers()
+    before = snapshot(model)
+    config = peft_sara.SaRAConfig(**BAD_CONFIGS[bad])
+    with pytest.raises(REFUSED, match=REFUSAL_MESSAGE):
+        if entry == "get_peft_model":
+            get_peft_model(model, config)
+        elif entry == "inject_sara_adapter":
+            inject_sara_adapter(model, config, "x")
+        else:
+            add_sara_adapter(model, config, "x")
+    assert_unchanged(model, before)
+
+
+def test_a_refused_add_sara_adapter_on_a_diffusers_model_leaves_it_unchanged():
+    unet = tiny_unet()
+    before = snapshot(unet)
+    with pytest.raises(TypeError, match="cannot adapt"):
+        add_sara_adapter(unet, peft_sara.SaRAConfig(target_modules=["to_q", "norm1"]))
+    assert_unchanged(unet, before)
+    add_sara_adapter(unet, peft_sara.SaRAConfig(target_modules=["to_q"]))  # a retry works
+    assert list(unet.peft_config) == ["default"]
+
+
+class TwoComponents:
+    def __init__(self, **components):
+        self.components = components
+
+
+def test_a_refused_enable_sara_hotswap_leaves_every_component_unchanged():
+    torch.manual_seed(0)
+    first, second = ThreeLayers(), ThreeLayers()
+    second.a = nn.LayerNorm(8)  # the second component refuses: its `a` is not adaptable
+    pipe = TwoComponents(unet=first, text_encoder=second)
+    before = [snapshot(first), snapshot(second)]
+    with pytest.raises(TypeError, match="cannot adapt"):
+        enable_sara_hotswap(pipe, 0.2, target_modules=["a"], components=["unet", "text_encoder"])
+    assert_unchanged(first, before[0])
+    assert_unchanged(second, before[1])
+
+
+def test_a_refused_combine_adapters_leaves_the_model_unchanged():
+    model = sara_model()
+    model.add_adapter("other", peft_sara.SaRAConfig(target_modules=["a", "b", "c"], trainable_fraction=0.5))
+    before = snapshot(model)
+    with pytest.raises(ValueError):
+        combine_adapters(model, ["default", "other"], [1.0], "mix")  # one weight for two adapters
+    with pytest.raises(ValueError, match="already exists"):
+        combine_adapters(model, ["default", "other"], [0.5, 0.5], "other")
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------------- resume
+def test_a_resume_refused_inside_its_transaction_keeps_the_optimizer_state_of_the_same_parameters(tmp_path):
+    """A re-signed state whose moment has the wrong shape is refused after the adapter was loaded: the model comes
+    back bitwise and the optimizer keeps its Adam moments, keyed by the very same Parameter objects."""
+    model = sara_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3)
+    for _ in range(2):
+        model(torch.randn(2, 8)).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    save_training_state(str(tmp_path), model, optimizer, scheduler)
+    path = tmp_path / TRAINING_STATE_NAME
+    state = read_training_state(path)
+    first = next(iter(state["optimizer"]["state"].values()))
+    first["exp_avg"] = torch.zeros(first["exp_avg"].numel() + 1)
+    write_training_state(state, path)  # re-signed: the checksum matches
+
+    for _ in range(1):  # move on, so that the checkpoint differs from the live state
+        model(torch.randn(2, 8)).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    before = snapshot(model)
+    moments = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in params}
+    scheduler_state = copy.deepcopy(scheduler.state_dict())
+    with pytest.raises(ValueError):
+        load_training_state(str(tmp_path), model, optimizer, scheduler)
+    assert_unchanged(model, before)
+    assert scheduler.state_dict() == scheduler_state
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in params]
+    assert {id(p) for p in optimizer.state} == {id(p) for p in params}  # the same objects, not copies
+    for param in params:
+        for key, value in moments[id(param)].items():
+            assert torch.equal(optimizer.state[param][key], value), key
