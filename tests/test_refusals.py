@@ -234,3 +234,53 @@ def test_a_resume_refused_inside_its_transaction_keeps_the_optimizer_state_of_th
     for param in params:
         for key, value in moments[id(param)].items():
             assert torch.equal(optimizer.state[param][key], value), key
+
+
+# ------------------------------------------------------------------------------------------------- states that load can train
+def _resumable(tmp_path):
+    from peft_sara.training import SaRATrainingHelper
+
+    model = sara_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    helper = SaRATrainingHelper(model, optimizer, total_steps=10)
+    for _ in range(2):
+        model(torch.randn(2, 8)).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+        helper.step()
+        optimizer.zero_grad()
+    save_training_state(str(tmp_path), model, optimizer, scheduler, helper)
+    return model, optimizer, scheduler, helper
+
+
+RESIGNED_EDITS = {
+    "T_max 0": ("lr_scheduler", lambda state: state.update(T_max=0), "trial step"),
+    "a step key": ("lr_scheduler", lambda state: state.update(step=3), "has keys"),
+    "global_step a string": ("helper", lambda state: state.update(global_step="7"), "global_step"),
+    "reselected not a bool": ("helper", lambda state: state.update(reselected="no"), "reselected"),
+    "negative step": ("helper", lambda state: state.update(global_step=-1), "global_step"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(RESIGNED_EDITS))
+def test_re_signed_scheduler_and_helper_states_that_could_not_train_are_refused(tmp_path, edit):
+    """States that load must train: re-signed (checksum recomputed) edits that would crash or silently skip at the
+    first resumed step are refused before anything changes."""
+    model, optimizer, scheduler, helper = _resumable(tmp_path)
+    part, change, message = RESIGNED_EDITS[edit]
+    path = tmp_path / TRAINING_STATE_NAME
+    state = read_training_state(path)
+    change(state[part])
+    write_training_state(state, path)
+    before = snapshot(model)
+    moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+    scheduler_state, helper_state = copy.deepcopy(scheduler.state_dict()), copy.deepcopy(helper.state_dict())
+    with pytest.raises(ValueError, match=message):
+        load_training_state(str(tmp_path), model, optimizer, scheduler, helper)
+    assert_unchanged(model, before)
+    assert scheduler.state_dict() == scheduler_state and "step" not in vars(scheduler)
+    assert helper.state_dict().keys() == helper_state.keys()
+    assert helper.global_step == helper_state["global_step"] and helper.reselected == helper_state["reselected"]
+    for param, saved in optimizer.state.items():
+        assert all(torch.equal(saved[k], v) for k, v in moments[id(param)].items())

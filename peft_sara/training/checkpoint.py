@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
 import random
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -221,18 +223,19 @@ def _check_per_parameter_state(state: dict[str, Any], params: dict[str, nn.Param
         raise InvalidAdapterError("The training state's optimizer state has different fields for different parameters.")
 
 
-def _same_kind(saved: Any, current: Any) -> bool:
-    """Whether a saved optimizer setting can stand where ``current`` stands: numbers for (finite) numbers, tuples of
-    numbers of the same length, and otherwise the same type (None stays None)."""
+def _same_kind(saved: Any, current: Any, finite: bool = True) -> bool:
+    """Whether a saved optimizer setting can stand where ``current`` stands: numbers for (with ``finite``, finite)
+    numbers, tuples of numbers of the same length, and otherwise the same type (None stays None)."""
     if isinstance(current, bool) or current is None or isinstance(current, str):
         return type(saved) is type(current)
     if isinstance(current, (int, float)):
-        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and np.isfinite(saved)
+        number = isinstance(saved, (int, float)) and not isinstance(saved, bool)
+        return number and (not finite or bool(np.isfinite(saved)))
     if isinstance(current, (tuple, list)):
         return (
             isinstance(saved, (tuple, list))
             and len(saved) == len(current)
-            and all(_same_kind(a, b) for a, b in zip(saved, current))
+            and all(_same_kind(a, b, finite) for a, b in zip(saved, current))
         )
     if isinstance(current, torch.Tensor):
         return isinstance(saved, torch.Tensor) and saved.shape == current.shape
@@ -256,6 +259,92 @@ def _check_group_settings(saved_groups: list[dict], current_groups: list[dict]) 
                     f"Parameter group {index} of the training state's optimizer has {key}={str(saved[key])[:40]}, "
                     f"which cannot stand for this optimizer's {key}={current[key]!r}."
                 )
+
+
+def _needs_arguments(function: Any) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.default is inspect.Parameter.empty and p.kind in positional for p in parameters)
+
+
+def _check_keys_and_kinds(saved: dict, current: dict, what: str, finite: bool = True) -> None:
+    """``saved`` has exactly ``current``'s keys and each value is of the kind ``current``'s is (see :func:`_same_kind`):
+    a key the object does not have would become an attribute (``step`` would shadow the method)."""
+    if set(saved) != set(current):
+        raise InvalidAdapterError(
+            f"The training state's {what} state has keys {sorted(map(str, saved))}, this {what} "
+            f"{sorted(map(str, current))}: build it the same way as when the checkpoint was saved."
+        )
+    for key in sorted(current):
+        if not _same_kind(saved[key], current[key], finite):
+            raise InvalidAdapterError(
+                f"The training state's {what} state has {key}={str(saved[key])[:40]}, which cannot stand for this "
+                f"{what}'s {key}={str(current[key])[:40]}."
+            )
+
+
+class _GroupsOnly:
+    """What an LR scheduler touches of its optimizer: the parameter groups' settings (copies, without parameters)."""
+
+    def __init__(self, groups: list[dict]) -> None:
+        self.param_groups = [
+            {**copy.deepcopy({k: v for k, v in group.items() if k != "params"}), "params": []} for group in groups
+        ]
+        self.defaults: dict = {}
+
+    def step(self) -> None:  # pragma: no cover - schedulers only check that it exists
+        pass
+
+
+def _check_scheduler_state(saved: dict, scheduler: Any, optimizer: Any) -> None:
+    """The saved scheduler state fits this scheduler (keys, kinds) and runs: loaded into a copy of it over copies of
+    the parameter groups, which computes its learning rates and takes a step; anything it raises, or a non-finite
+    learning rate, refuses the checkpoint before anything changed."""
+    _check_keys_and_kinds(saved, scheduler.state_dict(), "LR scheduler", finite=False)
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the torch one
+    stand_in = _GroupsOnly(optimizer.param_groups)
+    # Every reference to the optimizer (nested schedulers' included) becomes the stand-in: nothing real is touched.
+    memo = {id(optimizer): stand_in, id(getattr(inner, "optimizer", optimizer)): stand_in}
+    try:
+        trial = copy.deepcopy(inner, memo)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trial.load_state_dict(copy.deepcopy(saved))
+            if not _needs_arguments(trial.step):  # ReduceLROnPlateau steps on a metric: loading is the trial
+                trial.step()
+            rates = [group["lr"] for group in stand_in.param_groups]
+    except (Exception, RecursionError) as err:
+        raise InvalidAdapterError(
+            f"The training state's LR scheduler state cannot resume this {type(scheduler).__name__}: a trial step "
+            f"on a copy raised {err!r}."
+        ) from err
+    bad = [rate for rate in rates if not isinstance(rate, (int, float, torch.Tensor)) or not np.isfinite(float(rate))]
+    if bad:
+        raise InvalidAdapterError(
+            f"The training state's LR scheduler state gives this {type(scheduler).__name__} the learning rate "
+            f"{bad[0]!r}."
+        )
+
+
+def _check_helper_state(saved: dict, helper: SaRATrainingHelper) -> None:
+    """The saved helper state fits the helper: its keys, kinds, non-negative steps, a flag that is a bool, a generator
+    state this helper's generator takes (tried on a throwaway one)."""
+    _check_keys_and_kinds(saved, helper.state_dict(), "SaRA helper")
+    for key in ("global_step", "progressive_step"):
+        value = saved.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidAdapterError(f"The training state's SaRA helper has {key}={value!r}: not a step number.")
+    if not isinstance(saved.get("reselected"), bool):
+        raise InvalidAdapterError(
+            f"The training state's SaRA helper has reselected={saved.get('reselected')!r}, not True or False."
+        )
+    try:
+        torch.Generator(device=helper.generator.device).set_state(saved["generator"])
+    except (Exception, RecursionError) as err:
+        raise InvalidAdapterError(f"The training state's SaRA helper has an invalid generator state ({err}).") from err
 
 
 def _check_rng_states(rng: dict[str, Any], where: str) -> None:
@@ -403,6 +492,12 @@ def load_training_state(
                 f"Parameter group {index} of the checkpoint's optimizer has {len(group_names)} parameters, this "
                 f"optimizer's {len(group['params'])}: build the optimizer the same way as when the checkpoint was saved."
             )
+
+    # Checked before anything changes: what the scheduler and the helper would take, and run with.
+    if lr_scheduler is not None and state["lr_scheduler"] is not None:
+        _check_scheduler_state(state["lr_scheduler"], lr_scheduler, inner)
+    if helper is not None and state["helper"] is not None:
+        _check_helper_state(state["helper"], helper)
 
     with (
         all_or_nothing(model, copies=_adapter_tensors(model, adapter_name)),
