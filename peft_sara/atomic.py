@@ -41,7 +41,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -321,6 +321,40 @@ def folder_writer(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _hub_cache() -> Path | None:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return None
+    return Path(HF_HUB_CACHE).resolve()
+
+
+def refuse_overlapping_output(output: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """Raise ``ValueError`` before anything is written if ``output`` is an input, lies inside one or contains one
+    (symlinks resolved), or lies inside the Hugging Face Hub cache (which every later load reads). Inputs that are not
+    local paths (Hub ids, None) are skipped: pass every folder the command reads, the implicit ones included (the
+    base model an adapter records, the cache snapshot a Hub id resolved to)."""
+    target = Path(output).resolve()
+    cache = _hub_cache()
+    if cache is not None and (target == cache or target.is_relative_to(cache)):
+        raise ValueError(
+            f"The output '{output}' lies inside the Hugging Face Hub cache ({cache}): writing it would corrupt a "
+            "downloaded model or adapter. Choose an output path outside the cache."
+        )
+    for source in inputs:
+        if source is None or not os.path.exists(source):
+            continue
+        source_path = Path(source).resolve()
+        if target == source_path or target.is_relative_to(source_path) or source_path.is_relative_to(target):
+            relation = (
+                "is" if target == source_path else "lies inside" if target.is_relative_to(source_path) else "contains"
+            )
+            raise ValueError(
+                f"The output '{output}' {relation} the input '{source}': writing it would destroy the input. Choose "
+                "an output path outside the inputs."
+            )
+
+
 def is_protocol_name(name: str) -> bool:
     """Whether ``name`` (an entry of a folder) belongs to the folder writer's protocol, not to the saved content."""
     return name in (NEW_NAME, OLD_NAME) or STAGING_MARK in name or name.startswith(TEMP_PREFIX)
@@ -331,6 +365,7 @@ __all__ = [
     "folder_writer",
     "is_protocol_name",
     "recover_folder",
+    "refuse_overlapping_output",
     "save_safetensors_atomic",
     "write_text_atomic",
 ]

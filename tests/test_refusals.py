@@ -284,3 +284,63 @@ def test_re_signed_scheduler_and_helper_states_that_could_not_train_are_refused(
     assert helper.global_step == helper_state["global_step"] and helper.reselected == helper_state["reselected"]
     for param, saved in optimizer.state.items():
         assert all(torch.equal(saved[k], v) for k, v in moments[id(param)].items())
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+def _folder_bytes(folder) -> dict:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def recorded_base(tmp_path_factory):
+    """A tiny saved pipeline and an adapter that records it as its base (no --base needed to export)."""
+    import tiny_pipelines
+    from diffusers import StableDiffusionPipeline
+
+    root = tmp_path_factory.mktemp("cli-base")
+    pipeline_dir = tiny_pipelines.build_sd_pipeline(root)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None, requires_safety_checker=False)
+    tiny_pipelines.add_random_sara_adapter(pipe, "style")
+    adapter_dir = peft_sara.save_sara_adapter(pipe, root / "adapter", base_model=str(pipeline_dir))
+    return root, pipeline_dir, adapter_dir
+
+
+@pytest.mark.parametrize("explicit_base", [False, True])
+def test_the_cli_never_writes_into_the_base_it_reads_implicitly(recorded_base, capsys, explicit_base):
+    """`export A --format diff -o BASE/unet/diffusion_pytorch_model.safetensors` is refused whether BASE was named with
+    --base or read from the adapter's record, before anything is written."""
+    from peft_sara import cli
+
+    root, pipeline_dir, adapter_dir = recorded_base
+    before = _folder_bytes(root)
+    argv = [
+        "export",
+        str(adapter_dir),
+        "--format",
+        "diff",
+        "-o",
+        str(pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"),
+    ]
+    if explicit_base:
+        argv += ["--base", str(pipeline_dir)]
+    capsys.readouterr()
+    status = cli.main(argv)
+    err = capsys.readouterr().err
+    assert status == 2 and "would destroy the input" in err and "Traceback" not in err
+    assert _folder_bytes(root) == before
+
+
+def test_the_cli_never_writes_into_the_hub_cache(recorded_base, capsys, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from peft_sara import cli
+
+    _, _, adapter_dir = recorded_base
+    cache = tmp_path / "hub"
+    (cache / "models--org--adapter" / "snapshots" / "abc").mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    output = cache / "models--org--adapter" / "snapshots" / "abc" / "lora.safetensors"
+    capsys.readouterr()
+    status = cli.main(["export", str(adapter_dir), "--format", "kohya", "-o", str(output)])
+    assert status == 2 and "Hub cache" in capsys.readouterr().err
+    assert not output.exists()

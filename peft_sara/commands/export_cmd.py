@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..atomic import refuse_overlapping_output
 from ..conversion import FORMATS, BaseModelRequired, export_adapter, load_adapted, parse_rank, read_adapter_files
 from ..export.formats import DTYPES, MERGED
 from ..export.lowrank import describe_rank
-from .output import add_common_options, print_json, print_table, refuse_overlapping_output
+from .output import add_common_options, print_json, print_table
 from .sources_args import DOWNLOAD_HINT, add_source_options, base_folder
 
 EXPORT_FORMATS = tuple(name for name in FORMATS if name != MERGED)  # merged models: `peft-sara merge`
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = args.rank
     refuse_overlapping_output(args.output, [args.adapter, args.base])
     base = base_folder(args, required=False)
+    refuse_overlapping_output(args.output, [base])  # the base the adapter records is read too
     if base is not None:
         source = load_adapted(base, args.adapter, args.subfolder, args.revision, args.token)
     else:  # the adapter's files record every layer's shape and layout: no base model needed

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..atomic import refuse_overlapping_output
 from ..conversion import load_adapted, save_merged
-from .output import add_common_options, refuse_overlapping_output
+from .output import add_common_options
 from .sources_args import add_source_options
 
 
