@@ -171,7 +171,8 @@ def _locked(folder: Path) -> Iterator[None]:
     fd = os.open(folder, os.O_RDONLY)
     held[key] = fd
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # a filesystem without folder locks (some network mounts): unlocked
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         del held[key]
