@@ -7,8 +7,8 @@ B, reports ready, and saves over the folder the previous try left; the parent SI
 uniformly over the save's measured duration. After each kill the folder is read the way peft-sara's readers read it
 (``recover_folder`` / ``latest_checkpoint`` first) and its files compared byte for byte with a complete save of the
 old and of the new version: "old intact", "new intact", or "other" (a mix, a missing or a torn file: must be 0).
-"recovered" counts kills inside the publish step (a few renames), after which a reader outside peft-sara would have
-seen a mix until the next peft-sara read or save finishes the publish.
+"recovered" counts kills inside the publish step (after the commit), "mixed before recovery" those after which a reader
+outside peft-sara (which does not recover) would have seen a mix of old and new entries.
 
     python -m benchmarks.kill_injection                 # 50 kills per saver, JSON to benchmarks/results/
     python -m benchmarks.kill_injection --kills 200 --savers pipeline_adapter checkpoint_rotation
@@ -267,6 +267,7 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
     current = 0  # the version the folder holds now
     counts = {"kills": 0, "old_intact": 0, "new_intact": 0, "other": 0, "recovered": 0, "completed": 0}
     counts["failed"] = 0
+    counts["mixed_before_recovery"] = 0
     previous_step = step - 1 if saver.rotating else step
     tries = 0
     while counts["kills"] < kills and tries < kills * 4:
@@ -278,6 +279,9 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
         interrupted = _interrupted(root)
         target = saver.target(root, step)  # for checkpoints: the latest complete one
         if not saver.rotating:
+            unrecovered = fingerprint(target)  # what a reader outside peft-sara (PEFT, diffusers) sees
+            if killed and unrecovered not in (expected[new], expected[current]):
+                counts["mixed_before_recovery"] += 1
             recover_folder(target)  # what peft-sara's readers do first
         found = fingerprint(target)
         if saver.rotating:
@@ -348,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     world = build_world()
     with tempfile.TemporaryDirectory(prefix="sara-kill-") as workdir:
         results = _run_all(world, args, Path(workdir))
-    header = f"{'saver':<22}{'kills':>7}{'old intact':>12}{'new intact':>12}{'other':>7}{'recovered':>11}{'save s':>9}"
+    header = (
+        f"{'saver':<22}{'kills':>7}{'old intact':>12}{'new intact':>12}{'other':>7}{'recovered':>11}"
+        f"{'mixed unrecovered':>19}{'save s':>9}"
+    )
     print(header)
     for name, counts in results.items():
         if "old_intact" not in counts:
@@ -356,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(
             f"{name:<22}{counts['kills']:>7}{counts['old_intact']:>12}{counts['new_intact']:>12}{counts['other']:>7}"
-            f"{counts['recovered']:>11}{counts['save_seconds']:>9.3f}"
+            f"{counts['recovered']:>11}{counts['mixed_before_recovery']:>19}{counts['save_seconds']:>9.3f}"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"seed": args.seed, "kills_per_saver": args.kills, "savers": results}, indent=2))
