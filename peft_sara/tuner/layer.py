@@ -195,8 +195,6 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
     # ------------------------------------------------------------------------------------------------ scaling
     def set_scale(self, adapter: str, scale: float) -> None:
         """Set the strength of ``adapter`` (1.0 = as trained)."""
-        if self.sara_merge_group is not None:
-            self.sara_merge_group.checked = None
         if adapter in self.sara_scale:
             self.sara_scaling[adapter] = float(scale)
             self.sara_scale[adapter].fill_(float(scale))
@@ -372,7 +370,9 @@ class MergeGroup:
 
     diffusers' ``fuse_lora`` calls each layer's ``merge`` in turn; the first call of a pass checks every layer of the
     group (:meth:`SaRALayer.merge_refusal`) and remembers the pass as checked until each layer that had something to
-    merge has merged, or anything changes (a scale, an unmerge, a new adapter: a new group)."""
+    merge has merged, or an unmerge or a new adapter (a new group) comes first. A scale set during the pass (diffusers'
+    ``fuse_lora(lora_scale=...)`` scales each layer right before its merge) does not restart the check, which would
+    make a pass quadratic; ``safe_merge`` still checks each layer's own merged entries as it writes them."""
 
     def __init__(self, layers: dict[str, SaRALayer]) -> None:
         self.layers = layers
