@@ -30,11 +30,17 @@ class ThreeLayers(nn.Module):
         return self.c(self.b(self.a(x)))
 
 
+def _copy(tensor: torch.Tensor):
+    if type(tensor) in (torch.Tensor, nn.Parameter):
+        return tensor.detach().clone()
+    return (id(tensor), tensor.dequantize().clone() if hasattr(tensor, "dequantize") else None)  # quantized storage
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything a refusal must leave as it was."""
     named = list(model.named_parameters()) + list(model.named_buffers())
     return {
-        "tensors": {name: tensor.detach().clone() for name, tensor in named},
+        "tensors": {name: _copy(tensor) for name, tensor in named},
         "requires_grad": {name: tensor.requires_grad for name, tensor in named},
         "modules": [(name, type(module).__name__) for name, module in model.named_modules()],
         "configs": {name: config.to_dict() for name, config in (getattr(model, "peft_config", None) or {}).items()},
@@ -63,7 +69,11 @@ def assert_unchanged(model: nn.Module, before: dict, ignore_attributes: set[str]
     assert after["attributes"] - ignore_attributes == before["attributes"] - ignore_attributes
     assert after["tensors"].keys() == before["tensors"].keys()
     for name, tensor in before["tensors"].items():
-        assert bitwise_equal(after["tensors"][name], tensor), name
+        if isinstance(tensor, tuple):  # a quantized weight: the same object, the same values
+            assert after["tensors"][name][0] == tensor[0], name
+            assert tensor[1] is None or bitwise_equal(after["tensors"][name][1], tensor[1]), name
+        else:
+            assert bitwise_equal(after["tensors"][name], tensor), name
 
 
 def sara_model(seed: int = 0) -> nn.Module:
@@ -119,6 +129,39 @@ def test_a_safe_merge_refused_for_a_broken_third_layer_merges_nothing():
     assert_unchanged(model, before)
     model.merge_adapter(adapter_names=["default"])  # the unsafe merge still works and unmerges bitwise
     model.unmerge_adapter()
+    assert_unchanged(model, before)
+
+
+def _quantized_third_layer(storage: str) -> nn.Module:
+    """ThreeLayers (256 wide: whole GGUF K-quant blocks) whose third layer is stored by torchao int8 or GGUF Q4_K."""
+    torch.manual_seed(0)
+    model = ThreeLayers()
+    for name in ("a", "b", "c"):
+        setattr(model, name, nn.Linear(256, 256))
+    if storage == "torchao-int8":
+        quantization = pytest.importorskip("torchao.quantization")
+        quantization.quantize_(model.c, quantization.Int8WeightOnlyConfig())
+    else:
+        gguf = pytest.importorskip("gguf")
+        gguf_utils = pytest.importorskip("diffusers.quantizers.gguf.utils")
+        quant_type = gguf.GGMLQuantizationType.Q4_K
+        block_size, type_size = gguf.GGML_QUANT_SIZES[quant_type]
+        layer = gguf_utils.GGUFLinear(256, 256, bias=True, compute_dtype=torch.float32)
+        packed = torch.randint(0, 255, (256, 256 // block_size * type_size), dtype=torch.uint8)
+        layer.weight = gguf_utils.GGUFParameter(packed, quant_type=quant_type)
+        layer.bias = nn.Parameter(model.c.bias.detach().clone(), requires_grad=False)
+        model.c = layer
+    config = peft_sara.SaRAConfig(target_modules=["a", "b", "c"], trainable_fraction=0.01, init_weights=False)
+    return get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("storage", ["torchao-int8", "gguf-Q4_K"])
+@pytest.mark.parametrize("operation", ["merge_adapter", "merge_and_unload"])
+def test_a_merge_refused_by_quantized_storage_in_the_third_layer_merges_nothing(storage, operation):
+    model = _quantized_third_layer(storage)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="Nothing was merged"):
+        getattr(model, operation)()
     assert_unchanged(model, before)
 
 
