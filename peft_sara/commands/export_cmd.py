@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .output import add_common_options, parse_arguments, print_json, print_table, refuse_overlapping_output
+from .output import add_common_options, parse_arguments, print_json, print_table
 from .sources_args import DOWNLOAD_HINT, add_source_options, base_folder
 
 # peft_sara.export.formats' FORMATS less "merged" (merged models: `peft-sara merge`) and DTYPES, written out so that
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara export``."""
     parser = build_parser()
     args = parse_arguments(parser, argv)
+    from ..atomic import refuse_overlapping_output
     from ..conversion import BaseModelRequired, export_adapter, load_adapted, parse_rank, read_adapter_files
     from ..export.lowrank import describe_rank
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --rank: {err}")
     refuse_overlapping_output(args.output, [args.adapter, args.base])
     base = base_folder(args, required=False)
+    refuse_overlapping_output(args.output, [base])  # the base the adapter records is read too
     if base is not None:
         source = load_adapted(base, args.adapter, args.subfolder, args.revision, args.token)
     else:  # the adapter's files record every layer's shape and layout: no base model needed

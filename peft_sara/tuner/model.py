@@ -19,7 +19,7 @@ from ..peft_loading import check_peft_load_source, resize_layers_to_entries
 from ..save_bridge import install_save_bridge
 from ..transaction import ModelState, all_or_nothing
 from .config import SaRAConfig
-from .layer import SaRALayer, dispatch_sara_layer, sara_layers
+from .layer import MergeGroup, SaRALayer, dispatch_sara_layer, sara_layers
 from .targets import default_targets
 
 
@@ -42,6 +42,9 @@ def mark_tied_layers(model: nn.Module) -> dict[tuple, list[str]]:
     for names in groups.values():
         for name in names:
             layers[name].sara_tied_layers = [other for other in names if other != name]
+    group = MergeGroup(layers)  # a merge of any layer checks all of them first
+    for layer in layers.values():
+        layer.sara_merge_group = group
     return {key: names for key, names in groups.items() if len(names) > 1}
 
 
@@ -185,17 +188,15 @@ class SaRAModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------- merging
     def _check_mergeable(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
-        """Dry run over all layers before any is merged, so a refusal leaves every weight untouched: tied layers
-        refuse, and with ``safe_merge`` a broken (non-finite) adapter does."""
+        """Dry run over all layers before any is merged, so a refusal leaves every weight untouched: tied layers and
+        storage that cannot take a merged weight (fp8, torchao, GGUF K-quants) refuse, and with ``safe_merge`` a
+        broken adapter does (non-finite, or overflowing its dtype, in any layer)."""
         for name, layer in self.sara_layers():
-            names = adapter_names if adapter_names is not None else layer.active_adapters
-            adapters = layer.present_adapters(list(names))
-            if adapters and layer.sara_tied_layers:
-                raise ValueError(
-                    f"Cannot merge SaRA adapters {adapters}: layer '{name}' shares its weight with "
-                    f"{layer.sara_tied_layers}, so a merged weight would apply every sharing layer's update in each "
-                    "of them. Keep these adapters unmerged (the unmerged forward is exact). Nothing was merged."
-                )
+            names = list(adapter_names if adapter_names is not None else layer.active_adapters)
+            refusal = layer.merge_refusal(names, False, name)
+            if refusal is not None:
+                raise ValueError(refusal + " Nothing was merged.")
+            adapters = [adapter for adapter in layer.present_adapters(names) if adapter not in layer.merged_adapters]
             for adapter in adapters if safe_merge else ():
                 update = layer.get_sparse_update(adapter)
                 problem = effective_weight_problem(layer, update.scale, [(update.indices, update.values)])
