@@ -51,6 +51,7 @@ from .file_format import (
 )
 from .index_encoding import decode_index_gaps
 from .tuner.layer import SaRALayer, sara_layers
+from .tuner.quantized.storage import OneByteFloat
 from .tuner.selection import check_entries, index_dtype_for
 
 ALLOW_NON_FINITE_ENV_VAR = "PEFT_SARA_ALLOW_NON_FINITE"
@@ -299,29 +300,32 @@ def effective_weight_problem(
     """Why the weight the layer would compute with, ``cast(w + scale * delta)`` in the base dtype, is unusable, or None.
 
     Unusable: an entry that is not finite, or one so large that a unit input overflows the layer's output
-    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). Base weights with a
-    storage backend (quantized, fp8, offloaded) are not read (not checked): the layer never forms such a weight.
+    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). Quantized, offloaded or
+    unknown storage is not read (not checked).
     """
     base_layer = layer.get_base_layer()
-    if layer.storage_backend(base_layer) is not None:  # quantized, fp8, offloaded: no patched weight in its dtype
+    backend = layer.storage_backend(base_layer)
+    if backend is not None and not isinstance(backend, OneByteFloat):
         return None
     weight = base_layer.weight
     flat = weight.detach().reshape(-1)
     fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))
-    limit = torch.finfo(weight.dtype).max / fan_in
+    # 1-byte storage (fp8, diffusers' layerwise casting) is upcast to compute: checked in float32 (no fp8 isfinite).
+    dtype = weight.dtype if weight.dtype.itemsize >= 2 else torch.float32
+    limit = torch.finfo(dtype).max / fan_in
     for indices, values in entries:
         if indices.numel() == 0:
             continue
         base = flat.index_select(0, indices.to(device=flat.device, dtype=torch.long))
-        patched = (base.double() + scale * values.to(device=flat.device, dtype=torch.float64)).to(weight.dtype)
+        patched = (base.double() + scale * values.to(device=flat.device, dtype=torch.float64)).to(dtype)
         finite = torch.isfinite(patched)
         if not bool(finite.all()):
-            return f"{int((~finite).sum())} entries of its effective weight are not finite in {weight.dtype}"
+            return f"{int((~finite).sum())} entries of its effective weight are not finite in {dtype}"
         largest = float(patched.abs().max())
         if largest > limit:
             return (
                 f"its effective weight reaches {largest:.3g}, so a unit input over its fan-in of {fan_in} overflows "
-                f"{weight.dtype} (limit {limit:.3g} per entry)"
+                f"{dtype} (limit {limit:.3g} per entry)"
             )
     return None
 

@@ -17,7 +17,7 @@ def resolve(base_layer: nn.Module) -> StorageBackend | None:
     """The backend of such a weight, or ``None`` for a plain floating weight of 2 bytes or more."""
     weight = base_layer.weight
     if weight.is_meta:
-        return Offloaded()
+        return Offloaded(onloadable=hasattr(base_layer, "_hf_hook"))
     if type(weight) not in PLAIN_TENSOR_TYPES or not weight.dtype.is_floating_point:
         return Unknown(weight)
     if weight.dtype.itemsize < 2:
@@ -49,10 +49,20 @@ class OneByteFloat(_Unwritable):
 
 
 class Offloaded(_Unwritable):
-    def __init__(self) -> None:
+    """A weight on the meta device. With accelerate's hook it can take a merge: PEFT's ``merge_adapter`` /
+    ``merge_and_unload`` onload the layer around its merge (and write the result back to the offload map), and the
+    onloaded weight resolves as plain; without a hook there is no weight to merge into."""
+
+    def __init__(self, onloadable: bool) -> None:
         super().__init__("the base weight is on the meta device (offloaded)")
+        self.supports_merge = onloadable
 
     def get_base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        if self.supports_merge:
+            raise ValueError(
+                f"The weight of this {type(base_layer).__name__} is offloaded to the meta device: merge through "
+                "PEFT's `merge_adapter()` / `merge_and_unload()`, which load it for the merge."
+            )
         raise ValueError(
             f"The weight of this {type(base_layer).__name__} is on the meta device with no accelerate hook to load it "
             "from: SaRA must read the pre-trained weight to select entries. Load the model's weights first."
