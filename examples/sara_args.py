@@ -119,7 +119,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     train("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
     train("--adam_beta1", type=float, default=0.9)
     train("--adam_beta2", type=float, default=0.999)
-    train("--adam_weight_decay", type=float, default=1e-2)
+    train(
+        "--adam_weight_decay",
+        type=float,
+        default=1e-2,
+        help="Decoupled weight decay of the SaRA entries; what it decays: --weight_decay_mode.",
+    )
+    train(
+        "--weight_decay_mode",
+        choices=("delta", "official"),
+        default="delta",
+        help="delta (default): AdamW's own decay of the trained deltas, pulling the update toward the pre-trained "
+        "weight, as for any PEFT adapter. official: decay the selected weights toward 0, as the official SaRA code "
+        "(optim/adamw2.py) does (SaRATrainingHelper(weight_decay=..., weight_decay_mode='official')).",
+    )
     train("--adam_epsilon", type=float, default=1e-8)
     train("--max_grad_norm", type=float, default=1.0)
     train(

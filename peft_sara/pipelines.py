@@ -50,6 +50,7 @@ from .hotswap import plan_hotswap, swap_state_dicts, unclaimed_slot
 from .resolve import resolve_adapter_folder
 from .save_bridge import install_save_bridge
 from .transaction import all_or_nothing
+from .tuner.base_weight import one_merge_warning
 from .tuner.config import SaRAConfig
 from .tuner.layer import count_entries, sara_adapter_names, sara_layers
 
@@ -340,8 +341,9 @@ def load_sara_adapter(
                 layer.set_scale(adapter_name, scale)
         if fuse:
             state.keep_values(layer.get_base_layer().weight for layer in layers)
-            for layer in layers:
-                layer.merge(adapter_names=[adapter_name])
+            with one_merge_warning():
+                for layer in layers:
+                    layer.merge(adapter_names=[adapter_name])
     if fuse and hasattr(pipe, "_merged_adapters"):
         pipe._merged_adapters = set(pipe._merged_adapters) | {adapter_name}
     loaded = [component for component, *_ in plan] + [label.removeprefix("pipe.") for label, *_ in slots]

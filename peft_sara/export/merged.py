@@ -13,6 +13,7 @@ from torch import nn
 
 from ..adapter_files import publish_staged_files
 from ..save_bridge import base_layers_swapped_in
+from ..tuner.base_weight import one_merge_warning
 from .sources import ExportSource, adapter_layers, is_pipeline, live_source
 
 
@@ -52,11 +53,12 @@ def write_merged(source: ExportSource, output_dir: str | os.PathLike, max_shard_
             "`unmerge_adapter()`), so the merged model holds only the adapter you export."
         )
     merged_here = []
-    for module in modules.values():
-        for _, layer in adapter_layers(module, adapter_name):
-            if adapter_name not in layer.merged_adapters:
-                layer.merge(adapter_names=[adapter_name])
-                merged_here.append(layer)
+    with one_merge_warning():
+        for module in modules.values():
+            for _, layer in adapter_layers(module, adapter_name):
+                if adapter_name not in layer.merged_adapters:
+                    layer.merge(adapter_names=[adapter_name])
+                    merged_here.append(layer)
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"safe_serialization": True}
