@@ -161,6 +161,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     )
     train("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     train(
+        "--base_quantization",
+        choices=("none", "bnb-4bit", "bnb-8bit", "quanto-int8", "quanto-int4"),
+        default="none",
+        help="Quantize the frozen denoiser's Linear layers before training (QLoRA-style: SaRA's values stay float32 "
+        "and its forward adds the sparse update to the backend's own). bnb-*: bitsandbytes (NF4 / LLM.int8), "
+        "quantized layer by layer on the training device; quanto-*: optimum-quanto, frozen. The saved adapter applies "
+        "to the full-precision base.",
+    )
+    train(
         "--enable_xformers_memory_efficient_attention",
         action="store_true",
         help="xformers attention (CUDA only). PyTorch 2's scaled_dot_product_attention, the default, is about as lean.",
@@ -292,7 +301,9 @@ def check_common_arguments(
 ) -> argparse.Namespace:
     """Checks and normalisations every script applies after parsing; ``needs``: optional packages the script imports
     later (checked first, see :func:`check_dependencies`)."""
-    check_dependencies(parser, needs)
+    backend = getattr(args, "base_quantization", "none").split("-")[0]
+    quantizer = {"bnb": "bitsandbytes", "quanto": "optimum"}.get(backend)
+    check_dependencies(parser, [*needs, *([quantizer] if quantizer else [])])
     if args.rank_layers_per_step != "all":
         args.rank_layers_per_step = int(args.rank_layers_per_step)
     if args.report_to == "wandb" and args.hub_token is not None:
