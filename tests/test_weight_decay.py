@@ -140,6 +140,12 @@ def test_double_decay_and_a_mode_without_decay_are_refused():
         SaRATrainingHelper(model, torch.optim.AdamW(params, weight_decay=0), weight_decay=1e-2, weight_decay_mode="w")
     with pytest.raises(ValueError, match="pass the optimizer"):
         SaRATrainingHelper(model, None, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, weight_decay=0)
+    first = SaRATrainingHelper(model, optimizer, weight_decay=1e-2)
+    with pytest.raises(ValueError, match="Another SaRATrainingHelper already applies weight decay"):
+        SaRATrainingHelper(model, optimizer, weight_decay=1e-2, weight_decay_mode="official")
+    first.weight_decay.remove()
+    SaRATrainingHelper(model, optimizer, weight_decay=1e-2)  # one decay again
 
 
 def test_reselection_that_would_freeze_everything_is_refused_before_it_happens():

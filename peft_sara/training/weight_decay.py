@@ -18,6 +18,7 @@ decays would apply.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -30,6 +31,8 @@ from .optimizer import unwrap_optimizer
 
 WeightDecayMode = Literal["delta", "official"]
 WEIGHT_DECAY_MODES = ("delta", "official")
+# Per optimizer, the values a SparseWeightDecay hook already decays (a second helper on them would decay twice).
+_DECAYED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class SparseWeightDecay:
@@ -75,11 +78,20 @@ class SparseWeightDecay:
                 f"The helper's weight decay does not support sharded (FSDP2) values (e.g. '{sharded[0]}'); use the "
                 "optimizer's own weight_decay (the 'delta' rule) there."
             )
+        decayed = _DECAYED.setdefault(self.optimizer, set())
+        if decayed & {id(param) for param in params}:
+            raise ValueError(
+                "Another SaRATrainingHelper already applies weight decay to these SaRA values with this optimizer: "
+                "two decays would apply. Create one helper per optimizer and adapter (or `remove()` the first decay)."
+            )
+        self._param_ids = {id(param) for param in params}
+        decayed |= self._param_ids
         self.handle = self.optimizer.register_step_pre_hook(self._pre_step)
 
     def remove(self) -> None:
         """Stop applying the decay (removes the hook from the optimizer)."""
         self.handle.remove()
+        _DECAYED.get(self.optimizer, set()).difference_update(self._param_ids)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.apply(optimizer.param_groups)

@@ -167,11 +167,13 @@ def merge_entries_(
         requantized = module.requantized(base_layer, target)
     except MergeRefused as refusal:
         raise ValueError(f"Cannot merge {where}: {refusal}") from None
+    layer_kind = type(base_layer).__name__
+    kind = description if layer_kind in description else f"{description} {layer_kind}"
     collected = _REQUANTIZED.get()
     if collected is not None:
-        collected.append(description)
+        collected.append(kind)
     else:  # one message per backend (no layer name), so Python's default filter shows it once, not once per layer
-        _warn_requantized({description: 1}, stacklevel=4)
+        _warn_requantized({kind: 1}, stacklevel=4)
     return MergeBackup(weight=module.replace_weight(base_layer, requantized))
 
 
