@@ -69,9 +69,12 @@ class HotswapSlot:
 
 
 def hotswap_slot(module: nn.Module) -> HotswapSlot | None:
-    """The slot :func:`enable_sara_hotswap` reserved in ``module`` (a pipeline component or model), if any."""
-    slot = _unwrap(module).__dict__.get(SLOT_ATTRIBUTE)
-    return slot if isinstance(slot, HotswapSlot) else None
+    """The slot :func:`enable_sara_hotswap` reserved in ``module`` (a pipeline component or model), if any (a slot
+    whose adapter was deleted since, e.g. by ``pipe.unload_lora_weights()``, is gone)."""
+    module = _unwrap(module)
+    slot = module.__dict__.get(SLOT_ATTRIBUTE)
+    alive = isinstance(slot, HotswapSlot) and slot.name in (getattr(module, "peft_config", None) or {})
+    return slot if alive else None
 
 
 def unclaimed_slot(module: nn.Module) -> HotswapSlot | None:
@@ -325,8 +328,8 @@ class HotswapPlan:
             name = self.adapter_name or slot_name
             if name != slot_name:
                 _rename_adapter(module, slot_name, name)
-            slot = hotswap_slot(module)
-            if slot is not None and slot.name == slot_name:
+            slot = hotswap_slot(module) if name == slot_name else module.__dict__.get(SLOT_ATTRIBUTE)  # renamed above
+            if isinstance(slot, HotswapSlot) and slot.name == slot_name:
                 module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(name, slot.max_fraction, claimed=True)
             for swap in swaps:
                 _write(swap, name, self.scale)

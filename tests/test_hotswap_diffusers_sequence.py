@@ -155,3 +155,12 @@ def test_inspect_with_several_adapters_prints_the_enable_call(adapters, capsys):
     line = capsys.readouterr().out.splitlines()[-1].strip()
     assert line.startswith("peft_sara.enable_sara_hotswap(pipe, max_fraction=0.08")
     assert line == peft_sara.hotswap_sizing(list(adapters.values())).call()
+
+
+def test_unloading_the_adapter_releases_the_slot(pipe, adapters):
+    peft_sara.enable_sara_hotswap(pipe, max_fraction=0.06, target_modules=["to_q", "to_k", "to_v"])
+    peft_sara.load_sara_adapter(pipe, adapters["a"], adapter_name="style")
+    pipe.unload_lora_weights()
+    assert peft_sara.hotswap_slot(pipe.unet) is None
+    peft_sara.enable_sara_hotswap(pipe, max_fraction=0.06, target_modules=["to_q", "to_k", "to_v"])  # a new one
+    assert peft_sara.load_sara_adapter(pipe, adapters["a"]) == "default_0"
