@@ -412,10 +412,15 @@ class HotswapSizing:
     largest: tuple[str, str, str] | None  # (adapter, component, layer) that fraction comes from
     layers: dict[str, list[str]]  # component ("" for a root adapter) -> every layer any adapter adapts (target_modules)
 
+    @property
+    def target_modules(self) -> list[str]:
+        """Every layer any of the adapters adapts, for ``enable_sara_hotswap(target_modules=...)``."""
+        return sorted({layer for names in self.layers.values() for layer in names})
+
     def call(self) -> str:
         """The ``enable_sara_hotswap`` call, as a line of Python (a root adapter's layers go to the denoiser)."""
         components = sorted(name for name in self.layers if name)
-        targets = sorted({layer for names in self.layers.values() for layer in names})
+        targets = self.target_modules
         fraction = math.ceil(self.max_fraction * 1e6) / 1e6  # rounded up: it must still fit
         denoiser_only = all(name in DENOISERS for name in components)
         where = "" if denoiser_only else f", components={components}"

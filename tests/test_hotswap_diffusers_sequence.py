@@ -91,8 +91,7 @@ def test_sizing_reads_max_fraction_and_layers_from_the_files(adapters):
 
 def test_diffusers_sequence_with_a_named_adapter(pipe, adapters, fresh):
     sizing = peft_sara.hotswap_sizing(list(adapters.values()))
-    targets = sorted({name for names in sizing.layers.values() for name in names})
-    peft_sara.enable_sara_hotswap(pipe, max_fraction=sizing.max_fraction, target_modules=targets)
+    peft_sara.enable_sara_hotswap(pipe, max_fraction=sizing.max_fraction, target_modules=sizing.target_modules)
     assert peft_sara.load_sara_adapter(pipe, adapters["a"], adapter_name="style") == "style"
     # Loaded into the reserved slot (one adapter, named as the load asked), not beside it.
     assert pipe.get_list_adapters() == {"unet": ["style"]}
@@ -128,8 +127,7 @@ def test_diffusers_sequence_without_names_uses_default_0(pipe, adapters, fresh):
 
 def test_a_slot_sized_below_the_sizing_refuses_the_largest_adapter(pipe, adapters):
     sizing = peft_sara.hotswap_sizing(list(adapters.values()))
-    targets = sorted({name for names in sizing.layers.values() for name in names})
-    peft_sara.enable_sara_hotswap(pipe, max_fraction=sizing.max_fraction * 0.9, target_modules=targets)
+    peft_sara.enable_sara_hotswap(pipe, max_fraction=sizing.max_fraction * 0.9, target_modules=sizing.target_modules)
     peft_sara.load_sara_adapter(pipe, adapters["a"], adapter_name="style")
     with pytest.raises(ValueError, match="does not fit the hotswap slot"):
         peft_sara.load_sara_adapter(pipe, adapters["b"], hotswap=True, adapter_name="style")
