@@ -24,13 +24,21 @@ capacity in place: same tensors, same shapes, the live count and scale as 0-d te
 layer's dynamic-size buffers. Layers the new adapter does not touch get an inert (zero) update. Nothing changes before
 every file has been checked against every layer; an adapter that does not fit raises an error naming the layer, and
 leaves the current adapter as it was.
+
+Concurrency: every forward of a module holding a slot takes a shared lock (a forward pre-hook and an always-called
+forward hook), and a swap writes under the exclusive side: a swap waits for the forwards in flight and new forwards
+wait for the swap, so each forward computes with one adapter whole (checking the files happens before, outside the
+lock). Inside a compiled graph the hooks do nothing: around a compiled model, or to keep one adapter over a whole
+multi-step generation, hold :func:`hotswap_guard` (the shared side) yourself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +66,11 @@ DEFAULT_SLOT_NAME = "default"
 SLOT_ATTRIBUTE = "_sara_hotswap_slot"
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The model behind a ``torch.compile`` wrapper (its layers are the compiled model's)."""
+    return getattr(module, "_orig_mod", module)
+
+
 @dataclass
 class HotswapSlot:
     """The hotswap slot a component holds: the adapter name it goes by, its capacity as a fraction of each reserved
@@ -83,11 +96,6 @@ def unclaimed_slot(module: nn.Module) -> HotswapSlot | None:
     return slot if slot is not None and not slot.claimed else None
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The model behind a ``torch.compile`` wrapper (its layers are the compiled model's)."""
-    return getattr(module, "_orig_mod", module)
-
-
 def _targets(pipe_or_model: Any, components: Sequence[str] | None) -> dict[str, nn.Module]:
     """``{label: module}``: the chosen components of a pipeline, or the model itself."""
     if isinstance(pipe_or_model, nn.Module):
@@ -106,6 +114,125 @@ def _targets(pipe_or_model: Any, components: Sequence[str] | None) -> dict[str, 
     if missing or not names:
         raise ValueError(f"The pipeline has no component {missing or list(DENOISERS)}; it has {sorted(modules)}.")
     return {f"pipe.{name}": _unwrap(modules[name]) for name in names}
+
+
+class ForwardLock:
+    """Readers / writer lock of a module with a hotswap slot: forwards share it, a swap holds it alone (writers first,
+    so a stream of forwards cannot starve a swap). Re-entrant for a thread's nested forwards; a thread that holds the
+    shared side and asks for the exclusive one is refused (it would wait for itself)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+        self._local = threading.local()
+
+    def _held(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    def acquire_shared(self) -> None:
+        depth = self._held()
+        if depth == 0:
+            with self._condition:
+                while self._writer or self._waiting_writers:
+                    self._condition.wait()
+                self._readers += 1
+        self._local.depth = depth + 1
+
+    def release_shared(self) -> None:
+        depth = self._held()
+        if depth == 0:  # an always-called hook after a pre-hook that never ran
+            return
+        self._local.depth = depth - 1
+        if depth == 1:
+            with self._condition:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if self._held():
+            raise RuntimeError(
+                "This thread is inside a forward (or a `hotswap_guard`) of the model it hotswaps: the swap would wait "
+                "for itself. Hotswap between calls."
+            )
+        with self._condition:
+            self._waiting_writers += 1
+            try:
+                while self._writer or self._readers:
+                    self._condition.wait()
+            finally:
+                self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writer = False
+                self._condition.notify_all()
+
+    def __deepcopy__(self, memo: dict) -> ForwardLock:  # a copied model gets its own, free lock
+        return ForwardLock()
+
+    def __reduce__(self):
+        return (ForwardLock, ())
+
+
+FORWARD_LOCK = "sara_forward_lock"
+
+
+def _enter_forward(module: nn.Module, args: Any) -> None:
+    if not torch.compiler.is_compiling():
+        module.__dict__[FORWARD_LOCK].acquire_shared()
+
+
+def _leave_forward(module: nn.Module, args: Any, output: Any) -> None:
+    if not torch.compiler.is_compiling():
+        module.__dict__[FORWARD_LOCK].release_shared()
+
+
+def _install_forward_lock(module: nn.Module) -> None:
+    if FORWARD_LOCK in module.__dict__:
+        return
+    module.__dict__[FORWARD_LOCK] = ForwardLock()
+    module.register_forward_pre_hook(_enter_forward)
+    module.register_forward_hook(_leave_forward, always_call=True)
+
+
+def _locks(modules: Sequence[nn.Module]) -> list[ForwardLock]:
+    locks = {id(lock): lock for module in modules if (lock := module.__dict__.get(FORWARD_LOCK)) is not None}
+    return [locks[key] for key in sorted(locks)]  # one order for every thread: no lock-order deadlock
+
+
+@contextlib.contextmanager
+def hotswap_guard(pipe_or_model: Any, components: Sequence[str] | None = None) -> Iterator[None]:
+    """Hold the shared side of the hotswap lock of every module with a slot: no swap happens inside the block.
+
+    Forwards of an eager module take it by themselves; hold it around calls of a compiled model (the hooks do nothing
+    inside a graph), or around a whole multi-step generation so that all its steps use one adapter::
+
+        with peft_sara.hotswap.hotswap_guard(pipe):
+            image = pipe(prompt).images[0]
+    """
+    modules = list(_targets(pipe_or_model, components).values()) if components else _all_modules(pipe_or_model)
+    locks = _locks(modules)
+    taken = []
+    try:
+        for lock in locks:
+            lock.acquire_shared()
+            taken.append(lock)
+        yield
+    finally:
+        for lock in reversed(taken):
+            lock.release_shared()
+
+
+def _all_modules(pipe_or_model: Any) -> list[nn.Module]:
+    if isinstance(pipe_or_model, nn.Module):
+        return [_unwrap(pipe_or_model)]
+    return [module for module in getattr(pipe_or_model, "components", {}).values() if isinstance(module, nn.Module)]
 
 
 def _slot_layers(module: nn.Module, adapter_name: str) -> dict[str, SaRALayer]:
@@ -165,7 +292,14 @@ def enable_sara_hotswap(
         raise ValueError(f"`max_fraction` must be in (0, 1], got {max_fraction}.")
     adapter_name = adapter_name or DEFAULT_SLOT_NAME
     reserved = {}
-    for label, module in _targets(pipe_or_model, components).items():
+    targets = _targets(pipe_or_model, components)
+    with all_or_nothing(*targets.values()):  # a refusal in a later component leaves the earlier ones as they were
+        _enable_slots(targets, max_fraction, target_modules, adapter_name, exclude_modules, reserved)
+    return reserved
+
+
+def _enable_slots(targets, max_fraction, target_modules, adapter_name, exclude_modules, reserved) -> None:
+    for label, module in targets.items():
         if adapter_name in (getattr(module, "peft_config", None) or {}):
             raise ValueError(
                 f"{label} already has an adapter named '{adapter_name}': enable hotswap before the first load, or "
@@ -181,6 +315,7 @@ def enable_sara_hotswap(
             inference_mode=True,
         )
         _inject_slot(module, config, adapter_name)
+        _install_forward_lock(module)
         total = 0
         for _, layer in _slot_layers(module, adapter_name).items():
             numel = layer.weight_shape.numel()
@@ -194,7 +329,6 @@ def enable_sara_hotswap(
             total += capacity
         module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(adapter_name, max_fraction)
         reserved[label] = total
-    return reserved
 
 
 def _rename_adapter(module: nn.Module, old: str, new: str) -> None:
@@ -307,6 +441,18 @@ class HotswapPlan:
     scale: float
     components: list[tuple[nn.Module, str, list[_Swap]]]  # (module, its slot's current name, swaps)
 
+    def modules(self) -> list[nn.Module]:
+        return [module for module, _, _ in self.components]
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the exclusive side of the forward locks of the modules :meth:`apply` writes: wait for the forwards in
+        flight; new ones wait for the swap."""
+        with contextlib.ExitStack() as stack:
+            for lock in _locks(self.modules()):
+                stack.enter_context(lock.exclusive())
+            yield
+
     def tensors(self) -> list[torch.Tensor]:
         """The tensors :meth:`apply` writes into (for ``all_or_nothing``'s ``keep_values``)."""
         return [
@@ -371,7 +517,7 @@ def swap_state_dicts(
     Used by ``load_sara_adapter(..., hotswap=True)``. Returns the adapter name.
     """
     plan = plan_hotswap(targets, adapter_name, scale, allow_non_finite)
-    with torch.no_grad(), all_or_nothing(*(module for module, _, _ in plan.components)) as state:
+    with plan.exclusive(), torch.no_grad(), all_or_nothing(*plan.modules()) as state:
         state.keep_values(plan.tensors())
         plan.apply()
     return adapter_name or plan.components[0][1]
@@ -469,8 +615,10 @@ def hotswap_sizing(
 
 
 __all__ = [
+    "ForwardLock",
     "enable_sara_hotswap",
     "hotswap_adapter",
+    "hotswap_guard",
     "hotswap_sizing",
     "HotswapSizing",
     "HotswapSlot",

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..conversion import inspect_adapter
-from .output import add_common_options, human_bytes, print_json, print_table
+from .output import add_common_options, human_bytes, parse_arguments, print_json, print_table
 
 LAYER_COLUMNS = (
     ("module", "layer"),
@@ -41,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara inspect``."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     if len(args.adapter) > 1:  # several adapters: the hotswap slot that serves them all
         from ..hotswap import hotswap_sizing
 
@@ -52,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"A hotswap slot for these {len(args.adapter)} adapters (largest layer: {sizing.largest}):")
             print(f"  {sizing.call()}")
         return 0
+    from ..conversion import inspect_adapter
+
     report = inspect_adapter(
         args.adapter[0],
         subfolder=args.subfolder,
