@@ -161,3 +161,49 @@ def test_reselection_that_would_freeze_everything_is_refused_before_it_happens()
         helper.step()
     after = model.state_dict()
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_trainer_callback_official_mode_moves_the_trainers_decay_to_the_selected_weights(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from peft_sara.training import SaRATrainerCallback
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            x, y = batches()[index]
+            return {"x": x[0], "y": y[0]}
+
+    class SquareTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            return nn.functional.mse_loss(model(inputs["x"]), inputs["y"])
+
+    trained = {}
+    for mode in ("delta", "official"):
+        model = get_peft_model(base_model(), SaRAConfig(target_modules=TARGETS, trainable_fraction=0.3))
+        callback = SaRATrainerCallback(weight_decay_mode=mode)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / mode),
+            per_device_train_batch_size=1,
+            max_steps=3,
+            learning_rate=LR,
+            weight_decay=WD,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            remove_unused_columns=False,
+        )
+        trainer = SquareTrainer(model=model, args=args, train_dataset=Pairs(), callbacks=[callback])
+        trainer.train()
+        groups = trainer.optimizer.param_groups
+        values = {layer.sara_values["default"] for _, layer in sara_layers(model)}
+        decays = {group["weight_decay"] for group in groups if any(p in values for p in group["params"])}
+        if mode == "official":
+            assert decays == {0.0} and callback.helper.weight_decay.weight_decay == WD
+        else:
+            assert decays == {WD} and callback.helper.weight_decay is None
+        trained[mode] = {name: layer.get_effective_weight(["default"]) for name, layer in sara_layers(model)}
+    assert any((trained["delta"][k] - trained["official"][k]).abs().max() > 1e-5 for k in trained["delta"])
