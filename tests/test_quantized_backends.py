@@ -215,7 +215,7 @@ def test_a_weight_replaced_or_cast_after_injection_is_resolved_again():
     assert lin0.composable_reason().endswith("(frozen)")
     with torch.no_grad():
         unmerged = model(X)
-        with pytest.warns(UserWarning, match=r"qint8 QLinear \(frozen\) weight requantizes"):
+        with pytest.warns(UserWarning, match=r"qint8 QLinear \(frozen\) layers requantizes"):
             model.merge_adapter()
         model.unmerge_adapter()
         assert torch.equal(model(X), unmerged)

@@ -17,7 +17,9 @@ import contextlib
 import enum
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -189,13 +191,46 @@ def merge_entries_(layer: nn.Module, entries: Sequence[SparseEntries], check_fin
         return backup
     previous = base_layer.weight
     backend.set_base_weight(layer, target)
-    warnings.warn(
-        f"Merging {where} into a {backend.backend_name} weight requantizes the whole layer, which rounds every entry; "
-        "generations may change slightly. Unmerging restores the original quantized weight exactly.",
-        UserWarning,
-        stacklevel=3,
-    )
+    layer_kind = type(base_layer).__name__
+    name = backend.backend_name
+    kind = name if layer_kind in name else f"{name} {layer_kind}"
+    collected = _REQUANTIZED.get()
+    if collected is not None:
+        collected.append(kind)
+    else:  # one message per backend (no layer name), so Python's default filter shows it once, not once per layer
+        _warn_requantized({kind: 1}, stacklevel=4)
     return MergeBackup(weight=previous, backend=backend)
+
+
+# The quantized backends requantized by the merges of one operation (see `one_merge_warning`), or None outside one.
+_REQUANTIZED: ContextVar[list[str] | None] = ContextVar("sara_requantized", default=None)
+
+
+def _warn_requantized(counts: dict[str, int], stacklevel: int) -> None:
+    for description, count in counts.items():
+        layers = f"{count} {description} layers" if count > 1 else f"{description} weights"
+        warnings.warn(
+            f"Merging SaRA adapters into {layers} requantizes the whole layer, which rounds every entry; generations "
+            "may change slightly. Unmerging restores the original quantized weights exactly.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+@contextlib.contextmanager
+def one_merge_warning() -> Iterator[None]:
+    """Merges inside warn about requantization once, when the operation has succeeded (naming how many layers of each
+    backend it requantized), instead of once per layer. Nested uses join the outermost one."""
+    if _REQUANTIZED.get() is not None:
+        yield
+        return
+    token = _REQUANTIZED.set([])
+    try:
+        yield
+        counts = dict(Counter(_REQUANTIZED.get()))
+    finally:
+        _REQUANTIZED.reset(token)
+    _warn_requantized(counts, stacklevel=4)
 
 
 @torch.no_grad()
@@ -234,6 +269,7 @@ __all__ = [
     "logical_weight_shape",
     "merge_entries_",
     "merge_refusal",
+    "one_merge_warning",
     "readable_weight",
     "resolve_storage_backend",
     "unmerge_entries_",
