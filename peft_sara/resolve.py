@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 
+from .atomic import recover_folder
 from .config_checks import check_relative_path
 from .constants import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 
 # Files fetched from a Hub repo: never the base model or anything else that happens to live there.
 ADAPTER_FILE_PATTERNS = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
-
-
-def default_adapter_name(source: str | os.PathLike) -> str:
-    """An adapter name derived from a folder / repo id (its last path component, made safe for module dicts)."""
-    name = Path(str(source).rstrip("/\\")).name or "default"
-    # Adapter names become keys of `nn.ParameterDict`s, which refuse dots.
-    return re.sub(r"[^0-9A-Za-z_-]", "_", name)
 
 
 def resolve_adapter_folder(
@@ -43,6 +36,7 @@ def resolve_adapter_folder(
             check_relative_path(value, what)
     if os.path.isdir(source):
         root = Path(source)
+        recover_folder(root)  # a save killed while publishing: finish it first (peft_sara.atomic)
     elif os.path.exists(source):
         raise ValueError(
             f"'{source}' is a file: pass the folder that holds '{CONFIG_NAME}' (or the component folders)."
@@ -75,4 +69,4 @@ def resolve_adapter_folder(
     return folder
 
 
-__all__ = ["resolve_adapter_folder", "default_adapter_name", "ADAPTER_FILE_PATTERNS"]
+__all__ = ["resolve_adapter_folder", "ADAPTER_FILE_PATTERNS"]

@@ -76,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
     from ..conversion import save_histogram, small_weight_fractions, zeroing_effect
+    from ..tuner.targets import coverage
 
     progress = not args.quiet and not args.json
     model = model_to_analyse(args.model, args.component)
     report = small_weight_fractions(model, args.thresholds, progress=progress)
     report["model"] = f"{args.model}" + (f" ({args.component})" if args.component else "")
+    report["default_targets"] = str(coverage(model))
     report["histogram"] = None
     if not args.no_histogram:
         report["histogram"] = str(args.histogram) if save_histogram(model, args.histogram, args.thresholds) else None
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         [{"threshold": key, "fraction": report["fractions"][key]} for key in keys],
         [("threshold", "threshold"), ("fraction", "fraction")],
     )
+    print(f"\nSaRA's default targets (no target_modules): {report['default_targets']}")
     if "zeroing" in report:
         print()
         print("relative output change when zeroing |w| < t versus as many random weights:")

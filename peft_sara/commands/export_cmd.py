@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .output import add_common_options, parse_arguments, print_json, print_table, refuse_overlapping_output
+from .output import add_common_options, parse_arguments, print_json, print_table
 from .sources_args import DOWNLOAD_HINT, add_source_options, base_folder
 
 # peft_sara.export.formats' FORMATS less "merged" (merged models: `peft-sara merge`) and DTYPES, written out so that
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, type=Path, help="a folder (peft-lora, diffusers) or a .safetensors file"
     )
     parser.add_argument("--components", nargs="+", default=None, help="only these pipeline components")
+    parser.add_argument(
+        "--component",
+        default=None,
+        help="the pipeline component (unet, transformer, text_encoder, ...) a single-model adapter (its files at the "
+        "root of the folder) was trained for, where its files do not record it",
+    )
     parser.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="tensor dtype in the output")
     add_source_options(parser)
     add_common_options(parser)
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara export``."""
     parser = build_parser()
     args = parse_arguments(parser, argv)
+    from ..atomic import refuse_overlapping_output
     from ..conversion import BaseModelRequired, export_adapter, load_adapted, parse_rank, read_adapter_files
     from ..export.lowrank import describe_rank
 
@@ -63,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --rank: {err}")
     refuse_overlapping_output(args.output, [args.adapter, args.base])
     base = base_folder(args, required=False)
+    refuse_overlapping_output(args.output, [base])  # the base the adapter records is read too
     if base is not None:
         source = load_adapted(base, args.adapter, args.subfolder, args.revision, args.token)
     else:  # the adapter's files record every layer's shape and layout: no base model needed
         try:
-            source = read_adapter_files(args.adapter, args.subfolder, args.revision, args.token)
+            source = read_adapter_files(args.adapter, args.subfolder, args.revision, args.token, args.component)
         except BaseModelRequired as err:
-            raise SystemExit(f"{err} {DOWNLOAD_HINT}") from None
+            raise SystemExit(f"{err.cli_message} {DOWNLOAD_HINT}") from None
     result = export_adapter(
         source,
         args.output,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .output import add_common_options, parse_arguments, refuse_overlapping_output
+from .output import add_common_options, parse_arguments
 from .sources_args import add_source_options
 
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara merge``."""
     args = parse_arguments(build_parser(), argv)
+    from ..atomic import refuse_overlapping_output
     from ..conversion import load_adapted, save_merged
 
     refuse_overlapping_output(args.output, [args.base, args.adapter])

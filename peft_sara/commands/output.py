@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -89,27 +87,8 @@ def human_bytes(size: int | None) -> str:
     return f"{value:.1f} GiB"
 
 
-def refuse_overlapping_output(output: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
-    """Raise ``ValueError`` before anything is written if ``output`` is an input, lies inside one or contains one
-    (symlinks resolved). Inputs that are not local paths (Hub ids) are skipped."""
-    target = Path(output).resolve()
-    for source in inputs:
-        if source is None or not os.path.exists(source):
-            continue
-        source_path = Path(source).resolve()
-        if target == source_path or target.is_relative_to(source_path) or source_path.is_relative_to(target):
-            relation = (
-                "is" if target == source_path else "lies inside" if target.is_relative_to(source_path) else "contains"
-            )
-            raise ValueError(
-                f"The output '{output}' {relation} the input '{source}': writing it would destroy the input. Choose "
-                "an output path outside the inputs."
-            )
-
-
 __all__ = [
     "parse_arguments",
-    "refuse_overlapping_output",
     "add_common_options",
     "format_value",
     "print_table",
