@@ -34,8 +34,8 @@ _EXPORTS = {
     "hotswap_adapter": "hotswap",
     "push_sara_adapter": "hub",
     "sara_model_card": "cards",
-    "InvalidAdapterError": "file_format",
-    "allow_non_finite_values": "checkpoint_checks",
+    "InvalidAdapterError": "tuner.file_format",
+    "allow_non_finite_values": "tuner.reader",
 }
 
 __all__ = [*_EXPORTS, "PEFT_TYPE", "__version__"]

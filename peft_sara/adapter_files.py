@@ -1,7 +1,7 @@
 """Adapter folders: where each adapter of a model goes, writing them (atomically) and reading them back.
 
 An adapter folder is PEFT's: ``adapter_config.json`` + ``adapter_model.safetensors`` in the format of
-``peft_sara.file_format``. A model with several adapters keeps ``default`` at the root and every other adapter in a
+``peft_sara.tuner.file_format``. A model with several adapters keeps ``default`` at the root and every other adapter in a
 subfolder named after it (:func:`adapter_subfolder`), as ``PeftModel.save_pretrained`` does.
 
 Every file written here is written atomically (``peft_sara.atomic``): a killed save leaves the previous file. A
@@ -30,9 +30,9 @@ from torch import nn
 from .atomic import atomic_write, save_safetensors_atomic, write_text_atomic
 from .config_checks import check_config_dict, config_from_dict
 from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, SAFETENSORS_NAME
-from .file_format import InvalidAdapterError, format_metadata
 from .layouts import layouts_metadata
 from .tuner.config import SaRAConfig
+from .tuner.file_format import InvalidAdapterError, format_metadata
 
 # Order in which a staged save is published: a folder whose config is new has new weights.
 PUBLISH_ORDER = (SAFETENSORS_NAME, PICKLE_NAME, CONFIG_NAME, CARD_NAME)
@@ -84,7 +84,7 @@ def save_injected_adapter(
     if base_model is not None:
         config.base_model_name_or_path = base_model
     # SaRA never adapts embeddings; "auto" would look the base model up on the Hub to compare vocabulary sizes. The
-    # state dict comes through SaRA's tuner hook, so it is already in the file format (peft_sara.file_format).
+    # state dict comes through SaRA's tuner hook, so it is already in the file format (peft_sara.tuner.file_format).
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     # What exports need without the base, and the index encoding, for readers of the header.

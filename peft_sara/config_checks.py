@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from typing import Any, Literal, Union
 
 from .constants import PEFT_TYPE_NAME
-from .file_format import InvalidAdapterError
 from .tuner.config import SaRAConfig
+from .tuner.file_format import InvalidAdapterError
 
 
 def _field_annotations() -> dict[str, Any]:

@@ -30,13 +30,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from torch import nn
 
 from .adapter_files import read_adapter_weights, read_sara_config
-from .checkpoint_checks import LayerEntries, check_checkpoint_file, check_layer_checkpoint, non_finite_allowed
-from .file_format import InvalidAdapterError, normalize_module_name
 from .resolve import resolve_adapter_folder
 from .save_bridge import install_save_bridge
 from .transaction import all_or_nothing
 from .tuner.config import SaRAConfig
+from .tuner.file_format import InvalidAdapterError, normalize_module_name
 from .tuner.layer import SaRALayer, sara_layers
+from .tuner.reader import LayerEntries, check_checkpoint_file, check_layer_checkpoint, non_finite_allowed
 
 # Pipeline components a slot goes into when `components` is not given (the first one the pipeline has).
 DENOISERS = ("unet", "transformer", "prior", "decoder")

@@ -1,6 +1,6 @@
 """What each SaRA layer adapts, recorded in the adapter file so that exports need no base model.
 
-Each layer's weight shape is recorded as a tensor (``peft_sara.file_format``). A shape tells a matrix (2-D) from a
+Each layer's weight shape is recorded as a tensor (``peft_sara.tuner.file_format``). A shape tells a matrix (2-D) from a
 convolution kernel (3-D to 5-D), but not:
 
 - transformers' ``Conv1D``: a 2-D weight stored ``in x out``, the transpose of ``nn.Linear``'s (square ones look alike);
@@ -22,7 +22,7 @@ from typing import Any
 from safetensors import safe_open
 from torch import nn
 
-from .file_format import normalize_module_name
+from .tuner.file_format import normalize_module_name
 from .tuner.layer import sara_layers
 
 LAYOUTS_KEY = "peft_sara_layouts"

@@ -3,7 +3,7 @@
 PEFT injects an adapter before it reads the weights. SaRA's tuner therefore checks the source before injection
 (:func:`check_peft_load_source`: config field types, a readable weights file, modules_to_save tensors), and its load
 hook (``SaRAModel._remap_adapter_state_dict_for_load``) checks and decodes the checkpoint
-(``peft_sara.checkpoint_checks.validate_checkpoint``) and then sizes the layers to it (:func:`resize_layers_to_entries`)
+(``peft_sara.tuner.reader.validate_checkpoint``) and then sizes the layers to it (:func:`resize_layers_to_entries`)
 before ``load_state_dict`` writes any value. When that fails, the adapter PEFT just created is taken out again
 (``peft_sara.transaction``), so ``peft_config``, the layers, the weights and other adapters are as before the call.
 """
@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .adapter_files import adapter_weight_keys
-from .checkpoint_checks import LayerEntries
 from .config_checks import check_config_values, check_relative_path
-from .file_format import InvalidAdapterError, normalize_module_name
+from .tuner.file_format import InvalidAdapterError, normalize_module_name
 from .tuner.layer import sara_layers
+from .tuner.reader import LayerEntries
 
 
 def resize_layers_to_entries(model: nn.Module, adapter_name: str, entries: dict[str, LayerEntries]) -> None:

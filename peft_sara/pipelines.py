@@ -42,16 +42,16 @@ from torch import nn
 from .adapter_files import base_model_id, read_adapter_weights, read_sara_config, save_injected_adapter
 from .atomic import write_text_atomic
 from .cards import sara_model_card
-from .checkpoint_checks import allow_non_finite_values, check_checkpoint_file
 from .config_checks import check_relative_path
 from .constants import CARD_NAME, CONFIG_NAME, PREFIX, SAFETENSORS_NAME
-from .file_format import InvalidAdapterError
 from .hotswap import swap_state_dicts
 from .resolve import default_adapter_name, resolve_adapter_folder
 from .save_bridge import install_save_bridge
 from .transaction import all_or_nothing
 from .tuner.config import SaRAConfig
+from .tuner.file_format import InvalidAdapterError
 from .tuner.layer import count_entries, sara_adapter_names, sara_layers
+from .tuner.reader import allow_non_finite_values, check_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def load_sara_adapter(
 ) -> str:
     """Load a SaRA adapter into a diffusers pipeline's components, in place, and make it the active adapter.
 
-    Every file is checked before it is used (``peft_sara.checkpoint_checks``): config, weight shapes recorded in the file
+    Every file is checked before it is used (``peft_sara.tuner.reader``): config, weight shapes recorded in the file
     against the pipeline's, checksums, index ranges, duplicates, non-finite values. If anything fails, the components
     are left exactly as they were.
 

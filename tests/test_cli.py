@@ -255,7 +255,7 @@ def _set_shape(shape):
 
 
 def _index_past_the_end(tensors):
-    from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
+    from peft_sara.tuner.file_format import decode_index_gaps, encode_index_gaps
 
     key = _record_keys(tensors, "sara_index_gaps")[0]
     indices = decode_index_gaps(tensors[key])
@@ -277,7 +277,7 @@ def test_inspect_refuses_hostile_records_in_one_line_with_exit_status_2(saved, t
 def test_inspect_cost_is_bounded_by_the_entries_the_file_stores(saved, tmp_path, capsys):
     """A consistent file whose few entries claim a huge weight: statistics, but no dense SVD of that weight."""
     from peft_sara.export.adapter_stats import MAX_DENSE_PER_STORED_ENTRY, inspect_adapter
-    from peft_sara.file_format import entries_checksum, split_sara_key
+    from peft_sara.tuner.file_format import entries_checksum, split_sara_key
 
     def huge(tensors):
         layers = {}

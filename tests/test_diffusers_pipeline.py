@@ -308,7 +308,7 @@ def test_taken_adapter_name_is_refused_before_anything_changes(sd, pipe):
 def test_failed_load_leaves_no_adapter_behind(sd, pipe, tmp_path):
     import shutil
 
-    from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
+    from peft_sara.tuner.file_format import decode_index_gaps, encode_index_gaps
 
     broken = tmp_path / "broken"
     shutil.copytree(sd.adapter_dir, broken)

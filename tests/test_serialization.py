@@ -26,8 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_sara import SaRAConfig, sara_layers
 from peft_sara.adapter_files import save_injected_adapter
-from peft_sara.file_format import FORMAT_VERSION
-from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
+from peft_sara.tuner.file_format import FORMAT_VERSION, decode_index_gaps, encode_index_gaps
 
 TARGETS = ["conv", "conv1x1", "lin0", "lin1"]
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))

@@ -14,7 +14,7 @@ from ..atomic import write_text_atomic
 from ..cards import sara_model_card
 from ..constants import CARD_NAME, CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from ..export.sources import adapter_component_names
-from ..file_format import parse_checkpoint
+from ..tuner.file_format import parse_checkpoint
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
 

@@ -1,7 +1,7 @@
 """Exporting from an adapter's files alone, without the base model.
 
 A SaRA file holds, per layer, the flat indices and values of the update and the shape of the weight they address
-(``peft_sara.file_format``), and the layers' layouts (``peft_sara.layouts``): that is all a LoRA or ``.diff`` export
+(``peft_sara.tuner.file_format``), and the layers' layouts (``peft_sara.layouts``): that is all a LoRA or ``.diff`` export
 needs. The base model is needed only where the file cannot say how to lay the update out, and
 :func:`read_adapter_files` then names the layer and the reason:
 
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from ..adapter_files import read_adapter_weights, read_sara_config
-from ..checkpoint_checks import check_layer_checkpoint
 from ..constants import SAFETENSORS_NAME
-from ..file_format import WEIGHT_SHAPE_NAME, LayerCheckpoint, parse_checkpoint
 from ..layouts import LayerLayout, read_layouts
 from ..pipelines import DENOISER_COMPONENTS
 from ..resolve import resolve_adapter_folder
+from ..tuner.file_format import WEIGHT_SHAPE_NAME, LayerCheckpoint, parse_checkpoint
 from ..tuner.layer import SparseUpdate
+from ..tuner.reader import check_layer_checkpoint
 from .sources import (
     ComponentUpdates,
     ExportLayer,

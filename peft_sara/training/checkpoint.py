@@ -25,10 +25,10 @@ from torch import nn
 
 from ..adapter_files import adapter_subfolder, read_adapter_weights, save_model_adapter
 from ..atomic import save_safetensors_atomic
-from ..checkpoint_checks import check_checkpoint_file
 from ..constants import TRAINING_STATE_NAME
-from ..file_format import InvalidAdapterError
 from ..transaction import all_or_nothing
+from ..tuner.file_format import InvalidAdapterError
+from ..tuner.reader import check_checkpoint_file
 from ..tuner.selection import is_sharded
 from .helper import SaRATrainingHelper, resolve_sara_adapter
 from .optimizer import unwrap_optimizer

@@ -12,14 +12,14 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..adapter_files import base_model_id
-from ..checkpoint_checks import effective_weight_problem, validate_checkpoint
 from ..constants import PREFIX, SARA_TAGS
-from ..file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
 from ..peft_loading import check_peft_load_source, resize_layers_to_entries
 from ..save_bridge import install_save_bridge
 from ..transaction import ModelState, all_or_nothing
 from .config import SaRAConfig
+from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
 from .layer import SaRALayer, dispatch_sara_layer, sara_layers
+from .reader import effective_weight_problem, validate_checkpoint
 
 # Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
 # text encoders. Suffix lists, matched by PEFT's usual rules.
@@ -272,7 +272,7 @@ class SaRAModel(BaseTuner):
     # ----------------------------------------------------------------------------------------- state dicts
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        # Every save (PEFT's save_pretrained included) writes the file format of peft_sara.file_format.
+        # Every save (PEFT's save_pretrained included) writes the file format of peft_sara.tuner.file_format.
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # PEFT adds the modules_to_save copies after this hook: the file's checksum covers them all the same.
         copies = modules_to_save_copies(model, adapter_name, state_dict)

@@ -11,7 +11,7 @@ either kind of model) and without the adapter name. Per SaRA layer ``<layer>``:
 key                                 dtype, shape              holds
 ==================================  ========================  ==========================================================
 ``<layer>.sara_index_gaps``         uint8 ``[bytes]``         the trainable entries' flat indices into the base weight,
-                                                              ascending, as varint gaps (``peft_sara.index_encoding``):
+                                                              ascending, as varint gaps (``peft_sara.tuner.file_format``):
                                                               about 1 byte per entry at SaRA's densities
 ``<layer>.sara_values``             float32 / float16 /       one value per index, in index order; the dtype is
                                     bfloat16 ``[n]``          ``SaRAConfig.save_dtype`` (default float32)
@@ -34,11 +34,11 @@ metadata.
 Encoding happens at the file's edge: layers keep int32 / int64 indices in memory. SaRA's tuner encodes in its state-dict
 hook (``SaRAModel._get_adapter_state_dict``, which every save runs, PEFT's included): empty frozen sets are dropped,
 values are cast to ``save_dtype``, each set is sorted by index (values with it) and its indices written as gaps, and the
-records are added. Every reader decodes in one place (``peft_sara.checkpoint_checks.check_layer_checkpoint``), after
+records are added. Every reader decodes in one place (``peft_sara.tuner.reader.check_layer_checkpoint``), after
 the checksum and before anything reaches ``load_state_dict``: PEFT's ``from_pretrained`` / ``load_adapter`` through the
 tuner's load hook (``SaRAModel._remap_adapter_state_dict_for_load``), ``load_sara_adapter``, hotswap, training resume,
 ``peft-sara inspect`` / ``export`` and ``read_adapter_files``. What each check covers is in
-``peft_sara.checkpoint_checks``.
+``peft_sara.tuner.reader``.
 
 Size per stored entry: ~1 byte of index (a gap below 128) + 4 bytes of float32 value, or 2 with ``save_dtype="float16"``
 or ``"bfloat16"``: about 5 / 3 bytes, against 8 for an int32 index beside a float32 value (``benchmarks/file_size.py``).
@@ -55,8 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .index_encoding import INDEX_ENCODING, encode_index_gaps
-from .tuner.layer import sara_layers
+from .layer import sara_layers
 
 FORMAT_VERSION = 1
 FORMAT_VERSION_NAME = "sara_format_version"
@@ -80,6 +79,79 @@ PEFT_MODEL_PREFIX = "base_model.model."
 class InvalidAdapterError(ValueError):
     """An adapter (file, config or state dict) that cannot be loaded as it is: malformed, corrupted, or made for
     another model. Raised before anything of the model changes."""
+
+
+# ------------------------------------------------------------------------------------------------- index encoding
+"""Lossless coding of a layer's flat indices in adapter files: ascending gaps as a varint byte stream.
+
+A selection is a set of flat indices into the weight, ascending in memory. A file stores the first index and then the
+difference of each index to the one before (the *gaps*), each written as an unsigned LEB128 varint: seven bits per
+byte, low bits first, the high bit set on every byte but a number's last. A gap below 128 takes one byte, below 16,384
+two. At a density ``d`` the gaps average ``1 / d`` (50 at 2%, 17 at 6%), so an entry costs about one byte of index
+instead of the four of an int32. A gap of 0 means a repeated index: it can be written, and the loaders refuse it.
+
+Decoding is vectorised (a handful of passes over the bytes, no Python loop per entry) and refuses any stream that is
+not the encoding of a non-decreasing sequence of int64 indices: a number cut off at the end, a number longer than
+nine bytes (63 bits), or gaps whose running sum overflows.
+"""
+INDEX_ENCODING = "varint-gaps"
+"""The name of this encoding, as adapter files record it (safetensors metadata ``peft_sara_index_encoding``)."""
+
+MAX_VARINT_BYTES = 9  # 9 x 7 = 63 bits: every non-negative int64
+
+
+def encode_index_gaps(indices: torch.Tensor) -> torch.Tensor:
+    """The varint gap stream (1-D uint8) of ascending (non-decreasing) non-negative flat indices.
+
+    Raises ``ValueError`` if the indices are negative or not ascending: sort the entries first (with their values).
+    """
+    flat = indices.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
+    if flat.numel() == 0:
+        return torch.zeros(0, dtype=torch.uint8)
+    gaps = torch.diff(flat, prepend=flat.new_zeros(1))
+    if bool((gaps < 0).any()) or int(flat[0]) < 0:
+        raise ValueError("Only ascending, non-negative indices can be written as gaps: sort the entries first.")
+    lengths = torch.ones_like(gaps)
+    for extra in range(1, MAX_VARINT_BYTES):
+        lengths += gaps >= (1 << (7 * extra))
+    starts = torch.cumsum(lengths, 0) - lengths
+    stream = torch.empty(int(lengths.sum()), dtype=torch.int64)
+    for position in range(int(lengths.max())):
+        has_byte = lengths > position
+        byte = (gaps[has_byte] >> (7 * position)) & 0x7F
+        byte |= (lengths[has_byte] - 1 > position).long() << 7  # continuation bit on all but the last byte
+        stream[starts[has_byte] + position] = byte
+    return stream.to(torch.uint8)
+
+
+def decode_index_gaps(stream: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """The flat indices (1-D, ``dtype``) a varint gap stream encodes; the inverse of :func:`encode_index_gaps`.
+
+    Raises ``ValueError`` on a stream that is not a 1-D uint8 tensor or not a valid encoding (see the module docstring).
+    """
+    if stream.dtype != torch.uint8 or stream.dim() != 1:
+        raise ValueError(
+            f"index gaps must be a 1-D uint8 byte stream, got dtype {stream.dtype} and shape {tuple(stream.shape)}"
+        )
+    if stream.numel() == 0:
+        return torch.zeros(0, dtype=dtype)
+    data = stream.to(device="cpu", dtype=torch.int64)
+    last_byte = data < 0x80
+    if not bool(last_byte[-1]):
+        raise ValueError("the index gap stream ends inside a number (truncated)")
+    ends = torch.nonzero(last_byte).reshape(-1)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
+    number = torch.cumsum(last_byte.long(), 0) - last_byte.long()  # which number each byte belongs to
+    position = torch.arange(data.numel()) - starts[number]
+    if int(position.max()) >= MAX_VARINT_BYTES:
+        raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
+    gaps = torch.zeros(ends.numel(), dtype=torch.int64).index_add_(0, number, (data & 0x7F) << (7 * position))
+    indices = torch.cumsum(gaps, 0)
+    if indices.numel() > 1 and not bool((indices[1:] >= indices[:-1]).all()):
+        raise ValueError("the index gaps sum past the int64 range")
+    if indices.numel() and int(indices[-1]) > torch.iinfo(dtype).max:
+        raise ValueError(f"an index ({int(indices[-1])}) does not fit {dtype}")
+    return indices.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------- key names
@@ -281,7 +353,7 @@ def _read_version(key: str, tensor: torch.Tensor) -> None:
     if version != FORMAT_VERSION:
         raise InvalidAdapterError(
             f"The checkpoint uses SaRA file format {version}; this peft-sara reads format {FORMAT_VERSION} "
-            "(see `peft_sara.file_format`). Save the adapter again with this version, or use the peft-sara that wrote it."
+            "(see `peft_sara.tuner.file_format`). Save the adapter again with this version, or use the peft-sara that wrote it."
         )
 
 
@@ -300,7 +372,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
 
     Raises :class:`InvalidAdapterError` on non-tensors, repeated tensors, raw (unencoded) index tensors, a missing or
     foreign format version and a missing modules_to_save checksum. What the layers' tensors hold is checked later
-    (``peft_sara.checkpoint_checks``).
+    (``peft_sara.tuner.reader``).
     """
     layers: dict[str, LayerCheckpoint] = {}
     version_key, record_keys, other_keys, other_checksum = None, [], [], None
@@ -330,7 +402,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
         if name in STORED_INDEX_NAME:
             raise InvalidAdapterError(
                 f"The checkpoint stores '{key}' as raw indices; SaRA files store them as '{STORED_INDEX_NAME[name]}' "
-                "(varint gaps, see `peft_sara.file_format`). Was it written by another tool?"
+                "(varint gaps, see `peft_sara.tuner.file_format`). Was it written by another tool?"
             )
         layer = layers.setdefault(layer_name, LayerCheckpoint())
         if name in layer.tensors:

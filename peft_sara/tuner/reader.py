@@ -1,9 +1,9 @@
 """Checking a SaRA checkpoint before anything of the model changes: what is validated, and why.
 
-The file format itself (keys, records, encoding) is described in ``peft_sara.file_format``. Every SaRA load runs these
-checks before it writes a value, and raises :class:`~peft_sara.file_format.InvalidAdapterError` naming the layer:
+The file format itself (keys, records, encoding) is described in ``peft_sara.tuner.file_format``. Every SaRA load runs these
+checks before it writes a value, and raises :class:`~peft_sara.tuner.file_format.InvalidAdapterError` naming the layer:
 
-- form: values are 1-D floating tensors, index streams decode (``peft_sara.index_encoding``), one value per index,
+- form: values are 1-D floating tensors, index streams decode (``peft_sara.tuner.file_format``), one value per index,
   records of the right dtype and shape, format version known. Protects against truncated, hand-edited or foreign files.
 - checksum of each layer (its encoded entries and weight shape, bound to its name) and of the modules_to_save tensors.
   Protects against corrupted downloads and edits; not against anyone who recomputes them (it is not a signature).
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base_weight import quantized_backend
 from .file_format import (
     CHECKSUM_NAME,
     RECORD_NAMES,
@@ -43,16 +44,15 @@ from .file_format import (
     LayerCheckpoint,
     ParsedCheckpoint,
     checked_checksum,
+    decode_index_gaps,
     entries_checksum,
     normalize_module_name,
     other_tensors_checksum,
     parse_checkpoint,
     sibling_key,
 )
-from .index_encoding import decode_index_gaps
-from .tuner.base_weight import quantized_backend
-from .tuner.layer import SaRALayer, sara_layers
-from .tuner.selection import check_entries, index_dtype_for
+from .layer import SaRALayer, sara_layers
+from .selection import check_entries, index_dtype_for
 
 ALLOW_NON_FINITE_ENV_VAR = "PEFT_SARA_ALLOW_NON_FINITE"
 OTHER_MODEL_HINT = "The checkpoint was made for a different model."
