@@ -30,9 +30,8 @@ from torch import nn
 from .atomic import atomic_write, save_safetensors_atomic, write_text_atomic
 from .config_checks import check_config_dict, config_from_dict
 from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, SAFETENSORS_NAME
-from .layouts import layouts_metadata
 from .tuner.config import SaRAConfig
-from .tuner.file_format import InvalidAdapterError, format_metadata
+from .tuner.file_format import InvalidAdapterError
 
 # Order in which a staged save is published: a folder whose config is new has new weights.
 PUBLISH_ORDER = (SAFETENSORS_NAME, PICKLE_NAME, CONFIG_NAME, CARD_NAME)
@@ -58,12 +57,16 @@ def base_model_id(model_or_pipeline: Any) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def write_adapter_config(config: PeftConfig, directory: str | os.PathLike) -> None:
-    """``config.save_pretrained(directory)``, written atomically (sets as sorted lists, so files are reproducible)."""
+def write_adapter_config(config: PeftConfig, directory: str | os.PathLike, model: nn.Module | None = None) -> None:
+    """``adapter_config.json`` as ``PeftModel.save_pretrained`` writes it, atomically: the config's fields, and for a
+    config without ``task_type`` the ``auto_mapping`` of ``model``'s class; sets as sorted lists, so files are
+    reproducible."""
     output = config.to_dict()
     for key, value in output.items():
         if isinstance(value, set):
             output[key] = sorted(value)
+    if model is not None and getattr(config, "task_type", None) is None:
+        output["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     write_text_atomic(Path(directory) / CONFIG_NAME, json.dumps(output, indent=2, sort_keys=True))
 
 
@@ -87,10 +90,9 @@ def save_injected_adapter(
     # state dict comes through SaRA's tuner hook, so it is already in the file format (peft_sara.tuner.file_format).
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    # What exports need without the base, and the index encoding, for readers of the header.
-    metadata = {"format": "pt", **layouts_metadata(model, adapter_name), **format_metadata()}
-    save_safetensors_atomic(state_dict, directory / SAFETENSORS_NAME, metadata=metadata)
-    write_adapter_config(config, directory)
+    # The same header PEFT's save_pretrained writes: everything a reader needs is in the tensors and the config.
+    save_safetensors_atomic(state_dict, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
+    write_adapter_config(config, directory, model)
     return directory
 
 

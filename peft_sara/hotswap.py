@@ -34,9 +34,9 @@ from .resolve import resolve_adapter_folder
 from .save_bridge import install_save_bridge
 from .transaction import all_or_nothing
 from .tuner.config import SaRAConfig
-from .tuner.file_format import InvalidAdapterError, normalize_module_name
+from .tuner.file_format import InvalidAdapterError, normalize_module_name, parse_checkpoint
 from .tuner.layer import SaRALayer, sara_layers
-from .tuner.reader import LayerEntries, check_checkpoint_file, check_layer_checkpoint, non_finite_allowed
+from .tuner.reader import LayerEntries, SlotTooSmall, check_other_checksum, non_finite_allowed, read_layer
 
 # Pipeline components a slot goes into when `components` is not given (the first one the pipeline has).
 DENOISERS = ("unet", "transformer", "prior", "decoder")
@@ -156,9 +156,16 @@ class _Swap:
 
 
 def _plan_swaps(
-    label: str, module: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, allow_non_finite: bool
+    label: str,
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    adapter_name: str,
+    allow_non_finite: bool,
+    scale: float,
 ) -> list[_Swap]:
-    """Check a checkpoint against the slot of ``module`` and return what to write; change nothing."""
+    """Read a checkpoint against the slot of ``module`` (the one reader, each layer once: form, checksum, shapes,
+    layouts, capacity for trainable and frozen entries, finiteness and the effective weight at ``scale``) and return
+    what to write; change nothing."""
     slots = _slot_layers(module, adapter_name)
     if not slots:
         raise ValueError(
@@ -169,37 +176,43 @@ def _plan_swaps(
     merged = [name for name, layer in slots.items() if layer.merged]
     if merged:
         raise ValueError(f"{label}: unfuse / unmerge the adapters before hotswapping (e.g. '{merged[0]}' is merged).")
-    parsed, _ = check_checkpoint_file(state_dict, allow_non_finite)
+    parsed = parse_checkpoint(state_dict)
     if parsed.other_keys:
         raise InvalidAdapterError(
             f"The adapter for {label} also holds full modules (modules_to_save, e.g. '{parsed.other_keys[0]}'): "
             "hotswap replaces SaRA entries only. Load it without `hotswap=True`."
         )
+    check_other_checksum(state_dict, parsed, None)
+    unknown = sorted(set(parsed.layers) - set(slots))
+    if unknown:
+        raise ValueError(
+            f"The adapter for {label} adapts layer '{unknown[0]}', which has no hotswap slot: "
+            "`enable_sara_hotswap` reserved only the layers its `target_modules` matched. Include this layer "
+            "there (before compiling), or load the adapter without `hotswap=True`."
+        )
     entries = {}
     for layer_name, checkpoint in parsed.layers.items():
-        layer = slots.get(layer_name)
-        if layer is None:
-            raise ValueError(
-                f"The adapter for {label} adapts layer '{layer_name}', which has no hotswap slot: "
-                "`enable_sara_hotswap` reserved only the layers its `target_modules` matched. Include this layer "
-                "there (before compiling), or load the adapter without `hotswap=True`."
-            )
+        layer = slots[layer_name]
         param = layer.sara_values[adapter_name]
-        layer_entries = check_layer_checkpoint(
-            layer_name,
-            checkpoint,
-            tuple(layer.weight_shape),
-            param.dtype,
-            allow_non_finite=allow_non_finite,
-        )
-        count, capacity, numel = layer_entries.indices.numel(), param.shape[0], layer.weight_shape.numel()
-        if count > capacity:
+        try:
+            entries[layer_name] = read_layer(
+                layer_name,
+                checkpoint,
+                allow_non_finite,
+                parsed.version,
+                layer=layer,
+                value_dtype=param.dtype,
+                scale=scale,
+                capacity=param.shape[0],
+            )
+        except SlotTooSmall as err:
+            numel = layer.weight_shape.numel()
+            count = sum(t.numel() for n, t in checkpoint.tensors.items() if n in ("sara_values", "sara_frozen_values"))
             raise ValueError(
                 f"The adapter for {label} does not fit the hotswap slot of layer '{layer_name}': it has {count} "
-                f"trainable entries ({count / numel:.4f} of the weight), the slot holds {capacity}. Call "
-                f"`enable_sara_hotswap` with `max_fraction >= {count / numel:.4f}` (before compiling)."
-            )
-        entries[layer_name] = layer_entries
+                f"entries, trainable and frozen ({count / numel:.4f} of the weight), the slot holds {param.shape[0]}. "
+                f"Call `enable_sara_hotswap` with `max_fraction >= {count / numel:.4f}` (before compiling)."
+            ) from err
     return [_Swap(layer, entries.get(name)) for name, layer in slots.items()]
 
 
@@ -228,7 +241,7 @@ def swap_state_dicts(
     """
     allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
     plans = [
-        (_unwrap(module), _plan_swaps(label, _unwrap(module), sd, adapter_name, allow_non_finite))
+        (_unwrap(module), _plan_swaps(label, _unwrap(module), sd, adapter_name, allow_non_finite, scale))
         for label, module, sd in targets
     ]
     modules = [module for module, _ in plans]

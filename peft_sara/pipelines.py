@@ -51,7 +51,7 @@ from .transaction import all_or_nothing
 from .tuner.config import SaRAConfig
 from .tuner.file_format import InvalidAdapterError
 from .tuner.layer import count_entries, sara_adapter_names, sara_layers
-from .tuner.reader import allow_non_finite_values, check_checkpoint_file
+from .tuner.reader import allow_non_finite_values
 
 logger = logging.getLogger(__name__)
 
@@ -272,17 +272,11 @@ def load_sara_adapter(
         swap_state_dicts(targets, adapter_name, scale, allow_non_finite)
         return adapter_name
 
-    # Everything the files say about themselves is checked before any component changes; what needs the model
-    # (shapes, target layers, modules_to_save) is checked by the tuner's load hook before any value is written.
+    # Each file is read once, by the tuner's load hook (peft_sara.tuner.reader), against its component before any value
+    # is written; a refusal in a later component undoes the earlier ones (all_or_nothing).
     def non_finite() -> Any:
         return allow_non_finite_values(allow_non_finite) if allow_non_finite is not None else nullcontext()
 
-    with non_finite():
-        for component, _, _, state_dict in plan:
-            try:
-                check_checkpoint_file(state_dict)
-            except InvalidAdapterError as err:
-                raise InvalidAdapterError(f"The adapter for pipe.{component}: {err}") from err
     modules = [module for _, module, *_ in plan]
     with non_finite(), all_or_nothing(*modules) as state:
         for component, module, config, state_dict in plan:
@@ -290,6 +284,8 @@ def load_sara_adapter(
             state_dict = _align_text_model_prefix(module, state_dict)
             try:
                 result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
+            except InvalidAdapterError as err:
+                raise InvalidAdapterError(f"The adapter for pipe.{component}: {err}") from err
             except KeyError as err:  # PEFT looks modules_to_save tensors up without checking they exist
                 raise InvalidAdapterError(
                     f"The adapter for pipe.{component} lacks the tensor {err} that its config asks for."

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         source = load_adapted(base, args.adapter, args.subfolder, args.revision, args.token)
     else:  # the adapter's files record every layer's shape and layout: no base model needed
         try:
-            source = read_adapter_files(args.adapter, args.subfolder, args.revision, args.token)
+            # `--components unet` also names the component of a root adapter whose files do not record its model class
+            named = args.components[0] if args.components and len(args.components) == 1 else None
+            source = read_adapter_files(args.adapter, args.subfolder, args.revision, args.token, component=named)
         except BaseModelRequired as err:
             raise SystemExit(f"{err} {DOWNLOAD_HINT}") from None
     result = export_adapter(

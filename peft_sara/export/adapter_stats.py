@@ -15,13 +15,9 @@ from ..constants import SAFETENSORS_NAME
 from ..resolve import resolve_adapter_folder
 from ..tuner.file_format import WEIGHT_SHAPE_NAME
 from ..tuner.layer import SparseUpdate
-from ..tuner.reader import LayerEntries, check_checkpoint_file
+from ..tuner.reader import MAX_DENSE_PER_STORED_ENTRY, LayerEntries, check_checkpoint_file
 from .lowrank import effective_rank, numerical_rank
 from .sources import adapter_component_names
-
-# The SVD of a layer runs on its dense update; it is skipped when that is more than this many times the entries the file
-# stores, so that a small file recording a huge weight shape cannot make `inspect` allocate or compute without bound.
-MAX_DENSE_PER_STORED_ENTRY = 4096
 
 
 def _layer_row(name: str, entries: LayerEntries, shape: tuple[int, ...], ranks: bool) -> dict[str, Any]:

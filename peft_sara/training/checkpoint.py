@@ -28,7 +28,6 @@ from ..atomic import save_safetensors_atomic
 from ..constants import TRAINING_STATE_NAME
 from ..transaction import all_or_nothing
 from ..tuner.file_format import InvalidAdapterError
-from ..tuner.reader import check_checkpoint_file
 from ..tuner.selection import is_sharded
 from .helper import SaRATrainingHelper, resolve_sara_adapter
 from .optimizer import unwrap_optimizer
@@ -363,14 +362,12 @@ def load_training_state(
     Parameters' capacity, so wrappers built before stay valid), points ``optimizer`` at the current parameters and
     restores all states.
 
-    All or nothing: both files are read and checked first (the adapter as every SaRA load checks it, the training
-    state's form, the optimizer's parameter groups against the model); if anything fails after that, the model,
+    All or nothing: both files are read and checked first (the training state's form, the optimizer's parameter groups against the model); if anything fails after that, the model,
     optimizer, scheduler, helper and RNG states are put back as they were before raising.
     """
     adapter_name, _ = resolve_sara_adapter(model, adapter_name)
     adapter_dir = os.path.join(input_dir, adapter_subfolder(adapter_name))
-    weights = read_adapter_weights(adapter_dir)
-    check_checkpoint_file(weights)
+    weights = read_adapter_weights(adapter_dir)  # read and checked once, by the tuner's load hook, in the transaction
     state = read_training_state(os.path.join(input_dir, TRAINING_STATE_NAME))
     params = dict(model.named_parameters())
     inner = unwrap_optimizer(optimizer)

@@ -61,6 +61,9 @@ class SaRAConfig(PeftConfig):
         progressive_fraction (`float`, *optional*):
             Re-select after this fraction of the planned training steps (default 0.5, the paper's choice). `None`
             together with `progressive_step=None` disables re-selection.
+        base_model_class (`str`, *optional*):
+            Set at injection: the class name of the model adapted (`UNet2DConditionModel`, `CLIPTextModel`, ...), so
+            that an adapter's files alone tell which pipeline component it adapts (exports without the base model).
     """
 
     threshold: float | None = field(default=None, metadata={"help": "Train entries with |w| < threshold."})
@@ -111,6 +114,10 @@ class SaRAConfig(PeftConfig):
     )
     progressive_fraction: float | None = field(
         default=0.5, metadata={"help": "Re-select after this fraction of the planned steps; None disables."}
+    )
+    base_model_class: str | None = field(
+        default=None,
+        metadata={"help": "Class name of the model the adapter was injected into (set at injection; read by exports)."},
     )
 
     # Not a field (never saved): where `from_pretrained` read this config from, None for configs built in code.

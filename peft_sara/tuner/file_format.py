@@ -1,7 +1,7 @@
 """The SaRA adapter file format: what ``adapter_model.safetensors`` holds, how it is encoded, and its one key parser.
 
 This docstring is the one description of the format (README's "File format and sizes" and docs/RELIABILITY.md point
-here). There is one format, version :data:`FORMAT_VERSION`; a file of another version is refused.
+here). There is one format, version :data:`FORMAT_VERSION`; a file of a version this release does not read is refused.
 
 An adapter folder is PEFT's: ``adapter_config.json`` (a ``SaRAConfig``) and ``adapter_model.safetensors``. Tensor keys
 are module paths, with PEFT's ``base_model.model.`` prefix when saved from a ``PeftModel`` (either spelling loads into
@@ -18,18 +18,24 @@ key                                 dtype, shape              holds
 ``<layer>.sara_frozen_index_gaps``  as above                  entries frozen by progressive re-selection (absent when
 ``<layer>.sara_frozen_values``                                there are none)
 ``<layer>.sara_weight_shape``       int64 ``[ndim]``          the shape of the base weight the indices address
+``<layer>.sara_layout``             int64 ``[3 + spatial]``   how the weight is used beyond its shape: kind (linear,
+                                                              linear stored in x out as transformers' ``Conv1D``,
+                                                              convolution), groups, padding mode, dilations
+                                                              (:class:`LayerLayout`)
 ``<layer>.sara_checksum``           uint8 ``[32]``            SHA-256 of the layer's name and the tensors above (name,
                                                               dtype, shape and bytes of each)
 ==================================  ========================  ==========================================================
 
 Per file: ``sara_format_version`` (int64 ``[1]``) and ``sara_modules_to_save_checksum`` (uint8 ``[32]``, the SHA-256
 of every other tensor, by saved name). Every other tensor is a module of the config's ``modules_to_save``.
+``adapter_config.json`` is the ``SaRAConfig``; ``base_model_class`` there names the class of the model the adapter was
+injected into (filled at injection), which tells exporters which pipeline component it adapts.
 
-The files peft-sara writes itself (``save_sara_adapter``, ``save_model_adapter`` of a model with injected adapters,
-training checkpoints) also carry safetensors metadata: ``peft_sara_index_encoding`` (:data:`INDEX_ENCODING`),
-``peft_sara_layouts`` and ``peft_sara_model_class`` (``peft_sara.layouts``). ``PeftModel.save_pretrained`` writes the
-same tensors with PEFT's metadata only, so readers decode from the tensor names and the format version, never from the
-metadata.
+So the files are exactly what PEFT saves: ``PeftModel.save_pretrained``, ``peft_sara.save_sara_adapter`` and the Hub
+push write the same tensors (keys spelt with or without PEFT's ``base_model.model.``) and the same config, with no
+safetensors metadata of their own. Format 1 (peft-sara up to dc2a78b) had no ``sara_layout`` and kept the layouts and
+model class in safetensors metadata (``peft_sara_layouts``, ``peft_sara_model_class``) that only peft-sara's own
+writers added; it still loads, and its metadata is read (and checked against the shapes) by exports.
 
 Encoding happens at the file's edge: layers keep int32 / int64 indices in memory. SaRA's tuner encodes in its state-dict
 hook (``SaRAModel._get_adapter_state_dict``, which every save runs, PEFT's included): empty frozen sets are dropped,
@@ -57,20 +63,22 @@ from torch import nn
 
 from .layer import sara_layers
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: layouts and model class in safetensors metadata (peft-sara <= 0.1 at dc2a78b)
 FORMAT_VERSION_NAME = "sara_format_version"
 # One per file: the checksum of every tensor that is not a SaRA entry (modules_to_save), by saved name.
 OTHER_CHECKSUM_NAME = "sara_modules_to_save_checksum"
 FILE_RECORD_NAMES = (FORMAT_VERSION_NAME, OTHER_CHECKSUM_NAME)
 WEIGHT_SHAPE_NAME = "sara_weight_shape"
+LAYOUT_NAME = "sara_layout"
 CHECKSUM_NAME = "sara_checksum"
 # A layer's entries as the file stores them, and as the layer holds them (in memory, in a model's state dict).
 STORED_ENTRY_NAMES = ("sara_index_gaps", "sara_values", "sara_frozen_index_gaps", "sara_frozen_values")
 LAYER_ENTRY_NAMES = ("sara_indices", "sara_values", "sara_frozen_indices", "sara_frozen_values")
 STORED_INDEX_NAME = {"sara_indices": "sara_index_gaps", "sara_frozen_indices": "sara_frozen_index_gaps"}
 RECORD_NAMES = (WEIGHT_SHAPE_NAME, CHECKSUM_NAME)
-LAYER_TENSOR_NAMES = tuple(dict.fromkeys(STORED_ENTRY_NAMES + LAYER_ENTRY_NAMES + RECORD_NAMES))
-INDEX_ENCODING_KEY = "peft_sara_index_encoding"
+CHECKSUMMED_NAMES = STORED_ENTRY_NAMES + (WEIGHT_SHAPE_NAME, LAYOUT_NAME)
+LAYER_TENSOR_NAMES = tuple(dict.fromkeys(STORED_ENTRY_NAMES + LAYER_ENTRY_NAMES + RECORD_NAMES + (LAYOUT_NAME,)))
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CHECKSUM_BYTES = 32
 PEFT_MODEL_PREFIX = "base_model.model."
@@ -94,9 +102,6 @@ Decoding is vectorised (a handful of passes over the bytes, no Python loop per e
 not the encoding of a non-decreasing sequence of int64 indices: a number cut off at the end, a number longer than
 nine bytes (63 bits), or gaps whose running sum overflows.
 """
-INDEX_ENCODING = "varint-gaps"
-"""The name of this encoding, as adapter files record it (safetensors metadata ``peft_sara_index_encoding``)."""
-
 MAX_VARINT_BYTES = 9  # 9 x 7 = 63 bits: every non-negative int64
 
 
@@ -124,34 +129,73 @@ def encode_index_gaps(indices: torch.Tensor) -> torch.Tensor:
     return stream.to(torch.uint8)
 
 
-def decode_index_gaps(stream: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """The flat indices (1-D, ``dtype``) a varint gap stream encodes; the inverse of :func:`encode_index_gaps`.
+DECODE_CHUNK_BYTES = 1 << 20  # decoded piece by piece: the work memory is a few tens of MB whatever the stream
 
-    Raises ``ValueError`` on a stream that is not a 1-D uint8 tensor or not a valid encoding (see the module docstring).
-    """
+
+def count_index_gaps(stream: torch.Tensor) -> int:
+    """How many numbers a varint gap stream holds (its last bytes), without decoding it; checks its form."""
     if stream.dtype != torch.uint8 or stream.dim() != 1:
         raise ValueError(
             f"index gaps must be a 1-D uint8 byte stream, got dtype {stream.dtype} and shape {tuple(stream.shape)}"
         )
-    if stream.numel() == 0:
-        return torch.zeros(0, dtype=dtype)
-    data = stream.to(device="cpu", dtype=torch.int64)
+    return sum(
+        int((stream[start : start + DECODE_CHUNK_BYTES] < 0x80).sum())
+        for start in range(0, stream.numel(), DECODE_CHUNK_BYTES)
+    )
+
+
+def _decode_piece(data: torch.Tensor) -> torch.Tensor:
+    """The gaps of a stream piece that ends with a number's last byte (int64 ``data``)."""
     last_byte = data < 0x80
-    if not bool(last_byte[-1]):
-        raise ValueError("the index gap stream ends inside a number (truncated)")
     ends = torch.nonzero(last_byte).reshape(-1)
     starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
-    number = torch.cumsum(last_byte.long(), 0) - last_byte.long()  # which number each byte belongs to
+    number = torch.cumsum(last_byte, 0) - last_byte.long()  # which number each byte belongs to
     position = torch.arange(data.numel()) - starts[number]
     if int(position.max()) >= MAX_VARINT_BYTES:
         raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
-    gaps = torch.zeros(ends.numel(), dtype=torch.int64).index_add_(0, number, (data & 0x7F) << (7 * position))
-    indices = torch.cumsum(gaps, 0)
-    if indices.numel() > 1 and not bool((indices[1:] >= indices[:-1]).all()):
-        raise ValueError("the index gaps sum past the int64 range")
-    if indices.numel() and int(indices[-1]) > torch.iinfo(dtype).max:
-        raise ValueError(f"an index ({int(indices[-1])}) does not fit {dtype}")
-    return indices.to(dtype)
+    return torch.zeros(ends.numel(), dtype=torch.int64).index_add_(0, number, (data & 0x7F) << (7 * position))
+
+
+def decode_index_gaps(
+    stream: torch.Tensor, dtype: torch.dtype = torch.int64, count: int | None = None, limit: int | None = None
+) -> torch.Tensor:
+    """The flat indices (1-D, ``dtype``) a varint gap stream encodes; the inverse of :func:`encode_index_gaps`.
+
+    ``count``: the number of indices expected (one per value), compared before the result is allocated; ``limit``:
+    every index must be below it (the weight's size), checked piece by piece. The stream is decoded in pieces of
+    :data:`DECODE_CHUNK_BYTES`, so the memory used beyond the result (8 bytes per index) is bounded.
+
+    Raises ``ValueError`` on a stream that is not a 1-D uint8 tensor or not a valid encoding (see above), or that does
+    not hold ``count`` indices below ``limit``.
+    """
+    found = count_index_gaps(stream)
+    if count is not None and found != count:
+        raise ValueError(f"the index gap stream holds {found} indices but {count} values")
+    if stream.numel() and int(stream[-1]) >= 0x80:
+        raise ValueError("the index gap stream ends inside a number (truncated)")
+    result = torch.empty(found, dtype=torch.int64)
+    position, written, last = 0, 0, 0
+    while position < stream.numel():
+        end = min(position + DECODE_CHUNK_BYTES, stream.numel())
+        if end < stream.numel():  # cut after the piece's last complete number
+            terminators = torch.nonzero(stream[position:end] < 0x80).reshape(-1)
+            if terminators.numel() == 0:
+                raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
+            end = position + int(terminators[-1]) + 1
+        gaps = _decode_piece(stream[position:end].to(torch.int64))
+        gaps[0] += last
+        indices = torch.cumsum(gaps, 0)
+        if bool((indices < last).any()) or (indices.numel() > 1 and not bool((indices[1:] >= indices[:-1]).all())):
+            raise ValueError("the index gaps sum past the int64 range")
+        last = int(indices[-1])
+        if limit is not None and last >= limit:
+            raise ValueError(f"an index ({last}) is outside the weight's {limit} entries")
+        result[written : written + indices.numel()] = indices
+        written += indices.numel()
+        position = end
+    if result.numel() and int(result[-1]) > torch.iinfo(dtype).max:
+        raise ValueError(f"an index ({int(result[-1])}) does not fit {dtype}")
+    return result.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------- key names
@@ -227,10 +271,9 @@ def tensors_checksum(layer_name: str, tensors: Mapping[str, torch.Tensor]) -> to
 
 
 def entries_checksum(layer_name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The checksum of a SaRA layer's stored tensors (encoded entries and weight shape), bound to the layer's name."""
-    return tensors_checksum(
-        layer_name, {name: tensors[name] for name in STORED_ENTRY_NAMES + (WEIGHT_SHAPE_NAME,) if name in tensors}
-    )
+    """The checksum of a SaRA layer's stored tensors (encoded entries, weight shape and layout), bound to the layer's
+    name."""
+    return tensors_checksum(layer_name, {name: tensors[name] for name in CHECKSUMMED_NAMES if name in tensors})
 
 
 def other_tensor_name(key: str, adapter_name: str | None) -> str:
@@ -243,6 +286,141 @@ def other_tensor_name(key: str, adapter_name: str | None) -> str:
 def other_tensors_checksum(tensors: Mapping[str, torch.Tensor], adapter_name: str | None) -> torch.Tensor:
     """The checksum of a checkpoint's tensors that are not SaRA entries (its modules_to_save), by saved name."""
     return tensors_checksum("", {other_tensor_name(key, adapter_name): tensor for key, tensor in tensors.items()})
+
+
+# ------------------------------------------------------------------------------------------------- layouts
+LINEAR, CONV = "linear", "conv"
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# `sara_layout`'s first number: how the weight is used.
+LAYOUT_KINDS = {0: (LINEAR, False), 1: (LINEAR, True), 2: (CONV, False)}
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """How a layer's weight is laid out and used, beyond its shape.
+
+    A shape tells a matrix (2-D) from a convolution kernel (3-D to 5-D), but not transformers' ``Conv1D`` (a 2-D
+    weight stored ``in x out``, the transpose of ``nn.Linear``'s) nor a convolution's ``groups``, ``dilation`` and
+    ``padding_mode``. ``kind`` is ``"linear"`` or ``"conv"``; ``transposed`` marks ``in x out`` weights;
+    ``conv_options`` holds a convolution's non-default settings; ``recorded`` says whether the file recorded it or it
+    was guessed from the shape (files of format 1 saved by ``PeftModel.save_pretrained``).
+
+    Stored per layer as ``sara_layout``, int64 ``[3 + spatial dims]``: kind (0 linear, 1 linear stored transposed,
+    2 convolution), groups, padding mode (index into :data:`PADDING_MODES`), then the dilation of each spatial
+    dimension (none for a matrix). The layer's checksum covers it.
+    """
+
+    kind: str
+    transposed: bool = False
+    conv_options: dict[str, Any] = field(default_factory=dict)
+    recorded: bool = True
+
+    @classmethod
+    def of(cls, base_layer: nn.Module) -> LayerLayout:
+        """The layout of a live base layer."""
+        if not isinstance(base_layer, CONV_TYPES):
+            return cls(LINEAR, transposed=not isinstance(base_layer, nn.Linear))
+        options: dict[str, Any] = {}
+        if base_layer.groups != 1:
+            options["groups"] = base_layer.groups
+        if any(d != 1 for d in base_layer.dilation):
+            options["dilation"] = tuple(base_layer.dilation)
+        if base_layer.padding_mode != "zeros":
+            options["padding_mode"] = base_layer.padding_mode
+        return cls(CONV, conv_options=options)
+
+    @classmethod
+    def from_shape(cls, shape: tuple[int, ...]) -> LayerLayout:
+        """The layout a shape alone suggests (2-D: ``nn.Linear``, more: a plain convolution), marked unrecorded."""
+        return cls(LINEAR if len(shape) == 2 else CONV, recorded=False)
+
+    @classmethod
+    def from_record(cls, record: Any, shape: tuple[int, ...], where: str) -> LayerLayout:
+        """A layout from a format-1 file's JSON record (safetensors metadata ``peft_sara_layouts``), checked against
+        the layer's weight shape."""
+        if not isinstance(record, dict) or record.get("kind") not in (LINEAR, CONV):
+            raise InvalidAdapterError(f"{where}: the layout record {record!r} is not a layout.")
+        options = record.get("conv_options", {})
+        if not isinstance(options, dict) or set(options) - {"groups", "dilation", "padding_mode"}:
+            raise InvalidAdapterError(f"{where}: the layout record {record!r} has unknown convolution options.")
+        options = dict(options)
+        if "dilation" in options:
+            dilation = options["dilation"]
+            if not isinstance(dilation, list) or not all(type(d) is int for d in dilation):
+                raise InvalidAdapterError(f"{where}: the layout record's dilation {dilation!r} is not a list of ints.")
+            options["dilation"] = tuple(dilation)
+        if "groups" in options and type(options["groups"]) is not int:
+            raise InvalidAdapterError(f"{where}: the layout record's groups {options['groups']!r} is not an int.")
+        layout = cls(record["kind"], record.get("transposed", False) is True, options)
+        layout.check_shape(shape, where)
+        return layout
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor, shape: tuple[int, ...], where: str) -> LayerLayout:
+        """A layout from its ``sara_layout`` tensor, checked against the layer's weight shape."""
+        spatial = max(0, len(shape) - 2)
+        if tensor.dtype != torch.int64 or tensor.dim() != 1 or tensor.numel() not in (3, 3 + spatial):
+            raise InvalidAdapterError(
+                f"{where}: the layout must be 3 (matrix) or 3 + spatial dims (kernel) int64, got dtype {tensor.dtype} "
+                f"and shape {tuple(tensor.shape)}: the file is corrupted."
+            )
+        numbers = [int(number) for number in tensor]
+        kind, groups, padding, dilation = numbers[0], numbers[1], numbers[2], tuple(numbers[3:])
+        if kind not in LAYOUT_KINDS or not 0 <= padding < len(PADDING_MODES) or groups < 1:
+            raise InvalidAdapterError(f"{where}: the layout {numbers} is not a layout: the file is corrupted.")
+        name, transposed = LAYOUT_KINDS[kind]
+        if name == LINEAR and (groups != 1 or padding != 0 or dilation):
+            raise InvalidAdapterError(f"{where}: the layout {numbers} gives a matrix convolution settings.")
+        options: dict[str, Any] = {}
+        if groups != 1:
+            options["groups"] = groups
+        if any(d != 1 for d in dilation):
+            options["dilation"] = dilation
+        if padding:
+            options["padding_mode"] = PADDING_MODES[padding]
+        layout = cls(name, transposed, options)
+        layout.check_shape(shape, where)
+        return layout
+
+    def check_shape(self, shape: tuple[int, ...], where: str) -> None:
+        """Raise :class:`InvalidAdapterError` unless this layout can describe a weight of ``shape``."""
+        problem = None
+        if self.kind == LINEAR and len(shape) != 2:
+            problem = f"a matrix layout on a weight of shape {shape}"
+        elif self.kind == CONV and not 3 <= len(shape) <= 5:
+            problem = f"a convolution layout on a weight of shape {shape}"
+        elif self.kind == CONV and self.transposed:
+            problem = "a transposed convolution"
+        else:
+            groups = self.conv_options.get("groups", 1)
+            dilation = self.conv_options.get("dilation", (1,) * max(0, len(shape) - 2))
+            if self.kind == CONV and (groups < 1 or shape[0] % groups):
+                problem = f"{groups} groups, which do not divide the {shape[0]} output channels"
+            elif self.kind == CONV and (len(dilation) != len(shape) - 2 or any(d < 1 for d in dilation)):
+                problem = f"dilation {dilation} for a {len(shape) - 2}-D kernel"
+            elif self.conv_options.get("padding_mode", "zeros") not in PADDING_MODES:
+                problem = f"padding mode {self.conv_options['padding_mode']!r}"
+        if problem is not None:
+            raise InvalidAdapterError(f"{where}: the recorded layout is {problem}: the file is corrupted or edited.")
+
+    def to_tensor(self, ndim: int) -> torch.Tensor:
+        """The ``sara_layout`` tensor of this layout for a weight of ``ndim`` dimensions."""
+        kind = 2 if self.kind == CONV else int(self.transposed)
+        dilation = self.conv_options.get("dilation", (1,) * (ndim - 2)) if self.kind == CONV else ()
+        padding = PADDING_MODES.index(self.conv_options.get("padding_mode", "zeros"))
+        numbers = [kind, self.conv_options.get("groups", 1), padding, *dilation]
+        return torch.tensor(numbers, dtype=torch.int64)
+
+    def lora_problem(self, name: str) -> str | None:
+        """Why a LoRA layer (PEFT's, which every LoRA reader goes through) cannot reproduce this layer's update."""
+        if not self.conv_options:
+            return None
+        settings = ", ".join(f"{key}={value!r}" for key, value in self.conv_options.items())
+        return (
+            f"'{name}' (a convolution with {settings}) has no LoRA equivalent: LoRA's down convolution does not take "
+            "these settings. Export with format 'diff' or merge the adapter instead."
+        )
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -309,6 +487,8 @@ def encode_adapter_state_dict(
             tensors.update(_encoded_entries(keys[index_name], indices, keys[value_name], values, adapter_name))
         shape_key = sibling_key(keys["sara_indices"], adapter_name, WEIGHT_SHAPE_NAME)
         tensors[shape_key] = torch.tensor(tuple(layer.weight_shape), dtype=torch.int64)
+        layout = LayerLayout.of(layer.get_base_layer()).to_tensor(len(layer.weight_shape))
+        tensors[sibling_key(keys["sara_indices"], adapter_name, LAYOUT_NAME)] = layout
         by_name = {split_sara_key(key, adapter_name)[1]: tensor for key, tensor in tensors.items()}
         tensors[sibling_key(keys["sara_indices"], adapter_name, CHECKSUM_NAME)] = entries_checksum(layer_name, by_name)
         encoded.update(tensors)
@@ -317,11 +497,6 @@ def encode_adapter_state_dict(
     covered = others | {key: _plain(key, tensor) for key, tensor in (modules_to_save or {}).items()}
     encoded[prefix + OTHER_CHECKSUM_NAME] = other_tensors_checksum(covered, adapter_name)
     return {**others, **encoded}
-
-
-def format_metadata() -> dict[str, str]:
-    """The safetensors metadata entries peft-sara's own writers add (readers never need them)."""
-    return {INDEX_ENCODING_KEY: INDEX_ENCODING}
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -341,20 +516,23 @@ class ParsedCheckpoint:
     record_keys: list[str]
     other_keys: list[str]
     other_checksum: torch.Tensor
+    version: int = FORMAT_VERSION
 
 
-def _read_version(key: str, tensor: torch.Tensor) -> None:
+def _read_version(key: str, tensor: torch.Tensor) -> int:
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.numel() != 1:
         raise InvalidAdapterError(
             f"'{key}' must be one integer (the SaRA file format version), got dtype {tensor.dtype} and shape "
             f"{tuple(tensor.shape)}: the file is corrupted."
         )
     version = int(tensor.reshape(-1)[0])
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise InvalidAdapterError(
-            f"The checkpoint uses SaRA file format {version}; this peft-sara reads format {FORMAT_VERSION} "
-            "(see `peft_sara.tuner.file_format`). Save the adapter again with this version, or use the peft-sara that wrote it."
+            f"The checkpoint uses SaRA file format {version}; this peft-sara reads formats {READABLE_VERSIONS} "
+            "(see `peft_sara.tuner.file_format`). Save the adapter again with this version, or use the peft-sara that "
+            "wrote it."
         )
+    return version
 
 
 def checked_checksum(where: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -375,7 +553,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
     (``peft_sara.tuner.reader``).
     """
     layers: dict[str, LayerCheckpoint] = {}
-    version_key, record_keys, other_keys, other_checksum = None, [], [], None
+    version_key, version, record_keys, other_keys, other_checksum = None, None, [], [], None
     for key, tensor in state_dict.items():
         if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
             raise InvalidAdapterError(f"The checkpoint entry {key!r} is a {type(tensor).__name__}, not a tensor.")
@@ -387,7 +565,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
         if name == FORMAT_VERSION_NAME:
             if version_key is not None:
                 raise InvalidAdapterError(f"The checkpoint holds two format versions: '{version_key}' and '{key}'.")
-            _read_version(key, tensor)
+            version = _read_version(key, tensor)
             version_key = key
             record_keys.append(key)
             continue
@@ -410,7 +588,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
                 f"The checkpoint holds '{name}' of SaRA layer '{layer_name}' twice: '{layer.keys[name]}' and '{key}'."
             )
         layer.tensors[name], layer.keys[name] = tensor, key
-        if name in RECORD_NAMES:
+        if name in RECORD_NAMES + (LAYOUT_NAME,):
             record_keys.append(key)
     if version_key is None:
         raise InvalidAdapterError(
@@ -422,7 +600,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
             f"The checkpoint has no '{OTHER_CHECKSUM_NAME}', which every SaRA file has: the file is corrupted or was "
             "edited after saving."
         )
-    return ParsedCheckpoint(layers, record_keys, other_keys, other_checksum)
+    return ParsedCheckpoint(layers, record_keys, other_keys, other_checksum, version)
 
 
 __all__ = [
@@ -431,9 +609,12 @@ __all__ = [
     "LayerCheckpoint",
     "ParsedCheckpoint",
     "align_checkpoint_keys",
+    "count_index_gaps",
+    "decode_index_gaps",
+    "encode_index_gaps",
     "encode_adapter_state_dict",
     "entries_checksum",
-    "format_metadata",
+    "LayerLayout",
     "normalize_module_name",
     "other_tensors_checksum",
     "parse_checkpoint",

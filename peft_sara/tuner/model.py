@@ -148,6 +148,8 @@ class SaRAModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = base_model_id(model)
+        # Saved with the config (PEFT writes every field): which model, so which pipeline component, this adapts.
+        config.base_model_class = type(model).__name__
 
     def _post_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
         # Tagged once injected, so that a refused injection leaves the model's tags as they were.

@@ -1,17 +1,26 @@
-"""Checking a SaRA checkpoint before anything of the model changes: what is validated, and why.
+"""The one reader of SaRA adapter files: stored tensors in, checked layer entries out, before anything changes.
 
-The file format itself (keys, records, encoding) is described in ``peft_sara.tuner.file_format``. Every SaRA load runs these
-checks before it writes a value, and raises :class:`~peft_sara.tuner.file_format.InvalidAdapterError` naming the layer:
+The file format itself (keys, records, encoding) is described in ``peft_sara.tuner.file_format``. :func:`read_layer`
+turns one layer's stored tensors into checked entries; :func:`validate_checkpoint` (PEFT's ``from_pretrained`` /
+``load_adapter`` through the tuner's load hook, ``load_sara_adapter``, resume) and :func:`check_checkpoint_file`
+(``inspect``, export, hotswap's file checks) call it for every layer. Every cost is bounded by what was read: counts,
+shapes and capacities are compared before anything is allocated, index streams decode in bounded pieces, the
+effective-weight check is one pass over the entries in the compute dtype. A refusal raises
+:class:`~peft_sara.tuner.file_format.InvalidAdapterError` naming the layer:
 
 - form: values are 1-D floating tensors, index streams decode (``peft_sara.tuner.file_format``), one value per index,
   records of the right dtype and shape, format version known. Protects against truncated, hand-edited or foreign files.
-- checksum of each layer (its encoded entries and weight shape, bound to its name) and of the modules_to_save tensors.
+- layout (format 2): a matrix, a matrix stored transposed (transformers' ``Conv1D``) or a convolution, consistent with
+  the weight shape and, when loading into a model, with its layer: an export never lays an update out wrong.
+- checksum of each layer (its encoded entries, weight shape and layout, bound to its name) and of the modules_to_save tensors.
   Protects against corrupted downloads and edits; not against anyone who recomputes them (it is not a signature).
 - recorded weight shape against the model's, and every index inside the weight. Protects against an adapter made for
   another base model (SD1.5's 768-wide ``to_k`` on SD2's 1024-wide one).
 - no repeated index, no entry both trainable and frozen: each weight entry is stored once.
 - every layer the model's adapter has is in the file, every SaRA tensor of the file matches a layer, and every other
   tensor is a modules_to_save copy of the right shape: a file never overwrites a base weight.
+- hotswap: a slot holds the adapter's trainable and frozen entries; exports: a layer's dense update costs at most
+  a fixed multiple of its stored entries.
 - non-finite values, and values whose effective weight overflows the base dtype, unless allowed:
   ``allow_non_finite=True`` on peft-sara's loaders, ``PEFT_SARA_ALLOW_NON_FINITE=1``, or
   ``with allow_non_finite_values(): PeftModel.from_pretrained(...)``.
@@ -37,11 +46,14 @@ from torch import nn
 from .base_weight import quantized_backend
 from .file_format import (
     CHECKSUM_NAME,
+    FORMAT_VERSION,
+    LAYOUT_NAME,
     RECORD_NAMES,
     VALUE_DTYPES,
     WEIGHT_SHAPE_NAME,
     InvalidAdapterError,
     LayerCheckpoint,
+    LayerLayout,
     ParsedCheckpoint,
     checked_checksum,
     decode_index_gaps,
@@ -51,11 +63,19 @@ from .file_format import (
     parse_checkpoint,
     sibling_key,
 )
+from .kernels.reference import patched_values
 from .layer import SaRALayer, sara_layers
 from .selection import check_entries, index_dtype_for
 
 ALLOW_NON_FINITE_ENV_VAR = "PEFT_SARA_ALLOW_NON_FINITE"
 OTHER_MODEL_HINT = "The checkpoint was made for a different model."
+# A dense update of a layer (exports, inspect's ranks) may cost this many times the entries its file stores: a small file
+# that records a huge weight shape is refused (exports) or its dense statistics skipped (inspect).
+MAX_DENSE_PER_STORED_ENTRY = 4096
+ALLOW_HINT = (
+    "To load it anyway pass `allow_non_finite=True` (peft-sara's loaders), set PEFT_SARA_ALLOW_NON_FINITE=1, or load "
+    "inside `peft_sara.allow_non_finite_values()`."
+)
 
 
 # ------------------------------------------------------------------------------------------------- non-finite values
@@ -80,6 +100,10 @@ def non_finite_allowed() -> bool:
     return os.environ.get(ALLOW_NON_FINITE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+class SlotTooSmall(InvalidAdapterError):
+    """A layer holds more entries (trainable and frozen) than the capacity it is read into (a hotswap slot)."""
+
+
 def _recorded_shape(layer_name: str, tensor: torch.Tensor) -> tuple[int, ...]:
     if tensor.dtype != torch.int64 or tensor.dim() != 1 or not 1 <= tensor.numel() <= 8:
         raise InvalidAdapterError(
@@ -87,20 +111,23 @@ def _recorded_shape(layer_name: str, tensor: torch.Tensor) -> tuple[int, ...]:
             f"and shape {tuple(tensor.shape)}: the file is corrupted."
         )
     shape = tuple(int(size) for size in tensor)
-    if any(size < 0 for size in shape):
-        raise InvalidAdapterError(f"SaRA layer '{layer_name}': the recorded weight shape {shape} is negative.")
+    if any(size < 0 for size in shape) or math.prod(shape) >= 2**62:
+        raise InvalidAdapterError(f"SaRA layer '{layer_name}': the recorded weight shape {shape} is not a shape.")
     return shape
 
 
 @dataclass
 class LayerEntries:
-    """A layer's validated trainable and frozen entries, indices decoded (frozen ones empty when the checkpoint has
-    none)."""
+    """A layer's checked trainable and frozen entries, indices decoded (frozen ones empty when the checkpoint has
+    none), with the weight shape and layout the file records (``layout`` None: a format-1 file, which kept layouts
+    outside the tensors)."""
 
     indices: torch.Tensor
     values: torch.Tensor
     frozen_indices: torch.Tensor
     frozen_values: torch.Tensor
+    weight_shape: tuple[int, ...] = ()
+    layout: LayerLayout | None = None
 
 
 ENTRY_SETS = {
@@ -109,34 +136,85 @@ ENTRY_SETS = {
 }
 
 
-def _decoded_entries(where: str, stream: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
-    """The indices of one entry set, decoded and checked against the values and the weight's size."""
+def _check_values(where: str, values: torch.Tensor) -> None:
     if values.dtype not in VALUE_DTYPES or values.dim() != 1:
         raise InvalidAdapterError(
             f"{where}: values must be a 1-D floating tensor (float16/bfloat16/float32/float64), got dtype "
             f"{values.dtype} and shape {tuple(values.shape)}."
         )
+
+
+def _decoded_entries(where: str, stream: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
+    """The indices of one entry set, decoded (its count compared with the values' before anything is allocated) and
+    checked to lie inside the weight."""
     try:
-        indices = decode_index_gaps(stream)
+        indices = decode_index_gaps(stream, count=values.numel(), limit=numel)
         check_entries(indices, values, numel, where, OTHER_MODEL_HINT)
     except ValueError as err:
-        raise InvalidAdapterError(err if str(err).startswith(where) else f"{where}: {err}.") from err
+        message = str(err) if str(err).startswith(where) else f"{where}: {err}."
+        if "outside the weight" in message:
+            message = f"{message} {OTHER_MODEL_HINT}"
+        raise InvalidAdapterError(message) from err
     return indices.to(index_dtype_for(numel))
 
 
-def check_layer_checkpoint(
+def effective_weight_problem(
+    layer: SaRALayer, scale: float, entries: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> str | None:
+    """Why the weight the layer would compute with, ``cast(w + scale * delta)`` in the base dtype
+    (``patched_values``, the formula the forward and merges use), is unusable, or None.
+
+    Unusable: an entry that is not finite, or one so large that a unit input overflows the layer's output
+    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). One pass over the entries, in
+    the compute dtype. Quantized or offloaded base weights are not read (not checked).
+    """
+    base_layer = layer.get_base_layer()
+    weight = getattr(base_layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.is_meta:
+        return None
+    if quantized_backend(base_layer) is not None:  # torchao / quanto tensors report a float dtype
+        return None
+    flat = weight.detach().reshape(-1)
+    fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))
+    limit = torch.finfo(weight.dtype).max / fan_in
+    for indices, values in entries:
+        if indices.numel() == 0:
+            continue
+        base = flat.index_select(0, indices.to(device=flat.device, dtype=torch.long))
+        patched = patched_values(base, values.to(flat.device), float(scale))
+        finite = torch.isfinite(patched)
+        if not bool(finite.all()):
+            return f"{int((~finite).sum())} entries of its effective weight are not finite in {weight.dtype}"
+        largest = float(patched.abs().max())
+        if largest > limit:
+            return (
+                f"its effective weight reaches {largest:.3g}, so a unit input over its fan-in of {fan_in} overflows "
+                f"{weight.dtype} (limit {limit:.3g} per entry)"
+            )
+    return None
+
+
+def read_layer(
     layer_name: str,
     checkpoint: LayerCheckpoint,
-    weight_shape: tuple[int, ...] | None,
-    value_dtype: torch.dtype | None,
     allow_non_finite: bool,
+    version: int = FORMAT_VERSION,
+    layer: SaRALayer | None = None,
+    value_dtype: torch.dtype | None = None,
+    scale: float = 1.0,
+    capacity: int | None = None,
+    max_dense_per_entry: int | None = None,
 ) -> LayerEntries:
-    """Validate one layer's stored tensors and decode its entries, against the model's weight shape and value dtype
-    when given (``None``: against the recorded shape only).
+    """The one reader of a layer: turn its stored tensors into checked entries, or raise
+    :class:`InvalidAdapterError` naming the layer. Every load, hotswap, resume, ``inspect`` and export goes through it.
 
-    Checks, in order: presence of entries and records, the records' form, recorded vs model weight shape, the index
-    streams and values (decodable, one value per index, inside the weight), the checksum, repeated indices,
-    trainable/frozen overlap, finiteness.
+    Checks, in order, each before anything it guards is allocated: entries and records present; the records' form
+    (shape, layout, checksum); the recorded shape and layout against ``layer``'s when loading into one; the values'
+    form; ``trainable + frozen <= capacity`` (a hotswap slot); ``weight size <= max_dense_per_entry * stored entries``
+    (exports, which build the update densely); the index streams (counts compared with the values' before decoding,
+    decoded in bounded pieces, inside the weight), then the checksum; repeated indices, trainable / frozen overlap;
+    unless ``allow_non_finite``: finite values in ``value_dtype`` and, with ``layer``, a usable effective weight
+    ``cast(w + scale * delta)`` in the base dtype (:func:`effective_weight_problem`).
     """
     tensors = checkpoint.tensors
     for name in ("sara_index_gaps", "sara_values") + RECORD_NAMES:
@@ -145,26 +223,56 @@ def check_layer_checkpoint(
                 f"SaRA layer '{layer_name}' lacks its '{name}', which every layer of a SaRA file has: the file is "
                 "corrupted or was edited after saving."
             )
+    if version >= 2 and LAYOUT_NAME not in tensors:
+        raise InvalidAdapterError(
+            f"SaRA layer '{layer_name}' lacks its '{LAYOUT_NAME}', which every layer of a format-{version} file has: "
+            "the file is corrupted or was edited after saving."
+        )
     if ("sara_frozen_index_gaps" in tensors) != ("sara_frozen_values" in tensors):
         raise InvalidAdapterError(f"The checkpoint has only half of the frozen entries of SaRA layer '{layer_name}'.")
     pairs = {what: names for what, names in ENTRY_SETS.items() if names[0] in tensors}
     recorded = _recorded_shape(layer_name, tensors[WEIGHT_SHAPE_NAME])
     checksum = checked_checksum(f"SaRA layer '{layer_name}': the checksum", tensors[CHECKSUM_NAME])
+    where = f"SaRA layer '{layer_name}'"
+    layout = LayerLayout.from_tensor(tensors[LAYOUT_NAME], recorded, where) if LAYOUT_NAME in tensors else None
 
     def corrupted() -> bool:
         return not torch.equal(entries_checksum(layer_name, tensors), checksum.cpu())
 
     decoded = {}
     try:
-        if weight_shape is not None and tuple(recorded) != tuple(weight_shape):
+        if layer is not None:
+            weight_shape = tuple(layer.weight_shape)
+            if recorded != weight_shape:
+                raise InvalidAdapterError(
+                    f"SaRA layer '{layer_name}' was trained on a weight of shape {recorded}, but this model's weight "
+                    f"has shape {weight_shape}: this adapter was made for another base model (e.g. an SD1.5 adapter "
+                    "on SD2). Load it into the base model it was trained on."
+                )
+            own = LayerLayout.of(layer.get_base_layer())
+            if layout is not None and (layout.kind, layout.transposed) != (own.kind, own.transposed):
+                raise InvalidAdapterError(
+                    f"SaRA layer '{layer_name}' was trained on a {_layout_name(layout)}, but this model's layer is a "
+                    f"{_layout_name(own)}. {OTHER_MODEL_HINT}"
+                )
+        for what, (_, value_name) in pairs.items():
+            _check_values(f"{where}: the checkpoint's {what} entries", tensors[value_name])
+        stored = sum(tensors[value_name].numel() for _, value_name in pairs.values())
+        if capacity is not None and stored > capacity:
+            raise SlotTooSmall(
+                f"{where} has {stored} entries (trainable and frozen), more than the {capacity} its slot holds."
+            )
+        numel = math.prod(recorded)
+        if max_dense_per_entry is not None and numel > max_dense_per_entry * max(stored, 1):
             raise InvalidAdapterError(
-                f"SaRA layer '{layer_name}' was trained on a weight of shape {recorded}, but this model's weight has "
-                f"shape {tuple(weight_shape)}: this adapter was made for another base model (e.g. an SD1.5 adapter "
-                "on SD2). Load it into the base model it was trained on."
+                f"{where} records a weight of shape {recorded} ({numel} entries) for {stored} stored entries: more "
+                f"than {max_dense_per_entry} times as many, which a dense update of it would cost. The file is "
+                "corrupted or hostile."
             )
         for what, (stream_name, value_name) in pairs.items():
-            where = f"SaRA layer '{layer_name}': the checkpoint's {what} entries"
-            decoded[what] = _decoded_entries(where, tensors[stream_name], tensors[value_name], math.prod(recorded))
+            decoded[what] = _decoded_entries(
+                f"{where}: the checkpoint's {what} entries", tensors[stream_name], tensors[value_name], numel
+            )
     except InvalidAdapterError as err:
         if corrupted():
             raise InvalidAdapterError(
@@ -173,69 +281,83 @@ def check_layer_checkpoint(
         raise
     if corrupted():
         raise InvalidAdapterError(
-            f"SaRA layer '{layer_name}': the checkpoint's tensors do not match their checksum: the file is corrupted "
-            "or was modified after saving. Download or save the adapter again."
+            f"{where}: the checkpoint's tensors do not match their checksum: the file is corrupted or was modified "
+            "after saving. Download or save the adapter again."
         )
 
     for what, indices in decoded.items():
         repeated = indices[1:][indices[1:] == indices[:-1]]  # decoded indices are ascending
         if repeated.numel():
             raise InvalidAdapterError(
-                f"SaRA layer '{layer_name}': the checkpoint's {what} indices repeat {repeated.numel()} entries (e.g. "
-                f"index {int(repeated[0])}); each entry of the weight may be stored once."
+                f"{where}: the checkpoint's {what} indices repeat {repeated.numel()} entries (e.g. index "
+                f"{int(repeated[0])}); each entry of the weight may be stored once."
             )
     if "frozen" in decoded and decoded["frozen"].numel():
         overlap = torch.isin(decoded["frozen"], decoded["trainable"])
         if bool(overlap.any()):
             raise InvalidAdapterError(
-                f"SaRA layer '{layer_name}': {int(overlap.sum())} entries are both trainable and frozen in the "
-                f"checkpoint (e.g. index {int(decoded['frozen'][overlap][0])}); each entry may be in one set."
+                f"{where}: {int(overlap.sum())} entries are both trainable and frozen in the checkpoint (e.g. index "
+                f"{int(decoded['frozen'][overlap][0])}); each entry may be in one set."
             )
+    values = {what: tensors[value_name] for what, (_, value_name) in pairs.items()}
+    if value_dtype is not None:
+        values = {what: tensor.to(value_dtype) for what, tensor in values.items()}
     if not allow_non_finite:
-        for what, (_, value_name) in pairs.items():
-            values = tensors[value_name]
-            cast = values.to(value_dtype) if value_dtype is not None else values
-            bad = int((~torch.isfinite(cast)).sum())
+        for what, tensor in values.items():
+            bad = int((~torch.isfinite(tensor)).sum())
             if bad:
                 after = (
                     f" after the cast to {value_dtype}"
-                    if value_dtype is not None and value_dtype != values.dtype
+                    if value_dtype not in (None, tensors["sara_values"].dtype)
                     else ""
                 )
                 raise InvalidAdapterError(
-                    f"SaRA layer '{layer_name}': the checkpoint's {what} values hold {bad} non-finite entries (NaN or "
-                    f"inf{after}). To load them anyway pass `allow_non_finite=True` (peft-sara's loaders), set "
-                    f"{ALLOW_NON_FINITE_ENV_VAR}=1, or load inside `peft_sara.allow_non_finite_values()`."
+                    f"{where}: the checkpoint's {what} values hold {bad} non-finite entries (NaN or inf{after}). "
+                    f"{ALLOW_HINT}"
                 )
+        if layer is not None:
+            problem = effective_weight_problem(layer, scale, [(decoded[what], values[what]) for what in decoded])
+            if problem is not None:
+                raise InvalidAdapterError(f"{where}: {problem}. {ALLOW_HINT}")
     trainable = decoded["trainable"]
     return LayerEntries(
         indices=trainable,
-        values=tensors["sara_values"],
+        values=values["trainable"],
         frozen_indices=decoded.get("frozen", trainable[:0]),
-        frozen_values=tensors.get("sara_frozen_values", tensors["sara_values"][:0]),
+        frozen_values=values.get("frozen", values["trainable"][:0]),
+        weight_shape=recorded,
+        layout=layout,
     )
 
 
+def _layout_name(layout: LayerLayout) -> str:
+    if layout.kind == "conv":
+        return "convolution"
+    return "transposed (in x out, Conv1D) matrix" if layout.transposed else "matrix (nn.Linear)"
+
+
 def check_checkpoint_file(
-    state_dict: Mapping[str, Any], allow_non_finite: bool | None = None
+    state_dict: Mapping[str, Any], allow_non_finite: bool | None = None, max_dense_per_entry: int | None = None
 ) -> tuple[ParsedCheckpoint, dict[str, LayerEntries]]:
-    """Validate what a checkpoint file says about itself, without a model: every tensor's type, each layer's records
-    and checksum, indices against the recorded weight shape, duplicates, overlaps, finiteness, the modules_to_save
-    checksum. Loaders run it before touching the model; ``peft-sara inspect`` runs it before computing anything.
+    """Read a checkpoint file without a model (:func:`read_layer` for every layer, against the recorded shapes and
+    layouts) and check its modules_to_save checksum. ``peft-sara inspect`` and exports read files this way;
+    ``max_dense_per_entry`` bounds what a layer's dense update may cost (see :func:`read_layer`).
 
     Returns the parsed checkpoint and each layer's entries by (saved) layer name.
     """
     allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
     parsed = parse_checkpoint(state_dict)
     entries = {
-        layer_name: check_layer_checkpoint(layer_name, layer, None, None, allow_non_finite)
+        layer_name: read_layer(
+            layer_name, layer, allow_non_finite, parsed.version, max_dense_per_entry=max_dense_per_entry
+        )
         for layer_name, layer in parsed.layers.items()
     }
-    _check_other_checksum(state_dict, parsed, None)
+    check_other_checksum(state_dict, parsed, None)
     return parsed, entries
 
 
-def _check_other_checksum(state_dict: Mapping[str, Any], parsed: ParsedCheckpoint, adapter_name: str | None) -> None:
+def check_other_checksum(state_dict: Mapping[str, Any], parsed: ParsedCheckpoint, adapter_name: str | None) -> None:
     others = {key: state_dict[key] for key in parsed.other_keys}
     if not torch.equal(other_tensors_checksum(others, adapter_name), parsed.other_checksum.cpu()):
         raise InvalidAdapterError(
@@ -294,56 +416,6 @@ def check_not_merged(model: nn.Module, adapter_name: str) -> None:
         )
 
 
-def effective_weight_problem(
-    layer: SaRALayer, scale: float, entries: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> str | None:
-    """Why the weight the layer would compute with, ``cast(w + scale * delta)`` in the base dtype, is unusable, or None.
-
-    Unusable: an entry that is not finite, or one so large that a unit input overflows the layer's output
-    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). Quantized or offloaded
-    base weights are not read (not checked).
-    """
-    base_layer = layer.get_base_layer()
-    weight = getattr(base_layer, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.is_meta:
-        return None
-    if quantized_backend(base_layer) is not None:  # torchao / quanto tensors report a float dtype
-        return None
-    flat = weight.detach().reshape(-1)
-    fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))
-    limit = torch.finfo(weight.dtype).max / fan_in
-    for indices, values in entries:
-        if indices.numel() == 0:
-            continue
-        base = flat.index_select(0, indices.to(device=flat.device, dtype=torch.long))
-        patched = (base.double() + scale * values.to(device=flat.device, dtype=torch.float64)).to(weight.dtype)
-        finite = torch.isfinite(patched)
-        if not bool(finite.all()):
-            return f"{int((~finite).sum())} entries of its effective weight are not finite in {weight.dtype}"
-        largest = float(patched.abs().max())
-        if largest > limit:
-            return (
-                f"its effective weight reaches {largest:.3g}, so a unit input over its fan-in of {fan_in} overflows "
-                f"{weight.dtype} (limit {limit:.3g} per entry)"
-            )
-    return None
-
-
-def check_effective_weight(layer_name: str, layer: SaRALayer, adapter_name: str, entries: LayerEntries) -> None:
-    """Raise :class:`InvalidAdapterError` if ``entries`` would give ``layer`` an unusable weight (see
-    :func:`effective_weight_problem`), at the adapter's current scale."""
-    scale = float(layer.sara_scaling.get(adapter_name, 1.0))
-    problem = effective_weight_problem(
-        layer, scale, [(entries.indices, entries.values), (entries.frozen_indices, entries.frozen_values)]
-    )
-    if problem is not None:
-        raise InvalidAdapterError(
-            f"SaRA layer '{layer_name}': {problem}. To load it anyway pass `allow_non_finite=True` (peft-sara's "
-            f"loaders), set {ALLOW_NON_FINITE_ENV_VAR}=1, or load inside "
-            "`peft_sara.allow_non_finite_values()`."
-        )
-
-
 def validate_checkpoint(
     model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor], allow_non_finite: bool | None = None
 ) -> tuple[dict[str, LayerEntries], dict[str, torch.Tensor]]:
@@ -374,7 +446,7 @@ def validate_checkpoint(
             f"(adapter '{adapter_name}'): {shown}. Was it trained with other `target_modules` or another model?"
         )
     _check_other_tensors(model, adapter_name, state_dict, parsed.other_keys, allow_non_finite)
-    _check_other_checksum(state_dict, parsed, adapter_name)
+    check_other_checksum(state_dict, parsed, adapter_name)
 
     entries = {}
     for layer_name, (name, layer) in layers.items():
@@ -382,11 +454,10 @@ def validate_checkpoint(
         if checkpoint is None:
             raise InvalidAdapterError(f"The checkpoint has no entries for SaRA layer '{name}'.")
         _, values = layer.trainable_entries(adapter_name)
-        entries[name] = check_layer_checkpoint(
-            name, checkpoint, tuple(layer.weight_shape), values.dtype, allow_non_finite
+        scale = float(layer.sara_scaling.get(adapter_name, 1.0))
+        entries[name] = read_layer(
+            name, checkpoint, allow_non_finite, parsed.version, layer=layer, value_dtype=values.dtype, scale=scale
         )
-        if not allow_non_finite:
-            check_effective_weight(name, layer, adapter_name, entries[name])
 
     stored = {key for layer in parsed.layers.values() for key in layer.keys.values()}
     to_load = {key: value for key, value in state_dict.items() if key not in stored and key not in parsed.record_keys}
@@ -404,11 +475,13 @@ __all__ = [
     "ALLOW_NON_FINITE_ENV_VAR",
     "LayerEntries",
     "allow_non_finite_values",
+    "MAX_DENSE_PER_STORED_ENTRY",
+    "SlotTooSmall",
     "check_checkpoint_file",
-    "check_effective_weight",
-    "check_layer_checkpoint",
+    "check_other_checksum",
     "check_not_merged",
     "effective_weight_problem",
     "non_finite_allowed",
+    "read_layer",
     "validate_checkpoint",
 ]
