@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -178,16 +179,44 @@ def _unreadable(path: Path, err: Exception) -> InvalidAdapterError:
     return InvalidAdapterError(f"'{path}' is not a readable {kind} file (truncated or corrupted?): {err}")
 
 
+def check_legacy_archive(path: Path) -> None:
+    """Refuse a legacy ``adapter_model.bin`` that could cost more than its size to read: anything but ``torch.save``'s
+    zip archive with stored (uncompressed) members whose sizes add up to at most the file's. A deflate-compressed
+    member would expand (up to ~1000x) before any check; the older tar / raw-pickle formats allocate storages of
+    whatever size they claim. Read before any member is expanded: the zip's central directory only."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise InvalidAdapterError(
+            f"'{path}' is not a zip archive (torch.save's format since PyTorch 1.6): older pickle formats are refused, "
+            f"as their sizes cannot be checked before reading ({err}). Save the adapter again as safetensors."
+        ) from err
+    compressed = [member.filename for member in members if member.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise InvalidAdapterError(
+            f"'{path}' holds compressed members ({compressed[:3]}), which torch.save never writes and which would "
+            "expand before any check: the file is not a PyTorch checkpoint as saved. Save the adapter as safetensors."
+        )
+    claimed = sum(member.file_size for member in members)
+    if claimed > size:
+        raise InvalidAdapterError(f"'{path}' claims {claimed} bytes of members in a {size}-byte file: it is corrupted.")
+
+
 def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The adapter tensors of a folder (safetensors, or a legacy ``adapter_model.bin`` loaded with weights_only).
+    """The adapter tensors of a folder (safetensors, or a legacy ``adapter_model.bin`` loaded with weights_only, its
+    size checked first and its storages memory-mapped: :func:`check_legacy_archive`).
 
     An unreadable file raises :class:`~peft_sara.InvalidAdapterError`; a missing one ``FileNotFoundError``.
     """
     path = _weights_file(Path(folder))
+    if path.name != SAFETENSORS_NAME:
+        check_legacy_archive(path)
     try:
         if path.name == SAFETENSORS_NAME:
             return load_file(path, device="cpu")
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # safetensors', pickle's and zipfile's errors: all mean "not a weights file"
         raise _unreadable(path, err) from err
     if not isinstance(weights, dict):
@@ -211,6 +240,7 @@ __all__ = [
     "adapter_subfolder",
     "adapter_weight_keys",
     "base_model_id",
+    "check_legacy_archive",
     "publish_staged_files",
     "read_adapter_weights",
     "read_sara_config",

@@ -176,7 +176,7 @@ def decode_index_gaps(
     result = torch.empty(found, dtype=torch.int64)
     position, written, last = 0, 0, 0
     while position < stream.numel():
-        end = min(position + DECODE_CHUNK_BYTES, stream.numel())
+        end = min(position + max(DECODE_CHUNK_BYTES, MAX_VARINT_BYTES), stream.numel())
         if end < stream.numel():  # cut after the piece's last complete number
             terminators = torch.nonzero(stream[position:end] < 0x80).reshape(-1)
             if terminators.numel() == 0:
