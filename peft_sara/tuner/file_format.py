@@ -144,16 +144,27 @@ def count_index_gaps(stream: torch.Tensor) -> int:
     )
 
 
-def _decode_piece(data: torch.Tensor) -> torch.Tensor:
-    """The gaps of a stream piece that ends with a number's last byte (int64 ``data``)."""
-    last_byte = data < 0x80
-    ends = torch.nonzero(last_byte).reshape(-1)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
-    number = torch.cumsum(last_byte, 0) - last_byte.long()  # which number each byte belongs to
-    position = torch.arange(data.numel()) - starts[number]
-    if int(position.max()) >= MAX_VARINT_BYTES:
+def _decode_piece(piece: torch.Tensor) -> torch.Tensor:
+    """The gaps (int64) of a uint8 stream piece that ends with a number's last byte: each number's first byte, then
+    the few numbers longer than one byte (a gap of 128 or more) completed byte by byte."""
+    ends = torch.nonzero(piece < 0x80).reshape(-1)
+    starts = torch.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    longest = int(lengths.max())
+    if longest > MAX_VARINT_BYTES:
         raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
-    return torch.zeros(ends.numel(), dtype=torch.int64).index_add_(0, number, (data & 0x7F) << (7 * position))
+    payload = piece & 0x7F
+    gaps = payload[starts].long()
+    if longest > 1:
+        longer = torch.nonzero(lengths > 1).reshape(-1)
+        first, length, value = starts[longer], lengths[longer], gaps[longer]
+        for byte in range(1, longest):
+            has = length > byte
+            value[has] |= payload[first[has] + byte].long() << (7 * byte)
+        gaps[longer] = value
+    return gaps
 
 
 def decode_index_gaps(
@@ -182,10 +193,14 @@ def decode_index_gaps(
             if terminators.numel() == 0:
                 raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
             end = position + int(terminators[-1]) + 1
-        gaps = _decode_piece(stream[position:end].to(torch.int64))
+        gaps = _decode_piece(stream[position:end])
+        # Gaps are non-negative (at most 63 bits): the sums can only go wrong by passing the int64 range.
+        may_overflow = last + int(gaps.max()) * gaps.numel() > 2**63 - 1
         gaps[0] += last
         indices = torch.cumsum(gaps, 0)
-        if bool((indices < last).any()) or (indices.numel() > 1 and not bool((indices[1:] >= indices[:-1]).all())):
+        if may_overflow and (
+            bool((indices < last).any()) or (indices.numel() > 1 and not bool((indices[1:] >= indices[:-1]).all()))
+        ):
             raise ValueError("the index gaps sum past the int64 range")
         last = int(indices[-1])
         if limit is not None and last >= limit:

@@ -226,17 +226,6 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         with torch.no_grad(), readable_weight(self.get_base_layer()) as weight:
             return effective_weight(weight, self.sparse_entries(adapter_names))
 
-    @torch.no_grad()
-    def merge_is_finite(self, adapter_name: str) -> bool:
-        """Whether merging ``adapter_name`` would write only finite entries (no weight is changed)."""
-        with readable_weight(self.get_base_layer()) as weight:
-            flat_weight = weight.reshape(-1)
-            for entry in self.sparse_entries([adapter_name]):
-                base_entries = flat_weight.index_select(0, entry.indices)
-                if not torch.isfinite(kernels.reference.patched_values(base_entries, entry.values, entry.scale)).all():
-                    return False
-        return True
-
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Write the adapters' updates into the base weight (only the changed entries are touched; a bitsandbytes
         weight is requantized). Layers that share their weight with another SaRA layer refuse."""
