@@ -16,10 +16,8 @@ import json
 import os
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -29,10 +27,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .atomic import atomic_write, save_safetensors_atomic, write_text_atomic
-from .config_checks import check_config_dict, config_from_dict
 from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from .tuner.config import SaRAConfig
-from .tuner.file_format import InvalidAdapterError
+from .tuner.config_checks import check_config_dict, config_from_dict
+from .tuner.file_format import InvalidAdapterError, check_legacy_archive
 
 # Order in which a staged save is published: a folder whose config is new has new weights.
 PUBLISH_ORDER = (SAFETENSORS_NAME, PICKLE_NAME, CONFIG_NAME, CARD_NAME)
@@ -42,19 +40,6 @@ PUBLISH_ORDER = (SAFETENSORS_NAME, PICKLE_NAME, CONFIG_NAME, CARD_NAME)
 def adapter_subfolder(adapter_name: str) -> str:
     """Where an adapter lives inside a saved model folder: the root for ``default``, else a subfolder of its name."""
     return "" if adapter_name == DEFAULT_ADAPTER_NAME else adapter_name
-
-
-def base_model_id(model_or_pipeline: Any) -> str | None:
-    """The Hub id / path a model or pipeline was loaded from, if it knows it (``name_or_path`` or the config's)."""
-    config = getattr(model_or_pipeline, "config", None)
-    for candidate in (
-        getattr(model_or_pipeline, "name_or_path", None),
-        getattr(config, "_name_or_path", None),
-        getattr(config, "name_or_path", None),
-    ):
-        if isinstance(candidate, (str, os.PathLike)) and str(candidate):
-            return str(candidate)
-    return None
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -179,31 +164,6 @@ def _unreadable(path: Path, err: Exception) -> InvalidAdapterError:
     return InvalidAdapterError(f"'{path}' is not a readable {kind} file (truncated or corrupted?): {err}")
 
 
-def check_legacy_archive(path: Path) -> None:
-    """Refuse a legacy ``adapter_model.bin`` that could cost more than its size to read: anything but ``torch.save``'s
-    zip archive with stored (uncompressed) members whose sizes add up to at most the file's. A deflate-compressed
-    member would expand (up to ~1000x) before any check; the older tar / raw-pickle formats allocate storages of
-    whatever size they claim. Read before any member is expanded: the zip's central directory only."""
-    size = path.stat().st_size
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise InvalidAdapterError(
-            f"'{path}' is not a zip archive (torch.save's format since PyTorch 1.6): older pickle formats are refused, "
-            f"as their sizes cannot be checked before reading ({err}). Save the adapter again as safetensors."
-        ) from err
-    compressed = [member.filename for member in members if member.compress_type != zipfile.ZIP_STORED]
-    if compressed:
-        raise InvalidAdapterError(
-            f"'{path}' holds compressed members ({compressed[:3]}), which torch.save never writes and which would "
-            "expand before any check: the file is not a PyTorch checkpoint as saved. Save the adapter as safetensors."
-        )
-    claimed = sum(member.file_size for member in members)
-    if claimed > size:
-        raise InvalidAdapterError(f"'{path}' claims {claimed} bytes of members in a {size}-byte file: it is corrupted.")
-
-
 def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The adapter tensors of a folder (safetensors, or a legacy ``adapter_model.bin`` loaded with weights_only, its
     size checked first and its storages memory-mapped: :func:`check_legacy_archive`).
@@ -239,8 +199,6 @@ def adapter_weight_keys(folder: str | os.PathLike) -> list[str]:
 __all__ = [
     "adapter_subfolder",
     "adapter_weight_keys",
-    "base_model_id",
-    "check_legacy_archive",
     "publish_staged_files",
     "read_adapter_weights",
     "read_sara_config",

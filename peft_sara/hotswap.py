@@ -32,11 +32,11 @@ from torch import nn
 from .adapter_files import read_adapter_weights, read_sara_config
 from .resolve import resolve_adapter_folder
 from .save_bridge import install_save_bridge
-from .transaction import all_or_nothing
 from .tuner.config import SaRAConfig
 from .tuner.file_format import InvalidAdapterError, normalize_module_name, parse_checkpoint
 from .tuner.layer import SaRALayer, sara_layers
 from .tuner.reader import LayerEntries, SlotTooSmall, check_other_checksum, non_finite_allowed, read_layer
+from .tuner.transaction import all_or_nothing
 
 # Pipeline components a slot goes into when `components` is not given (the first one the pipeline has).
 DENOISERS = ("unet", "transformer", "prior", "decoder")

@@ -39,19 +39,21 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapter_files import base_model_id, read_adapter_weights, read_sara_config, save_injected_adapter
+from .adapter_files import read_adapter_weights, read_sara_config, save_injected_adapter
 from .atomic import write_text_atomic
 from .cards import sara_model_card
-from .config_checks import check_relative_path
-from .constants import CARD_NAME, CONFIG_NAME, PREFIX, SAFETENSORS_NAME
+from .constants import CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from .hotswap import swap_state_dicts
 from .resolve import default_adapter_name, resolve_adapter_folder
 from .save_bridge import install_save_bridge
-from .transaction import all_or_nothing
 from .tuner.config import SaRAConfig
+from .tuner.config_checks import check_relative_path
 from .tuner.file_format import InvalidAdapterError
 from .tuner.layer import count_entries, sara_adapter_names, sara_layers
+from .tuner.model import base_model_id
+from .tuner.peft_type import PREFIX
 from .tuner.reader import allow_non_finite_values
+from .tuner.transaction import all_or_nothing
 
 logger = logging.getLogger(__name__)
 

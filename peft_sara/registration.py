@@ -9,10 +9,9 @@ from __future__ import annotations
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
-from .constants import METHOD_NAME, PEFT_TYPE_NAME, PREFIX
 from .tuner.config import SaRAConfig
 from .tuner.model import SaRAModel
-from .tuner.peft_type import sara_peft_type
+from .tuner.peft_type import METHOD_NAME, PEFT_TYPE_NAME, PREFIX, sara_peft_type
 
 __all__ = ["register", "PEFT_TYPE_NAME", "PREFIX"]
 

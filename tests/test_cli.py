@@ -172,11 +172,17 @@ def test_command_line_errors_say_what_to_do(saved, tmp_path, capsys):
     moved.mkdir()
     config = json.loads((saved.adapter_dir / "unet" / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "org/not-downloaded"
+    del config["base_model_class"], config["auto_mapping"]  # as configs that record no class: component unknown
     (moved / "adapter_config.json").write_text(json.dumps(config))
     weights = load_file(saved.adapter_dir / "unet" / "adapter_model.safetensors")
-    save_file(weights, moved / "adapter_model.safetensors")  # no layout records: which component is unknown
-    with pytest.raises(SystemExit, match="Pass --base"):
+    save_file(weights, moved / "adapter_model.safetensors")
+    with pytest.raises(SystemExit, match="--components unet.*Pass --base") as exit_info:
         cli.main(["export", str(moved), "--format", "diff", "-o", str(tmp_path / "x.safetensors")])
+    assert "component=" not in str(exit_info.value)  # the command line's terms, not Python's
+    output = tmp_path / "named.safetensors"
+    assert (
+        cli.main(["export", str(moved), "--format", "diff", "--components", "unet", "-o", str(output), "--quiet"]) == 0
+    )
 
 
 # ------------------------------------------------------------------------------------------------- hostile input
@@ -287,6 +293,7 @@ def test_inspect_cost_is_bounded_by_the_entries_the_file_stores(saved, tmp_path,
                 layers.setdefault(split[0], {})[split[1]] = key
         for layer_name, keys in layers.items():
             tensors[keys["sara_weight_shape"]] = torch.tensor([3000, 3000], dtype=torch.int64)
+            tensors[keys["sara_layout"]] = torch.tensor([0, 1, 0])  # a matrix, consistent with the new shape
             tensors[keys["sara_checksum"]] = entries_checksum(
                 layer_name, {name: tensors[key] for name, key in keys.items() if name != "sara_checksum"}
             )

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             named = args.components[0] if args.components and len(args.components) == 1 else None
             source = read_adapter_files(args.adapter, args.subfolder, args.revision, args.token, component=named)
         except BaseModelRequired as err:
-            raise SystemExit(f"{err} {DOWNLOAD_HINT}") from None
+            raise SystemExit(f"{err.cli_message} {DOWNLOAD_HINT}") from None
     result = export_adapter(
         source,
         args.output,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..constants import DEFAULT_THRESHOLD
 from ..planning import (
     DTYPES,
     METHODS,
@@ -17,6 +16,7 @@ from ..planning import (
 )
 from ..planning.analytic import OPTIMIZERS, QUANTIZATIONS
 from ..planning.report import format_plan
+from ..tuner.config import DEFAULT_THRESHOLD
 from .output import print_json
 
 

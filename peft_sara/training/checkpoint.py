@@ -26,9 +26,9 @@ from torch import nn
 from ..adapter_files import adapter_subfolder, read_adapter_weights, save_model_adapter
 from ..atomic import save_safetensors_atomic
 from ..constants import TRAINING_STATE_NAME
-from ..transaction import all_or_nothing
 from ..tuner.file_format import InvalidAdapterError
 from ..tuner.selection import is_sharded
+from ..tuner.transaction import all_or_nothing
 from .helper import SaRATrainingHelper, resolve_sara_adapter
 from .optimizer import unwrap_optimizer
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from ..constants import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES
+from .kernels import BACKENDS as KERNELS
 from .peft_type import sara_peft_type
+
+# Selection default: the paper's global threshold (~6% of SD1.5's UNet).
+DEFAULT_THRESHOLD = 2e-3
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+RANK_METHODS = ("svd", "randomized")
+RANK_TARGETS = ("delta", "masked_weight")
 
 
 @dataclass
@@ -120,9 +126,6 @@ class SaRAConfig(PeftConfig):
         metadata={"help": "Class name of the model the adapter was injected into (set at injection; read by exports)."},
     )
 
-    # Not a field (never saved): where `from_pretrained` read this config from, None for configs built in code.
-    loaded_from: ClassVar[dict[str, Any] | None] = None
-
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = sara_peft_type()
@@ -180,6 +183,7 @@ class SaRAConfig(PeftConfig):
         the runtime's choice, not the file's (a ``"triton"`` saved on a GPU machine must not break CPU forwards)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config.kernel = "auto"
+        # An instance attribute, not a field (never saved); configs built in code have none.
         config.loaded_from = {"path": str(pretrained_model_name_or_path), "subfolder": subfolder, **kwargs}
         return config
 

@@ -54,8 +54,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -204,7 +206,7 @@ def decode_index_gaps(
             raise ValueError("the index gaps sum past the int64 range")
         last = int(indices[-1])
         if limit is not None and last >= limit:
-            raise ValueError(f"an index ({last}) is outside the weight's {limit} entries")
+            raise ValueError(f"an index ({last}) is out of range: the weight has {limit} entries")
         result[written : written + indices.numel()] = indices
         written += indices.numel()
         position = end
@@ -515,6 +517,31 @@ def encode_adapter_state_dict(
 
 
 # ------------------------------------------------------------------------------------------------- reading
+def check_legacy_archive(path: Path) -> None:
+    """Refuse a legacy ``adapter_model.bin`` that could cost more than its size to read: anything but ``torch.save``'s
+    zip archive with stored (uncompressed) members whose sizes add up to at most the file's. A deflate-compressed
+    member would expand (up to ~1000x) before any check; the older tar / raw-pickle formats allocate storages of
+    whatever size they claim. Read before any member is expanded: the zip's central directory only."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise InvalidAdapterError(
+            f"'{path}' is not a zip archive (torch.save's format since PyTorch 1.6): older pickle formats are refused, "
+            f"as their sizes cannot be checked before reading ({err}). Save the adapter again as safetensors."
+        ) from err
+    compressed = [member.filename for member in members if member.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise InvalidAdapterError(
+            f"'{path}' holds compressed members ({compressed[:3]}), which torch.save never writes and which would "
+            "expand before any check: the file is not a PyTorch checkpoint as saved. Save the adapter as safetensors."
+        )
+    claimed = sum(member.file_size for member in members)
+    if claimed > size:
+        raise InvalidAdapterError(f"'{path}' claims {claimed} bytes of members in a {size}-byte file: it is corrupted.")
+
+
 @dataclass
 class LayerCheckpoint:
     """The tensors a checkpoint holds for one SaRA layer, by SaRA tensor name, with their state-dict keys."""
@@ -624,6 +651,7 @@ __all__ = [
     "LayerCheckpoint",
     "ParsedCheckpoint",
     "align_checkpoint_keys",
+    "check_legacy_archive",
     "count_index_gaps",
     "decode_index_gaps",
     "encode_index_gaps",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,15 +12,16 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..adapter_files import base_model_id
-from ..constants import PREFIX, SARA_TAGS
-from ..peft_loading import check_peft_load_source, resize_layers_to_entries
 from ..save_bridge import install_save_bridge
-from ..transaction import ModelState, all_or_nothing
 from .config import SaRAConfig
 from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
 from .layer import SaRALayer, dispatch_sara_layer, sara_layers
-from .reader import effective_weight_problem, validate_checkpoint
+from .peft_type import PREFIX
+from .reader import check_load_source, effective_weight_problem, resize_layers_to_entries, validate_checkpoint
+from .transaction import ModelState, all_or_nothing
+
+# Hub / model-card tags every SaRA-adapted model gets.
+SARA_TAGS = ("sara", "peft-sara")
 
 # Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
 # text encoders. Suffix lists, matched by PEFT's usual rules.
@@ -69,6 +71,19 @@ TRANSFORMERS_TARGET_MODULES_MAPPING = {
     "clip_text_model_with_projection": CLIP_TEXT_TARGET_MODULES,
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
 }
+
+
+def base_model_id(model_or_pipeline: Any) -> str | None:
+    """The Hub id / path a model or pipeline was loaded from, if it knows it (``name_or_path`` or the config's)."""
+    config = getattr(model_or_pipeline, "config", None)
+    for candidate in (
+        getattr(model_or_pipeline, "name_or_path", None),
+        getattr(config, "_name_or_path", None),
+        getattr(config, "name_or_path", None),
+    ):
+        if isinstance(candidate, (str, os.PathLike)) and str(candidate):
+            return str(candidate)
+    return None
 
 
 def default_target_modules(model: nn.Module) -> list[str] | None:
@@ -138,10 +153,13 @@ class SaRAModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's injection, all or nothing: if it fails on any module (a non-supported target, a merged layer), the
         model is restored exactly (modules, adapters, ``requires_grad``, tags) before the error propagates."""
+        config = self.peft_config.get(adapter_name)
+        source = getattr(config, "loaded_from", None)
+        if source is not None:  # PEFT's from_pretrained / load_adapter injects before reading the weights: check first
+            check_load_source(model, config, source)
         with all_or_nothing(self, model) as state:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-        config = self.peft_config.get(adapter_name)
-        if getattr(config, "loaded_from", None) is not None:
+        if source is not None:
             self._sara_pending_loads[adapter_name] = state
             del config.loaded_from  # a copy of this config injected elsewhere is not a pending load
 
@@ -166,8 +184,6 @@ class SaRAModel(BaseTuner):
 
     def _check_new_adapter_config(self, config: SaRAConfig) -> None:
         super()._check_new_adapter_config(config)
-        # PEFT's from_pretrained / load_adapter inject before reading the weights: check the source first.
-        check_peft_load_source(self.model, config)
         # PEFT's language-model wrappers read generation methods right after injecting, out of the tuner's reach.
         if str(getattr(config, "task_type", None) or "") in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and not hasattr(
             self.model, "prepare_inputs_for_generation"
@@ -306,4 +322,4 @@ class SaRAModel(BaseTuner):
         return sara_layers(self.model)
 
 
-__all__ = ["SaRAModel", "default_target_modules", "mark_tied_layers"]
+__all__ = ["SaRAModel", "base_model_id", "default_target_modules", "mark_tied_layers"]

@@ -33,17 +33,23 @@ are not read for the effective-weight check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, ModulesToSaveWrapper, load_peft_weights
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .base_weight import quantized_backend
+from .config_checks import check_config_values, check_relative_path
 from .file_format import (
     CHECKSUM_NAME,
     FORMAT_VERSION,
@@ -55,6 +61,7 @@ from .file_format import (
     LayerCheckpoint,
     LayerLayout,
     ParsedCheckpoint,
+    check_legacy_archive,
     checked_checksum,
     decode_index_gaps,
     entries_checksum,
@@ -152,7 +159,7 @@ def _decoded_entries(where: str, stream: torch.Tensor, values: torch.Tensor, num
         check_entries(indices, values, numel, where, OTHER_MODEL_HINT)
     except ValueError as err:
         message = str(err) if str(err).startswith(where) else f"{where}: {err}."
-        if "outside the weight" in message:
+        if "out of range" in message:
             message = f"{message} {OTHER_MODEL_HINT}"
         raise InvalidAdapterError(message) from err
     return indices.to(index_dtype_for(numel))
@@ -470,6 +477,94 @@ def validate_checkpoint(
     return entries, to_load
 
 
+# ------------------------------------------------------------------------------------------------- PEFT's load path
+def resize_layers_to_entries(model: nn.Module, adapter_name: str, entries: dict[str, LayerEntries]) -> None:
+    """Give every layer of ``entries`` (read by :func:`validate_checkpoint`, by model layer name) the size of its
+    checkpoint entries, so that ``load_state_dict`` can fill them (after progressive re-selection, or when the layer
+    was created without selecting)."""
+    for name, layer_entries in entries.items():
+        layer = model.get_submodule(name)
+        indices, _ = layer.trainable_entries(adapter_name)
+        frozen_indices, _ = layer.frozen_entries(adapter_name)
+        if layer_entries.indices.shape != indices.shape or layer_entries.frozen_indices.shape != frozen_indices.shape:
+            layer.set_trainable_entries(
+                adapter_name,
+                layer_entries.indices,
+                layer_entries.values,
+                layer_entries.frozen_indices,
+                layer_entries.frozen_values,
+            )
+
+
+# Arguments of `PeftConfig.from_pretrained` that say where PEFT's loader reads the weights from.
+HUB_ARGUMENTS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download")
+
+
+def _weight_keys(folder: str) -> set[str]:
+    """The tensor names of a local adapter folder's weights, from the safetensors header or, for a legacy
+    ``adapter_model.bin``, after its size checks (:func:`check_legacy_archive`), memory-mapped."""
+    safetensors_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    try:
+        if os.path.isfile(safetensors_path):
+            with safe_open(safetensors_path, framework="pt") as handle:
+                return set(handle.keys())
+        bin_path = os.path.join(folder, WEIGHTS_NAME)
+        if not os.path.isfile(bin_path):
+            raise FileNotFoundError(
+                f"'{folder}' has an adapter config but no '{SAFETENSORS_WEIGHTS_NAME}' (or '{WEIGHTS_NAME}')."
+            )
+        check_legacy_archive(Path(bin_path))
+        return set(torch.load(bin_path, map_location="cpu", weights_only=True, mmap=True))
+    except (InvalidAdapterError, FileNotFoundError):
+        raise
+    except Exception as err:  # safetensors', pickle's and zipfile's errors: all mean "not a weights file"
+        raise InvalidAdapterError(f"The weights in '{folder}' are not a readable adapter file: {err}") from err
+
+
+def _modules_to_save_keys(model: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
+    """Checkpoint keys PEFT will look up for the modules_to_save of a new adapter, by module (PEFT's suffix match)."""
+    inside_layers = {name for name, _ in sara_layers(model)}
+    expected = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(f"{layer}.") for layer in inside_layers):
+            continue
+        if any(name.endswith(target) for target in targets):
+            source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+            expected[name] = [f"{normalize_module_name(name)}.{key}" for key in source.state_dict()]
+    return expected
+
+
+def check_load_source(model: nn.Module, config: PeftConfig, source: dict[str, Any]) -> None:
+    """Before SaRA injects an adapter whose config PEFT's ``from_pretrained`` / ``load_adapter`` read from a file
+    (``source``: path or repo id and the Hub arguments), check what PEFT would otherwise discover only after the
+    injection: the config's field types, a ``subfolder`` inside the adapter, a readable (and, for a legacy ``.bin``,
+    bounded) weights file, and the modules_to_save tensors. Called by the tuner's injection, not by a config check."""
+    model_id = source["path"]
+    hub_kwargs = {key: source[key] for key in HUB_ARGUMENTS if source.get(key) is not None}
+    subfolder = hub_kwargs.get("subfolder")
+    if subfolder is not None:
+        check_relative_path(subfolder, "subfolder")
+    where = f"The adapter config of '{model_id}'"
+    check_config_values({field.name: getattr(config, field.name) for field in dataclasses.fields(config)}, where)
+    folder = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(folder):
+        keys = {normalize_module_name(key) for key in _weight_keys(folder)}
+    else:  # a Hub repo: PEFT reads the same (cached) file right after
+        try:
+            weights = load_peft_weights(model_id, device="cpu", **hub_kwargs)
+        except SafetensorError as err:
+            raise InvalidAdapterError(
+                f"The weights of '{model_id}' are not a readable safetensors file: {err}"
+            ) from err
+        keys = {normalize_module_name(key) for key in weights}
+    for name, module_keys in _modules_to_save_keys(model, getattr(config, "modules_to_save", None) or ()).items():
+        missing = [key for key in module_keys if key not in keys]
+        if missing:
+            raise InvalidAdapterError(
+                f"'{model_id}' lacks the modules_to_save tensors of '{name}' that its config asks for: {missing[:3]}."
+            )
+
+
 __all__ = [
     "ALLOW_NON_FINITE_ENV_VAR",
     "LayerEntries",
@@ -477,6 +572,8 @@ __all__ = [
     "MAX_DENSE_PER_STORED_ENTRY",
     "SlotTooSmall",
     "check_checkpoint_file",
+    "check_load_source",
+    "resize_layers_to_entries",
     "check_other_checksum",
     "check_not_merged",
     "effective_weight_problem",

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ...constants import KERNEL_ENV_VAR as ENV_VAR
-from ...constants import KERNELS as BACKENDS
 from . import reference
+
+# Masked-weight kernel choices; the environment variable overrides the adapter's choice.
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "PEFT_SARA_KERNEL"
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,9 +16,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-from .constants import PEFT_TYPE_NAME
-from .tuner.config import SaRAConfig
-from .tuner.file_format import InvalidAdapterError
+from .config import SaRAConfig
+from .file_format import InvalidAdapterError
+from .peft_type import PEFT_TYPE_NAME
 
 
 def _field_annotations() -> dict[str, Any]:
