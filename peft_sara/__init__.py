@@ -36,6 +36,7 @@ _EXPORTS = {
     "sara_model_card": "cards",
     "InvalidAdapterError": "tuner.file_format",
     "allow_non_finite_values": "tuner.reader",
+    "set_sara_kernel": "tuner.model",
 }
 
 __all__ = [*_EXPORTS, "PEFT_TYPE", "__version__"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
@@ -45,9 +46,10 @@ class SaRAConfig(PeftConfig):
         save_dtype (`str`, *optional*):
             Store the trainable values as `"float16"`, `"bfloat16"` or `"float32"` in `adapter_model.safetensors`.
             `None` keeps the training dtype (float32). Values are cast back to float32 on load.
-        kernel (`str`):
-            `"auto"` (Triton on CUDA when available, PyTorch elsewhere), `"triton"` or `"reference"`. The environment
-            variable `PEFT_SARA_KERNEL` overrides it.
+        kernel (`str`, *optional*):
+            Deprecated: the kernel is a runtime choice, not part of the adapter. Use
+            `peft_sara.set_sara_kernel(model, "auto" | "triton" | "reference")` or the environment variable
+            `PEFT_SARA_KERNEL` (which overrides everything). Not saved; configs that carry it still load.
         lambda_rank (`float`):
             Weight of the nuclear-norm low-rank loss on each layer's sparse update. 0 disables it. The paper's
             appendix uses 5e-3, the official training script 5e-4.
@@ -97,9 +99,9 @@ class SaRAConfig(PeftConfig):
     save_dtype: str | None = field(
         default=None, metadata={"help": "Dtype of stored values: float32, float16 or bfloat16."}
     )
-    kernel: Literal["auto", "triton", "reference"] = field(
-        default="auto", metadata={"help": "Masked-weight kernel: auto, triton or reference."}
-    )
+    # Not a field (never saved): which kernel runs is the runtime's choice (`peft_sara.set_sara_kernel`,
+    # `PEFT_SARA_KERNEL`). Still accepted here, and from configs saved before, with a deprecation warning.
+    kernel: InitVar[Literal["auto", "triton", "reference"] | None] = None
     lambda_rank: float = field(default=0.0, metadata={"help": "Weight of the nuclear-norm low-rank loss."})
     rank_layers_per_step: int | str = field(
         default=1, metadata={"help": "Layers sampled per step by the low-rank loss, or 'all'."}
@@ -126,8 +128,19 @@ class SaRAConfig(PeftConfig):
         metadata={"help": "Class name of the model the adapter was injected into (set at injection; read by exports)."},
     )
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, kernel: str | None = None) -> None:
         super().__post_init__()
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
+        if kernel not in (None, "auto"):
+            warnings.warn(
+                "`SaRAConfig(kernel=...)` is deprecated: the kernel is a runtime choice, not part of the adapter. Call "
+                "`peft_sara.set_sara_kernel(model, kernel)` after injecting, or set PEFT_SARA_KERNEL.",
+                FutureWarning,
+                stacklevel=3,
+            )
+        # The kernel the layers start with (an instance attribute, never saved).
+        self.kernel = kernel or "auto"
         self.peft_type = sara_peft_type()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -151,8 +164,6 @@ class SaRAConfig(PeftConfig):
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"`save_dtype` must be one of {SAVE_DTYPES} or None, got {self.save_dtype!r}.")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"`kernel` must be one of {KERNELS}, got {self.kernel!r}.")
         if self.lambda_rank < 0:
             raise ValueError(f"`lambda_rank` must be >= 0, got {self.lambda_rank}.")
         if not (

@@ -15,6 +15,7 @@ from torch import nn
 from ..save_bridge import install_save_bridge
 from .config import SaRAConfig
 from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
+from .kernels import BACKENDS as KERNELS
 from .layer import SaRALayer, dispatch_sara_layer, sara_layers
 from .peft_type import PREFIX
 from .reader import check_load_source, effective_weight_problem, resize_layers_to_entries, validate_checkpoint
@@ -192,12 +193,16 @@ class SaRAModel(BaseTuner):
                 f"The SaRA config has `task_type={config.task_type!r}`, which needs a language model, but "
                 f"{type(self.model).__name__} cannot generate. Remove `task_type` from the adapter config."
             )
-        # One layer runs all its active adapters through one kernel: they must agree on it.
-        kernels_in_use = sorted({adapter_config.kernel for adapter_config in self.peft_config.values()})
+        # One layer runs all its active adapters through one kernel: a new adapter takes the model's (see
+        # `set_sara_kernel`); only a (deprecated) explicit `SaRAConfig(kernel=...)` can disagree, and is refused.
+        others = {getattr(other, "kernel", "auto") for other in self.peft_config.values() if other is not config}
+        if getattr(config, "kernel", "auto") == "auto" and len(others) == 1:
+            config.kernel = next(iter(others))
+        kernels_in_use = sorted(others | {getattr(config, "kernel", "auto")})
         if len(kernels_in_use) > 1:
             raise ValueError(
-                f"All SaRA adapters of a model must use the same `kernel`, got {kernels_in_use}. Set the same "
-                "`kernel` in every SaRAConfig (or use the PEFT_SARA_KERNEL environment variable)."
+                f"All SaRA adapters of a model must use the same `kernel`, got {kernels_in_use}. Choose it at run time "
+                "for the whole model with `peft_sara.set_sara_kernel(model, kernel)` (or PEFT_SARA_KERNEL) instead."
             )
 
     def _prepare_adapter_config(self, peft_config: SaRAConfig, model_config: dict) -> SaRAConfig:
@@ -317,9 +322,27 @@ class SaRAModel(BaseTuner):
             raise
 
     # ----------------------------------------------------------------------------------------- helpers
+    def set_kernel(self, kernel: str) -> None:
+        """Run every SaRA layer of the model through ``kernel`` (see :func:`set_sara_kernel`)."""
+        set_sara_kernel(self.model, kernel)
+
     def sara_layers(self) -> Iterator[tuple[str, SaRALayer]]:
         """(name, layer) for every SaRA layer of the model."""
         return sara_layers(self.model)
 
 
-__all__ = ["SaRAModel", "base_model_id", "default_target_modules", "mark_tied_layers"]
+def set_sara_kernel(model: nn.Module, kernel: str) -> None:
+    """Choose the masked-weight kernel of every SaRA layer of ``model`` (a ``PeftModel``, or a model with injected
+    adapters), for every adapter: ``"auto"`` (Triton on CUDA when it imports, PyTorch elsewhere), ``"triton"`` or
+    ``"reference"``. A runtime choice, never saved with the adapter; ``PEFT_SARA_KERNEL`` overrides it."""
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
+    for _, layer in sara_layers(model):
+        for adapter_name in layer.sara_kernel:
+            layer.sara_kernel[adapter_name] = kernel
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if isinstance(config, SaRAConfig):
+            config.kernel = kernel  # adapters added later start with it too
+
+
+__all__ = ["SaRAModel", "set_sara_kernel", "base_model_id", "default_target_modules", "mark_tied_layers"]
