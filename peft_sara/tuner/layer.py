@@ -279,12 +279,11 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Runs once per layer call: module attributes are read through their dicts (an nn.Module `__getattr__` costs
         # about as much as a small op's dispatch), and the kernel backend is resolved only when autograd will run.
-        if self._disable_adapters or self.merged_adapters:  # PEFT's `disable_adapters` and `merged`, read directly
-            if self._disable_adapters and self.merged_adapters:
+        if self.disable_adapters or self.merged_adapters:  # PEFT's public properties (class attributes: no __getattr__)
+            if self.disable_adapters and self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        names = self._active_adapter
-        active = self.present_adapters((names,) if isinstance(names, str) else names)
+        active = self.present_adapters(self.active_adapters)
         if not active:
             return self.base_layer(x, *args, **kwargs)
         base_layer = self.get_base_layer()
