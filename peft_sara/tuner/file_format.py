@@ -40,8 +40,8 @@ writers added; it still loads, and its metadata is read (and checked against the
 Encoding happens at the file's edge: layers keep int32 / int64 indices in memory. SaRA's tuner encodes in its state-dict
 hook (``SaRAModel._get_adapter_state_dict``, which every save runs, PEFT's included): empty frozen sets are dropped,
 values are cast to ``save_dtype``, each set is sorted by index (values with it) and its indices written as gaps, and the
-records are added. Every reader decodes in one place (``peft_sara.tuner.reader.check_layer_checkpoint``), after
-the checksum and before anything reaches ``load_state_dict``: PEFT's ``from_pretrained`` / ``load_adapter`` through the
+records are added. Every reader decodes in one place (``peft_sara.tuner.reader.read_layer``), once per load, before
+anything reaches ``load_state_dict``: PEFT's ``from_pretrained`` / ``load_adapter`` through the
 tuner's load hook (``SaRAModel._remap_adapter_state_dict_for_load``), ``load_sara_adapter``, hotswap, training resume,
 ``peft-sara inspect`` / ``export`` and ``read_adapter_files``. What each check covers is in
 ``peft_sara.tuner.reader``.
