@@ -157,7 +157,7 @@ def test_format_1_files_still_load_and_export(tmp_path):
     )
     config = json.loads(open(os.path.join(LEGACY, "unet_adapter", "adapter_config.json")).read())
     (stripped / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(BaseModelRequired, match="records no model class.*--components unet"):
+    with pytest.raises(BaseModelRequired, match="records no model class.*`component=`"):
         read_adapter_files(stripped)
     with pytest.warns(UserWarning, match="records no layer layouts.*undilated"):
         files = read_adapter_files(stripped, component="unet")

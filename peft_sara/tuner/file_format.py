@@ -147,25 +147,29 @@ def count_index_gaps(stream: torch.Tensor) -> int:
 
 
 def _decode_piece(piece: torch.Tensor) -> torch.Tensor:
-    """The gaps (int64) of a uint8 stream piece that ends with a number's last byte: each number's first byte, then
-    the few numbers longer than one byte (a gap of 128 or more) completed byte by byte."""
+    """The gaps (int64) of a uint8 stream piece that ends with a number's last byte: a one-byte number is its byte;
+    the few longer ones (a gap of 128 or more) are completed byte by byte."""
     ends = torch.nonzero(piece < 0x80).reshape(-1)
-    starts = torch.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lengths = ends - starts + 1
-    longest = int(lengths.max())
+    gaps = piece[ends].long()
+    if ends.numel() == piece.numel():
+        return gaps
+    spans = torch.diff(ends, prepend=ends.new_full((1,), -1))  # each number's length in bytes
+    longer = torch.nonzero(spans > 1).reshape(-1)
+    length = spans[longer]
+    longest = int(length.max())
     if longest > MAX_VARINT_BYTES:
         raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
-    payload = piece & 0x7F
-    gaps = payload[starts].long()
-    if longest > 1:
-        longer = torch.nonzero(lengths > 1).reshape(-1)
-        first, length, value = starts[longer], lengths[longer], gaps[longer]
-        for byte in range(1, longest):
-            has = length > byte
-            value[has] |= payload[first[has] + byte].long() << (7 * byte)
-        gaps[longer] = value
+    first = ends[longer] - (length - 1)
+    value = (piece[first] & 0x7F).long()
+    for byte in range(1, longest):  # every longer number has a second byte; fewer have each next one
+        has = None if byte == 1 else torch.nonzero(length > byte).reshape(-1)
+        positions = first + byte if has is None else first[has] + byte
+        contribution = (piece[positions] & 0x7F).long() << (7 * byte)
+        if has is None:
+            value += contribution
+        else:
+            value[has] += contribution
+    gaps[longer] = value
     return gaps
 
 
