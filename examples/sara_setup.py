@@ -37,7 +37,7 @@ from peft_sara.training import (
     paper_learning_rate,
     resume_from_checkpoint,
 )
-from peft_sara.tuner.config import DEFAULT_THRESHOLD
+from peft_sara.tuner.names import DEFAULT_THRESHOLD
 
 logger = get_logger(__name__, log_level="INFO")
 

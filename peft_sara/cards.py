@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .constants import DIFFUSERS_TAGS, PAPER_URL, __version__
 from .tuner.config import SaRAConfig
-from .tuner.model import SARA_TAGS
+from .tuner.names import SARA_TAGS
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 

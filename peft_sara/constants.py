@@ -1,5 +1,5 @@
 """Names and values shared across peft-sara (one place for each); the tuner's own (PEFT type name, prefix, selection
-default, kernel choices, config choices, tags) live in ``peft_sara.tuner``, which imports nothing else of peft-sara."""
+default, kernel choices, config choices, tags) live in ``peft_sara.tuner.names``, which imports nothing."""
 
 from __future__ import annotations
 

@@ -8,14 +8,8 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from .kernels import BACKENDS as KERNELS
+from .names import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES
 from .peft_type import sara_peft_type
-
-# Selection default: the paper's global threshold (~6% of SD1.5's UNet).
-DEFAULT_THRESHOLD = 2e-3
-SAVE_DTYPES = ("float32", "float16", "bfloat16")
-RANK_METHODS = ("svd", "randomized")
-RANK_TARGETS = ("delta", "masked_weight")
 
 
 @dataclass
@@ -34,8 +28,10 @@ class SaRAConfig(PeftConfig):
             In (0, 1]: train the `round(fraction * numel)` smallest-magnitude entries of each weight (at least one).
             More robust than a global threshold across models whose weight scales differ.
         target_modules (`list[str]` or `str`, *optional*):
-            Modules to adapt: a list of exact names or dotted suffixes, or a full-match regex. `None` uses the
-            defaults for known diffusers UNet / DiT models and transformers text encoders.
+            Modules to adapt: a list of exact names or dotted suffixes, or a full-match regex. `None` adapts every
+            Linear / ungrouped Conv inside the model's repeated blocks, except modulation, norms and embeddings
+            (`peft_sara.tuner.targets`: any diffusers denoiser or transformers text encoder); the saved config lists
+            the layers this picked.
         exclude_modules (`list[str]` or `str`, *optional*): Modules never to adapt (same matching rules).
         modules_to_save (`list[str]`, *optional*): Extra modules trained in full and saved with the adapter.
         layers_to_transform (`list[int]` or `int`, *optional*): Only adapt these layer indices (list targets only).

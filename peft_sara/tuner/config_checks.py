@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 
 from .config import SaRAConfig
 from .file_format import InvalidAdapterError
-from .peft_type import PEFT_TYPE_NAME
+from .names import PEFT_TYPE_NAME
 
 
 def _field_annotations() -> dict[str, Any]:

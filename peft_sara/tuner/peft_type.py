@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from peft.utils import PeftType
 
-# PEFT registration: `PeftType.SARA`, method name "sara", and the prefix of every per-adapter container on a layer.
-PEFT_TYPE_NAME = "SARA"
-METHOD_NAME = "sara"
-PREFIX = "sara_"
+from .names import PEFT_TYPE_NAME
 
 
 def add_peft_type_member(name: str) -> PeftType:

@@ -12,11 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..names import KERNEL_ENV_VAR as ENV_VAR
+from ..names import KERNELS as BACKENDS
 from . import reference
-
-# Masked-weight kernel choices; the environment variable overrides the adapter's choice.
-BACKENDS = ("auto", "triton", "reference")
-ENV_VAR = "PEFT_SARA_KERNEL"
 
 
 @functools.lru_cache(maxsize=1)
