@@ -53,7 +53,7 @@ ADAPTER_FROM_FILES = "sara"  # the adapter name exports of files report
 
 class BaseModelRequired(ValueError):
     """An export from files alone cannot lay out a layer: the message names the layer and why; pass the base model.
-    ``cli_message`` says the same in the command line's terms."""
+    ``cli_message`` says the same in ``peft-sara export``'s terms (its flags instead of Python arguments)."""
 
     def __init__(self, message: str, cli_message: str | None = None) -> None:
         super().__init__(message)
@@ -138,9 +138,11 @@ def _layout(
         raise BaseModelRequired(
             f"Layer '{component}.{name}' (weight {shape}) needs the base model: '{where}' records no layer layouts "
             "(format 1, saved by `PeftModel.save_pretrained` or another tool) and outside a diffusers denoiser a 2-D "
-            "weight may be nn.Linear (out x in) or transformers' Conv1D (in x out). Pass the base model (`--base` on "
-            "the command line), or load the adapter and save it again with this peft-sara."
-        )  # the same words serve the command line and Python
+            "weight may be nn.Linear (out x in) or transformers' Conv1D (in x out). Pass the base model, or load the "
+            "adapter and save it again with this peft-sara.",
+            f"Layer '{component}.{name}' (weight {shape}) needs the base model: '{where}' records no layer layouts, and "
+            "outside a diffusers denoiser a 2-D weight may be nn.Linear or transformers' Conv1D.",
+        )
     return LayerLayout.from_shape(shape)
 
 
@@ -170,13 +172,10 @@ def read_adapter_files(
         model_class = _recorded_model_class(component_folder, getattr(config, "base_model_class", None)) or legacy_class
         component_name = name or component or (component_name_of(model_class) if model_class else None)
         if component_name is None:
-            unknown = (
-                f"'{component_folder}' records no model class (an adapter saved before peft-sara recorded it), so "
-                "which pipeline component it adapts is unknown:"
-            )
+            unknown = f"'{component_folder}' records no model class, so which pipeline component it adapts is unknown"
             raise BaseModelRequired(
-                f"{unknown} pass `component=` (e.g. 'unet') or the base model.",
-                f"{unknown} name it with `--components unet` (or text_encoder, ...).",
+                f"{unknown}: pass `component=` (e.g. 'unet') or the base model.",
+                f"{unknown}: name it with --component (e.g. --component unet), or pass --base FOLDER.",
             )
         parsed, entries = check_checkpoint_file(
             read_adapter_weights(component_folder),
