@@ -177,12 +177,12 @@ def test_command_line_errors_say_what_to_do(saved, tmp_path, capsys):
     (moved / "adapter_config.json").write_text(json.dumps(config))
     weights = load_file(saved.adapter_dir / "unet" / "adapter_model.safetensors")
     save_file(weights, moved / "adapter_model.safetensors")
-    with pytest.raises(SystemExit, match="--components unet.*Pass --base") as exit_info:
+    with pytest.raises(SystemExit, match="--component unet") as exit_info:
         cli.main(["export", str(moved), "--format", "diff", "-o", str(tmp_path / "x.safetensors")])
     assert "component=" not in str(exit_info.value)  # the command line's terms, not Python's
     output = tmp_path / "named.safetensors"
     assert (
-        cli.main(["export", str(moved), "--format", "diff", "--components", "unet", "-o", str(output), "--quiet"]) == 0
+        cli.main(["export", str(moved), "--format", "diff", "--component", "unet", "-o", str(output), "--quiet"]) == 0
     )
 
 
