@@ -1,5 +1,5 @@
 """Adapter file sizes: bytes per stored entry and MB, before (int32 / int64 indices) and after (varint index gaps, see
-``peft_sara.file_format``), with float32 and float16 values, against LoRA; and the time to read and decode a file.
+``peft_sara.tuner.file_format``), with float32 and float16 values, against LoRA; and the time to read and decode a file.
 
     python -m benchmarks.file_size                       # demo UNet at 5%, SD1.5-shaped UNet at 2% and 6% (~5 min)
     python -m benchmarks.file_size --cases demo          # seconds
@@ -36,11 +36,10 @@ from torch import nn
 import peft_sara  # noqa: F401  (registers SaRA with PEFT)
 from peft_sara import SaRAConfig, sara_layers
 from peft_sara.adapter_files import save_model_adapter
-from peft_sara.checkpoint_checks import check_checkpoint_file
 from peft_sara.constants import SAFETENSORS_NAME
-from peft_sara.file_format import entries_checksum
-from peft_sara.index_encoding import decode_index_gaps
 from peft_sara.presets import PRESETS, build_model
+from peft_sara.tuner.file_format import decode_index_gaps, entries_checksum
+from peft_sara.tuner.reader import check_checkpoint_file
 
 from .report import format_markdown_table, format_table, write_json
 

@@ -29,7 +29,6 @@ from torch import nn
 
 from peft_sara import SaRAConfig
 from peft_sara.adapter_files import save_injected_adapter
-from peft_sara.constants import DEFAULT_THRESHOLD
 from peft_sara.training import (
     DEFAULT_ADAPTER_NAME,
     SaRATrainingHelper,
@@ -38,6 +37,7 @@ from peft_sara.training import (
     paper_learning_rate,
     resume_from_checkpoint,
 )
+from peft_sara.tuner.names import DEFAULT_THRESHOLD
 
 logger = get_logger(__name__, log_level="INFO")
 

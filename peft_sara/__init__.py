@@ -39,8 +39,9 @@ _EXPORTS = {
     "hotswap_slot": "hotswap",
     "push_sara_adapter": "hub",
     "sara_model_card": "cards",
-    "InvalidAdapterError": "file_format",
-    "allow_non_finite_values": "checkpoint_checks",
+    "InvalidAdapterError": "tuner.file_format",
+    "allow_non_finite_values": "tuner.reader",
+    "set_sara_kernel": "tuner.model",
 }
 
 __all__ = [*_EXPORTS, "PEFT_TYPE", "__version__"]

@@ -1,7 +1,7 @@
 """Adapter folders: where each adapter of a model goes, writing them (atomically) and reading them back.
 
 An adapter folder is PEFT's: ``adapter_config.json`` + ``adapter_model.safetensors`` in the format of
-``peft_sara.file_format``. A model with several adapters keeps ``default`` at the root and every other adapter in a
+``peft_sara.tuner.file_format``. A model with several adapters keeps ``default`` at the root and every other adapter in a
 subfolder named after it (:func:`adapter_subfolder`), as ``PeftModel.save_pretrained`` does.
 
 Every folder written here is written through ``peft_sara.atomic.folder_writer``: a killed save leaves the previous
@@ -17,7 +17,6 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -27,11 +26,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .atomic import folder_writer, save_safetensors_atomic, write_text_atomic
-from .config_checks import check_config_dict, config_from_dict
 from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, SAFETENSORS_NAME
-from .file_format import InvalidAdapterError, format_metadata
-from .layouts import layouts_metadata
 from .tuner.config import SaRAConfig
+from .tuner.config_checks import check_config_dict, config_from_dict
+from .tuner.file_format import InvalidAdapterError, check_legacy_archive
 
 
 # ------------------------------------------------------------------------------------------------- naming
@@ -40,26 +38,17 @@ def adapter_subfolder(adapter_name: str) -> str:
     return "" if adapter_name == DEFAULT_ADAPTER_NAME else adapter_name
 
 
-def base_model_id(model_or_pipeline: Any) -> str | None:
-    """The Hub id / path a model or pipeline was loaded from, if it knows it (``name_or_path`` or the config's)."""
-    config = getattr(model_or_pipeline, "config", None)
-    for candidate in (
-        getattr(model_or_pipeline, "name_or_path", None),
-        getattr(config, "_name_or_path", None),
-        getattr(config, "name_or_path", None),
-    ):
-        if isinstance(candidate, (str, os.PathLike)) and str(candidate):
-            return str(candidate)
-    return None
-
-
 # ------------------------------------------------------------------------------------------------- writing
-def write_adapter_config(config: PeftConfig, directory: str | os.PathLike) -> None:
-    """``config.save_pretrained(directory)``, written atomically (sets as sorted lists, so files are reproducible)."""
+def write_adapter_config(config: PeftConfig, directory: str | os.PathLike, model: nn.Module | None = None) -> None:
+    """``adapter_config.json`` as ``PeftModel.save_pretrained`` writes it, atomically: the config's fields, and for a
+    config without ``task_type`` the ``auto_mapping`` of ``model``'s class; sets as sorted lists, so files are
+    reproducible."""
     output = config.to_dict()
     for key, value in output.items():
         if isinstance(value, set):
             output[key] = sorted(value)
+    if model is not None and getattr(config, "task_type", None) is None:
+        output["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     write_text_atomic(Path(directory) / CONFIG_NAME, json.dumps(output, indent=2, sort_keys=True))
 
 
@@ -78,14 +67,13 @@ def save_injected_adapter(
     if base_model is not None:
         config.base_model_name_or_path = base_model
     # SaRA never adapts embeddings; "auto" would look the base model up on the Hub to compare vocabulary sizes. The
-    # state dict comes through SaRA's tuner hook, so it is already in the file format (peft_sara.file_format).
+    # state dict comes through SaRA's tuner hook, so it is already in the file format (peft_sara.tuner.file_format).
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    # What exports need without the base, and the index encoding, for readers of the header.
-    metadata = {"format": "pt", **layouts_metadata(model, adapter_name), **format_metadata()}
+    # The same header PEFT's save_pretrained writes: everything a reader needs is in the tensors and the config.
     with folder_writer(save_directory) as directory:
-        save_safetensors_atomic(state_dict, directory / SAFETENSORS_NAME, metadata=metadata)
-        write_adapter_config(config, directory)
+        save_safetensors_atomic(state_dict, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
+        write_adapter_config(config, directory, model)
     return Path(save_directory)
 
 
@@ -158,15 +146,18 @@ def _unreadable(path: Path, err: Exception) -> InvalidAdapterError:
 
 
 def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The adapter tensors of a folder (safetensors, or a legacy ``adapter_model.bin`` loaded with weights_only).
+    """The adapter tensors of a folder (safetensors, or a legacy ``adapter_model.bin`` loaded with weights_only, its
+    size checked first and its storages memory-mapped: :func:`check_legacy_archive`).
 
     An unreadable file raises :class:`~peft_sara.InvalidAdapterError`; a missing one ``FileNotFoundError``.
     """
     path = _weights_file(Path(folder))
+    if path.name != SAFETENSORS_NAME:
+        check_legacy_archive(path)
     try:
         if path.name == SAFETENSORS_NAME:
             return load_file(path, device="cpu")
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # safetensors', pickle's and zipfile's errors: all mean "not a weights file"
         raise _unreadable(path, err) from err
     if not isinstance(weights, dict):
@@ -189,7 +180,6 @@ def adapter_weight_keys(folder: str | os.PathLike) -> list[str]:
 __all__ = [
     "adapter_subfolder",
     "adapter_weight_keys",
-    "base_model_id",
     "read_adapter_weights",
     "read_sara_config",
     "save_injected_adapter",

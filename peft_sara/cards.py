@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 import peft
 from huggingface_hub import ModelCard, ModelCardData
 
-from .constants import DIFFUSERS_TAGS, PAPER_URL, SARA_TAGS, __version__
+from .constants import DIFFUSERS_TAGS, PAPER_URL, __version__
 from .tuner.config import SaRAConfig
+from .tuner.names import SARA_TAGS
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 

@@ -49,14 +49,21 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from torch import nn
 
 from .adapter_files import read_adapter_weights, read_sara_config
-from .checkpoint_checks import LayerEntries, check_checkpoint_file, check_layer_checkpoint, non_finite_allowed
 from .constants import CONFIG_NAME
-from .file_format import WEIGHT_SHAPE_NAME, InvalidAdapterError, normalize_module_name
 from .resolve import resolve_adapter_folder
 from .save_bridge import install_save_bridge
-from .transaction import all_or_nothing
 from .tuner.config import SaRAConfig
+from .tuner.file_format import InvalidAdapterError, normalize_module_name, parse_checkpoint
 from .tuner.layer import SaRALayer, sara_layers
+from .tuner.reader import (
+    LayerEntries,
+    SlotTooSmall,
+    check_checkpoint_file,
+    check_other_checksum,
+    non_finite_allowed,
+    read_layer,
+)
+from .tuner.transaction import all_or_nothing
 
 # Pipeline components a slot goes into when `components` is not given (the first one the pipeline has).
 DENOISERS = ("unet", "transformer", "prior", "decoder")
@@ -359,9 +366,16 @@ class _Swap:
 
 
 def _plan_swaps(
-    label: str, module: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, allow_non_finite: bool
+    label: str,
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    adapter_name: str,
+    allow_non_finite: bool,
+    scale: float = 1.0,
 ) -> list[_Swap]:
-    """Check a checkpoint against the slot of ``module`` and return what to write; change nothing."""
+    """Read a checkpoint against the slot of ``module`` with the one reader, each layer once (form, checksum, shapes,
+    layouts, the slot's capacity for trainable and frozen entries, finiteness and the effective weight at ``scale``)
+    and return what to write; change nothing."""
     slots = _slot_layers(module, adapter_name)
     if not slots:
         raise ValueError(
@@ -372,38 +386,45 @@ def _plan_swaps(
     merged = [name for name, layer in slots.items() if layer.merged]
     if merged:
         raise ValueError(f"{label}: unfuse / unmerge the adapters before hotswapping (e.g. '{merged[0]}' is merged).")
-    parsed, _ = check_checkpoint_file(state_dict, allow_non_finite)
+    parsed = parse_checkpoint(state_dict)
     if parsed.other_keys:
         raise InvalidAdapterError(
             f"The adapter for {label} also holds full modules (modules_to_save, e.g. '{parsed.other_keys[0]}'): "
             "hotswap replaces SaRA entries only. Load it without `hotswap=True`."
         )
+    check_other_checksum(state_dict, parsed, None)
+    unknown = sorted(set(parsed.layers) - set(slots))
+    if unknown:
+        raise ValueError(
+            f"The adapter for {label} adapts layer '{unknown[0]}', which has no hotswap slot: "
+            "`enable_sara_hotswap` reserved only the layers its `target_modules` matched. Include this layer "
+            "there (before compiling), or load the adapter without `hotswap=True`."
+        )
     entries = {}
     for layer_name, checkpoint in parsed.layers.items():
-        layer = slots.get(layer_name)
-        if layer is None:
-            raise ValueError(
-                f"The adapter for {label} adapts layer '{layer_name}', which has no hotswap slot: "
-                "`enable_sara_hotswap` reserved only the layers its `target_modules` matched. Include this layer "
-                "there (before compiling), or load the adapter without `hotswap=True`."
-            )
+        layer = slots[layer_name]
         param = layer.sara_values[adapter_name]
-        layer_entries = check_layer_checkpoint(
-            layer_name,
-            checkpoint,
-            tuple(layer.weight_shape),
-            param.dtype,
-            allow_non_finite=allow_non_finite,
-        )
-        count, capacity, numel = layer_entries.indices.numel(), param.shape[0], layer.weight_shape.numel()
-        if count > capacity:
+        capacity, numel = param.shape[0], layer.weight_shape.numel()
+        try:
+            entries[layer_name] = read_layer(
+                layer_name,
+                checkpoint,
+                allow_non_finite,
+                parsed.version,
+                layer=layer,
+                value_dtype=param.dtype,
+                scale=scale,
+                capacity=capacity,
+            )
+        except SlotTooSmall as err:
+            names = ("sara_values", "sara_frozen_values")
+            count = sum(tensor.numel() for name, tensor in checkpoint.tensors.items() if name in names)
             raise ValueError(
                 f"The adapter for {label} does not fit the hotswap slot of layer '{layer_name}': it has {count} "
-                f"trainable entries ({count / numel:.4f} of the weight), the slot holds {capacity}. Call "
+                f"entries, trainable and frozen ({count / numel:.4f} of the weight), the slot holds {capacity}. Call "
                 f"`enable_sara_hotswap` with `max_fraction >= {math.ceil(count / numel * 1e4) / 1e4:.4f}` (before "
                 "compiling; `peft-sara inspect ADAPTER...` sizes a slot for a set of adapters)."
-            )
-        entries[layer_name] = layer_entries
+            ) from err
     return [_Swap(layer, entries.get(name)) for name, layer in slots.items()]
 
 
@@ -500,7 +521,8 @@ def plan_hotswap(
                 f"The hotswap slot of {label} is named '{slot_name}': pass `adapter_name='{slot_name}'` (the adapters "
                 "of a PeftModel are not renamed)."
             )
-        components.append((module, slot_name, _plan_swaps(label, module, state_dict, slot_name, allow_non_finite)))
+        swaps = _plan_swaps(label, module, state_dict, slot_name, allow_non_finite, scale)
+        components.append((module, slot_name, swaps))
     return HotswapPlan(adapter_name, scale, components)
 
 
@@ -604,9 +626,10 @@ def hotswap_sizing(
             read_sara_config(component_folder)
             parsed, entries = check_checkpoint_file(read_adapter_weights(component_folder), allow_non_finite=True)
             names = layers.setdefault(component, [])
-            for name, checkpoint in parsed.layers.items():
-                numel = math.prod(int(size) for size in checkpoint.tensors[WEIGHT_SHAPE_NAME])
-                fraction = entries[name].indices.numel() / numel if numel else 0.0
+            for name in parsed.layers:
+                numel = math.prod(entries[name].weight_shape)
+                stored = entries[name].indices.numel() + entries[name].frozen_indices.numel()  # a slot holds both
+                fraction = stored / numel if numel else 0.0
                 if fraction > best:
                     best, largest = fraction, (str(source), component, name)
                 if name not in names:

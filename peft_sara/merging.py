@@ -13,8 +13,8 @@ from torch import nn
 
 from .export.sources import is_pipeline
 from .pipelines import inject_sara_adapter, pipeline_modules
-from .transaction import all_or_nothing
 from .tuner.layer import sara_layers
+from .tuner.transaction import all_or_nothing
 
 
 def set_adapter_strength(model: nn.Module, strength: float, adapter_name: str | None = None) -> None:

@@ -39,20 +39,22 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from safetensors.torch import load_file
 from torch import nn
 
-from .adapter_files import base_model_id, read_adapter_weights, read_sara_config, save_injected_adapter
+from .adapter_files import read_adapter_weights, read_sara_config, save_injected_adapter
 from .atomic import folder_writer, write_text_atomic
 from .cards import sara_model_card
-from .checkpoint_checks import allow_non_finite_values, check_checkpoint_file
-from .config_checks import check_relative_path
-from .constants import CARD_NAME, CONFIG_NAME, PREFIX, SAFETENSORS_NAME
-from .file_format import InvalidAdapterError
+from .constants import CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from .hotswap import plan_hotswap, swap_state_dicts, unclaimed_slot
 from .resolve import resolve_adapter_folder
 from .save_bridge import install_save_bridge
-from .transaction import all_or_nothing
 from .tuner.base_weight import one_merge_warning
 from .tuner.config import SaRAConfig
+from .tuner.config_checks import check_relative_path
+from .tuner.file_format import InvalidAdapterError
 from .tuner.layer import count_entries, sara_adapter_names, sara_layers
+from .tuner.model import base_model_id
+from .tuner.names import PREFIX
+from .tuner.reader import allow_non_finite_values
+from .tuner.transaction import all_or_nothing
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +229,7 @@ def load_sara_adapter(
 ) -> str:
     """Load a SaRA adapter into a diffusers pipeline's components, in place, and make it the active adapter.
 
-    Every file is checked before it is used (``peft_sara.checkpoint_checks``): config, weight shapes recorded in the file
+    Every file is checked before it is used (``peft_sara.tuner.reader``): config, weight shapes recorded in the file
     against the pipeline's, checksums, index ranges, duplicates, non-finite values. If anything fails, the components
     are left exactly as they were.
 
@@ -303,17 +305,11 @@ def load_sara_adapter(
     # A plain load into components with an unclaimed hotswap slot fills the slot (checked here, before any change).
     slot_plan = plan_hotswap(slots, adapter_name, scale, allow_non_finite)
 
-    # Everything the files say about themselves is checked before any component changes; what needs the model
-    # (shapes, target layers, modules_to_save) is checked by the tuner's load hook before any value is written.
+    # Each file is read once, by the tuner's load hook (peft_sara.tuner.reader), against its component before any value
+    # is written; a refusal in a later component undoes the earlier ones (all_or_nothing).
     def non_finite() -> Any:
         return allow_non_finite_values(allow_non_finite) if allow_non_finite is not None else nullcontext()
 
-    with non_finite():
-        for component, _, _, state_dict in plan:
-            try:
-                check_checkpoint_file(state_dict)
-            except InvalidAdapterError as err:
-                raise InvalidAdapterError(f"The adapter for pipe.{component}: {err}") from err
     modules = [module for _, module, *_ in plan] + [module for _, module, _ in slots]
     with slot_plan.exclusive(), non_finite(), all_or_nothing(*modules) as state:  # slots: no forward mid-write
         state.keep_values(slot_plan.tensors())
@@ -322,6 +318,8 @@ def load_sara_adapter(
             state_dict = _align_text_model_prefix(module, state_dict)
             try:
                 result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
+            except InvalidAdapterError as err:
+                raise InvalidAdapterError(f"The adapter for pipe.{component}: {err}") from err
             except KeyError as err:  # PEFT looks modules_to_save tensors up without checking they exist
                 raise InvalidAdapterError(
                     f"The adapter for pipe.{component} lacks the tensor {err} that its config asks for."

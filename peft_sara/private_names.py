@@ -12,17 +12,18 @@ PRIVATE_NAMES: dict[tuple[str, str], str] = {
     # --- BaseTuner hooks SaRAModel overrides (model.py)
     ("peft.tuners.tuners_utils:BaseTuner", "_create_and_replace"): "wrap one target module in a SaRA layer",
     ("peft.tuners.tuners_utils:BaseTuner", "_replace_module"): "keep an offloaded adapter off the meta device",
-    ("peft.tuners.tuners_utils:BaseTuner", "_check_new_adapter_config"): "check a file's source before injection",
+    ("peft.tuners.tuners_utils:BaseTuner", "_check_new_adapter_config"): "task_type and kernel agreement (no file I/O)",
     ("peft.tuners.tuners_utils:BaseTuner", "_prepare_adapter_config"): "diffusers default target_modules",
-    ("peft.tuners.tuners_utils:BaseTuner", "_pre_injection_hook"): "record the base model id in the config",
+    ("peft.tuners.tuners_utils:BaseTuner", "_pre_injection_hook"): "record the base model id and class in the config",
     ("peft.tuners.tuners_utils:BaseTuner", "_post_injection_hook"): "tags, tied layers, save bridge",
-    ("peft.tuners.tuners_utils:BaseTuner", "_get_adapter_state_dict"): "add shape / checksum records on save",
+    ("peft.tuners.tuners_utils:BaseTuner", "_get_adapter_state_dict"): "encode indices, add shape / layout / checksum",
     ("peft.tuners.tuners_utils:BaseTuner", "_remap_adapter_state_dict_for_load"): "validate before any value loads",
     ("peft.tuners.tuners_utils:BaseTuner", "_unload_and_optionally_merge"): "refuse an unsafe merge before any",
     ("peft.peft_model:PeftModel", "_enable_peft_forward_hooks"): "refuse adapter_names= (not supported)",
     # --- BaseTunerLayer state and helpers (layer.py)
-    ("peft.tuners.tuners_utils:BaseTunerLayer", "_active_adapter"): "the layer's active adapters (PEFT's storage)",
-    ("peft.tuners.tuners_utils:BaseTunerLayer", "_disable_adapters"): "enable / disable adapters like PEFT's",
+    # set at creation as PEFT's own layers do; the forward reads the public `disable_adapters` / `active_adapters`
+    ("peft.tuners.tuners_utils:BaseTunerLayer", "_active_adapter"): "the new layer's active adapter (set in __init__)",
+    ("peft.tuners.tuners_utils:BaseTunerLayer", "_disable_adapters"): "a new layer starts enabled (set in __init__)",
     ("peft.tuners.tuners_utils:BaseTunerLayer", "_move_adapter_to_device_of_base_layer"): "device of new adapters",
     ("peft.tuners.tuners_utils", "_get_in_out_features"): "in/out features of every supported base layer",
     # --- transformers / diffusers flags (pipelines.py, save_bridge.py)

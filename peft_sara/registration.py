@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .constants import METHOD_NAME, PEFT_TYPE_NAME, PREFIX
+from .tuner.names import METHOD_NAME, PEFT_TYPE_NAME, PREFIX
 
 if TYPE_CHECKING:
     from peft.utils import PeftType

@@ -9,8 +9,8 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 
 from .atomic import recover_folder
-from .config_checks import check_relative_path
 from .constants import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
+from .tuner.config_checks import check_relative_path
 
 # Files fetched from a Hub repo: never the base model or anything else that happens to live there.
 ADAPTER_FILE_PATTERNS = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -43,12 +44,23 @@ def test_sparse_update_is_the_layers_whole_update_including_frozen_entries(mlp_c
     assert sara_adapter_names(model) == ["default"]
 
 
-def test_adapters_of_one_model_must_agree_on_the_kernel(mlp_conv):
-    model = get_peft_model(mlp_conv, SaRAConfig(trainable_fraction=0.1, target_modules=TARGETS, kernel="reference"))
+def test_the_kernel_is_a_runtime_choice_not_saved_with_the_adapter(mlp_conv, tmp_path):
+    from conftest import MLPConv
+
+    model = get_peft_model(mlp_conv, SaRAConfig(trainable_fraction=0.1, target_modules=TARGETS))
+    peft_sara.set_sara_kernel(model, "reference")
+    model.add_adapter("other", SaRAConfig(trainable_fraction=0.1, target_modules=TARGETS))
+    assert {kernel for _, layer in sara_layers(model) for kernel in layer.sara_kernel.values()} == {"reference"}
+    model.save_pretrained(tmp_path)
+    assert "kernel" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match="`kernel` must be one of"):
+        peft_sara.set_sara_kernel(model, "cuda")
+    with pytest.warns(FutureWarning, match="kernel=.*deprecated"):  # the old spelling still works, for now
+        deprecated = SaRAConfig(trainable_fraction=0.1, target_modules=TARGETS, kernel="reference")
     with pytest.raises(ValueError, match=r"same `kernel`, got \['auto', 'reference'\]"):
-        model.add_adapter("other", SaRAConfig(trainable_fraction=0.1, target_modules=TARGETS, kernel="auto"))
-    model.add_adapter("same", SaRAConfig(trainable_fraction=0.1, target_modules=TARGETS, kernel="reference"))
-    assert set(model.peft_config) == {"default", "same"}
+        get_peft_model(MLPConv(), SaRAConfig(trainable_fraction=0.1, target_modules=TARGETS)).add_adapter(
+            "mixed", deprecated
+        )
 
 
 def test_rank_loss_targets_follow_peft_module_matching(mlp_conv):

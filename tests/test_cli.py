@@ -173,11 +173,17 @@ def test_command_line_errors_say_what_to_do(saved, tmp_path, capsys):
     moved.mkdir()
     config = json.loads((saved.adapter_dir / "unet" / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "org/not-downloaded"
+    del config["base_model_class"], config["auto_mapping"]  # as configs that record no class: component unknown
     (moved / "adapter_config.json").write_text(json.dumps(config))
     weights = load_file(saved.adapter_dir / "unet" / "adapter_model.safetensors")
-    save_file(weights, moved / "adapter_model.safetensors")  # no layout records: which component is unknown
-    with pytest.raises(SystemExit, match="Pass --base"):
+    save_file(weights, moved / "adapter_model.safetensors")
+    with pytest.raises(SystemExit, match="--component unet") as exit_info:
         cli.main(["export", str(moved), "--format", "diff", "-o", str(tmp_path / "x.safetensors")])
+    assert "component=" not in str(exit_info.value)  # the command line's terms, not Python's
+    output = tmp_path / "named.safetensors"
+    assert (
+        cli.main(["export", str(moved), "--format", "diff", "--component", "unet", "-o", str(output), "--quiet"]) == 0
+    )
 
 
 # ------------------------------------------------------------------------------------------------- hostile input
@@ -256,7 +262,7 @@ def _set_shape(shape):
 
 
 def _index_past_the_end(tensors):
-    from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
+    from peft_sara.tuner.file_format import decode_index_gaps, encode_index_gaps
 
     key = _record_keys(tensors, "sara_index_gaps")[0]
     indices = decode_index_gaps(tensors[key])
@@ -278,7 +284,7 @@ def test_inspect_refuses_hostile_records_in_one_line_with_exit_status_2(saved, t
 def test_inspect_cost_is_bounded_by_the_entries_the_file_stores(saved, tmp_path, capsys):
     """A consistent file whose few entries claim a huge weight: statistics, but no dense SVD of that weight."""
     from peft_sara.export.adapter_stats import MAX_DENSE_PER_STORED_ENTRY, inspect_adapter
-    from peft_sara.file_format import entries_checksum, split_sara_key
+    from peft_sara.tuner.file_format import entries_checksum, split_sara_key
 
     def huge(tensors):
         layers = {}
@@ -288,6 +294,7 @@ def test_inspect_cost_is_bounded_by_the_entries_the_file_stores(saved, tmp_path,
                 layers.setdefault(split[0], {})[split[1]] = key
         for layer_name, keys in layers.items():
             tensors[keys["sara_weight_shape"]] = torch.tensor([3000, 3000], dtype=torch.int64)
+            tensors[keys["sara_layout"]] = torch.tensor([0, 1, 0])  # a matrix, consistent with the new shape
             tensors[keys["sara_checksum"]] = entries_checksum(
                 layer_name, {name: tensors[key] for name, key in keys.items() if name != "sara_checksum"}
             )

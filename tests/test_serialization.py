@@ -26,8 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_sara import SaRAConfig, sara_layers
 from peft_sara.adapter_files import save_injected_adapter
-from peft_sara.file_format import FORMAT_VERSION
-from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
+from peft_sara.tuner.file_format import FORMAT_VERSION, decode_index_gaps, encode_index_gaps
 
 TARGETS = ["conv", "conv1x1", "lin0", "lin1"]
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
@@ -80,19 +79,33 @@ def test_saved_files_record_weight_shapes_checksums_and_format_version(tmp_path)
     assert tensors["base_model.model.sara_format_version"].tolist() == [FORMAT_VERSION]
     for name, layer in sara_layers(model):
         assert tensors[f"{name}.sara_weight_shape"].tolist() == list(layer.weight_shape)
+        # kind (0: nn.Linear, 2: convolution), groups, padding mode, then one dilation per spatial dimension
+        expected_layout = [0, 1, 0] if layer.weight_shape.numel() and len(layer.weight_shape) == 2 else [2, 1, 0, 1, 1]
+        assert tensors[f"{name}.sara_layout"].tolist() == expected_layout
         checksum = tensors[f"{name}.sara_checksum"]
         assert checksum.dtype == torch.uint8 and checksum.shape == (32,)
     # PEFT's own readers take the records as ordinary tensors; SaRA's load hook takes them out again.
     assert load_peft_weights(str(tmp_path), device="cpu").keys() == tensors.keys()
     loaded = PeftModel.from_pretrained(fresh_model(), tmp_path)
-    assert not [key for key in loaded.state_dict() if "weight_shape" in key or "checksum" in key]
+    assert not [key for key in loaded.state_dict() if any(r in key for r in ("weight_shape", "layout", "checksum"))]
     assert torch.equal(loaded(X), model(X))
-    # Models with injected adapters (diffusers' add_adapter, load_sara_adapter) write them too, keys unprefixed.
+    # Models with injected adapters (diffusers' add_adapter, load_sara_adapter) write the same file, keys unprefixed,
+    # and the same config: an adapter is exactly what PEFT saves, whoever saves it.
     save_injected_adapter(model.base_model.model, tmp_path / "injected", "default")
     injected = load_file(tmp_path / "injected" / "adapter_model.safetensors")
     assert injected.keys() == {key.removeprefix("base_model.model.") for key in tensors}
-    with safe_open(tmp_path / "injected" / "adapter_model.safetensors", framework="pt") as handle:
-        assert handle.metadata()["peft_sara_index_encoding"] == "varint-gaps"
+    for key, tensor in tensors.items():
+        same = injected[key.removeprefix("base_model.model.")]
+        assert same.dtype == tensor.dtype and torch.equal(same.view(torch.uint8), tensor.view(torch.uint8))
+    for folder in (tmp_path, tmp_path / "injected"):
+        with safe_open(folder / "adapter_model.safetensors", framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt"}  # no side channel
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    injected_config = json.loads((tmp_path / "injected" / "adapter_config.json").read_text())
+    assert peft_config["base_model_class"] == "MLPConv"
+    for config in (peft_config, injected_config):
+        config["target_modules"] = sorted(config["target_modules"])  # PEFT writes a set in arbitrary order
+    assert injected_config == peft_config
 
 
 def test_save_dtype_stores_half_precision_values(tmp_path):
@@ -111,7 +124,7 @@ def test_load_in_a_fresh_process_reproduces_outputs(tmp_path):
     torch.save({"x": X, "out": model(X).detach()}, tmp_path / "expected.pt")
     script = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(REPO_ROOT / "tests")!r})
+        sys.path[:0] = [{str(REPO_ROOT)!r}, {str(REPO_ROOT / "tests")!r}]  # this tree's peft_sara
         import peft_sara
         from peft import PeftModel
         from conftest import MLPConv
@@ -167,7 +180,7 @@ def test_mismatched_checkpoint_raises_and_leaves_model_untouched(tmp_path):
     indices = decode_index_gaps(out_of_range[key])
     indices[-1] = 10**6
     out_of_range[key] = encode_index_gaps(indices)
-    with pytest.raises(ValueError, match="SaRA layer 'base_model.model.lin1'.*span"):
+    with pytest.raises(ValueError, match="SaRA layer 'base_model.model.lin1'.*out of range"):
         set_peft_model_state_dict(target, out_of_range)
     assert_untouched()
 

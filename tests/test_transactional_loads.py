@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from test_untrusted_files import differences, observe, resign
 
 from peft_sara import SaRAConfig
-from peft_sara.file_format import InvalidAdapterError
 from peft_sara.training import load_training_state, save_training_state
+from peft_sara.tuner.file_format import InvalidAdapterError
 
 TARGETS = ["conv", "conv1x1", "lin0", "lin1"]
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -129,7 +129,7 @@ def test_what_is_validated_is_exactly_what_is_loaded(tmp_path, edit, message):
 
 
 def test_checksums_bind_the_layer_name_and_cover_modules_to_save(tmp_path):
-    from peft_sara.file_format import entries_checksum
+    from peft_sara.tuner.file_format import entries_checksum
 
     tensors = {"sara_index_gaps": torch.arange(3, dtype=torch.uint8), "sara_values": torch.ones(3)}
     assert not torch.equal(entries_checksum("down.0", tensors), entries_checksum("down.1", tensors))  # swap detected

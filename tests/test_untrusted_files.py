@@ -39,9 +39,14 @@ from safetensors.torch import load_file, save_file
 
 from peft_sara import SaRAConfig, load_sara_adapter
 from peft_sara.adapter_files import read_sara_config, save_injected_adapter, save_model_adapter
-from peft_sara.checkpoint_checks import ALLOW_NON_FINITE_ENV_VAR, allow_non_finite_values
-from peft_sara.file_format import InvalidAdapterError, entries_checksum, split_sara_key
-from peft_sara.index_encoding import decode_index_gaps, encode_index_gaps
+from peft_sara.tuner.file_format import (
+    InvalidAdapterError,
+    decode_index_gaps,
+    encode_index_gaps,
+    entries_checksum,
+    split_sara_key,
+)
+from peft_sara.tuner.reader import ALLOW_NON_FINITE_ENV_VAR, allow_non_finite_values
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given  # noqa: E402

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..constants import DEFAULT_THRESHOLD
+from ..tuner.names import DEFAULT_THRESHOLD
 from .output import parse_arguments, print_json
 
 # The planner's choices (peft_sara.planning: PRESETS, METHODS, DTYPES, OPTIMIZERS, QUANTIZATIONS), written out so that

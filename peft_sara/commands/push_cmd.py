@@ -39,7 +39,7 @@ def stage_adapter(adapter: Path, staging: Path, repo_id: str, base_model: str | 
     from ..atomic import write_text_atomic
     from ..cards import sara_model_card
     from ..export.sources import adapter_component_names
-    from ..file_format import parse_checkpoint
+    from ..tuner.file_format import parse_checkpoint
 
     components = adapter_component_names(adapter)
     configs, entries = {}, {}

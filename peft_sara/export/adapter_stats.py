@@ -11,17 +11,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapter_files import read_adapter_weights, read_sara_config
-from ..checkpoint_checks import LayerEntries, check_checkpoint_file
 from ..constants import SAFETENSORS_NAME
-from ..file_format import WEIGHT_SHAPE_NAME
 from ..resolve import resolve_adapter_folder
+from ..tuner.file_format import WEIGHT_SHAPE_NAME
 from ..tuner.layer import SparseUpdate
+from ..tuner.reader import MAX_DENSE_PER_STORED_ENTRY, LayerEntries, check_checkpoint_file
 from .lowrank import effective_rank, numerical_rank
 from .sources import adapter_component_names
-
-# The SVD of a layer runs on its dense update; it is skipped when that is more than this many times the entries the file
-# stores, so that a small file recording a huge weight shape cannot make `inspect` allocate or compute without bound.
-MAX_DENSE_PER_STORED_ENTRY = 4096
 
 
 def _layer_row(name: str, entries: LayerEntries, shape: tuple[int, ...], ranks: bool) -> dict[str, Any]:
@@ -62,7 +58,7 @@ def inspect_adapter(
 
     ``ranks=False`` skips the SVD per layer (effective ranks are then ``None``), as do layers whose recorded weight is
     more than :data:`MAX_DENSE_PER_STORED_ENTRY` times their stored entries. The files are validated first
-    (``peft_sara.checkpoint_checks.check_checkpoint_file``): a corrupted or hostile file raises ``InvalidAdapterError``.
+    (``peft_sara.tuner.reader.check_checkpoint_file``): a corrupted or hostile file raises ``InvalidAdapterError``.
     """
     folder = resolve_adapter_folder(source, subfolder, revision, token, cache_dir, local_files_only)
     components = []

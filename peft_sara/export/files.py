@@ -1,20 +1,22 @@
 """Exporting from an adapter's files alone, without the base model.
 
-A SaRA file holds, per layer, the flat indices and values of the update and the shape of the weight they address
-(``peft_sara.file_format``), and the layers' layouts (``peft_sara.layouts``): that is all a LoRA or ``.diff`` export
-needs. The base model is needed only where the file cannot say how to lay the update out, and
-:func:`read_adapter_files` then names the layer and the reason:
+A SaRA file holds, per layer, the flat indices and values of the update, the shape of the weight they address and its
+layout (``peft_sara.tuner.file_format``), and its ``adapter_config.json`` names the class of the model it was injected
+into (``base_model_class``): that is all a LoRA or ``.diff`` export needs, whichever writer saved the folder
+(``PeftModel.save_pretrained``, ``save_sara_adapter``, the Hub push). Each file is read once, by the one reader
+(``peft_sara.tuner.reader``), with every check a load runs and a bound on what a dense update may cost.
 
-- a file without layout records (saved by ``PeftModel.save_pretrained`` itself, or by another tool) for a component
-  that is not a diffusers denoiser: there a 2-D weight may be ``nn.Linear`` or transformers' ``Conv1D`` (stored
-  transposed), and a text encoder's module path in other tools' files depends on its class.
-
-Denoiser components (``unet``, ``transformer``, ``prior``, ...) without records are laid out from the shapes:
-diffusers has no ``Conv1D``; a kernel larger than 1 x 1 is then taken to be undilated, and a warning says so.
+Files of format 1 (peft-sara up to dc2a78b) kept layouts and the model class in safetensors metadata, which only
+peft-sara's own writers added; they are read from there (each record checked against its layer's shape), else from
+PEFT's ``auto_mapping`` in the config. Where a format-1 file records no layouts, the base model is needed except for a
+diffusers denoiser (``unet``, ``transformer``, ...), whose layers are laid out from their shapes (diffusers has no
+``Conv1D``; a kernel larger than 1 x 1 is then taken to be undilated, and a warning says so);
+:func:`read_adapter_files` otherwise raises :class:`BaseModelRequired` naming the layer and the reason.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -23,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..adapter_files import read_adapter_weights, read_sara_config
-from ..checkpoint_checks import check_layer_checkpoint
-from ..constants import SAFETENSORS_NAME
-from ..file_format import WEIGHT_SHAPE_NAME, LayerCheckpoint, parse_checkpoint
-from ..layouts import LayerLayout, read_layouts
+from ..constants import CONFIG_NAME, SAFETENSORS_NAME
 from ..pipelines import DENOISER_COMPONENTS
 from ..resolve import resolve_adapter_folder
+from ..tuner.file_format import InvalidAdapterError, LayerLayout
 from ..tuner.layer import SparseUpdate
+from ..tuner.reader import MAX_DENSE_PER_STORED_ENTRY, LayerEntries, check_checkpoint_file
 from .sources import (
     ComponentUpdates,
     ExportLayer,
@@ -41,6 +43,10 @@ from .sources import (
     file_name_prefix,
     live_source,
 )
+
+# Format 1's safetensors metadata (read only; nothing writes it any more).
+LEGACY_LAYOUTS_KEY = "peft_sara_layouts"
+LEGACY_MODEL_CLASS_KEY = "peft_sara_model_class"
 
 ADAPTER_FROM_FILES = "sara"  # the adapter name exports of files report
 
@@ -65,34 +71,75 @@ class AdapterFiles:
     single_model: bool
 
 
-def _update_reader(checkpoint: LayerCheckpoint, shape: tuple[int, ...], name: str):
+def _update_reader(entries: LayerEntries):
     def read() -> SparseUpdate:
-        entries = check_layer_checkpoint(name, checkpoint, shape, None, allow_non_finite=True)
         return SparseUpdate(
             indices=torch.cat([entries.indices, entries.frozen_indices]).long(),
             values=torch.cat([entries.values, entries.frozen_values]).float(),
             scale=1.0,
-            weight_shape=torch.Size(shape),
+            weight_shape=torch.Size(entries.weight_shape),
         )
 
     return read
 
 
+def _legacy_metadata(weights_file: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The layout records and model class a format-1 file keeps in its safetensors metadata (None where absent)."""
+    if not weights_file.is_file() or weights_file.name != SAFETENSORS_NAME:
+        return None, None
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        raw = metadata.get(LEGACY_LAYOUTS_KEY)
+        records = json.loads(raw) if raw else None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InvalidAdapterError(f"'{weights_file}': unreadable layout records: {err}") from err
+    if records is not None and not isinstance(records, dict):
+        raise InvalidAdapterError(f"'{weights_file}': the layout records are not a JSON object.")
+    return records, metadata.get(LEGACY_MODEL_CLASS_KEY)
+
+
+def _recorded_model_class(folder: Path, config_class: str | None) -> str | None:
+    """The model class the adapter's config names: ``base_model_class`` (set at injection), else PEFT's
+    ``auto_mapping`` (written by ``PeftModel.save_pretrained`` for configs without ``task_type``)."""
+    if config_class:
+        return config_class
+    try:
+        mapping = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("auto_mapping")
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
 def _layout(
-    name: str, shape: tuple[int, ...], recorded: dict[str, LayerLayout] | None, component: str, where: Path
+    name: str,
+    entries: LayerEntries,
+    records: dict[str, Any] | None,
+    component: str,
+    where: Path,
 ) -> LayerLayout:
-    if recorded is not None:
-        if name not in recorded:
+    shape = entries.weight_shape
+    if entries.layout is not None:  # format 2: recorded in the tensors, checked by the reader
+        return entries.layout
+    if records is not None:
+        if name not in records:
             raise BaseModelRequired(
                 f"'{where}' records no layout for layer '{name}': the file was edited after saving."
             )
-        return recorded[name]
+        layout = LayerLayout.from_record(records[name], shape, f"'{where}', layer '{name}'")
+        if layout.transposed and component in DENOISER_COMPONENTS:
+            raise InvalidAdapterError(
+                f"'{where}' records layer '{component}.{name}' as stored transposed (transformers' Conv1D), which no "
+                "diffusers denoiser has: the file's layout records were edited."
+            )
+        return layout
     if component not in DENOISER_COMPONENTS:
         raise BaseModelRequired(
             f"Layer '{component}.{name}' (weight {shape}) needs the base model: '{where}' records no layer layouts "
-            "(it was saved by `PeftModel.save_pretrained` itself or another tool) and outside a diffusers denoiser a "
-            "2-D weight may be nn.Linear (out x in) or transformers' Conv1D (in x out), and a text encoder's module "
-            "path depends on its class. Pass the base model, or save the adapter with `peft_sara.save_sara_adapter`.",
+            "(format 1, saved by `PeftModel.save_pretrained` or another tool) and outside a diffusers denoiser a 2-D "
+            "weight may be nn.Linear (out x in) or transformers' Conv1D (in x out). Pass the base model, or load the "
+            "adapter and save it again with this peft-sara.",
             f"Layer '{component}.{name}' (weight {shape}) needs the base model: '{where}' records no layer layouts, and "
             "outside a diffusers denoiser a 2-D weight may be nn.Linear or transformers' Conv1D.",
         )
@@ -109,8 +156,10 @@ def read_adapter_files(
     """Read a SaRA adapter folder (or Hub id) for export without its base model.
 
     ``component`` names the part of a pipeline a root adapter (no ``unet/``-style subfolders) was made for; by
-    default it comes from the model class the file records. Raises :class:`BaseModelRequired` (see the module
-    docstring) where the files cannot tell how to lay a layer out.
+    default it comes from the model class the adapter records. Every file is read once and checked as a load checks
+    it; a layer whose dense update would cost more than ``MAX_DENSE_PER_STORED_ENTRY`` times its stored entries is
+    refused. Raises :class:`BaseModelRequired` (see the module docstring) where the files cannot tell how to lay a
+    layer out.
     """
     folder = resolve_adapter_folder(adapter, subfolder, revision, token, None, False)
     components, guessed = {}, []
@@ -119,7 +168,8 @@ def read_adapter_files(
         component_folder = folder / name if name else folder
         config = read_sara_config(component_folder)
         weights_file = component_folder / SAFETENSORS_NAME
-        recorded, model_class = read_layouts(weights_file) if weights_file.is_file() else (None, None)
+        records, legacy_class = _legacy_metadata(weights_file)
+        model_class = _recorded_model_class(component_folder, getattr(config, "base_model_class", None)) or legacy_class
         component_name = name or component or (component_name_of(model_class) if model_class else None)
         if component_name is None:
             unknown = f"'{component_folder}' records no model class, so which pipeline component it adapts is unknown"
@@ -127,14 +177,18 @@ def read_adapter_files(
                 f"{unknown}: pass `component=` (e.g. 'unet') or the base model.",
                 f"{unknown}: name it with --component (e.g. --component unet), or pass --base FOLDER.",
             )
-        parsed = parse_checkpoint(read_adapter_weights(component_folder))
+        parsed, entries = check_checkpoint_file(
+            read_adapter_weights(component_folder),
+            allow_non_finite=True,
+            max_dense_per_entry=MAX_DENSE_PER_STORED_ENTRY,
+        )
         layers = {}
-        for layer_name, checkpoint in sorted(parsed.layers.items()):
-            shape = tuple(int(size) for size in checkpoint.tensors[WEIGHT_SHAPE_NAME])
-            layout = _layout(layer_name, shape, recorded, component_name, weights_file)
-            if not layout.recorded and any(size > 1 for size in shape[2:]):  # dilation matters beyond 1 x 1
-                guessed.append(f"{component_name}.{layer_name}")
-            layers[layer_name] = ExportLayer(layout, _update_reader(checkpoint, shape, layer_name))
+        for layer_name in sorted(parsed.layers):
+            layer_entries = entries[layer_name]
+            layout = _layout(layer_name, layer_entries, records, component_name, weights_file)
+            if not layout.recorded and any(size > 1 for size in layer_entries.weight_shape[2:]):
+                guessed.append(f"{component_name}.{layer_name}")  # dilation matters beyond 1 x 1
+            layers[layer_name] = ExportLayer(layout, _update_reader(layer_entries))
         prefix = file_name_prefix(model_class, list(layers))
         components[component_name] = ComponentUpdates(layers, prefix, config.base_model_name_or_path)
     if guessed:

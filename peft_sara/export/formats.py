@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..adapter_files import write_adapter_config
 from ..atomic import folder_writer, save_safetensors_atomic
 from ..constants import SAFETENSORS_NAME, __version__
-from ..layouts import LayerLayout
+from ..tuner.file_format import LayerLayout
 from .files import resolve_export_source
 from .lowrank import LayerFactors, LoRAExport, Rank, delta_matrix, factorize_source, parse_rank
 from .merged import write_merged

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..layouts import CONV, LayerLayout
+from ..tuner.file_format import CONV, LayerLayout
 from ..tuner.layer import SparseUpdate
 from .files import resolve_export_source
 from .sources import ExportSource

@@ -22,9 +22,9 @@ from torch import nn
 
 from ..adapter_files import read_sara_config
 from ..constants import CONFIG_NAME
-from ..layouts import LayerLayout
 from ..pipelines import DENOISER_COMPONENTS, KNOWN_COMPONENTS, load_sara_adapter, pipeline_modules
 from ..resolve import resolve_adapter_folder
+from ..tuner.file_format import LayerLayout
 from ..tuner.layer import SaRALayer, SparseUpdate, sara_adapter_names, sara_layers
 
 MODEL_INDEX_NAME = "model_index.json"

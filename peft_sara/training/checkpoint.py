@@ -28,11 +28,10 @@ from torch import nn
 
 from ..adapter_files import adapter_subfolder, read_adapter_weights, save_model_adapter
 from ..atomic import folder_writer, recover_folder, save_safetensors_atomic
-from ..checkpoint_checks import check_checkpoint_file
 from ..constants import TRAINING_STATE_NAME
-from ..file_format import InvalidAdapterError
-from ..transaction import all_or_nothing
+from ..tuner.file_format import InvalidAdapterError
 from ..tuner.selection import is_sharded
+from ..tuner.transaction import all_or_nothing
 from .helper import SaRATrainingHelper, resolve_sara_adapter
 from .optimizer import unwrap_optimizer
 
@@ -466,15 +465,13 @@ def load_training_state(
     Parameters' capacity, so wrappers built before stay valid), points ``optimizer`` at the current parameters and
     restores all states.
 
-    All or nothing: both files are read and checked first (the adapter as every SaRA load checks it, the training
-    state's form, the optimizer's parameter groups against the model); if anything fails after that, the model,
+    All or nothing: both files are read and checked first (the training state's form, the optimizer's parameter groups against the model); if anything fails after that, the model,
     optimizer, scheduler, helper and RNG states are put back as they were before raising.
     """
     adapter_name, _ = resolve_sara_adapter(model, adapter_name)
     recover_folder(input_dir)  # a save killed while publishing: finish it first (peft_sara.atomic)
     adapter_dir = os.path.join(input_dir, adapter_subfolder(adapter_name))
-    weights = read_adapter_weights(adapter_dir)
-    check_checkpoint_file(weights)
+    weights = read_adapter_weights(adapter_dir)  # read and checked once, by the tuner's load hook, in the transaction
     state = read_training_state(os.path.join(input_dir, TRAINING_STATE_NAME))
     params = dict(model.named_parameters())
     inner = unwrap_optimizer(optimizer)

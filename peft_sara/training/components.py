@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..pipelines import inject_sara_adapter
-from ..transaction import all_or_nothing
 from ..tuner.config import SaRAConfig
 from ..tuner.layer import sara_layers
+from ..tuner.transaction import all_or_nothing
 from .helper import SaRATrainingHelper
 
 DEFAULT_ADAPTER_NAME = "default"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+import warnings
+from dataclasses import InitVar, dataclass, field
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from ..constants import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES
+from .names import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES
 from .peft_type import sara_peft_type
 
 
@@ -41,9 +42,10 @@ class SaRAConfig(PeftConfig):
         save_dtype (`str`, *optional*):
             Store the trainable values as `"float16"`, `"bfloat16"` or `"float32"` in `adapter_model.safetensors`.
             `None` keeps the training dtype (float32). Values are cast back to float32 on load.
-        kernel (`str`):
-            `"auto"` (Triton on CUDA when available, PyTorch elsewhere), `"triton"` or `"reference"`. The environment
-            variable `PEFT_SARA_KERNEL` overrides it.
+        kernel (`str`, *optional*):
+            Deprecated: the kernel is a runtime choice, not part of the adapter. Use
+            `peft_sara.set_sara_kernel(model, "auto" | "triton" | "reference")` or the environment variable
+            `PEFT_SARA_KERNEL` (which overrides everything). Not saved; configs that carry it still load.
         lambda_rank (`float`):
             Weight of the nuclear-norm low-rank loss on each layer's sparse update. 0 disables it. The paper's
             appendix uses 5e-3, the official training script 5e-4.
@@ -63,6 +65,9 @@ class SaRAConfig(PeftConfig):
         progressive_fraction (`float`, *optional*):
             Re-select after this fraction of the planned training steps (default 0.5, the paper's choice). `None`
             together with `progressive_step=None` disables re-selection.
+        base_model_class (`str`, *optional*):
+            Set at injection: the class name of the model adapted (`UNet2DConditionModel`, `CLIPTextModel`, ...), so
+            that an adapter's files alone tell which pipeline component it adapts (exports without the base model).
     """
 
     threshold: float | None = field(default=None, metadata={"help": "Train entries with |w| < threshold."})
@@ -90,9 +95,9 @@ class SaRAConfig(PeftConfig):
     save_dtype: str | None = field(
         default=None, metadata={"help": "Dtype of stored values: float32, float16 or bfloat16."}
     )
-    kernel: Literal["auto", "triton", "reference"] = field(
-        default="auto", metadata={"help": "Masked-weight kernel: auto, triton or reference."}
-    )
+    # Not a field (never saved): which kernel runs is the runtime's choice (`peft_sara.set_sara_kernel`,
+    # `PEFT_SARA_KERNEL`). Still accepted here, and from configs saved before, with a deprecation warning.
+    kernel: InitVar[Literal["auto", "triton", "reference"] | None] = None
     lambda_rank: float = field(default=0.0, metadata={"help": "Weight of the nuclear-norm low-rank loss."})
     rank_layers_per_step: int | str = field(
         default=1, metadata={"help": "Layers sampled per step by the low-rank loss, or 'all'."}
@@ -114,12 +119,24 @@ class SaRAConfig(PeftConfig):
     progressive_fraction: float | None = field(
         default=0.5, metadata={"help": "Re-select after this fraction of the planned steps; None disables."}
     )
+    base_model_class: str | None = field(
+        default=None,
+        metadata={"help": "Class name of the model the adapter was injected into (set at injection; read by exports)."},
+    )
 
-    # Not a field (never saved): where `from_pretrained` read this config from, None for configs built in code.
-    loaded_from: ClassVar[dict[str, Any] | None] = None
-
-    def __post_init__(self) -> None:
+    def __post_init__(self, kernel: str | None = None) -> None:
         super().__post_init__()
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
+        if kernel not in (None, "auto"):
+            warnings.warn(
+                "`SaRAConfig(kernel=...)` is deprecated: the kernel is a runtime choice, not part of the adapter. Call "
+                "`peft_sara.set_sara_kernel(model, kernel)` after injecting, or set PEFT_SARA_KERNEL.",
+                FutureWarning,
+                stacklevel=3,
+            )
+        # The kernel the layers start with (an instance attribute, never saved).
+        self.kernel = kernel or "auto"
         self.peft_type = sara_peft_type()
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -143,8 +160,6 @@ class SaRAConfig(PeftConfig):
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"`save_dtype` must be one of {SAVE_DTYPES} or None, got {self.save_dtype!r}.")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"`kernel` must be one of {KERNELS}, got {self.kernel!r}.")
         if self.lambda_rank < 0:
             raise ValueError(f"`lambda_rank` must be >= 0, got {self.lambda_rank}.")
         if not (
@@ -175,6 +190,7 @@ class SaRAConfig(PeftConfig):
         the runtime's choice, not the file's (a ``"triton"`` saved on a GPU machine must not break CPU forwards)."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         config.kernel = "auto"
+        # An instance attribute, not a field (never saved); configs built in code have none.
         config.loaded_from = {"path": str(pretrained_model_name_or_path), "subfolder": subfolder, **kwargs}
         return config
 

@@ -206,13 +206,14 @@ _OWN_COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 def _increment(flat: torch.Tensor, entry: SparseEntries, compute: torch.dtype) -> torch.Tensor:
     """What to add at ``entry.indices`` so that each entry becomes ``cast(w + scale * delta)``: ``scale * delta`` where
-    the weight's dtype is the compute dtype; for narrower weights the difference of the rounded sum and the entry
-    (a zero delta, e.g. an inert tail entry, adds an exact zero either way)."""
-    scaled = entry.values.to(compute) * entry.scale
+    the weight's dtype is the compute dtype; for narrower weights the difference of the rounded sum
+    (``kernels.reference.patched_values``, the one formula) and the entry (a zero delta, e.g. an inert tail entry, adds
+    an exact zero either way)."""
     if flat.dtype == compute:
-        return scaled
-    base = flat.index_select(0, entry.indices).to(compute)
-    return ((base + scaled).to(flat.dtype).to(compute) - base).to(flat.dtype)
+        return entry.values.to(compute) * entry.scale
+    base = flat.index_select(0, entry.indices)
+    patched = kernels.reference.patched_values(base, entry.values, entry.scale)
+    return (patched.to(compute) - base.to(compute)).to(flat.dtype)
 
 
 class _SparseDeltaFunction(torch.autograd.Function):

@@ -371,10 +371,9 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
     def _sara_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # Runs once per layer call: module attributes are read through their dicts (an nn.Module `__getattr__` costs
         # about as much as a small op's dispatch), and the kernel backend is resolved only when autograd will run.
-        if self._disable_adapters and self.merged_adapters:  # PEFT's `disable_adapters` and `merged`, read directly
+        if self.disable_adapters and self.merged_adapters:  # PEFT's public properties (class attributes)
             self.unmerge()
-        names = self._active_adapter
-        active = self.present_adapters((names,) if isinstance(names, str) else names)
+        active = self.present_adapters(self.active_adapters)
         base_layer = self.get_base_layer()
         path = execution_path(self, active, base_layer)
         if path is ExecutionPath.OFF:

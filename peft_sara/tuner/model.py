@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,17 +13,28 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..adapter_files import base_model_id
-from ..checkpoint_checks import effective_weight_problem, validate_checkpoint
-from ..constants import PREFIX, SARA_TAGS
-from ..file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
-from ..peft_loading import check_peft_load_source, resize_layers_to_entries
 from ..save_bridge import install_save_bridge
-from ..transaction import ModelState, all_or_nothing
 from .base_weight import one_merge_warning
 from .config import SaRAConfig
+from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
 from .layer import MergeGroup, SaRALayer, dispatch_sara_layer, sara_layers
+from .names import KERNELS, PREFIX, SARA_TAGS
+from .reader import check_load_source, effective_weight_problem, resize_layers_to_entries, validate_checkpoint
 from .targets import default_targets
+from .transaction import ModelState, all_or_nothing
+
+
+def base_model_id(model_or_pipeline: Any) -> str | None:
+    """The Hub id / path a model or pipeline was loaded from, if it knows it (``name_or_path`` or the config's)."""
+    config = getattr(model_or_pipeline, "config", None)
+    for candidate in (
+        getattr(model_or_pipeline, "name_or_path", None),
+        getattr(config, "_name_or_path", None),
+        getattr(config, "name_or_path", None),
+    ):
+        if isinstance(candidate, (str, os.PathLike)) and str(candidate):
+            return str(candidate)
+    return None
 
 
 def default_target_modules(model: nn.Module) -> list[str] | None:
@@ -101,16 +113,21 @@ class SaRAModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's injection, all or nothing: if it fails on any module (a non-supported target, a merged layer), the
         model is restored exactly (modules, adapters, ``requires_grad``, tags) before the error propagates."""
+        config = self.peft_config.get(adapter_name)
+        source = getattr(config, "loaded_from", None)
+        if source is not None:  # PEFT's from_pretrained / load_adapter injects before reading the weights: check first
+            check_load_source(model, config, source)
         with all_or_nothing(self, model) as state:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-        config = self.peft_config.get(adapter_name)
-        if getattr(config, "loaded_from", None) is not None:
+        if source is not None:
             self._sara_pending_loads[adapter_name] = state
             del config.loaded_from  # a copy of this config injected elsewhere is not a pending load
 
     def _pre_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = base_model_id(model)
+        # Saved with the config (PEFT writes every field): which model, so which pipeline component, this adapts.
+        config.base_model_class = type(model).__name__
 
     def _post_injection_hook(self, model: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
         # Tagged once injected, so that a refused injection leaves the model's tags as they were.
@@ -127,8 +144,6 @@ class SaRAModel(BaseTuner):
 
     def _check_new_adapter_config(self, config: SaRAConfig) -> None:
         super()._check_new_adapter_config(config)
-        # PEFT's from_pretrained / load_adapter inject before reading the weights: check the source first.
-        check_peft_load_source(self.model, config)
         # PEFT's language-model wrappers read generation methods right after injecting, out of the tuner's reach.
         if str(getattr(config, "task_type", None) or "") in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and not hasattr(
             self.model, "prepare_inputs_for_generation"
@@ -137,12 +152,16 @@ class SaRAModel(BaseTuner):
                 f"The SaRA config has `task_type={config.task_type!r}`, which needs a language model, but "
                 f"{type(self.model).__name__} cannot generate. Remove `task_type` from the adapter config."
             )
-        # One layer runs all its active adapters through one kernel: they must agree on it.
-        kernels_in_use = sorted({adapter_config.kernel for adapter_config in self.peft_config.values()})
+        # One layer runs all its active adapters through one kernel: a new adapter takes the model's (see
+        # `set_sara_kernel`); only a (deprecated) explicit `SaRAConfig(kernel=...)` can disagree, and is refused.
+        others = {getattr(other, "kernel", "auto") for other in self.peft_config.values() if other is not config}
+        if getattr(config, "kernel", "auto") == "auto" and len(others) == 1:
+            config.kernel = next(iter(others))
+        kernels_in_use = sorted(others | {getattr(config, "kernel", "auto")})
         if len(kernels_in_use) > 1:
             raise ValueError(
-                f"All SaRA adapters of a model must use the same `kernel`, got {kernels_in_use}. Set the same "
-                "`kernel` in every SaRAConfig (or use the PEFT_SARA_KERNEL environment variable)."
+                f"All SaRA adapters of a model must use the same `kernel`, got {kernels_in_use}. Choose it at run time "
+                "for the whole model with `peft_sara.set_sara_kernel(model, kernel)` (or PEFT_SARA_KERNEL) instead."
             )
 
     def _prepare_adapter_config(self, peft_config: SaRAConfig, model_config: dict) -> SaRAConfig:
@@ -236,7 +255,7 @@ class SaRAModel(BaseTuner):
     # ----------------------------------------------------------------------------------------- state dicts
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        # Every save (PEFT's save_pretrained included) writes the file format of peft_sara.file_format.
+        # Every save (PEFT's save_pretrained included) writes the file format of peft_sara.tuner.file_format.
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # PEFT adds the modules_to_save copies after this hook: the file's checksum covers them all the same.
         copies = modules_to_save_copies(model, adapter_name, state_dict)
@@ -263,9 +282,27 @@ class SaRAModel(BaseTuner):
             raise
 
     # ----------------------------------------------------------------------------------------- helpers
+    def set_kernel(self, kernel: str) -> None:
+        """Run every SaRA layer of the model through ``kernel`` (see :func:`set_sara_kernel`)."""
+        set_sara_kernel(self.model, kernel)
+
     def sara_layers(self) -> Iterator[tuple[str, SaRALayer]]:
         """(name, layer) for every SaRA layer of the model."""
         return sara_layers(self.model)
 
 
-__all__ = ["SaRAModel", "default_target_modules", "mark_tied_layers"]
+def set_sara_kernel(model: nn.Module, kernel: str) -> None:
+    """Choose the masked-weight kernel of every SaRA layer of ``model`` (a ``PeftModel``, or a model with injected
+    adapters), for every adapter: ``"auto"`` (Triton on CUDA when it imports, PyTorch elsewhere), ``"triton"`` or
+    ``"reference"``. A runtime choice, never saved with the adapter; ``PEFT_SARA_KERNEL`` overrides it."""
+    if kernel not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}, got {kernel!r}.")
+    for _, layer in sara_layers(model):
+        for adapter_name in layer.sara_kernel:
+            layer.sara_kernel[adapter_name] = kernel
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if isinstance(config, SaRAConfig):
+            config.kernel = kernel  # adapters added later start with it too
+
+
+__all__ = ["SaRAModel", "set_sara_kernel", "base_model_id", "default_target_modules", "mark_tied_layers"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from peft.utils import PeftType
 
-from ..constants import PEFT_TYPE_NAME
+from .names import PEFT_TYPE_NAME
 
 
 def add_peft_type_member(name: str) -> PeftType:

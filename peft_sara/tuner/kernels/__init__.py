@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ...constants import KERNEL_ENV_VAR as ENV_VAR
-from ...constants import KERNELS as BACKENDS
+from ..names import KERNEL_ENV_VAR as ENV_VAR
+from ..names import KERNELS as BACKENDS
 from . import reference
 
 

@@ -13,10 +13,14 @@ import torch
 from ..selection import compute_dtype
 
 
-def patched_values(entries: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+def patched_values(entries: torch.Tensor, values: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """``cast(entries + scale * values)`` in the entries' dtype, summed in :func:`~peft_sara.tuner.selection.compute_dtype`
-    (differentiable in ``values``): the one definition of a merged weight entry."""
+    (differentiable in ``values``): the one definition of an adapted weight entry, used by the forward
+    (``functional.effective_weight``), merges (``base_weight.merge_entries_``) and the load checks
+    (``reader.effective_weight_problem``). ``scale`` may be a 0-d tensor (a hotswap slot's live scale)."""
     compute = compute_dtype(entries.dtype, values.dtype)
+    if isinstance(scale, torch.Tensor):
+        return (entries.to(compute) + values.to(compute) * scale.to(compute)).to(entries.dtype)
     if entries.dtype == values.dtype == compute:  # the common float32 case: no conversions to dispatch
         return entries.add(values, alpha=scale)
     return entries.to(compute).add(values.to(compute), alpha=scale).to(entries.dtype)

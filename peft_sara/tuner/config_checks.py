@@ -16,9 +16,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union
 
-from .constants import PEFT_TYPE_NAME
+from .config import SaRAConfig
 from .file_format import InvalidAdapterError
-from .tuner.config import SaRAConfig
+from .names import PEFT_TYPE_NAME
 
 
 def _field_annotations() -> dict[str, Any]:

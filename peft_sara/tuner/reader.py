@@ -1,0 +1,584 @@
+"""The one reader of SaRA adapter files: stored tensors in, checked layer entries out, before anything changes.
+
+The file format itself (keys, records, encoding) is described in ``peft_sara.tuner.file_format``. :func:`read_layer`
+turns one layer's stored tensors into checked entries; :func:`validate_checkpoint` (PEFT's ``from_pretrained`` /
+``load_adapter`` through the tuner's load hook, ``load_sara_adapter``, resume) and :func:`check_checkpoint_file`
+(``inspect``, export, hotswap's file checks) call it for every layer. Every cost is bounded by what was read: counts,
+shapes and capacities are compared before anything is allocated, index streams decode in bounded pieces, the
+effective-weight check is one pass over the entries in the compute dtype. A refusal raises
+:class:`~peft_sara.tuner.file_format.InvalidAdapterError` naming the layer:
+
+- form: values are 1-D floating tensors, index streams decode (``peft_sara.tuner.file_format``), one value per index,
+  records of the right dtype and shape, format version known. Protects against truncated, hand-edited or foreign files.
+- layout (format 2): a matrix, a matrix stored transposed (transformers' ``Conv1D``) or a convolution, consistent with
+  the weight shape and, when loading into a model, with its layer: an export never lays an update out wrong.
+- checksum of each layer (its encoded entries, weight shape and layout, bound to its name) and of the modules_to_save tensors.
+  Protects against corrupted downloads and edits; not against anyone who recomputes them (it is not a signature).
+- recorded weight shape against the model's, and every index inside the weight. Protects against an adapter made for
+  another base model (SD1.5's 768-wide ``to_k`` on SD2's 1024-wide one).
+- no repeated index, no entry both trainable and frozen: each weight entry is stored once.
+- every layer the model's adapter has is in the file, every SaRA tensor of the file matches a layer, and every other
+  tensor is a modules_to_save copy of the right shape: a file never overwrites a base weight.
+- hotswap: a slot holds the adapter's trainable and frozen entries; exports: a layer's dense update costs at most
+  a fixed multiple of its stored entries.
+- non-finite values, and values whose effective weight overflows the base dtype, unless allowed:
+  ``allow_non_finite=True`` on peft-sara's loaders, ``PEFT_SARA_ALLOW_NON_FINITE=1``, or
+  ``with allow_non_finite_values(): PeftModel.from_pretrained(...)``.
+- loading into a merged adapter is refused (its merged weights would keep the old values).
+
+Not covered: whether the values are any good (a file of zeros loads), and quantized or offloaded base weights, which
+are not read for the effective-weight check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, ModulesToSaveWrapper, load_peft_weights
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config_checks import check_config_values, check_relative_path
+from .file_format import (
+    CHECKSUM_NAME,
+    FORMAT_VERSION,
+    LAYOUT_NAME,
+    RECORD_NAMES,
+    VALUE_DTYPES,
+    WEIGHT_SHAPE_NAME,
+    InvalidAdapterError,
+    LayerCheckpoint,
+    LayerLayout,
+    ParsedCheckpoint,
+    check_legacy_archive,
+    checked_checksum,
+    decode_index_gaps,
+    entries_checksum,
+    normalize_module_name,
+    other_tensors_checksum,
+    parse_checkpoint,
+    sibling_key,
+)
+from .kernels.reference import patched_values
+from .layer import SaRALayer, sara_layers
+from .quantized.storage import OneByteFloat
+from .selection import check_entries, index_dtype_for
+
+ALLOW_NON_FINITE_ENV_VAR = "PEFT_SARA_ALLOW_NON_FINITE"
+OTHER_MODEL_HINT = "The checkpoint was made for a different model."
+# A dense update of a layer (exports, inspect's ranks) may cost this many times the entries its file stores: a small file
+# that records a huge weight shape is refused (exports) or its dense statistics skipped (inspect).
+MAX_DENSE_PER_STORED_ENTRY = 4096
+ALLOW_HINT = (
+    "To load it anyway pass `allow_non_finite=True` (peft-sara's loaders), set PEFT_SARA_ALLOW_NON_FINITE=1, or load "
+    "inside `peft_sara.allow_non_finite_values()`."
+)
+
+
+# ------------------------------------------------------------------------------------------------- non-finite values
+_allow_non_finite: ContextVar[bool | None] = ContextVar("peft_sara_allow_non_finite", default=None)
+
+
+@contextlib.contextmanager
+def allow_non_finite_values(allow: bool = True) -> Iterator[None]:
+    """Within the context, SaRA loads (``PeftModel.from_pretrained`` included) accept NaN / inf values if ``allow``."""
+    token = _allow_non_finite.set(allow)
+    try:
+        yield
+    finally:
+        _allow_non_finite.reset(token)
+
+
+def non_finite_allowed() -> bool:
+    """Whether loads accept non-finite values: :func:`allow_non_finite_values`, else ``PEFT_SARA_ALLOW_NON_FINITE``."""
+    explicit = _allow_non_finite.get()
+    if explicit is not None:
+        return explicit
+    return os.environ.get(ALLOW_NON_FINITE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class SlotTooSmall(InvalidAdapterError):
+    """A layer holds more entries (trainable and frozen) than the capacity it is read into (a hotswap slot)."""
+
+
+def _recorded_shape(layer_name: str, tensor: torch.Tensor) -> tuple[int, ...]:
+    if tensor.dtype != torch.int64 or tensor.dim() != 1 or not 1 <= tensor.numel() <= 8:
+        raise InvalidAdapterError(
+            f"SaRA layer '{layer_name}': the recorded weight shape must be 1 to 8 int64, got dtype {tensor.dtype} "
+            f"and shape {tuple(tensor.shape)}: the file is corrupted."
+        )
+    shape = tuple(int(size) for size in tensor)
+    if any(size < 0 for size in shape) or math.prod(shape) >= 2**62:
+        raise InvalidAdapterError(f"SaRA layer '{layer_name}': the recorded weight shape {shape} is not a shape.")
+    return shape
+
+
+@dataclass
+class LayerEntries:
+    """A layer's checked trainable and frozen entries, indices decoded (frozen ones empty when the checkpoint has
+    none), with the weight shape and layout the file records (``layout`` None: a format-1 file, which kept layouts
+    outside the tensors)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    frozen_indices: torch.Tensor
+    frozen_values: torch.Tensor
+    weight_shape: tuple[int, ...] = ()
+    layout: LayerLayout | None = None
+
+
+ENTRY_SETS = {
+    "trainable": ("sara_index_gaps", "sara_values"),
+    "frozen": ("sara_frozen_index_gaps", "sara_frozen_values"),
+}
+
+
+def _check_values(where: str, values: torch.Tensor) -> None:
+    if values.dtype not in VALUE_DTYPES or values.dim() != 1:
+        raise InvalidAdapterError(
+            f"{where}: values must be a 1-D floating tensor (float16/bfloat16/float32/float64), got dtype "
+            f"{values.dtype} and shape {tuple(values.shape)}."
+        )
+
+
+def _decoded_entries(where: str, stream: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
+    """The indices of one entry set, decoded (its count compared with the values' before anything is allocated) and
+    checked to lie inside the weight."""
+    try:
+        indices = decode_index_gaps(stream, count=values.numel(), limit=numel)
+        check_entries(indices, values, numel, where, OTHER_MODEL_HINT)
+    except ValueError as err:
+        message = str(err) if str(err).startswith(where) else f"{where}: {err}."
+        if "out of range" in message:
+            message = f"{message} {OTHER_MODEL_HINT}"
+        raise InvalidAdapterError(message) from err
+    return indices.to(index_dtype_for(numel))
+
+
+def effective_weight_problem(
+    layer: SaRALayer, scale: float, entries: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> str | None:
+    """Why the weight the layer would compute with, ``cast(w + scale * delta)`` in the base dtype
+    (``patched_values``, the formula the forward and merges use), is unusable, or None.
+
+    Unusable: an entry that is not finite, or one so large that a unit input overflows the layer's output
+    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). One pass over the entries, in
+    the compute dtype. Quantized, offloaded or unknown storage is not read (not checked).
+    """
+    base_layer = layer.get_base_layer()
+    backend = layer.storage_backend(base_layer)
+    if backend is not None and not isinstance(backend, OneByteFloat):
+        return None
+    weight = base_layer.weight
+    flat = weight.detach().reshape(-1)
+    fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))
+    # 1-byte storage (fp8, diffusers' layerwise casting) is upcast to compute: checked in float32 (no fp8 isfinite).
+    dtype = weight.dtype if weight.dtype.itemsize >= 2 else torch.float32
+    limit = torch.finfo(dtype).max / fan_in
+    for indices, values in entries:
+        if indices.numel() == 0:
+            continue
+        base = flat.index_select(0, indices.to(device=flat.device, dtype=torch.long)).to(dtype)
+        patched = patched_values(base, values.to(flat.device), float(scale))
+        largest = float(patched.abs().max())  # NaN or inf if any entry is
+        if not math.isfinite(largest):
+            return f"{int((~torch.isfinite(patched)).sum())} entries of its effective weight are not finite in {dtype}"
+        if largest > limit:
+            return (
+                f"its effective weight reaches {largest:.3g}, so a unit input over its fan-in of {fan_in} overflows "
+                f"{dtype} (limit {limit:.3g} per entry)"
+            )
+    return None
+
+
+def read_layer(
+    layer_name: str,
+    checkpoint: LayerCheckpoint,
+    allow_non_finite: bool,
+    version: int = FORMAT_VERSION,
+    layer: SaRALayer | None = None,
+    value_dtype: torch.dtype | None = None,
+    scale: float = 1.0,
+    capacity: int | None = None,
+    max_dense_per_entry: int | None = None,
+) -> LayerEntries:
+    """The one reader of a layer: turn its stored tensors into checked entries, or raise
+    :class:`InvalidAdapterError` naming the layer. Every load, hotswap, resume, ``inspect`` and export goes through it.
+
+    Checks, in order, each before anything it guards is allocated: entries and records present; the records' form
+    (shape, layout, checksum); the recorded shape and layout against ``layer``'s when loading into one; the values'
+    form; ``trainable + frozen <= capacity`` (a hotswap slot); ``weight size <= max_dense_per_entry * stored entries``
+    (exports, which build the update densely); the index streams (counts compared with the values' before decoding,
+    decoded in bounded pieces, inside the weight), then the checksum; repeated indices, trainable / frozen overlap;
+    unless ``allow_non_finite``: finite values in ``value_dtype`` and, with ``layer``, a usable effective weight
+    ``cast(w + scale * delta)`` in the base dtype (:func:`effective_weight_problem`).
+    """
+    tensors = checkpoint.tensors
+    for name in ("sara_index_gaps", "sara_values") + RECORD_NAMES:
+        if name not in tensors:
+            raise InvalidAdapterError(
+                f"SaRA layer '{layer_name}' lacks its '{name}', which every layer of a SaRA file has: the file is "
+                "corrupted or was edited after saving."
+            )
+    if version >= 2 and LAYOUT_NAME not in tensors:
+        raise InvalidAdapterError(
+            f"SaRA layer '{layer_name}' lacks its '{LAYOUT_NAME}', which every layer of a format-{version} file has: "
+            "the file is corrupted or was edited after saving."
+        )
+    if ("sara_frozen_index_gaps" in tensors) != ("sara_frozen_values" in tensors):
+        raise InvalidAdapterError(f"The checkpoint has only half of the frozen entries of SaRA layer '{layer_name}'.")
+    pairs = {what: names for what, names in ENTRY_SETS.items() if names[0] in tensors}
+    recorded = _recorded_shape(layer_name, tensors[WEIGHT_SHAPE_NAME])
+    checksum = checked_checksum(f"SaRA layer '{layer_name}': the checksum", tensors[CHECKSUM_NAME])
+    where = f"SaRA layer '{layer_name}'"
+    layout = LayerLayout.from_tensor(tensors[LAYOUT_NAME], recorded, where) if LAYOUT_NAME in tensors else None
+
+    def corrupted() -> bool:
+        return not torch.equal(entries_checksum(layer_name, tensors), checksum.cpu())
+
+    decoded = {}
+    try:
+        if layer is not None:
+            weight_shape = tuple(layer.weight_shape)
+            if recorded != weight_shape:
+                raise InvalidAdapterError(
+                    f"SaRA layer '{layer_name}' was trained on a weight of shape {recorded}, but this model's weight "
+                    f"has shape {weight_shape}: this adapter was made for another base model (e.g. an SD1.5 adapter "
+                    "on SD2). Load it into the base model it was trained on."
+                )
+            own = LayerLayout.of(layer.get_base_layer())
+            if layout is not None and (layout.kind, layout.transposed) != (own.kind, own.transposed):
+                raise InvalidAdapterError(
+                    f"SaRA layer '{layer_name}' was trained on a {_layout_name(layout)}, but this model's layer is a "
+                    f"{_layout_name(own)}. {OTHER_MODEL_HINT}"
+                )
+        for what, (_, value_name) in pairs.items():
+            _check_values(f"{where}: the checkpoint's {what} entries", tensors[value_name])
+        stored = sum(tensors[value_name].numel() for _, value_name in pairs.values())
+        if capacity is not None and stored > capacity:
+            raise SlotTooSmall(
+                f"{where} has {stored} entries (trainable and frozen), more than the {capacity} its slot holds."
+            )
+        numel = math.prod(recorded)
+        if max_dense_per_entry is not None and numel > max_dense_per_entry * max(stored, 1):
+            raise InvalidAdapterError(
+                f"{where} records a weight of shape {recorded} ({numel} entries) for {stored} stored entries: more "
+                f"than {max_dense_per_entry} times as many, which a dense update of it would cost. The file is "
+                "corrupted or hostile."
+            )
+        for what, (stream_name, value_name) in pairs.items():
+            decoded[what] = _decoded_entries(
+                f"{where}: the checkpoint's {what} entries", tensors[stream_name], tensors[value_name], numel
+            )
+    except InvalidAdapterError as err:
+        if corrupted():
+            raise InvalidAdapterError(
+                f"{err} Its checksum does not match either: the file is corrupted or was modified after saving."
+            ) from err
+        raise
+    if corrupted():
+        raise InvalidAdapterError(
+            f"{where}: the checkpoint's tensors do not match their checksum: the file is corrupted or was modified "
+            "after saving. Download or save the adapter again."
+        )
+
+    for what, indices in decoded.items():
+        repeated = indices[1:][indices[1:] == indices[:-1]]  # decoded indices are ascending
+        if repeated.numel():
+            raise InvalidAdapterError(
+                f"{where}: the checkpoint's {what} indices repeat {repeated.numel()} entries (e.g. index "
+                f"{int(repeated[0])}); each entry of the weight may be stored once."
+            )
+    if "frozen" in decoded and decoded["frozen"].numel():
+        overlap = torch.isin(decoded["frozen"], decoded["trainable"])
+        if bool(overlap.any()):
+            raise InvalidAdapterError(
+                f"{where}: {int(overlap.sum())} entries are both trainable and frozen in the checkpoint (e.g. index "
+                f"{int(decoded['frozen'][overlap][0])}); each entry may be in one set."
+            )
+    values = {what: tensors[value_name] for what, (_, value_name) in pairs.items()}
+    if value_dtype is not None:
+        values = {what: tensor.to(value_dtype) for what, tensor in values.items()}
+    if not allow_non_finite:
+        for what, tensor in values.items():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                after = (
+                    f" after the cast to {value_dtype}"
+                    if value_dtype not in (None, tensors["sara_values"].dtype)
+                    else ""
+                )
+                raise InvalidAdapterError(
+                    f"{where}: the checkpoint's {what} values hold {bad} non-finite entries (NaN or inf{after}). "
+                    f"{ALLOW_HINT}"
+                )
+        if layer is not None:
+            problem = effective_weight_problem(layer, scale, [(decoded[what], values[what]) for what in decoded])
+            if problem is not None:
+                raise InvalidAdapterError(f"{where}: {problem}. {ALLOW_HINT}")
+    trainable = decoded["trainable"]
+    return LayerEntries(
+        indices=trainable,
+        values=values["trainable"],
+        frozen_indices=decoded.get("frozen", trainable[:0]),
+        frozen_values=values.get("frozen", values["trainable"][:0]),
+        weight_shape=recorded,
+        layout=layout,
+    )
+
+
+def _layout_name(layout: LayerLayout) -> str:
+    if layout.kind == "conv":
+        return "convolution"
+    return "transposed (in x out, Conv1D) matrix" if layout.transposed else "matrix (nn.Linear)"
+
+
+def check_checkpoint_file(
+    state_dict: Mapping[str, Any], allow_non_finite: bool | None = None, max_dense_per_entry: int | None = None
+) -> tuple[ParsedCheckpoint, dict[str, LayerEntries]]:
+    """Read a checkpoint file without a model (:func:`read_layer` for every layer, against the recorded shapes and
+    layouts) and check its modules_to_save checksum. ``peft-sara inspect`` and exports read files this way;
+    ``max_dense_per_entry`` bounds what a layer's dense update may cost (see :func:`read_layer`).
+
+    Returns the parsed checkpoint and each layer's entries by (saved) layer name.
+    """
+    allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
+    parsed = parse_checkpoint(state_dict)
+    entries = {
+        layer_name: read_layer(
+            layer_name, layer, allow_non_finite, parsed.version, max_dense_per_entry=max_dense_per_entry
+        )
+        for layer_name, layer in parsed.layers.items()
+    }
+    check_other_checksum(state_dict, parsed, None)
+    return parsed, entries
+
+
+def check_other_checksum(state_dict: Mapping[str, Any], parsed: ParsedCheckpoint, adapter_name: str | None) -> None:
+    others = {key: state_dict[key] for key in parsed.other_keys}
+    if not torch.equal(other_tensors_checksum(others, adapter_name), parsed.other_checksum.cpu()):
+        raise InvalidAdapterError(
+            "The checkpoint's modules_to_save tensors do not match their checksum: the file is corrupted or was "
+            "modified after saving. Download or save the adapter again."
+        )
+
+
+def _allowed_other_keys(model: nn.Module, adapter_name: str) -> set[str]:
+    """State-dict keys a SaRA checkpoint may hold besides SaRA tensors: the copies of the modules its config lists in
+    ``modules_to_save`` (PEFT wrapped them when it injected the adapter). Never a base weight, embeddings included."""
+    return {key for key in model.state_dict() if f".modules_to_save.{adapter_name}." in f".{key}"}
+
+
+def _check_other_tensors(
+    model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor], keys: list[str], allow_non_finite: bool
+) -> None:
+    if not keys:
+        return
+    allowed = _allowed_other_keys(model, adapter_name)
+    rejected = sorted(key for key in keys if key not in allowed)
+    if rejected:
+        shown = ", ".join(rejected[:5]) + (" ..." if len(rejected) > 5 else "")
+        raise InvalidAdapterError(
+            f"The checkpoint has {len(rejected)} tensors that are neither SaRA entries nor modules_to_save of adapter "
+            f"'{adapter_name}': {shown}. Loading them would overwrite other weights of the model; was the file made "
+            "for another model or PEFT method?"
+        )
+    model_state = model.state_dict()
+    for key in keys:
+        tensor, expected = state_dict[key], model_state[key]
+        dtype_fits = (
+            tensor.dtype in VALUE_DTYPES if expected.dtype.is_floating_point else tensor.dtype == expected.dtype
+        )
+        if tuple(tensor.shape) != tuple(expected.shape) or not dtype_fits:
+            raise InvalidAdapterError(
+                f"The checkpoint's '{key}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, the model's "
+                f"{tuple(expected.shape)} and {expected.dtype}. {OTHER_MODEL_HINT}"
+            )
+        if not allow_non_finite and tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise InvalidAdapterError(
+                f"The checkpoint's '{key}' holds non-finite values (NaN or inf). To load them anyway set "
+                f"{ALLOW_NON_FINITE_ENV_VAR}=1 or pass `allow_non_finite=True`."
+            )
+
+
+def check_not_merged(model: nn.Module, adapter_name: str) -> None:
+    """Refuse to load into an adapter that is merged: the merged weights would keep computing the old values while the
+    stored ones (and any save) were the new file's."""
+    merged = [name for name, layer in sara_layers(model) if adapter_name in layer.merged_adapters]
+    if merged:
+        raise ValueError(
+            f"SaRA adapter '{adapter_name}' is merged into {len(merged)} layers (e.g. '{merged[0]}'): loading into it "
+            "would leave the merged weights computing its old values. Unmerge it first (`unmerge_adapter()` / "
+            "`pipe.unfuse_lora()`), or load under another `adapter_name`."
+        )
+
+
+def validate_checkpoint(
+    model: nn.Module, adapter_name: str, state_dict: Mapping[str, torch.Tensor], allow_non_finite: bool | None = None
+) -> tuple[dict[str, LayerEntries], dict[str, torch.Tensor]]:
+    """Validate a SaRA checkpoint against the model's layers of ``adapter_name``; nothing is changed.
+
+    Returns the validated entries by model layer name and the state dict to load, keyed like ``state_dict``: records
+    taken out, each layer's entries decoded (``sara_indices`` / ``sara_frozen_indices``, frozen ones empty where the
+    checkpoint has none). Raises :class:`InvalidAdapterError` naming the layer.
+    """
+    allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
+    check_not_merged(model, adapter_name)
+    parsed = parse_checkpoint(state_dict, adapter_name)
+    layers = {
+        normalize_module_name(name): (name, layer)
+        for name, layer in sara_layers(model)
+        if layer.present_adapters([adapter_name])
+    }
+    unexpected = sorted(
+        layer.keys[name]
+        for layer_name, layer in parsed.layers.items()
+        if layer_name not in layers
+        for name in layer.keys
+    )
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise InvalidAdapterError(
+            f"The checkpoint has SaRA entries for {len(unexpected)} tensors that match no SaRA layer of this model "
+            f"(adapter '{adapter_name}'): {shown}. Was it trained with other `target_modules` or another model?"
+        )
+    _check_other_tensors(model, adapter_name, state_dict, parsed.other_keys, allow_non_finite)
+    check_other_checksum(state_dict, parsed, adapter_name)
+
+    entries = {}
+    for layer_name, (name, layer) in layers.items():
+        checkpoint = parsed.layers.get(layer_name)
+        if checkpoint is None:
+            raise InvalidAdapterError(f"The checkpoint has no entries for SaRA layer '{name}'.")
+        _, values = layer.trainable_entries(adapter_name)
+        scale = float(layer.sara_scaling.get(adapter_name, 1.0))
+        entries[name] = read_layer(
+            name, checkpoint, allow_non_finite, parsed.version, layer=layer, value_dtype=values.dtype, scale=scale
+        )
+
+    stored = {key for layer in parsed.layers.values() for key in layer.keys.values()}
+    to_load = {key: value for key, value in state_dict.items() if key not in stored and key not in parsed.record_keys}
+    for layer_name, (name, _) in layers.items():
+        values_key = parsed.layers[layer_name].keys["sara_values"]
+        layer_entries = entries[name]
+        to_load[values_key] = layer_entries.values
+        to_load[sibling_key(values_key, adapter_name, "sara_indices")] = layer_entries.indices
+        to_load[sibling_key(values_key, adapter_name, "sara_frozen_indices")] = layer_entries.frozen_indices
+        to_load[sibling_key(values_key, adapter_name, "sara_frozen_values")] = layer_entries.frozen_values
+    return entries, to_load
+
+
+# ------------------------------------------------------------------------------------------------- PEFT's load path
+def resize_layers_to_entries(model: nn.Module, adapter_name: str, entries: dict[str, LayerEntries]) -> None:
+    """Give every layer of ``entries`` (read by :func:`validate_checkpoint`, by model layer name) the size of its
+    checkpoint entries, so that ``load_state_dict`` can fill them (after progressive re-selection, or when the layer
+    was created without selecting)."""
+    for name, layer_entries in entries.items():
+        layer = model.get_submodule(name)
+        indices, _ = layer.trainable_entries(adapter_name)
+        frozen_indices, _ = layer.frozen_entries(adapter_name)
+        if layer_entries.indices.shape != indices.shape or layer_entries.frozen_indices.shape != frozen_indices.shape:
+            layer.set_trainable_entries(
+                adapter_name,
+                layer_entries.indices,
+                layer_entries.values,
+                layer_entries.frozen_indices,
+                layer_entries.frozen_values,
+            )
+
+
+# Arguments of `PeftConfig.from_pretrained` that say where PEFT's loader reads the weights from.
+HUB_ARGUMENTS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download")
+
+
+def _weight_keys(folder: str) -> set[str]:
+    """The tensor names of a local adapter folder's weights, from the safetensors header or, for a legacy
+    ``adapter_model.bin``, after its size checks (:func:`check_legacy_archive`), memory-mapped."""
+    safetensors_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    try:
+        if os.path.isfile(safetensors_path):
+            with safe_open(safetensors_path, framework="pt") as handle:
+                return set(handle.keys())
+        bin_path = os.path.join(folder, WEIGHTS_NAME)
+        if not os.path.isfile(bin_path):
+            raise FileNotFoundError(
+                f"'{folder}' has an adapter config but no '{SAFETENSORS_WEIGHTS_NAME}' (or '{WEIGHTS_NAME}')."
+            )
+        check_legacy_archive(Path(bin_path))
+        return set(torch.load(bin_path, map_location="cpu", weights_only=True, mmap=True))
+    except (InvalidAdapterError, FileNotFoundError):
+        raise
+    except Exception as err:  # safetensors', pickle's and zipfile's errors: all mean "not a weights file"
+        raise InvalidAdapterError(f"The weights in '{folder}' are not a readable adapter file: {err}") from err
+
+
+def _modules_to_save_keys(model: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
+    """Checkpoint keys PEFT will look up for the modules_to_save of a new adapter, by module (PEFT's suffix match)."""
+    inside_layers = {name for name, _ in sara_layers(model)}
+    expected = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(f"{layer}.") for layer in inside_layers):
+            continue
+        if any(name.endswith(target) for target in targets):
+            source = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+            expected[name] = [f"{normalize_module_name(name)}.{key}" for key in source.state_dict()]
+    return expected
+
+
+def check_load_source(model: nn.Module, config: PeftConfig, source: dict[str, Any]) -> None:
+    """Before SaRA injects an adapter whose config PEFT's ``from_pretrained`` / ``load_adapter`` read from a file
+    (``source``: path or repo id and the Hub arguments), check what PEFT would otherwise discover only after the
+    injection: the config's field types, a ``subfolder`` inside the adapter, a readable (and, for a legacy ``.bin``,
+    bounded) weights file, and the modules_to_save tensors. Called by the tuner's injection, not by a config check."""
+    model_id = source["path"]
+    hub_kwargs = {key: source[key] for key in HUB_ARGUMENTS if source.get(key) is not None}
+    subfolder = hub_kwargs.get("subfolder")
+    if subfolder is not None:
+        check_relative_path(subfolder, "subfolder")
+    where = f"The adapter config of '{model_id}'"
+    check_config_values({field.name: getattr(config, field.name) for field in dataclasses.fields(config)}, where)
+    folder = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(folder):
+        keys = {normalize_module_name(key) for key in _weight_keys(folder)}
+    else:  # a Hub repo: PEFT reads the same (cached) file right after
+        try:
+            weights = load_peft_weights(model_id, device="cpu", **hub_kwargs)
+        except SafetensorError as err:
+            raise InvalidAdapterError(
+                f"The weights of '{model_id}' are not a readable safetensors file: {err}"
+            ) from err
+        keys = {normalize_module_name(key) for key in weights}
+    for name, module_keys in _modules_to_save_keys(model, getattr(config, "modules_to_save", None) or ()).items():
+        missing = [key for key in module_keys if key not in keys]
+        if missing:
+            raise InvalidAdapterError(
+                f"'{model_id}' lacks the modules_to_save tensors of '{name}' that its config asks for: {missing[:3]}."
+            )
+
+
+__all__ = [
+    "ALLOW_NON_FINITE_ENV_VAR",
+    "LayerEntries",
+    "allow_non_finite_values",
+    "MAX_DENSE_PER_STORED_ENTRY",
+    "SlotTooSmall",
+    "check_checkpoint_file",
+    "check_load_source",
+    "resize_layers_to_entries",
+    "check_other_checksum",
+    "check_not_merged",
+    "effective_weight_problem",
+    "non_finite_allowed",
+    "read_layer",
+    "validate_checkpoint",
+]
