@@ -10,6 +10,8 @@ fixed-capacity tensors (values, indices, gradients, optimizer moments) and the f
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 try:  # torch.distributed is optional in PyTorch builds; without it there are no sharded (DTensor) parameters
@@ -58,21 +60,90 @@ def select_trainable_indices(
     smallest-magnitude entries (ties broken by position); the cutoff is the largest selected magnitude. Either way an
     entry is ineffective while ``|w| <= cutoff``, so entries tied with the cutoff (zero-initialised layers, quantised
     weights) stay trainable at re-selection as long as they have not grown.
+
+    Costs about one pass over the weight: the fraction's cutoff is the k-th smallest magnitude among the few entries
+    below a bound estimated from a sample (:func:`smallest_magnitudes`), not a sort of the whole weight.
     """
     if (threshold is None) == (trainable_fraction is None):
         raise ValueError("Pass exactly one of `threshold` and `trainable_fraction`.")
-    magnitudes = gathered(weight).detach().reshape(-1).abs().float()
-    index_dtype = index_dtype_for(magnitudes.numel())
+    magnitudes = magnitudes_of(weight)
+    numel = magnitudes.numel()
+    index_dtype = index_dtype_for(numel)
     if threshold is not None:
         cutoff = threshold_cutoff(threshold)
-        indices = torch.nonzero(magnitudes <= cutoff).reshape(-1)
+        indices = torch.nonzero(magnitudes <= bound_in_dtype(cutoff, magnitudes.dtype)).reshape(-1)
         return indices.to(index_dtype), cutoff
-    numel = magnitudes.numel()
     count = min(numel, max(1, round(trainable_fraction * numel)))
-    order = torch.argsort(magnitudes, stable=True)
-    cutoff = magnitudes[order[count - 1]].item()
-    indices = torch.sort(order[:count]).values
+    indices, cutoff = smallest_magnitudes(magnitudes, count)
     return indices.to(index_dtype), cutoff
+
+
+def magnitudes_of(weight: torch.Tensor) -> torch.Tensor:
+    """``|w|`` of the whole weight, flat, in a dtype whose order is float32's: float32, bfloat16 and float16 stay as
+    they are (their conversion to float32 is exact), anything else (float64, integers) is converted to float32, as the
+    selection rule compares in float32."""
+    magnitudes = gathered(weight).detach().reshape(-1).abs()
+    if magnitudes.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        magnitudes = magnitudes.float()
+    return magnitudes
+
+
+def bound_in_dtype(bound: float, dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` that is ``<= bound``, as a float: comparing a ``dtype`` tensor with it (PyTorch
+    compares a tensor and a Python number in the tensor's dtype) selects exactly the entries whose float32 value is
+    ``<= bound``."""
+    as_dtype = torch.tensor(bound, dtype=torch.float64).to(dtype)
+    if as_dtype.item() > bound:
+        as_dtype = torch.nextafter(as_dtype, torch.tensor(-math.inf, dtype=dtype))
+    return as_dtype.item()
+
+
+# Entries drawn to estimate the bound below which the k smallest magnitudes lie.
+SAMPLE_SIZE = 2**16
+# How far (in standard deviations of the sample quantile) the bound lies above the estimate of the k-th magnitude.
+BOUND_MARGIN = 6.0
+
+
+def smallest_magnitudes(magnitudes: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+    """Flat indices (ascending, int64) of the ``count`` smallest of ``magnitudes`` (1-D), ties broken by position, and
+    the largest of them as a float: exactly the first ``count`` entries of a stable ascending argsort (NaN last).
+
+    One pass: a bound ``b`` is estimated from a seeded sample (private generator: the global RNG is left alone) so that
+    a little more than ``count`` entries are ``<= b``; those are gathered in position order, and the cutoff is their
+    ``count``-th smallest value. If the bound falls short, the next try takes every finite magnitude.
+    """
+    numel = magnitudes.numel()
+    if not 1 <= count <= numel:
+        raise ValueError(f"Cannot select {count} of {numel} entries.")
+    for bound in (_estimated_bound(magnitudes, count), float("inf")):
+        candidates = torch.nonzero(magnitudes <= bound).reshape(-1)
+        if candidates.numel() >= count:
+            break
+    else:  # fewer than `count` entries are not NaN: the stable sort's order (NaN last, by position)
+        order = torch.argsort(magnitudes.float(), stable=True)[:count]
+        return torch.sort(order).values, magnitudes[order[-1]].item()
+    values = magnitudes[candidates]
+    cutoff = torch.kthvalue(values, count).values if count < values.numel() else values.max()
+    below = values < cutoff
+    tied = values == cutoff
+    # All entries below the cutoff, then the first tied ones (in position order) up to `count`.
+    keep = below | (tied & (torch.cumsum(tied, 0) <= count - int(below.sum())))
+    return candidates[keep], cutoff.item()
+
+
+def _estimated_bound(magnitudes: torch.Tensor, count: int) -> float:
+    numel = magnitudes.numel()
+    if numel <= SAMPLE_SIZE:
+        return float("inf")
+    generator = torch.Generator(device="cpu").manual_seed(numel)
+    positions = torch.randint(0, numel, (SAMPLE_SIZE,), generator=generator).to(magnitudes.device)
+    sample = magnitudes[positions].float()
+    quantile = count / numel
+    quantile += BOUND_MARGIN * (quantile * (1 - quantile) / SAMPLE_SIZE) ** 0.5 + 1 / SAMPLE_SIZE
+    if quantile >= 1:
+        return float("inf")
+    bound = torch.kthvalue(sample, max(1, math.ceil(quantile * SAMPLE_SIZE))).values.item()
+    return bound if math.isfinite(bound) else float("inf")
 
 
 def still_ineffective(current_values: torch.Tensor, cutoff: float) -> torch.Tensor:
