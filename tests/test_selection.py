@@ -4,6 +4,8 @@ selection takes (sampled bound, bound that falls short, NaNs, ties at the cutoff
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -59,23 +61,39 @@ def weights(draw) -> torch.Tensor:
     return values.to(dtype).reshape(shape)
 
 
-@fuzz_settings(max_examples=300)
-@given(weight=weights(), fraction=st.floats(1e-4, 1.0), sample_size=st.sampled_from([16, 64, 2**16]))
-def test_fraction_selects_the_first_k_of_a_stable_argsort(weight, fraction, sample_size):
-    # Small samples make the estimated bound fall short or overshoot: every path must give the definition's entries.
-    original = selection.SAMPLE_SIZE
-    selection.SAMPLE_SIZE = sample_size
+@contextlib.contextmanager
+def pass_sizes(sample_size: int, chunk_size: int):
+    """Small samples make the estimated bound fall short or overshoot, small chunks put ties and candidates across
+    chunk borders: every path must give the definition's entries."""
+    original = selection.SAMPLE_SIZE, selection.CHUNK_SIZE
+    selection.SAMPLE_SIZE, selection.CHUNK_SIZE = sample_size, chunk_size
     try:
-        got = select_trainable_indices(weight, trainable_fraction=fraction)
+        yield
     finally:
-        selection.SAMPLE_SIZE = original
+        selection.SAMPLE_SIZE, selection.CHUNK_SIZE = original
+
+
+SAMPLE_SIZES = st.sampled_from([16, 64, selection.SAMPLE_SIZE])
+CHUNK_SIZES = st.sampled_from([7, 256, selection.CHUNK_SIZE])
+
+
+@fuzz_settings(max_examples=300)
+@given(weight=weights(), fraction=st.floats(1e-4, 1.0), sample_size=SAMPLE_SIZES, chunk_size=CHUNK_SIZES)
+def test_fraction_selects_the_first_k_of_a_stable_argsort(weight, fraction, sample_size, chunk_size):
+    with pass_sizes(sample_size, chunk_size):
+        got = select_trainable_indices(weight, trainable_fraction=fraction)
     assert_same_selection(got, reference_fraction(weight, fraction))
 
 
 @fuzz_settings(max_examples=200)
-@given(weight=weights(), threshold=st.sampled_from([1e-3, 2e-3, 0.0019989013671875, 0.05, 0.5, 1.0, 3.0]))
-def test_threshold_selects_exactly_the_magnitudes_below_it_in_float32(weight, threshold):
-    indices, cutoff = select_trainable_indices(weight, threshold=threshold)
+@given(
+    weight=weights(),
+    threshold=st.sampled_from([1e-3, 2e-3, 0.0019989013671875, 0.05, 0.5, 1.0, 3.0]),
+    chunk_size=CHUNK_SIZES,
+)
+def test_threshold_selects_exactly_the_magnitudes_below_it_in_float32(weight, threshold, chunk_size):
+    with pass_sizes(selection.SAMPLE_SIZE, chunk_size):
+        indices, cutoff = select_trainable_indices(weight, threshold=threshold)
     assert torch.equal(indices.long(), reference_threshold(weight, threshold))
     assert cutoff == threshold_cutoff(threshold)
 

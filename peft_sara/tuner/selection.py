@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import torch
 
 try:  # torch.distributed is optional in PyTorch builds; without it there are no sharded (DTensor) parameters
@@ -66,26 +67,23 @@ def select_trainable_indices(
     """
     if (threshold is None) == (trainable_fraction is None):
         raise ValueError("Pass exactly one of `threshold` and `trainable_fraction`.")
-    magnitudes = magnitudes_of(weight)
-    numel = magnitudes.numel()
+    flat = gathered(weight).detach().reshape(-1)
+    numel = flat.numel()
     index_dtype = index_dtype_for(numel)
     if threshold is not None:
         cutoff = threshold_cutoff(threshold)
-        indices = torch.nonzero(magnitudes <= bound_in_dtype(cutoff, magnitudes.dtype)).reshape(-1)
+        indices, _ = entries_at_most(flat, bound_in_dtype(cutoff, magnitude_dtype(flat.dtype)))
         return indices.to(index_dtype), cutoff
     count = min(numel, max(1, round(trainable_fraction * numel)))
-    indices, cutoff = smallest_magnitudes(magnitudes, count)
+    indices, cutoff = smallest_magnitudes(flat, count)
     return indices.to(index_dtype), cutoff
 
 
-def magnitudes_of(weight: torch.Tensor) -> torch.Tensor:
-    """``|w|`` of the whole weight, flat, in a dtype whose order is float32's: float32, bfloat16 and float16 stay as
-    they are (their conversion to float32 is exact), anything else (float64, integers) is converted to float32, as the
-    selection rule compares in float32."""
-    magnitudes = gathered(weight).detach().reshape(-1).abs()
-    if magnitudes.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        magnitudes = magnitudes.float()
-    return magnitudes
+def magnitude_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``|w|`` is compared in: float32, bfloat16 and float16 stay as they are (their conversion to float32 is
+    exact and keeps the order), anything else (float64, integers) is converted to float32, as the selection rule
+    compares in float32."""
+    return weight_dtype if weight_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
 def bound_in_dtype(bound: float, dtype: torch.dtype) -> float:
@@ -98,52 +96,87 @@ def bound_in_dtype(bound: float, dtype: torch.dtype) -> float:
     return as_dtype.item()
 
 
+# Entries per step of the pass over a weight on CPU: its magnitudes and mask stay in the cache.
+CHUNK_SIZE = 2**18
+
+
+def entries_at_most(flat: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (ascending, int64) and magnitudes (in :func:`magnitude_dtype`) of the entries of the 1-D ``flat``
+    with ``|w| <= bound`` (``bound`` a value of that dtype, see :func:`bound_in_dtype`), in one pass."""
+    dtype = magnitude_dtype(flat.dtype)
+    if flat.device.type != "cpu":
+        magnitudes = flat.abs().to(dtype)
+        positions = torch.nonzero(magnitudes <= bound).reshape(-1)
+        return positions, magnitudes[positions]
+    # On CPU, chunk by chunk into reused buffers (no weight-sized temporaries), with NumPy's nonzero (several times
+    # faster than torch.nonzero on a sparse mask).
+    size = min(CHUNK_SIZE, flat.numel())
+    magnitudes, mask = torch.empty(size, dtype=dtype), torch.empty(size, dtype=torch.bool)
+    positions, values = [], []
+    for start in range(0, flat.numel(), size):
+        chunk = flat[start : start + size]
+        chunk_magnitudes, chunk_mask = magnitudes[: chunk.numel()], mask[: chunk.numel()]
+        if chunk.dtype == dtype:
+            torch.abs(chunk, out=chunk_magnitudes)
+        else:
+            chunk_magnitudes.copy_(chunk.abs())
+        torch.le(chunk_magnitudes, bound, out=chunk_mask)
+        local = torch.from_numpy(numpy.flatnonzero(chunk_mask.numpy()))
+        if local.numel():
+            values.append(chunk_magnitudes[local])
+            positions.append(local + start)
+    if not positions:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dtype)
+    return torch.cat(positions), torch.cat(values)
+
+
 # Entries drawn to estimate the bound below which the k smallest magnitudes lie.
 SAMPLE_SIZE = 2**16
 # How far (in standard deviations of the sample quantile) the bound lies above the estimate of the k-th magnitude.
 BOUND_MARGIN = 6.0
 
 
-def smallest_magnitudes(magnitudes: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
-    """Flat indices (ascending, int64) of the ``count`` smallest of ``magnitudes`` (1-D), ties broken by position, and
-    the largest of them as a float: exactly the first ``count`` entries of a stable ascending argsort (NaN last).
+def smallest_magnitudes(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+    """Flat indices (ascending, int64) of the ``count`` smallest magnitudes of the 1-D ``flat``, ties broken by
+    position, and the largest of them as a float: exactly the first ``count`` entries of a stable ascending argsort of
+    ``|flat|`` in float32 (NaN last).
 
-    One pass: a bound ``b`` is estimated from a seeded sample (private generator: the global RNG is left alone) so that
-    a little more than ``count`` entries are ``<= b``; those are gathered in position order, and the cutoff is their
-    ``count``-th smallest value. If the bound falls short, the next try takes every finite magnitude.
+    One pass: a bound is estimated from a seeded sample (a private generator: the global RNG is left alone) so that a
+    little more than ``count`` entries lie at or below it; those are gathered in position order, and the cutoff is
+    their ``count``-th smallest value. If the bound falls short, a second pass takes every magnitude but NaN.
     """
-    numel = magnitudes.numel()
+    numel = flat.numel()
     if not 1 <= count <= numel:
         raise ValueError(f"Cannot select {count} of {numel} entries.")
-    for bound in (_estimated_bound(magnitudes, count), float("inf")):
-        candidates = torch.nonzero(magnitudes <= bound).reshape(-1)
-        if candidates.numel() >= count:
+    for bound in (_estimated_bound(flat, count), math.inf):
+        positions, values = entries_at_most(flat, bound)
+        if positions.numel() >= count:
             break
-    else:  # fewer than `count` entries are not NaN: the stable sort's order (NaN last, by position)
-        order = torch.argsort(magnitudes.float(), stable=True)[:count]
+    else:  # fewer than `count` magnitudes are not NaN: the stable sort's order (NaN last, then by position)
+        magnitudes = flat.abs().float()
+        order = torch.argsort(magnitudes, stable=True)[:count]
         return torch.sort(order).values, magnitudes[order[-1]].item()
-    values = magnitudes[candidates]
     cutoff = torch.kthvalue(values, count).values if count < values.numel() else values.max()
     below = values < cutoff
     tied = values == cutoff
     # All entries below the cutoff, then the first tied ones (in position order) up to `count`.
     keep = below | (tied & (torch.cumsum(tied, 0) <= count - int(below.sum())))
-    return candidates[keep], cutoff.item()
+    return positions[keep], cutoff.item()
 
 
-def _estimated_bound(magnitudes: torch.Tensor, count: int) -> float:
-    numel = magnitudes.numel()
+def _estimated_bound(flat: torch.Tensor, count: int) -> float:
+    numel = flat.numel()
     if numel <= SAMPLE_SIZE:
-        return float("inf")
+        return math.inf
     generator = torch.Generator(device="cpu").manual_seed(numel)
-    positions = torch.randint(0, numel, (SAMPLE_SIZE,), generator=generator).to(magnitudes.device)
-    sample = magnitudes[positions].float()
+    positions = torch.randint(0, numel, (SAMPLE_SIZE,), generator=generator).to(flat.device)
+    sample = flat[positions].abs().to(magnitude_dtype(flat.dtype))
     quantile = count / numel
     quantile += BOUND_MARGIN * (quantile * (1 - quantile) / SAMPLE_SIZE) ** 0.5 + 1 / SAMPLE_SIZE
     if quantile >= 1:
-        return float("inf")
-    bound = torch.kthvalue(sample, max(1, math.ceil(quantile * SAMPLE_SIZE))).values.item()
-    return bound if math.isfinite(bound) else float("inf")
+        return math.inf
+    bound = torch.kthvalue(sample.float(), max(1, math.ceil(quantile * SAMPLE_SIZE))).values.item()
+    return bound if math.isfinite(bound) else math.inf
 
 
 def still_ineffective(current_values: torch.Tensor, cutoff: float) -> torch.Tensor:
