@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     triton_imported_early = "triton" in sys.modules
     if args.interpret and not on_cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
-    from peft_sara import kernels
+    from peft_sara.tuner import kernels
     from peft_sara.tuner.kernels import reference
 
     triton_kernels = None

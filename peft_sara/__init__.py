@@ -74,6 +74,10 @@ class _RegisterWhenPeftIsImported(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname != "peft" and not fullname.startswith(f"{__name__}."):
             return None
+        if fullname == "peft":  # PEFT imports bitsandbytes: first import it without its Hub kernel lookup
+            from .hub_kernels import import_bitsandbytes_offline
+
+            import_bitsandbytes_offline()
         for finder in sys.meta_path:
             if type(finder).__name__ == type(self).__name__ or not hasattr(finder, "find_spec"):
                 continue

@@ -75,6 +75,14 @@ class HubStub:
         self.stop()
 
     # ------------------------------------------------------------------------------------------ inspection
+    def unhandled_for(self, namespace: str) -> list[tuple[str, str]]:
+        """The unanswered requests that concern repositories of ``namespace`` (the project's own requests): requests
+        other libraries make on their own (e.g. a kernel lookup at import) are not the subject of these tests; the
+        promise that none leaves the process is tested separately (tests/test_no_network.py)."""
+        return [
+            (method, path) for method, path in self.unhandled if f"/{namespace}/" in path or path == "/api/repos/create"
+        ]
+
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """The files of ``repo_id`` at a branch or commit."""
         sha = self.branches[repo_id].get(revision, revision)

@@ -84,7 +84,7 @@ def runs(tmp_path_factory, one_thread):
         patch.setattr(outputs, "HfApi", functools.partial(HfApi, endpoint=hub.url))
         push = ["--push_to_hub", "--hub_model_id", PUSHED_REPO, "--hub_token", "hf_test"]
         run_example(script, [*common, "--output_dir", str(full_dir), *validation, *push])
-        pushed, unhandled = hub.files(PUSHED_REPO), list(hub.unhandled)
+        pushed, unhandled = hub.files(PUSHED_REPO), hub.unhandled_for(PUSHED_REPO.split("/")[0])
 
     resumed_dir.mkdir()
     shutil.copytree(full_dir / "checkpoint-2", resumed_dir / "checkpoint-2")

@@ -253,4 +253,4 @@ def test_push_to_hub_and_load_by_repo_id_through_the_real_client(sd, hub, tmp_pa
     assert report["adapter_name"] == "pipe-sara-download"
     np.testing.assert_allclose(np.load(images_path), sd.adapted, rtol=0, atol=1e-6)
     assert report["missing_repo_error"] == "RepositoryNotFoundError"
-    assert not hub.unhandled
+    assert not hub.unhandled_for("org")

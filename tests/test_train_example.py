@@ -228,7 +228,7 @@ def runs(tmp_path_factory):
                 root,
             )
             pushed = hub.files(PUSHED_REPO)
-            unhandled = list(hub.unhandled)
+            unhandled = hub.unhandled_for(PUSHED_REPO.split("/")[0])
 
         resumed_dir.mkdir()
         shutil.copytree(full_dir / "checkpoint-2", resumed_dir / "checkpoint-2")

@@ -18,7 +18,7 @@ from benchmarks.gpu_suite.budget import Budget
 from benchmarks.gpu_suite.settings import SuiteSettings
 from benchmarks.measure import DTYPES, SHORT_DTYPE_NAMES
 from benchmarks.processes import failure_status, run_in_fresh_process
-from peft_sara import kernels as sara_kernels
+from peft_sara.tuner import kernels as sara_kernels
 from peft_sara.tuner.kernels import reference
 
 
