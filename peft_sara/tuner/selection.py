@@ -224,6 +224,15 @@ def write_prefix_(tensor: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
     """
     if prefix.numel() > tensor.shape[0]:
         raise ValueError(f"{prefix.numel()} entries do not fit into a tensor of capacity {tensor.shape[0]}.")
+    if not is_sharded(tensor):  # one pass, no temporary
+        if (
+            prefix.device == tensor.device
+            and prefix.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+        ):
+            prefix = prefix.clone()  # a view into `tensor` itself
+        tensor[: prefix.numel()].copy_(prefix)
+        tensor[prefix.numel() :].zero_()
+        return tensor
     result = torch.zeros(tensor.shape, dtype=tensor.dtype, device=tensor.device)
     result[: prefix.numel()] = prefix.to(device=result.device, dtype=result.dtype)
     if is_sharded(tensor):
