@@ -271,8 +271,9 @@ class SparseEntryStorage:
                 module.sara_indices[name] = index_buffer.new_zeros(count)
                 module.sara_values[name] = nn.Parameter(param.detach().new_zeros(count), param.requires_grad)
                 capacity = count
-            state_dict[values_key] = torch.cat([values, values.new_zeros(capacity - count)])
-            state_dict[indices_key] = torch.cat([indices, indices.new_zeros(capacity - count)])
+            if count < capacity:  # (a loaded adapter is sized to its checkpoint: nothing to pad, nothing to copy)
+                state_dict[values_key] = torch.cat([values, values.new_zeros(capacity - count)])
+                state_dict[indices_key] = torch.cat([indices, indices.new_zeros(capacity - count)])
             module._set_live_count(name, count)
             module.sara_awaiting_entries.pop(name, None)
             frozen = []
