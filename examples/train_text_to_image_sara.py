@@ -194,13 +194,15 @@ def main(args: argparse.Namespace) -> None:
 
             if global_step % args.checkpointing_steps == 0:
                 save_path = checkpoint_folder(args.output_dir, global_step)
-                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-                    for removed in remove_old_checkpoints(args.output_dir, keep=args.checkpoints_total_limit - 1):
-                        logger.info(f"Removed {removed} (--checkpoints_total_limit {args.checkpoints_total_limit})")
                 if deepspeed:  # every rank writes its part
                     accelerator.save_state(save_path, exclude_frozen_parameters=True)
+                    accelerator.wait_for_everyone()
                 elif accelerator.is_main_process:
-                    save_training_checkpoint(save_path, components)
+                    save_training_checkpoint(save_path, components)  # published whole (peft_sara.atomic)
+                # Old checkpoints go only once the new one is complete: a killed save never leaves none.
+                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+                    for removed in remove_old_checkpoints(args.output_dir, keep=args.checkpoints_total_limit):
+                        logger.info(f"Removed {removed} (--checkpoints_total_limit {args.checkpoints_total_limit})")
                 logger.info(f"Saved {save_path}")
             if args.validation_steps and global_step % args.validation_steps == 0:
                 validate(f"step-{global_step}", global_step)

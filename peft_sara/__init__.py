@@ -1,9 +1,13 @@
 """peft-sara: SaRA (progressive sparse low-rank adaptation) as a PEFT method.
 
-Importing this package registers the ``"sara"`` method with PEFT, so that ``get_peft_model``,
-``PeftModel.from_pretrained``, ``inject_adapter_in_model`` and diffusers' ``add_adapter`` accept ``SaRAConfig``:
-right away when PEFT is already imported, otherwise the moment it is (PEFT imports torch, transformers and accelerate,
-seconds that ``peft-sara --help`` and ``--version`` should not pay). The public names below load on first use.
+Importing this package registers the ``"sara"`` method with PEFT (:func:`peft_sara.registration.register`), so that
+``get_peft_model``, ``PeftModel.from_pretrained``, ``inject_adapter_in_model`` and diffusers' ``add_adapter`` accept
+``SaRAConfig`` and SaRA adapter folders. That imports PEFT (with torch, transformers and accelerate). The public
+names below load on first use.
+
+One exception: the package's own command line (``peft-sara``, ``peft-sara-demo`` and ``python -m peft_sara...``)
+starts without PEFT, so that ``--help`` answers at once; its subcommands register SaRA once their arguments are
+parsed.
 
 The package's layers and their import rules: README "Architecture" and the import-linter contracts in
 ``pyproject.toml``.
@@ -12,8 +16,7 @@ The package's layers and their import rules: README "Architecture" and the impor
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
+import re
 import sys
 from typing import Any
 
@@ -40,21 +43,27 @@ _EXPORTS = {
 
 __all__ = [*_EXPORTS, "PEFT_TYPE", "__version__"]
 
+# The console scripts' names, as installers write them (`peft-sara`, Windows' `peft-sara.exe` / `-script.py`).
+_CONSOLE_SCRIPT = re.compile(r"peft-sara(-demo)?(\.exe|-script\.pyw?)?")
 
-_registered: list[Any] = []  # the PeftType once registered
 
-
-def _register() -> Any:
-    if not _registered:
-        from .registration import register
-
-        _registered.append(register())
-    return _registered[0]
+def _command_line_start() -> bool:
+    """True while Python starts this package's command line: ``python -m peft_sara[.module]`` (while Python imports
+    the packages above the module it runs, ``sys.argv[0]`` is ``"-m"`` and ``sys.orig_argv`` names the module) or a
+    ``peft-sara`` / ``peft-sara-demo`` console script (``sys.argv[0]`` is the script)."""
+    argv = sys.argv or [""]
+    if argv[0] == "-m":
+        original = list(getattr(sys, "orig_argv", []))
+        module = next((original[i + 1] for i, arg in enumerate(original[:-1]) if arg == "-m"), "")
+        return module == __name__ or module.startswith(f"{__name__}.")
+    return bool(_CONSOLE_SCRIPT.fullmatch(argv[0].replace("\\", "/").rsplit("/", 1)[-1]))
 
 
 def __getattr__(name: str) -> Any:
     if name == "PEFT_TYPE":
-        value = _register()
+        from .registration import register
+
+        value = register()
     elif name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     else:
@@ -63,51 +72,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-class _RegisterWhenPeftIsImported(importlib.abc.MetaPathFinder):
-    """Registers SaRA as soon as PEFT is imported and no import of PEFT or of a ``peft_sara`` module is in progress
-    (registration imports ``peft_sara`` modules, which import PEFT: done in the middle, it would find them half
-    initialized). Finds nothing itself: it wraps the loaders of those modules to count the imports in progress."""
+if not _command_line_start():
+    from .registration import register as _register
 
-    def __init__(self) -> None:
-        self.in_progress = 0
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "peft" and not fullname.startswith(f"{__name__}."):
-            return None
-        if fullname == "peft":  # PEFT imports bitsandbytes: first import it without its Hub kernel lookup
-            from .hub_kernels import import_bitsandbytes_offline
-
-            import_bitsandbytes_offline()
-        for finder in sys.meta_path:
-            if type(finder).__name__ == type(self).__name__ or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is not None and hasattr(loader, "exec_module"):
-            exec_module = loader.exec_module
-
-            def exec_then_register(module: Any) -> None:
-                self.in_progress += 1
-                try:
-                    exec_module(module)
-                finally:
-                    self.in_progress -= 1
-                if not self.in_progress and "peft" in sys.modules:
-                    if self in sys.meta_path:
-                        sys.meta_path.remove(self)
-                    _register()
-
-            loader.exec_module = exec_then_register
-        return spec
-
-
-# One hook, also across `importlib.reload(peft_sara)` (which defines the class anew).
-sys.meta_path[:] = [finder for finder in sys.meta_path if type(finder).__name__ != "_RegisterWhenPeftIsImported"]
-if "peft" in sys.modules:
-    _register()
-else:
-    sys.meta_path.insert(0, _RegisterWhenPeftIsImported())
+    PEFT_TYPE = _register()

@@ -4,9 +4,9 @@ An adapter folder is PEFT's: ``adapter_config.json`` + ``adapter_model.safetenso
 ``peft_sara.file_format``. A model with several adapters keeps ``default`` at the root and every other adapter in a
 subfolder named after it (:func:`adapter_subfolder`), as ``PeftModel.save_pretrained`` does.
 
-Every file written here is written atomically (``peft_sara.atomic``): a killed save leaves the previous file. A
-``PeftModel`` is saved by PEFT's own ``save_pretrained`` into a staging folder whose files are then published one by
-one, atomically, weights before config before card. Calling ``PeftModel.save_pretrained`` directly writes in place.
+Every folder written here is written through ``peft_sara.atomic.folder_writer``: a killed save leaves the previous
+folder or the new one, whole. A ``PeftModel`` is saved by PEFT's own ``save_pretrained`` into the writer's staging
+folder. Calling ``PeftModel.save_pretrained`` directly writes in place.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .atomic import atomic_write, save_safetensors_atomic, write_text_atomic
+from .atomic import folder_writer, save_safetensors_atomic, write_text_atomic
 from .config_checks import check_config_dict, config_from_dict
 from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, SAFETENSORS_NAME
 from .file_format import InvalidAdapterError, format_metadata
 from .layouts import layouts_metadata
 from .tuner.config import SaRAConfig
-
-# Order in which a staged save is published: a folder whose config is new has new weights.
-PUBLISH_ORDER = (SAFETENSORS_NAME, PICKLE_NAME, CONFIG_NAME, CARD_NAME)
 
 
 # ------------------------------------------------------------------------------------------------- naming
@@ -77,8 +73,6 @@ def save_injected_adapter(
             f"{type(model).__name__} has no adapter config for '{adapter_name}' (it has {sorted(peft_config)}). "
             "Inject adapters with `add_adapter` or `peft_sara.load_sara_adapter` so their configs are recorded."
         )
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(peft_config[adapter_name])
     config.inference_mode = True
     if base_model is not None:
@@ -89,22 +83,10 @@ def save_injected_adapter(
     state_dict = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     # What exports need without the base, and the index encoding, for readers of the header.
     metadata = {"format": "pt", **layouts_metadata(model, adapter_name), **format_metadata()}
-    save_safetensors_atomic(state_dict, directory / SAFETENSORS_NAME, metadata=metadata)
-    write_adapter_config(config, directory)
-    return directory
-
-
-def _publish_order(relative: Path) -> tuple[int, str]:
-    rank = PUBLISH_ORDER.index(relative.name) if relative.name in PUBLISH_ORDER else len(PUBLISH_ORDER)
-    return rank, str(relative)
-
-
-def publish_staged_files(staging: Path, directory: Path) -> None:
-    """Copy every file of ``staging`` into ``directory`` (same relative paths), each atomically."""
-    files = sorted((path.relative_to(staging) for path in staging.rglob("*") if path.is_file()), key=_publish_order)
-    for relative in files:
-        with open(staging / relative, "rb") as source, atomic_write(directory / relative) as destination:
-            shutil.copyfileobj(source, destination, 1 << 20)
+    with folder_writer(save_directory) as directory:
+        save_safetensors_atomic(state_dict, directory / SAFETENSORS_NAME, metadata=metadata)
+        write_adapter_config(config, directory)
+    return Path(save_directory)
 
 
 def save_model_adapter(
@@ -117,29 +99,28 @@ def save_model_adapter(
 
     The one writer of model adapters: ``default`` goes to ``save_directory``, any other adapter to a subfolder of its
     name. ``base_model`` overrides ``base_model_name_or_path`` in the written configs (the live configs are kept).
-    Every file is replaced atomically.
+    All of it is published as one unit (``peft_sara.atomic.folder_writer``).
     """
     directory = Path(save_directory)
     if not isinstance(model, PeftModel):
         names = list(adapter_names) if adapter_names is not None else list(getattr(model, "peft_config", {}))
-        for name in names:
-            save_injected_adapter(model, directory / adapter_subfolder(name), name, base_model)
+        with folder_writer(directory) as staging:
+            for name in names:
+                save_injected_adapter(model, staging / adapter_subfolder(name), name, base_model)
         return directory
     names = list(adapter_names) if adapter_names is not None else list(model.peft_config)
     saved_bases = {name: model.peft_config[name].base_model_name_or_path for name in names}
-    directory.mkdir(parents=True, exist_ok=True)
     try:
         if base_model is not None:
             for name in names:
                 model.peft_config[name].base_model_name_or_path = base_model
-        # PEFT writes in place: let it write a staging folder beside the target, then publish file by file.
-        with tempfile.TemporaryDirectory(prefix=".tmp-save-", dir=directory) as staging:
+        # PEFT writes in place: let it write the folder writer's staging folder.
+        with folder_writer(directory) as staging:
             if (directory / CARD_NAME).is_file():  # PEFT updates an existing card rather than replacing it
-                shutil.copy2(directory / CARD_NAME, Path(staging) / CARD_NAME)
+                shutil.copy2(directory / CARD_NAME, staging / CARD_NAME)
             # SaRA never adapts embeddings and its loaders refuse base-embedding tensors: a resized embedding belongs
             # in `modules_to_save`, where it is saved (and checked) with the adapter.
-            model.save_pretrained(staging, selected_adapters=names, save_embedding_layers=False)
-            publish_staged_files(Path(staging), directory)
+            model.save_pretrained(str(staging), selected_adapters=names, save_embedding_layers=False)
     finally:
         for name, saved in saved_bases.items():
             model.peft_config[name].base_model_name_or_path = saved
@@ -209,7 +190,6 @@ __all__ = [
     "adapter_subfolder",
     "adapter_weight_keys",
     "base_model_id",
-    "publish_staged_files",
     "read_adapter_weights",
     "read_sara_config",
     "save_injected_adapter",

@@ -311,20 +311,22 @@ def effective_weight_problem(
         return None
     flat = weight.detach().reshape(-1)
     fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))
-    limit = torch.finfo(weight.dtype).max / fan_in
+    # 1-byte storage (fp8, diffusers' layerwise casting) is upcast to compute: checked in float32 (no fp8 isfinite).
+    dtype = weight.dtype if weight.dtype.itemsize >= 2 else torch.float32
+    limit = torch.finfo(dtype).max / fan_in
     for indices, values in entries:
         if indices.numel() == 0:
             continue
         base = flat.index_select(0, indices.to(device=flat.device, dtype=torch.long))
-        patched = (base.double() + scale * values.to(device=flat.device, dtype=torch.float64)).to(weight.dtype)
+        patched = (base.double() + scale * values.to(device=flat.device, dtype=torch.float64)).to(dtype)
         finite = torch.isfinite(patched)
         if not bool(finite.all()):
-            return f"{int((~finite).sum())} entries of its effective weight are not finite in {weight.dtype}"
+            return f"{int((~finite).sum())} entries of its effective weight are not finite in {dtype}"
         largest = float(patched.abs().max())
         if largest > limit:
             return (
                 f"its effective weight reaches {largest:.3g}, so a unit input over its fan-in of {fan_in} overflows "
-                f"{weight.dtype} (limit {limit:.3g} per entry)"
+                f"{dtype} (limit {limit:.3g} per entry)"
             )
     return None
 

@@ -9,6 +9,9 @@ Each subcommand is a module with a ``main(argv) -> int`` that owns its own argum
     peft-sara merge BASE ADAPTER -o OUT               # the base with the adapter baked in (save_pretrained)
     peft-sara push ADAPTER user/name                  # upload with the full SaRA model card
     peft-sara demo [--quick] [--output-dir DIR] ...   # the built-in SaRA vs LoRA fine-tune (python -m peft_sara.demo)
+
+Optional libraries' import-time log lines (torchao, bitsandbytes) are dropped unless ``--verbose`` or ``--debug``
+is given (:mod:`peft_sara.quiet`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .constants import __version__
+from .quiet import drop_import_noise, keep_import_noise
 
 # Errors that mean "this input cannot be used" (a missing or hostile file, a bad option value): exit status 2.
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
 DEBUG_FLAG = "--debug"
+VERBOSE_FLAG = "--verbose"
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         DEBUG_FLAG,
         action="store_true",
-        help="print the full traceback of an error (also accepted after the subcommand)",
+        help="print the full traceback of an error, and every third-party log line (also accepted after the "
+        "subcommand)",
+    )
+    parser.add_argument(
+        VERBOSE_FLAG,
+        action="store_true",
+        help="also print what optional libraries log as they load (hidden by default; also accepted after the "
+        "subcommand)",
     )
     parser.add_argument("subcommand", choices=sorted(SUBCOMMANDS), metavar="subcommand", help="what to run")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the subcommand")
@@ -87,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv
-    args = build_parser().parse_args([arg for arg in argv if arg != DEBUG_FLAG])
+    if debug or VERBOSE_FLAG in argv:
+        keep_import_noise()
+    else:
+        drop_import_noise()
+    args = build_parser().parse_args([arg for arg in argv if arg not in (DEBUG_FLAG, VERBOSE_FLAG)])
     try:
         return SUBCOMMANDS[args.subcommand].main(args.args) or 0
     except KeyboardInterrupt:

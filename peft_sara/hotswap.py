@@ -13,13 +13,21 @@ index buffer in). A swap writes the new adapter's entries into that capacity in 
 live count and scale as 0-d tensors, the frozen entries in the layer's dynamic-size buffers. Layers the new adapter
 does not touch get an inert (zero) update. Nothing changes before every file has been checked against every layer;
 an adapter that does not fit raises an error naming the layer, and leaves the current adapter as it was.
+
+Concurrency: every forward of a module holding a slot takes a shared lock (a forward pre-hook and an always-called
+forward hook), and a swap writes under the exclusive side: a swap waits for the forwards in flight and new forwards
+wait for the swap, so each forward computes with one adapter whole (checking the files happens before, outside the
+lock). Inside a compiled graph the hooks do nothing: around a compiled model, or to keep one adapter over a whole
+multi-step generation, hold :func:`hotswap_guard` (the shared side) yourself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +73,125 @@ def _targets(pipe_or_model: Any, components: Sequence[str] | None) -> dict[str, 
     if missing or not names:
         raise ValueError(f"The pipeline has no component {missing or list(DENOISERS)}; it has {sorted(modules)}.")
     return {f"pipe.{name}": _unwrap(modules[name]) for name in names}
+
+
+class ForwardLock:
+    """Readers / writer lock of a module with a hotswap slot: forwards share it, a swap holds it alone (writers first,
+    so a stream of forwards cannot starve a swap). Re-entrant for a thread's nested forwards; a thread that holds the
+    shared side and asks for the exclusive one is refused (it would wait for itself)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+        self._local = threading.local()
+
+    def _held(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    def acquire_shared(self) -> None:
+        depth = self._held()
+        if depth == 0:
+            with self._condition:
+                while self._writer or self._waiting_writers:
+                    self._condition.wait()
+                self._readers += 1
+        self._local.depth = depth + 1
+
+    def release_shared(self) -> None:
+        depth = self._held()
+        if depth == 0:  # an always-called hook after a pre-hook that never ran
+            return
+        self._local.depth = depth - 1
+        if depth == 1:
+            with self._condition:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if self._held():
+            raise RuntimeError(
+                "This thread is inside a forward (or a `hotswap_guard`) of the model it hotswaps: the swap would wait "
+                "for itself. Hotswap between calls."
+            )
+        with self._condition:
+            self._waiting_writers += 1
+            try:
+                while self._writer or self._readers:
+                    self._condition.wait()
+            finally:
+                self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writer = False
+                self._condition.notify_all()
+
+    def __deepcopy__(self, memo: dict) -> ForwardLock:  # a copied model gets its own, free lock
+        return ForwardLock()
+
+    def __reduce__(self):
+        return (ForwardLock, ())
+
+
+FORWARD_LOCK = "sara_forward_lock"
+
+
+def _enter_forward(module: nn.Module, args: Any) -> None:
+    if not torch.compiler.is_compiling():
+        module.__dict__[FORWARD_LOCK].acquire_shared()
+
+
+def _leave_forward(module: nn.Module, args: Any, output: Any) -> None:
+    if not torch.compiler.is_compiling():
+        module.__dict__[FORWARD_LOCK].release_shared()
+
+
+def _install_forward_lock(module: nn.Module) -> None:
+    if FORWARD_LOCK in module.__dict__:
+        return
+    module.__dict__[FORWARD_LOCK] = ForwardLock()
+    module.register_forward_pre_hook(_enter_forward)
+    module.register_forward_hook(_leave_forward, always_call=True)
+
+
+def _locks(modules: Sequence[nn.Module]) -> list[ForwardLock]:
+    locks = {id(lock): lock for module in modules if (lock := module.__dict__.get(FORWARD_LOCK)) is not None}
+    return [locks[key] for key in sorted(locks)]  # one order for every thread: no lock-order deadlock
+
+
+@contextlib.contextmanager
+def hotswap_guard(pipe_or_model: Any, components: Sequence[str] | None = None) -> Iterator[None]:
+    """Hold the shared side of the hotswap lock of every module with a slot: no swap happens inside the block.
+
+    Forwards of an eager module take it by themselves; hold it around calls of a compiled model (the hooks do nothing
+    inside a graph), or around a whole multi-step generation so that all its steps use one adapter::
+
+        with peft_sara.hotswap.hotswap_guard(pipe):
+            image = pipe(prompt).images[0]
+    """
+    modules = list(_targets(pipe_or_model, components).values()) if components else _all_modules(pipe_or_model)
+    locks = _locks(modules)
+    taken = []
+    try:
+        for lock in locks:
+            lock.acquire_shared()
+            taken.append(lock)
+        yield
+    finally:
+        for lock in reversed(taken):
+            lock.release_shared()
+
+
+def _all_modules(pipe_or_model: Any) -> list[nn.Module]:
+    if isinstance(pipe_or_model, nn.Module):
+        return [_unwrap(pipe_or_model)]
+    return [module for module in getattr(pipe_or_model, "components", {}).values() if isinstance(module, nn.Module)]
 
 
 def _slot_layers(module: nn.Module, adapter_name: str) -> dict[str, SaRALayer]:
@@ -121,7 +248,14 @@ def enable_sara_hotswap(
     if not 0 < max_fraction <= 1:
         raise ValueError(f"`max_fraction` must be in (0, 1], got {max_fraction}.")
     reserved = {}
-    for label, module in _targets(pipe_or_model, components).items():
+    targets = _targets(pipe_or_model, components)
+    with all_or_nothing(*targets.values()):  # a refusal in a later component leaves the earlier ones as they were
+        _enable_slots(targets, max_fraction, target_modules, adapter_name, exclude_modules, reserved)
+    return reserved
+
+
+def _enable_slots(targets, max_fraction, target_modules, adapter_name, exclude_modules, reserved) -> None:
+    for label, module in targets.items():
         if adapter_name in (getattr(module, "peft_config", None) or {}):
             raise ValueError(
                 f"{label} already has an adapter named '{adapter_name}': enable hotswap before the first load, or "
@@ -135,6 +269,7 @@ def enable_sara_hotswap(
             inference_mode=True,
         )
         _inject_slot(module, config, adapter_name)
+        _install_forward_lock(module)
         total = 0
         for _, layer in _slot_layers(module, adapter_name).items():
             numel = layer.weight_shape.numel()
@@ -147,7 +282,6 @@ def enable_sara_hotswap(
             layer.set_trainable_entries(adapter_name, empty, values, empty, values)
             total += capacity
         reserved[label] = total
-    return reserved
 
 
 @dataclass
@@ -233,6 +367,13 @@ def swap_state_dicts(
         for label, module, sd in targets
     ]
     modules = [module for module, _ in plans]
+    with contextlib.ExitStack() as stack:
+        for lock in _locks(modules):  # wait for the forwards in flight; new ones wait for the swap
+            stack.enter_context(lock.exclusive())
+        _write_all(plans, modules, adapter_name, scale)
+
+
+def _write_all(plans, modules, adapter_name: str, scale: float) -> None:
     with torch.no_grad(), all_or_nothing(*modules) as state:
         for _, swaps in plans:
             state.keep_values(
@@ -275,4 +416,4 @@ def hotswap_adapter(
     return adapter_name
 
 
-__all__ = ["enable_sara_hotswap", "hotswap_adapter", "swap_state_dicts"]
+__all__ = ["ForwardLock", "enable_sara_hotswap", "hotswap_adapter", "hotswap_guard", "swap_state_dicts"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from .export.sources import is_pipeline
 from .pipelines import inject_sara_adapter, pipeline_modules
+from .transaction import all_or_nothing
 from .tuner.layer import sara_layers
 
 
@@ -49,10 +50,11 @@ def combine_adapters(
     if new_adapter_name in loaded:
         raise ValueError(f"Adapter '{new_adapter_name}' already exists; choose a new name.")
     weight_of = dict(zip(adapter_names, weights))
-    for module in modules:
-        present = [name for name in adapter_names if name in (getattr(module, "peft_config", None) or {})]
-        if present:
-            _combine_in(module, {name: weight_of[name] for name in present}, new_adapter_name)
+    with all_or_nothing(*modules):  # a refusal in a later component leaves the earlier ones as they were
+        for module in modules:
+            present = [name for name in adapter_names if name in (getattr(module, "peft_config", None) or {})]
+            if present:
+                _combine_in(module, {name: weight_of[name] for name in present}, new_adapter_name)
 
 
 def _combine_in(module: nn.Module, weight_of: dict[str, float], new_adapter_name: str) -> None:

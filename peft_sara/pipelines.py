@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .adapter_files import base_model_id, read_adapter_weights, read_sara_config, save_injected_adapter
-from .atomic import write_text_atomic
+from .atomic import folder_writer, write_text_atomic
 from .cards import sara_model_card
 from .checkpoint_checks import allow_non_finite_values, check_checkpoint_file
 from .config_checks import check_relative_path
@@ -365,22 +365,22 @@ def save_sara_adapter(
         raise ValueError(f"No component of the pipeline has a SaRA adapter named '{adapter_name}'.")
 
     base_model = base_model or base_model_id(pipe)
-    directory = Path(save_directory)
-    for name, module in adapted.items():
-        save_injected_adapter(module, directory / name, adapter_name, base_model)
-    if model_card:
-        configs = {name: module.peft_config[adapter_name] for name, module in adapted.items()}
-        sizes = {name: count_entries(module, adapter_name) for name, module in adapted.items()}
-        card = sara_model_card(
-            base_model=base_model,
-            configs=configs,
-            trainable_entries=sizes,
-            repo_id=repo_id,
-            adapter_name=adapter_name,
-            pipeline_class=type(pipe).__name__,
-        )
-        write_text_atomic(directory / CARD_NAME, str(card))
-    return directory
+    with folder_writer(save_directory) as directory:  # every component and the card, published as one unit
+        for name, module in adapted.items():
+            save_injected_adapter(module, directory / name, adapter_name, base_model)
+        if model_card:
+            configs = {name: module.peft_config[adapter_name] for name, module in adapted.items()}
+            sizes = {name: count_entries(module, adapter_name) for name, module in adapted.items()}
+            card = sara_model_card(
+                base_model=base_model,
+                configs=configs,
+                trainable_entries=sizes,
+                repo_id=repo_id,
+                adapter_name=adapter_name,
+                pipeline_class=type(pipe).__name__,
+            )
+            write_text_atomic(directory / CARD_NAME, str(card))
+    return Path(save_directory)
 
 
 __all__ = ["load_sara_adapter", "save_sara_adapter", "inject_sara_adapter", "pipeline_modules"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 
+from .atomic import recover_folder
 from .config_checks import check_relative_path
 from .constants import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 
@@ -43,6 +44,7 @@ def resolve_adapter_folder(
             check_relative_path(value, what)
     if os.path.isdir(source):
         root = Path(source)
+        recover_folder(root)  # a save killed while publishing: finish it first (peft_sara.atomic)
     elif os.path.exists(source):
         raise ValueError(
             f"'{source}' is a file: pass the folder that holds '{CONFIG_NAME}' (or the component folders)."

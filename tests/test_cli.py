@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -312,3 +313,125 @@ def test_help_and_version_import_no_subcommand_or_diffusers_module():
         "assert 'diffusers' not in sys.modules and 'peft_sara.commands.export_cmd' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------- fast and quiet
+def test_the_help_texts_choices_are_the_librarys():
+    """The subcommands write their choices out (so that `--help` imports nothing heavy): they must stay the same."""
+    from peft_sara.commands import analyze_cmd, export_cmd, plan_cmd
+    from peft_sara.conversion import DEFAULT_THRESHOLDS
+    from peft_sara.demo import cli as demo_cli
+    from peft_sara.demo.data import DATASETS, STYLES
+    from peft_sara.demo.settings import DemoSettings
+    from peft_sara.export.formats import DTYPES, FORMATS, MERGED
+    from peft_sara.planning import DTYPES as PLAN_DTYPES
+    from peft_sara.planning import METHODS, PRESETS
+    from peft_sara.planning.analytic import OPTIMIZERS, QUANTIZATIONS
+
+    assert analyze_cmd.DEFAULT_THRESHOLDS == tuple(DEFAULT_THRESHOLDS)
+    assert export_cmd.EXPORT_FORMATS == tuple(name for name in FORMATS if name != MERGED)
+    assert export_cmd.EXPORT_DTYPES == tuple(sorted(DTYPES))
+    assert plan_cmd.PRESET_NAMES == tuple(PRESETS) and plan_cmd.METHODS == tuple(METHODS)
+    assert plan_cmd.DTYPES == tuple(PLAN_DTYPES)
+    assert plan_cmd.OPTIMIZERS == tuple(OPTIMIZERS) and plan_cmd.QUANTIZATIONS == tuple(QUANTIZATIONS)
+    defaults = DemoSettings()
+    assert demo_cli.DATASETS == tuple(DATASETS) and demo_cli.STYLES == tuple(sorted(STYLES))
+    assert (demo_cli.DEFAULT_FINETUNE_STEPS, demo_cli.DEFAULT_PRETRAIN_STEPS) == (
+        defaults.finetune_steps,
+        defaults.pretrain_steps,
+    )
+    assert (demo_cli.DEFAULT_SEED, demo_cli.DEFAULT_STYLE) == (defaults.seed, defaults.style)
+    assert demo_cli.DEFAULT_LEARNING_RATES == defaults.learning_rates
+
+
+def test_import_noise_filter_drops_only_the_named_records_and_verbose_keeps_them(monkeypatch):
+    import logging
+
+    from peft_sara import quiet
+
+    monkeypatch.setattr(quiet, "_kept", [])
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append((record.name, record.getMessage()))
+
+    handler = Collect()
+    names = ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops", "peft_sara.elsewhere")
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        quiet.drop_import_noise()
+        quiet.drop_import_noise()  # idempotent: one filter per logger
+        assert sum(isinstance(f, quiet._DropImportNoise) for f in loggers[0].filters) == 1
+        loggers[0].warning("Failed to load /x/torchao/_C_mxfp8.so: Could not load this library")
+        loggers[1].warning("%s is an Enum subclass and is now natively supported by torch.compile", "<enum 'K'>")
+        loggers[2].warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "untrusted")
+        loggers[0].warning("torchao: something a user should see")  # same logger, another message
+        loggers[3].warning("Failed to load CPU gemm_4bit_forward from kernels-community")  # another logger
+        assert records == [
+            ("torchao", "torchao: something a user should see"),
+            ("peft_sara.elsewhere", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+        ]
+        quiet.keep_import_noise()  # --verbose: everything again, and later drop calls do nothing
+        quiet.drop_import_noise()
+        loggers[0].warning("Failed to load /x/torchao/_C_mxfp8.so")
+        assert records[-1] == ("torchao", "Failed to load /x/torchao/_C_mxfp8.so")
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+            for item in [f for f in logger.filters if isinstance(f, quiet._DropImportNoise)]:
+                logger.removeFilter(item)
+
+
+def run_command(*argv: str, module: str = "peft_sara", cwd=None) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGV`` in a fresh interpreter (the import noise only shows at first import)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", module, *map(str, argv)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        lambda s, t: ["--help"],
+        lambda s, t: ["inspect", s.adapter_dir, "--quiet", "--no-rank"],
+        lambda s, t: [
+            "export",
+            s.adapter_dir,
+            "--format",
+            "kohya",
+            "--rank",
+            "2",
+            "-o",
+            t / "k.safetensors",
+            "--quiet",
+        ],
+        lambda s, t: ["merge", s.pipeline_dir, s.adapter_dir, "-o", t / "merged", "--quiet"],
+        lambda s, t: ["plan", "--model", "tiny", "--method", "lora", "--resolution", "64", "--quiet"],
+    ],
+    ids=["help", "inspect", "export", "merge", "plan"],
+)
+def test_commands_print_nothing_but_their_own_output_with_the_optional_backends_installed(saved, tmp_path, argv):
+    """torchao, bitsandbytes and optimum-quanto are installed here (the test extra): their import-time log lines
+    must not reach the user; with --quiet the commands print nothing on stderr at all."""
+    completed = run_command(*argv(saved, tmp_path))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stderr == ""
+    assert completed.stdout.strip()
+
+
+def test_plan_shows_its_progress_on_stderr_and_prints_every_methods_table(capsys):
+    from peft_sara.commands import plan_cmd
+
+    for method in ("sara", "lora", "full"):
+        argv = ["--model", "tiny", "--method", method, "--resolution", "64", "--dtype", "float32"]
+        assert plan_cmd.main(argv) == 0
+        captured = capsys.readouterr()
+        assert "peak training memory:" in captured.out and "weights" in captured.out, method
+        expected = {"sara": "SaRA, fraction 0.05814", "lora": "LoRA r=16", "full": "full fine-tuning"}[method]
+        assert expected in captured.out
+        stages = [line for line in captured.err.splitlines() if line]
+        assert stages and all(line.startswith("peft-sara plan: ") for line in stages), captured.err
+        assert any("tracing one training step" in line for line in stages) and "done" in stages[-1]

@@ -162,9 +162,10 @@ def test_second_run_reuses_cached_base_and_reproduces_the_numbers(quick_runs):
 
 def test_no_cache_flag_neither_reads_nor_writes_the_cache(tmp_path, monkeypatch):
     import peft_sara.demo.cli as demo_cli
+    import peft_sara.demo.run as demo_run
 
-    monkeypatch.setattr(demo_cli, "run_demo", lambda settings, output_dir, cache_root, **kwargs: cache_root)
-    monkeypatch.setattr(demo_cli.torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(demo_run, "run_demo", lambda settings, output_dir, cache_root, **kwargs: cache_root)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     assert demo_cli.run_from_args(["--quick", "--no-cache", "--output-dir", str(tmp_path)]) is None
     cache_root = demo_cli.run_from_args(["--quick", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path)])
     assert cache_root == tmp_path / "c"
@@ -172,12 +173,13 @@ def test_no_cache_flag_neither_reads_nor_writes_the_cache(tmp_path, monkeypatch)
 
 def test_pretraining_threads_are_passed_on_and_restored(tmp_path, monkeypatch):
     import peft_sara.demo.cli as demo_cli
+    import peft_sara.demo.run as demo_run
     from peft_sara.demo.diffusion import build_noise_scheduler, load_or_pretrain
     from peft_sara.demo.settings import DemoSettings
 
     seen = []
-    monkeypatch.setattr(demo_cli, "run_demo", lambda *args, **kwargs: seen.append(kwargs["pretrain_threads"]))
-    monkeypatch.setattr(demo_cli.torch, "set_num_threads", lambda threads: None)
+    monkeypatch.setattr(demo_run, "run_demo", lambda *args, **kwargs: seen.append(kwargs["pretrain_threads"]))
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     demo_cli.run_from_args(["--quick", "--no-cache", "--output-dir", str(tmp_path)])
     demo_cli.run_from_args(["--quick", "--no-cache", "--pretrain-threads", "3", "--output-dir", str(tmp_path)])
     assert seen == [demo_cli.DEFAULT_PRETRAIN_THREADS, 3]
@@ -213,5 +215,69 @@ def test_module_entry_point_prints_help():
         "--seed",
         "--quick",
         "--dataset",
+        "--pretrain",
+        "--verbose",
     ):
         assert flag in completed.stdout
+
+
+# ------------------------------------------------------------------------------------------------- the shipped base
+def test_the_shipped_base_loads_matches_its_record_and_is_what_the_default_run_uses():
+    from types import SimpleNamespace
+
+    from peft_sara.demo.pretrain_base import SHIPPED_FOLDER, shipped_base, shipped_info, weights_sha256
+    from peft_sara.demo.run import load_base
+    from peft_sara.demo.settings import DemoSettings, cache_key
+
+    settings = DemoSettings()
+    info = shipped_info()
+    assert info["cache_key"] == cache_key(settings) and info["pretrain_steps"] == settings.pretrain_steps
+    assert len(info["losses"]) == settings.pretrain_steps and info["threads"] == 1
+    shipped = shipped_base(settings)
+    assert shipped.shipped and shipped.reused_from == str(SHIPPED_FOLDER)
+    assert weights_sha256(shipped.unet) == info["weights_sha256"]
+    config = {key: shipped.unet.config[key] for key in settings.unet_config}
+    assert json.loads(json.dumps(config)) == json.loads(json.dumps(settings.unet_config))
+    run = SimpleNamespace(settings=settings, data=None, cache_folder=None, pretrain_threads=None)
+    assert load_base(run).shipped  # the default run takes it, without pretraining
+    # any pretraining setting that differs (--quick, --pretrain-steps, --seed, another dataset) trains its own
+    for other in (DemoSettings.quick(), DemoSettings(pretrain_steps=999), DemoSettings(seed=1)):
+        assert shipped_base(other) is None
+
+
+def test_a_damaged_shipped_base_is_refused_by_its_hash(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from peft_sara.demo.pretrain_base import SHIPPED_FOLDER, shipped_base
+    from peft_sara.demo.settings import DemoSettings
+
+    folder = tmp_path / "digits"
+    shutil.copytree(SHIPPED_FOLDER, folder)
+    weights_file = folder / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1e-3
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="does not match its recorded hash.*--pretrain"):
+        shipped_base(DemoSettings(), folder=folder)
+
+
+def test_pretraining_the_base_is_bitwise_reproducible():
+    """What `python -m peft_sara.demo.pretrain_base` does, at the --quick size: two runs give the same weights."""
+    import dataclasses
+
+    from peft_sara.demo.pretrain_base import pretrain_default_base
+    from peft_sara.demo.settings import DemoSettings
+
+    settings = dataclasses.replace(DemoSettings.quick(), pretrain_steps=6, pretrain_batch_size=16)
+    threads = torch.get_num_threads()
+    first, first_info = pretrain_default_base(settings)
+    second, second_info = pretrain_default_base(settings)
+    assert torch.get_num_threads() == threads
+    assert first_info["weights_sha256"] == second_info["weights_sha256"]
+    assert first_info["losses"] == second_info["losses"]
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -94,3 +94,33 @@ def test_plan_command_prints_one_json_object_with_peak_and_breakdown(capsys):
         plan_cmd.main(["--help"])
     assert exit_info.value.code == 0
     assert "--gradient-checkpointing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"layers_per_block": 100_000}, "blocks"),
+        ({"transformer_layers_per_block": [[400] * 3] * 3}, "blocks"),
+        ({"block_out_channels": list(range(32, 32 * 200, 32))}, "entries"),
+        ({"cross_attention_dim": 10**12}, "beyond any real model"),
+    ],
+    ids=["layers", "nested-transformer-layers", "levels", "width"],
+)
+def test_a_folder_config_that_would_plan_for_hours_is_refused_at_once(tmp_path, edit, message):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **TINY.config, **edit}))
+    with pytest.raises(ValueError, match=message):
+        resolve_model(str(tmp_path))
+    flux = {"_class_name": "FluxTransformer2DModel", "num_layers": 10**5, "num_single_layers": 0}
+    (tmp_path / "config.json").write_text(json.dumps(flux))
+    with pytest.raises(ValueError, match="blocks"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a model config"):
+        resolve_model(str(tmp_path))
+
+
+def test_every_preset_is_within_the_planning_bounds():
+    from peft_sara.planning.presets import check_planning_cost
+
+    for preset in PRESETS.values():
+        check_planning_cost(preset.class_name, preset.config, preset.name)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load_file
+from .output import add_common_options, parse_arguments, print_json, print_table
 
-from ..conversion import DEFAULT_THRESHOLDS, save_histogram, small_weight_fractions, zeroing_effect
-from ..export.sources import is_pipeline_folder, load_model_folder
-from ..pipelines import DENOISER_COMPONENTS
-from .output import add_common_options, print_json, print_table
+if TYPE_CHECKING:
+    import torch
+
+# peft_sara.export.weight_analysis.DEFAULT_THRESHOLDS, written out so that `--help` imports nothing heavy (a test
+# keeps the two equal)
+DEFAULT_THRESHOLDS = (2e-4, 8e-4, 1e-3, 2e-3)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_to_analyse(folder: Path, component: str | None) -> torch.nn.Module:
     """The model in ``folder``, or one component of the pipeline there (the denoiser by default)."""
+    from ..export.sources import is_pipeline_folder, load_model_folder
+    from ..pipelines import DENOISER_COMPONENTS
+
     if not is_pipeline_folder(folder):
         if component:
             raise SystemExit(f"--component applies to pipeline folders; '{folder}' holds a single model.")
@@ -67,11 +72,17 @@ def model_to_analyse(folder: Path, component: str | None) -> torch.nn.Module:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara analyze``."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
+    from safetensors.torch import load_file
+
+    from ..conversion import save_histogram, small_weight_fractions, zeroing_effect
+    from ..tuner.targets import coverage
+
     progress = not args.quiet and not args.json
     model = model_to_analyse(args.model, args.component)
     report = small_weight_fractions(model, args.thresholds, progress=progress)
     report["model"] = f"{args.model}" + (f" ({args.component})" if args.component else "")
+    report["default_targets"] = str(coverage(model))
     report["histogram"] = None
     if not args.no_histogram:
         report["histogram"] = str(args.histogram) if save_histogram(model, args.histogram, args.thresholds) else None
@@ -90,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         [{"threshold": key, "fraction": report["fractions"][key]} for key in keys],
         [("threshold", "threshold"), ("fraction", "fraction")],
     )
+    print(f"\nSaRA's default targets (no target_modules): {report['default_targets']}")
     if "zeroing" in report:
         print()
         print("relative output change when zeroing |w| < t versus as many random weights:")

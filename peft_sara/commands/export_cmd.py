@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..conversion import FORMATS, BaseModelRequired, export_adapter, load_adapted, parse_rank, read_adapter_files
-from ..export.formats import DTYPES, MERGED
-from ..export.lowrank import describe_rank
-from .output import add_common_options, print_json, print_table, refuse_overlapping_output
+from .output import add_common_options, parse_arguments, print_json, print_table
 from .sources_args import DOWNLOAD_HINT, add_source_options, base_folder
 
-EXPORT_FORMATS = tuple(name for name in FORMATS if name != MERGED)  # merged models: `peft-sara merge`
+# peft_sara.export.formats' FORMATS less "merged" (merged models: `peft-sara merge`) and DTYPES, written out so that
+# `--help` imports nothing heavy (a test keeps them equal)
+EXPORT_FORMATS = ("peft-lora", "diffusers", "kohya", "diff")
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 LAYER_COLUMNS = (
     ("component", "component"),
     ("module", "layer"),
@@ -20,14 +20,6 @@ LAYER_COLUMNS = (
     ("effective_rank", "eff. rank"),
     ("relative_error", "rel. error"),
 )
-
-
-def rank_argument(text: str) -> int | float | str:
-    """``--rank`` values: an integer, ``full`` or an energy fraction (argparse reports the problem)."""
-    try:
-        return parse_rank(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="output format")
     parser.add_argument(
         "--rank",
-        type=rank_argument,
         default="full",
         help="LoRA rank: an integer, 'full' (exact up to float error; the default) or an energy fraction such as 0.99",
     )
@@ -53,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, type=Path, help="a folder (peft-lora, diffusers) or a .safetensors file"
     )
     parser.add_argument("--components", nargs="+", default=None, help="only these pipeline components")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tensor dtype in the output")
+    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="tensor dtype in the output")
     add_source_options(parser)
     add_common_options(parser)
     return parser
@@ -61,10 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara export``."""
-    args = build_parser().parse_args(argv)
-    rank = args.rank
+    parser = build_parser()
+    args = parse_arguments(parser, argv)
+    from ..atomic import refuse_overlapping_output
+    from ..conversion import BaseModelRequired, export_adapter, load_adapted, parse_rank, read_adapter_files
+    from ..export.lowrank import describe_rank
+
+    try:
+        rank = parse_rank(args.rank)
+    except ValueError as err:
+        parser.error(f"argument --rank: {err}")
     refuse_overlapping_output(args.output, [args.adapter, args.base])
     base = base_folder(args, required=False)
+    refuse_overlapping_output(args.output, [base])  # the base the adapter records is read too
     if base is not None:
         source = load_adapted(base, args.adapter, args.subfolder, args.revision, args.token)
     else:  # the adapter's files record every layer's shape and layout: no base model needed

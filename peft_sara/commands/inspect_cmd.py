@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..conversion import inspect_adapter
-from .output import add_common_options, human_bytes, print_json, print_table
+from .output import add_common_options, human_bytes, parse_arguments, print_json, print_table
 
 LAYER_COLUMNS = (
     ("module", "layer"),
@@ -37,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara inspect``."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
+    from ..conversion import inspect_adapter
+
     report = inspect_adapter(
         args.adapter,
         subfolder=args.subfolder,

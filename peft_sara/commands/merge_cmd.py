@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..conversion import load_adapted, save_merged
-from .output import add_common_options, refuse_overlapping_output
+from .output import add_common_options, parse_arguments
 from .sources_args import add_source_options
 
 
@@ -27,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara merge``."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
+    from ..atomic import refuse_overlapping_output
+    from ..conversion import load_adapted, save_merged
+
     refuse_overlapping_output(args.output, [args.base, args.adapter])
     source = load_adapted(args.base, args.adapter, args.subfolder, args.revision, args.token, whole_pipeline=True)
     output = save_merged(source, args.output)

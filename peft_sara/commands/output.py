@@ -4,11 +4,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
+
+
+def parse_arguments(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    check: Callable[[argparse.Namespace], str | None] | None = None,
+) -> argparse.Namespace:
+    """Parse a subcommand's arguments (``check(args)`` returns an error message, or ``None``), then register SaRA
+    with PEFT: the subcommand modules import nothing heavy before this point, so ``--help`` and argument errors answer
+    at once."""
+    args = parser.parse_args(argv)
+    problem = check(args) if check is not None else None
+    if problem:
+        parser.error(problem)
+    from ..registration import register
+
+    register()
+    if getattr(args, "quiet", False):
+        hide_library_progress_bars()
+    return args
+
+
+def hide_library_progress_bars() -> None:
+    """``--quiet``: no progress bars from the libraries either (transformers' "Loading weights", diffusers' pipeline
+    loading, Hub downloads)."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def add_common_options(parser: argparse.ArgumentParser, json_output: bool = True) -> None:
@@ -57,26 +87,8 @@ def human_bytes(size: int | None) -> str:
     return f"{value:.1f} GiB"
 
 
-def refuse_overlapping_output(output: str | os.PathLike, inputs: Sequence[str | os.PathLike | None]) -> None:
-    """Raise ``ValueError`` before anything is written if ``output`` is an input, lies inside one or contains one
-    (symlinks resolved). Inputs that are not local paths (Hub ids) are skipped."""
-    target = Path(output).resolve()
-    for source in inputs:
-        if source is None or not os.path.exists(source):
-            continue
-        source_path = Path(source).resolve()
-        if target == source_path or target.is_relative_to(source_path) or source_path.is_relative_to(target):
-            relation = (
-                "is" if target == source_path else "lies inside" if target.is_relative_to(source_path) else "contains"
-            )
-            raise ValueError(
-                f"The output '{output}' {relation} the input '{source}': writing it would destroy the input. Choose "
-                "an output path outside the inputs."
-            )
-
-
 __all__ = [
-    "refuse_overlapping_output",
+    "parse_arguments",
     "add_common_options",
     "format_value",
     "print_table",

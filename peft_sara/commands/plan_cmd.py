@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 from ..constants import DEFAULT_THRESHOLD
-from ..planning import (
-    DTYPES,
-    METHODS,
-    PRESETS,
-    MethodSpec,
-    PlanRequest,
-    fraction_for_threshold,
-    plan_training_memory,
-    resolve_model,
-)
-from ..planning.analytic import OPTIMIZERS, QUANTIZATIONS
-from ..planning.report import format_plan
-from .output import print_json
+from .output import parse_arguments, print_json
+
+# The planner's choices (peft_sara.planning: PRESETS, METHODS, DTYPES, OPTIMIZERS, QUANTIZATIONS), written out so that
+# `--help` imports nothing heavy (a test keeps them equal)
+PRESET_NAMES = ("sd15", "sdxl", "sd3", "flux-dev", "sd15-half", "tiny")
+METHODS = ("sara", "lora", "full")
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+QUANTIZATIONS = ("4bit", "8bit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size 1 --dtype bfloat16 --gradient-checkpointing",
     )
     parser.add_argument(
-        "--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or a folder with a diffusers config.json"
+        "--model", required=True, help=f"a preset ({', '.join(PRESET_NAMES)}) or a folder with a diffusers config.json"
     )
     parser.add_argument("--method", required=True, choices=METHODS, help="how the model is trained")
     selection = parser.add_mutually_exclusive_group()
@@ -54,15 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-quantization", choices=QUANTIZATIONS, default=None, help="bitsandbytes base (SaRA / LoRA only)"
     )
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
+
+
+class StageProgress:
+    """Progress lines on stderr (``plan: <stage>... 1.2 s``), one per stage the planner reports."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if self.enabled:
+            print(f"peft-sara plan: {stage} ({time.perf_counter() - self.start:.1f} s)", file=sys.stderr, flush=True)
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    if args.method != "sara" and (args.fraction is not None or args.threshold is not None):
+        return "--fraction and --threshold apply to --method sara only"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara plan``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.method != "sara" and (args.fraction is not None or args.threshold is not None):
-        parser.error("--fraction and --threshold apply to --method sara only")
+    args = parse_arguments(parser, argv, check=_check)
+    from ..planning import MethodSpec, PlanRequest, fraction_for_threshold, plan_training_memory, resolve_model
+    from ..planning.report import format_plan
+
     fraction = args.fraction
     if args.method == "sara" and fraction is None:
         fraction = fraction_for_threshold(args.threshold if args.threshold is not None else DEFAULT_THRESHOLD)
@@ -79,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
-    plan = plan_training_memory(request)
+    plan = plan_training_memory(request, progress=StageProgress(not args.quiet))
     if args.threshold is not None or (args.method == "sara" and args.fraction is None):
         threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLD
         plan.assumptions.append(f"threshold {threshold:g} taken as fraction {fraction:.4g} (paper's SD1.5 counts)")

@@ -7,14 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi
-
-from ..adapter_files import read_adapter_weights, read_sara_config
-from ..atomic import write_text_atomic
-from ..cards import sara_model_card
 from ..constants import CARD_NAME, CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
-from ..export.sources import adapter_component_names
-from ..file_format import parse_checkpoint
+from .output import parse_arguments
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
 
@@ -41,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stage_adapter(adapter: Path, staging: Path, repo_id: str, base_model: str | None) -> list[str]:
     """Copy the adapter files of ``adapter`` into ``staging`` and write the SaRA card; returns the components."""
+    from ..adapter_files import read_adapter_weights, read_sara_config
+    from ..atomic import write_text_atomic
+    from ..cards import sara_model_card
+    from ..export.sources import adapter_component_names
+    from ..file_format import parse_checkpoint
+
     components = adapter_component_names(adapter)
     configs, entries = {}, {}
     for component in components:
@@ -72,7 +72,9 @@ def stage_adapter(adapter: Path, staging: Path, repo_id: str, base_model: str | 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara push``."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
+    from huggingface_hub import HfApi
+
     api = HfApi(endpoint=args.endpoint, token=args.token)
     repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True, repo_type="model").repo_id
     with tempfile.TemporaryDirectory(prefix="sara-push-") as tmp:

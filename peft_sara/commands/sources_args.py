@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..adapter_files import read_sara_config
-from ..export.sources import adapter_component_names
-from ..resolve import resolve_adapter_folder
-
 DOWNLOAD_HINT = (
     "Pass --base FOLDER, a local copy of the base model (download one with `hf download ORG/NAME --local-dir FOLDER`)."
 )
@@ -33,6 +29,10 @@ def base_folder(args: argparse.Namespace, required: bool = True) -> Path | None:
     ``required``)."""
     if args.base:
         return Path(args.base)
+    from ..adapter_files import read_sara_config
+    from ..export.sources import adapter_component_names
+    from ..resolve import resolve_adapter_folder
+
     folder = resolve_adapter_folder(args.adapter, args.subfolder, args.revision, args.token, None, False)
     component = adapter_component_names(folder)[0]
     recorded = read_sara_config(folder / component if component else folder).base_model_name_or_path

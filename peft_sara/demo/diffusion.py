@@ -129,6 +129,7 @@ class PretrainResult:
     seconds: float
     reused_from: str | None  # the cache folder it was loaded from, or None if trained in this run
     saved_to: str | None  # the cache folder it was written to in this run, if any
+    shipped: bool = False  # the base model shipped with the package (``reused_from`` is its folder)
 
 
 def pretrain(

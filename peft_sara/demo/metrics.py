@@ -105,8 +105,10 @@ def collect_metrics(
         },
         "pretrained_model": {
             "parameters": parameter_count(pretrained.unet),
-            "reused_from_cache": pretrained.reused_from is not None,
+            "source": "shipped" if pretrained.shipped else "cache" if pretrained.reused_from else "pretrained",
+            "reused_from_cache": pretrained.reused_from is not None and not pretrained.shipped,
             "cache_folder": str(run.cache_folder) if run.cache_folder is not None else None,
+            "folder": pretrained.reused_from or pretrained.saved_to,
             "pretrain_seconds": pretrained.seconds,
             "final_pretrain_loss": recent_mean(pretrained.losses),
         },

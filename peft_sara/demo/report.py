@@ -100,10 +100,10 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
             f"{sara['reload_max_abs_diff']:.1e}."
         )
     pretrained = metrics["pretrained_model"]
-    source = "reused from cache" if pretrained["reused_from_cache"] else "pretrained in this run"
+    source = {"shipped": "shipped with peft-sara", "cache": "reused from cache", "pretrained": "pretrained in this run"}
     print(
-        f"Base model: {pretrained['parameters']:,} parameters, {source}"
-        + (f" ({pretrained['cache_folder']})" if pretrained["cache_folder"] else "")
+        f"Base model: {pretrained['parameters']:,} parameters, {source[pretrained['source']]}"
+        + (f" ({pretrained['folder']})" if pretrained["folder"] else "")
         + f". Classifier accuracy on held-out real images: {metrics['judge']['heldout_accuracy']:.0%}."
     )
     print(

@@ -28,23 +28,30 @@ from .finetune import (
 from .judge import TrainedJudge, train_judge
 from .metrics import adapter_dir, collect_metrics, lora_rank, parameter_count, sweep_entry
 from .plots import plot_losses, plot_tradeoff, save_pictures
+from .pretrain_base import shipped_base
 from .records import DemoData, DemoResult, DemoRun, MethodRun, class_names
 from .report import write_report
 from .settings import DemoSettings, cache_key
 
 
 def run_demo(
-    settings: DemoSettings, output_dir: Path, cache_root: Path | None, pretrain_threads: int | None = None
+    settings: DemoSettings,
+    output_dir: Path,
+    cache_root: Path | None,
+    pretrain_threads: int | None = None,
+    pretrain: bool = False,
 ) -> DemoResult:
-    """Run the whole demo; ``cache_root=None`` neither reads nor writes the pretrained-model cache;
-    ``pretrain_threads`` torch threads pretrain a base that is not cached (default: the current count)."""
+    """Run the whole demo. The base model is the one shipped with the package when ``settings`` pretrain exactly
+    that one (the defaults on the digits) and ``pretrain`` is False; otherwise it is read from or pretrained into
+    the cache (``cache_root=None`` neither reads nor writes it; ``pretrain_threads`` torch threads pretrain a base
+    that is not cached, default: the current count)."""
     run_start = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
     announce(settings, output_dir)
     cache_folder = cache_root / cache_key(settings) if cache_root is not None else None
     run = DemoRun(settings, output_dir, cache_folder, prepare_data(settings), build_noise_scheduler(), run_start)
     run.pretrain_threads = pretrain_threads
-    pretrained = load_base(run)
+    pretrained = load_base(run, use_shipped=not pretrain)
     base = pretrained.unet
     base_losses = evaluate_base(run, base)
     run.judge = train_sample_judge(run)
@@ -106,10 +113,18 @@ def prepare_data(settings: DemoSettings) -> DemoData:
 
 
 def pretrained_base(
-    settings: DemoSettings, data: DemoData, cache_folder: Path | None, threads: int | None = None
+    settings: DemoSettings,
+    data: DemoData,
+    cache_folder: Path | None,
+    threads: int | None = None,
+    use_shipped: bool = True,
 ) -> PretrainResult:
-    """The pretrained base model of ``settings``: from ``cache_folder`` if it holds one, else trained (and cached)
-    with ``threads`` torch threads (default: the current count)."""
+    """The pretrained base model of ``settings``: the one shipped with the package when ``use_shipped`` and
+    ``settings`` pretrain exactly that one (:mod:`peft_sara.demo.pretrain_base`), else from ``cache_folder`` if it
+    holds one, else trained (and cached) with ``threads`` torch threads (default: the current count)."""
+    shipped = shipped_base(settings) if use_shipped else None
+    if shipped is not None:
+        return shipped
     return load_or_pretrain(
         settings.unet_config,
         build_noise_scheduler(),
@@ -125,10 +140,17 @@ def pretrained_base(
     )
 
 
-def load_base(run: DemoRun) -> PretrainResult:
-    """Pretrain the base model on all classes, or reuse it from the run's cache folder; print which."""
-    pretrained = pretrained_base(run.settings, run.data, run.cache_folder, run.pretrain_threads)
-    if pretrained.reused_from:
+def load_base(run: DemoRun, use_shipped: bool = True) -> PretrainResult:
+    """The base model (see :func:`pretrained_base`); print where it came from."""
+    pretrained = pretrained_base(run.settings, run.data, run.cache_folder, run.pretrain_threads, use_shipped)
+    if pretrained.shipped:
+        print(
+            f"Using the pretrained base model shipped with peft-sara ({parameter_count(pretrained.unet):,} "
+            f"parameters, {run.settings.pretrain_steps} steps on all "
+            f"{dataset_info(run.settings.dataset).num_classes} classes; --pretrain trains it anew, "
+            "`python -m peft_sara.demo.pretrain_base --check` reproduces it)."
+        )
+    elif pretrained.reused_from:
         print(
             f"Reused the pretrained base model from the cache: {pretrained.reused_from} "
             f"(pretraining took {pretrained.seconds:.0f} s when it was made; --no-cache retrains)."

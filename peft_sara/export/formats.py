@@ -9,7 +9,7 @@
 | ``merged``     | ``save_pretrained`` of the merged model | everything that loads the base model                     |
 
 LoRA formats come from :func:`convert_to_lora` (truncated SVD, :mod:`peft_sara.export.lowrank`); ``diff`` is exact.
-Every file is written atomically (:mod:`peft_sara.atomic`).
+Every file is written atomically, every folder as one unit (:mod:`peft_sara.atomic`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from ..adapter_files import write_adapter_config
-from ..atomic import save_safetensors_atomic
+from ..atomic import folder_writer, save_safetensors_atomic
 from ..constants import SAFETENSORS_NAME, __version__
 from ..layouts import LayerLayout
 from .files import resolve_export_source
@@ -129,19 +129,20 @@ def write_peft_lora(
 ) -> list[Path]:
     """PEFT LoRA folder(s): the root for a single model, one subfolder per component for a pipeline."""
     written = []
-    for component, layers in export.components.items():
-        directory = Path(output_dir) if source.single_model else Path(output_dir) / component
-        tensors = {}
-        for name, factors in layers.items():
-            if factors.rank:
-                tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = _cast(factors.down, dtype)
-                tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = _cast(factors.up, dtype)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors_atomic(tensors, directory / SAFETENSORS_NAME, metadata=_metadata())
-        parts = source.components[component]
-        config = lora_config_for(layers, _layouts(parts), parts.base_model)
-        write_adapter_config(config, directory)
-        written.append(directory)
+    with folder_writer(output_dir) as staging:  # every component published as one unit
+        for component, layers in export.components.items():
+            directory = staging if source.single_model else staging / component
+            tensors = {}
+            for name, factors in layers.items():
+                if factors.rank:
+                    tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = _cast(factors.down, dtype)
+                    tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = _cast(factors.up, dtype)
+            directory.mkdir(parents=True, exist_ok=True)
+            save_safetensors_atomic(tensors, directory / SAFETENSORS_NAME, metadata=_metadata())
+            parts = source.components[component]
+            config = lora_config_for(layers, _layouts(parts), parts.base_model)
+            write_adapter_config(config, directory)
+            written.append(Path(output_dir) if source.single_model else Path(output_dir) / component)
     return written
 
 

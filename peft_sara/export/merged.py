@@ -1,17 +1,16 @@
 """Full merged models: a pipeline or a component with a SaRA adapter baked into its weights, saved with
-``save_pretrained`` (safetensors). Every file is published atomically from a staging folder."""
+``save_pretrained`` (safetensors), published as one unit by ``peft_sara.atomic.folder_writer``."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
 from torch import nn
 
-from ..adapter_files import publish_staged_files
+from ..atomic import folder_writer
 from ..save_bridge import base_layers_swapped_in
 from .sources import ExportSource, adapter_layers, is_pipeline, live_source
 
@@ -57,23 +56,20 @@ def write_merged(source: ExportSource, output_dir: str | os.PathLike, max_shard_
             if adapter_name not in layer.merged_adapters:
                 layer.merge(adapter_names=[adapter_name])
                 merged_here.append(layer)
-    directory = Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     try:
-        with tempfile.TemporaryDirectory(prefix=".tmp-merge-", dir=directory) as staging:
+        with folder_writer(output_dir) as staging:
             if is_pipeline(model):
-                model.save_pretrained(staging, **kwargs)
+                model.save_pretrained(str(staging), **kwargs)
             else:
                 inner = model.get_base_model() if isinstance(model, PeftModel) else model
-                _save_plain(inner, staging, kwargs)
-            publish_staged_files(Path(staging), directory)
+                _save_plain(inner, str(staging), kwargs)
     finally:
         for layer in merged_here:
             layer.unmerge()
-    return directory
+    return Path(output_dir)
 
 
 def _save_plain(model: nn.Module, folder: str, kwargs: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,6 +21,8 @@ from .build import MethodSpec, apply_method, build_model, sara_on_fake_weights, 
 from .inputs import TrainingBatch, training_batch
 from .presets import ModelSpec
 from .tracker import StepPeak, initialize_optimizer_state, measured_step_peak, tracked_step_peak
+
+Progress = Callable[[str], None] | None
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The plan's breakdown, in the order it is printed; the parts add up to the peak.
@@ -108,13 +111,17 @@ class _Setup:
     linear_weights: list[tuple[int, int]]
 
 
-def _training_setup(request: PlanRequest, fake: bool, seed: int = 0) -> _Setup:
+def _training_setup(request: PlanRequest, fake: bool, seed: int = 0, progress: Progress = None) -> _Setup:
     dtype = DTYPES[request.dtype]
+    _report(progress, f"building {request.model.name} ({request.model.class_name})")
     denoiser = build_model(request.model, dtype, fake=fake, seed=seed)
     linear_weights = quantized_linear_weights(denoiser)
     if request.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
+    if request.method.method != "full":
+        _report(progress, f"adding the {request.method.method} adapter")
     model = apply_method(denoiser, request.method, fake=fake)
+    _report(progress, "creating the optimizer state")
     batch = training_batch(request.model, request.resolution, request.batch_size, dtype)
     # foreach: PyTorch's default on CUDA (the for-loop it uses on CPU has smaller temporaries)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4, weight_decay=1e-2, foreach=True)
@@ -140,16 +147,22 @@ def _breakdown(peak: StepPeak, adapter_bytes: int) -> dict[str, int]:
     }
 
 
-def plan_training_memory(request: PlanRequest) -> MemoryPlan:
+def _report(progress: Progress, stage: str) -> None:
+    if progress is not None:
+        progress(stage)
+
+
+def plan_training_memory(request: PlanRequest, progress: Progress = None) -> MemoryPlan:
     """Predict the peak memory of one training step of ``request`` (see the module docstring for what is traced and
-    what is computed). Nothing is allocated: a 12B-parameter model plans in about a minute on a CPU."""
+    what is computed). Nothing is allocated. ``progress(stage)``, if given, is called as each stage starts."""
     start = time.perf_counter()
     method = request.method
     sara = sara_on_fake_weights(method.fraction, plain_weights=request.base_quantization is None)
     with FakeTensorMode(), sara if method.method == "sara" else contextlib.nullcontext(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
         warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
-        setup = _training_setup(request, fake=True)
+        setup = _training_setup(request, fake=True, progress=progress)
+        _report(progress, "tracing one training step (forward, backward, optimizer step)")
         peak = tracked_step_peak(setup.model, setup.batch, setup.optimizer)
         adapter_bytes = _adapter_bytes(setup.model, method.method)
         parameters = sum(param.numel() for param in setup.model.parameters())
@@ -184,6 +197,7 @@ def plan_training_memory(request: PlanRequest) -> MemoryPlan:
     if request.optimizer == "adamw8bit":
         breakdown["optimizer"] = adamw8bit_state_bytes(trainable)
         assumptions.append("bitsandbytes AdamW8bit state computed (uint8 moments + fp32 absmax per 256)")
+    _report(progress, "done")
     return MemoryPlan(
         request,
         sum(breakdown.values()),

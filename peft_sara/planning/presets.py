@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,60 @@ def fraction_for_threshold(threshold: float) -> float:
     return min(1.0, low_f + (high_f - low_f) * (threshold - low_t) / (high_t - low_t))
 
 
+# A config decides how many blocks the planner builds and traces (the time grows with them; sizes cost nothing on fake
+# tensors). The bounds are far above every real denoiser (SDXL: 180 block slots by the estimate below, FLUX.1-dev:
+# 57 blocks, SD3.5 Large: 38) and keep any plan to minutes.
+MAX_PLANNED_BLOCKS = 512
+MAX_CONFIG_LIST = 64  # entries of any list, nested lists flattened (block types, channels per level)
+MAX_CONFIG_INTEGER = 2**20  # any integer field (channels, dims, heads, sample size)
+MAX_CONFIG_BYTES = 2**20  # config.json itself (real ones are about 2 KB)
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [item for element in value for item in _flatten(element)]
+    return [value]
+
+
+def _largest(value: Any) -> int:
+    numbers = [item for item in _flatten(value) if isinstance(item, int) and not isinstance(item, bool)]
+    return max(numbers, default=1)
+
+
+def estimated_blocks(class_name: str, config: dict[str, Any]) -> int:
+    """An upper estimate of the repeated blocks (resnets, transformer blocks) a denoiser config builds."""
+    if class_name == "UNet2DConditionModel":
+        levels = max(1, len(_flatten(config.get("block_out_channels", [1]))))
+        per_level = _largest(config.get("layers_per_block", 2)) + 1
+        return 2 * levels * per_level * max(1, _largest(config.get("transformer_layers_per_block", 1)))
+    return _largest(config.get("num_layers", 1)) + _largest(config.get("num_single_layers", 0))
+
+
+def check_planning_cost(class_name: str, config: dict[str, Any], source: str) -> None:
+    """Raise ``ValueError`` naming the field if ``config`` would take the planner unboundedly long (see
+    :data:`MAX_PLANNED_BLOCKS`): too many blocks, a list or an integer beyond any real model's."""
+    for key, value in config.items():
+        items = _flatten(value)
+        if isinstance(value, (list, tuple)) and len(items) > MAX_CONFIG_LIST:
+            raise ValueError(
+                f"{source}: {key} has {len(items)} entries; the planner accepts at most {MAX_CONFIG_LIST}."
+            )
+        for item in items:
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_CONFIG_INTEGER:
+                raise ValueError(
+                    f"{source}: {key} = {item} is beyond any real model's (at most {MAX_CONFIG_INTEGER:,} here)."
+                )
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{source}: {key} = {item} is not a finite number.")
+    blocks = estimated_blocks(class_name, config)
+    if blocks > MAX_PLANNED_BLOCKS:
+        raise ValueError(
+            f"{source}: this config builds about {blocks:,} blocks (num_layers / layers_per_block / "
+            f"transformer_layers_per_block); the planner plans models of up to {MAX_PLANNED_BLOCKS}, far above any "
+            "released denoiser."
+        )
+
+
 def resolve_model(preset_or_dir: str) -> ModelSpec:
     """A preset by name, or the model whose diffusers ``config.json`` is in the folder ``preset_or_dir`` (or is that
     file). The config's ``_class_name`` names the class; SDXL-style ``addition_embed_type="text_time"`` UNets get a
@@ -121,7 +176,14 @@ def resolve_model(preset_or_dir: str) -> ModelSpec:
             f"Unknown model {preset_or_dir!r}: pass a preset ({', '.join(PRESETS)}) or a folder holding a diffusers "
             "model's config.json."
         )
-    config = json.loads(path.read_text())
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path} is {path.stat().st_size:,} bytes: not a model config (at most {MAX_CONFIG_BYTES:,}).")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON model config: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a model config object.")
     class_name = config.get("_class_name")
     if class_name not in ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"):
         raise ValueError(
@@ -129,6 +191,7 @@ def resolve_model(preset_or_dir: str) -> ModelSpec:
             f"configs, got _class_name={class_name!r}."
         )
     config = {key: value for key, value in config.items() if not key.startswith("_")}
+    check_planning_cost(class_name, config, str(path))
     if class_name == "UNet2DConditionModel":
         pooled_dim = 1280 if config.get("addition_embed_type") == "text_time" else 0
         return ModelSpec(path.parent.name, class_name, config, pooled_dim=pooled_dim)

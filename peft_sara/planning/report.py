@@ -18,9 +18,12 @@ def format_plan(plan: MemoryPlan) -> str:
     """A plan for people: the request, the peak, the breakdown at the peak, and the assumptions behind it."""
     request = plan.request
     method = request.method
-    how = {"sara": f"SaRA, fraction {method.fraction:.4g}", "lora": f"LoRA r={method.rank}", "full": "full fine-tuning"}
+    if method.method == "sara":
+        how = f"SaRA, fraction {method.fraction:.4g}"
+    else:
+        how = f"LoRA r={method.rank}" if method.method == "lora" else "full fine-tuning"
     lines = [
-        f"{request.model.name} ({request.model.class_name}), {how[method.method]}, {request.resolution} px, "
+        f"{request.model.name} ({request.model.class_name}), {how}, {request.resolution} px, "
         f"batch {request.batch_size}, {request.dtype}"
         + (", gradient checkpointing" if request.gradient_checkpointing else "")
         + (f", {request.base_quantization} base" if request.base_quantization else "")

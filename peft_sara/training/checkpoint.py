@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
 import random
+import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..adapter_files import adapter_subfolder, read_adapter_weights, save_model_adapter
-from ..atomic import save_safetensors_atomic
+from ..atomic import folder_writer, recover_folder, save_safetensors_atomic
 from ..checkpoint_checks import check_checkpoint_file
 from ..constants import TRAINING_STATE_NAME
 from ..file_format import InvalidAdapterError
@@ -220,18 +223,19 @@ def _check_per_parameter_state(state: dict[str, Any], params: dict[str, nn.Param
         raise InvalidAdapterError("The training state's optimizer state has different fields for different parameters.")
 
 
-def _same_kind(saved: Any, current: Any) -> bool:
-    """Whether a saved optimizer setting can stand where ``current`` stands: numbers for (finite) numbers, tuples of
-    numbers of the same length, and otherwise the same type (None stays None)."""
+def _same_kind(saved: Any, current: Any, finite: bool = True) -> bool:
+    """Whether a saved optimizer setting can stand where ``current`` stands: numbers for (with ``finite``, finite)
+    numbers, tuples of numbers of the same length, and otherwise the same type (None stays None)."""
     if isinstance(current, bool) or current is None or isinstance(current, str):
         return type(saved) is type(current)
     if isinstance(current, (int, float)):
-        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and np.isfinite(saved)
+        number = isinstance(saved, (int, float)) and not isinstance(saved, bool)
+        return number and (not finite or bool(np.isfinite(saved)))
     if isinstance(current, (tuple, list)):
         return (
             isinstance(saved, (tuple, list))
             and len(saved) == len(current)
-            and all(_same_kind(a, b) for a, b in zip(saved, current))
+            and all(_same_kind(a, b, finite) for a, b in zip(saved, current))
         )
     if isinstance(current, torch.Tensor):
         return isinstance(saved, torch.Tensor) and saved.shape == current.shape
@@ -255,6 +259,92 @@ def _check_group_settings(saved_groups: list[dict], current_groups: list[dict]) 
                     f"Parameter group {index} of the training state's optimizer has {key}={str(saved[key])[:40]}, "
                     f"which cannot stand for this optimizer's {key}={current[key]!r}."
                 )
+
+
+def _needs_arguments(function: Any) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.default is inspect.Parameter.empty and p.kind in positional for p in parameters)
+
+
+def _check_keys_and_kinds(saved: dict, current: dict, what: str, finite: bool = True) -> None:
+    """``saved`` has exactly ``current``'s keys and each value is of the kind ``current``'s is (see :func:`_same_kind`):
+    a key the object does not have would become an attribute (``step`` would shadow the method)."""
+    if set(saved) != set(current):
+        raise InvalidAdapterError(
+            f"The training state's {what} state has keys {sorted(map(str, saved))}, this {what} "
+            f"{sorted(map(str, current))}: build it the same way as when the checkpoint was saved."
+        )
+    for key in sorted(current):
+        if not _same_kind(saved[key], current[key], finite):
+            raise InvalidAdapterError(
+                f"The training state's {what} state has {key}={str(saved[key])[:40]}, which cannot stand for this "
+                f"{what}'s {key}={str(current[key])[:40]}."
+            )
+
+
+class _GroupsOnly:
+    """What an LR scheduler touches of its optimizer: the parameter groups' settings (copies, without parameters)."""
+
+    def __init__(self, groups: list[dict]) -> None:
+        self.param_groups = [
+            {**copy.deepcopy({k: v for k, v in group.items() if k != "params"}), "params": []} for group in groups
+        ]
+        self.defaults: dict = {}
+
+    def step(self) -> None:  # pragma: no cover - schedulers only check that it exists
+        pass
+
+
+def _check_scheduler_state(saved: dict, scheduler: Any, optimizer: Any) -> None:
+    """The saved scheduler state fits this scheduler (keys, kinds) and runs: loaded into a copy of it over copies of
+    the parameter groups, which computes its learning rates and takes a step; anything it raises, or a non-finite
+    learning rate, refuses the checkpoint before anything changed."""
+    _check_keys_and_kinds(saved, scheduler.state_dict(), "LR scheduler", finite=False)
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the torch one
+    stand_in = _GroupsOnly(optimizer.param_groups)
+    # Every reference to the optimizer (nested schedulers' included) becomes the stand-in: nothing real is touched.
+    memo = {id(optimizer): stand_in, id(getattr(inner, "optimizer", optimizer)): stand_in}
+    try:
+        trial = copy.deepcopy(inner, memo)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trial.load_state_dict(copy.deepcopy(saved))
+            if not _needs_arguments(trial.step):  # ReduceLROnPlateau steps on a metric: loading is the trial
+                trial.step()
+            rates = [group["lr"] for group in stand_in.param_groups]
+    except (Exception, RecursionError) as err:
+        raise InvalidAdapterError(
+            f"The training state's LR scheduler state cannot resume this {type(scheduler).__name__}: a trial step "
+            f"on a copy raised {err!r}."
+        ) from err
+    bad = [rate for rate in rates if not isinstance(rate, (int, float, torch.Tensor)) or not np.isfinite(float(rate))]
+    if bad:
+        raise InvalidAdapterError(
+            f"The training state's LR scheduler state gives this {type(scheduler).__name__} the learning rate "
+            f"{bad[0]!r}."
+        )
+
+
+def _check_helper_state(saved: dict, helper: SaRATrainingHelper) -> None:
+    """The saved helper state fits the helper: its keys, kinds, non-negative steps, a flag that is a bool, a generator
+    state this helper's generator takes (tried on a throwaway one)."""
+    _check_keys_and_kinds(saved, helper.state_dict(), "SaRA helper")
+    for key in ("global_step", "progressive_step"):
+        value = saved.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidAdapterError(f"The training state's SaRA helper has {key}={value!r}: not a step number.")
+    if not isinstance(saved.get("reselected"), bool):
+        raise InvalidAdapterError(
+            f"The training state's SaRA helper has reselected={saved.get('reselected')!r}, not True or False."
+        )
+    try:
+        torch.Generator(device=helper.generator.device).set_state(saved["generator"])
+    except (Exception, RecursionError) as err:
+        raise InvalidAdapterError(f"The training state's SaRA helper has an invalid generator state ({err}).") from err
 
 
 def _check_rng_states(rng: dict[str, Any], where: str) -> None:
@@ -286,8 +376,10 @@ def save_training_state(
     """Save everything needed to resume bitwise: adapter, optimizer, scheduler, helper and RNG states.
 
     The adapter is written with ``save_pretrained`` (PEFT format, live entries only) into ``output_dir``; the rest
-    goes to ``sara_training_state.safetensors`` beside it (no pickle), written atomically. Optimizer state keeps the values Parameters'
-    full (fixed) capacity, freed tail included, so that a resumed run continues bitwise.
+    goes to ``sara_training_state.safetensors`` beside it (no pickle). Both are published as one unit
+    (``peft_sara.atomic.folder_writer``): a kill leaves the previous checkpoint or this one, never a mix. Optimizer
+    state keeps the values Parameters' full (fixed) capacity, freed tail included, so that a resumed run continues
+    bitwise.
     """
     sharded = [name for name, param in model.named_parameters() if "sara_" in name and is_sharded(param)]
     if sharded:
@@ -296,8 +388,14 @@ def save_training_state(
             f"such as '{sharded[0]}'. Checkpoint an FSDP run with torch.distributed.checkpoint (or accelerate's "
             "save_state) instead; see docs/DISTRIBUTED.md."
         )
-    os.makedirs(output_dir, exist_ok=True)
-    save_model_adapter(model, output_dir)
+    with folder_writer(output_dir) as staging:  # the adapter and its training state, published as one unit
+        save_model_adapter(model, staging)
+        _write_training_state_file(staging, model, optimizer, lr_scheduler, helper)
+
+
+def _write_training_state_file(
+    folder: os.PathLike, model: nn.Module, optimizer: Any, lr_scheduler: Any | None, helper: Any | None
+) -> None:
     names = _trainable_parameter_names(model)
     inner = unwrap_optimizer(optimizer)
     state = {
@@ -312,7 +410,7 @@ def save_training_state(
         },
     }
     state["rng"]["numpy"] = np.random.get_state()
-    write_training_state(state, os.path.join(output_dir, TRAINING_STATE_NAME))
+    write_training_state(state, os.path.join(folder, TRAINING_STATE_NAME))
 
 
 def _adapter_tensors(model: nn.Module, adapter_name: str) -> list[torch.Tensor]:
@@ -330,9 +428,14 @@ def _resumable_states_restored_on_error(
     optimizer: torch.optim.Optimizer, lr_scheduler: Any | None, helper: SaRATrainingHelper | None
 ) -> Iterator[None]:
     """If the body raises, put the optimizer, scheduler, helper and RNG states back as they were before it."""
+    # Keyed by the parameters themselves (identity), their state copied: a deepcopy of the whole dict would key the
+    # restored state by copies of the parameters, which the optimizer never looks up again (its moments lost).
     saved_optimizer = {
-        "state": copy.deepcopy(optimizer.state),
-        "param_groups": [{**group, "params": list(group["params"])} for group in optimizer.param_groups],
+        "state": defaultdict(dict, {param: copy.deepcopy(value) for param, value in optimizer.state.items()}),
+        "param_groups": [
+            {**copy.deepcopy({k: v for k, v in group.items() if k != "params"}), "params": list(group["params"])}
+            for group in optimizer.param_groups
+        ],
     }
     saved_scheduler = copy.deepcopy(lr_scheduler.state_dict()) if lr_scheduler is not None else None
     saved_helper = copy.deepcopy(helper.state_dict()) if helper is not None else None
@@ -368,6 +471,7 @@ def load_training_state(
     optimizer, scheduler, helper and RNG states are put back as they were before raising.
     """
     adapter_name, _ = resolve_sara_adapter(model, adapter_name)
+    recover_folder(input_dir)  # a save killed while publishing: finish it first (peft_sara.atomic)
     adapter_dir = os.path.join(input_dir, adapter_subfolder(adapter_name))
     weights = read_adapter_weights(adapter_dir)
     check_checkpoint_file(weights)
@@ -388,6 +492,12 @@ def load_training_state(
                 f"Parameter group {index} of the checkpoint's optimizer has {len(group_names)} parameters, this "
                 f"optimizer's {len(group['params'])}: build the optimizer the same way as when the checkpoint was saved."
             )
+
+    # Checked before anything changes: what the scheduler and the helper would take, and run with.
+    if lr_scheduler is not None and state["lr_scheduler"] is not None:
+        _check_scheduler_state(state["lr_scheduler"], lr_scheduler, inner)
+    if helper is not None and state["helper"] is not None:
+        _check_helper_state(state["helper"], helper)
 
     with (
         all_or_nothing(model, copies=_adapter_tensors(model, adapter_name)),

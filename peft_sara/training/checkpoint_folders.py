@@ -11,10 +11,12 @@ import os
 import shutil
 from collections.abc import Sequence
 
+from ..atomic import folder_writer, recover_folder
 from .checkpoint import load_training_state, save_training_state
 from .components import TrainedComponent
 
 CHECKPOINT_PREFIX = "checkpoint-"
+DELETING_SUFFIX = ".sara-deleting"  # a rotated-out checkpoint while it is deleted
 
 
 def checkpoint_folder(output_dir: str | os.PathLike, step: int) -> str:
@@ -23,15 +25,23 @@ def checkpoint_folder(output_dir: str | os.PathLike, step: int) -> str:
 
 
 def checkpoint_steps(output_dir: str | os.PathLike) -> list[int]:
-    """Steps of the ``checkpoint-<step>`` folders in ``output_dir``, oldest first (none if it does not exist)."""
+    """Steps of the complete ``checkpoint-<step>`` folders in ``output_dir``, oldest first (none if it does not exist).
+
+    A checkpoint folder exists under its name only once complete (:func:`save_training_checkpoint` publishes it as one
+    unit); a re-save of a step killed while publishing is finished first (``peft_sara.atomic.recover_folder``)."""
     if not os.path.isdir(output_dir):
         return []
-    suffixes = [name[len(CHECKPOINT_PREFIX) :] for name in os.listdir(output_dir) if name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(int(suffix) for suffix in suffixes if suffix.isdigit())
+    steps = []
+    for name in os.listdir(output_dir):
+        suffix = name[len(CHECKPOINT_PREFIX) :]
+        if name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+            recover_folder(os.path.join(output_dir, name))
+            steps.append(int(suffix))
+    return sorted(steps)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest checkpoint folder in ``output_dir``, or None if it has none."""
+    """The newest complete checkpoint folder in ``output_dir``, or None if it has none."""
     steps = checkpoint_steps(output_dir)
     return checkpoint_folder(output_dir, steps[-1]) if steps else None
 
@@ -39,27 +49,46 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
 def remove_old_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[str]:
     """Delete the oldest checkpoint folders of ``output_dir`` so that at most ``keep`` remain; the deleted folders.
 
-    Call it with ``limit - 1`` before saving to keep at most ``limit`` checkpoints after the save.
+    Call it right after :func:`save_training_checkpoint` with the run's limit: the old checkpoints go only once the new
+    one is complete. The newest checkpoint is never deleted (``keep`` below 1 counts as 1), so the former order
+    (``keep=limit - 1`` before saving) cannot leave a run without a complete checkpoint if the save is killed.
     """
     steps = checkpoint_steps(output_dir)
-    removed = [checkpoint_folder(output_dir, step) for step in steps[: max(len(steps) - keep, 0)]]
-    for folder in removed:
-        shutil.rmtree(folder)
+    removed = [checkpoint_folder(output_dir, step) for step in steps[: max(len(steps) - max(keep, 1), 0)]]
+    for folder in removed:  # renamed away first (atomic), so a checkpoint name never holds a half-deleted folder
+        doomed = os.path.join(output_dir, f".{os.path.basename(folder)}{DELETING_SUFFIX}")
+        if os.path.lexists(doomed):
+            shutil.rmtree(doomed)
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed)
+    for name in os.listdir(output_dir):  # left by a kill during an earlier rotation
+        if name.startswith(f".{CHECKPOINT_PREFIX}") and name.endswith(DELETING_SUFFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return removed
 
 
-def save_training_checkpoint(path: str | os.PathLike, components: Sequence[TrainedComponent]) -> None:
+def save_training_checkpoint(
+    path: str | os.PathLike, components: Sequence[TrainedComponent], total_limit: int | None = None
+) -> None:
     """Save a resumable checkpoint of every component into ``path``, one subfolder per component: its adapter in
     PEFT format plus its optimizer, LR scheduler, SaRA helper and the RNG states (:func:`save_training_state`).
-    The adapters only: no copy of the base model."""
-    for component in components:
-        save_training_state(
-            os.path.join(path, component.name),
-            component.model,
-            component.optimizer,
-            component.lr_scheduler,
-            component.helper,
-        )
+    The adapters only: no copy of the base model.
+
+    The whole checkpoint is published as one unit (``peft_sara.atomic.folder_writer``): a kill leaves the previous
+    content of ``path`` (usually nothing) or the complete checkpoint. With ``total_limit``, the oldest checkpoints of
+    ``path``'s parent are deleted afterwards so that at most ``total_limit`` remain (:func:`remove_old_checkpoints`).
+    """
+    with folder_writer(path) as staging:
+        for component in components:
+            save_training_state(
+                staging / component.name,
+                component.model,
+                component.optimizer,
+                component.lr_scheduler,
+                component.helper,
+            )
+    if total_limit is not None:
+        remove_old_checkpoints(os.path.dirname(os.path.abspath(path)), keep=total_limit)
 
 
 def resume_from_checkpoint(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..pipelines import inject_sara_adapter
+from ..transaction import all_or_nothing
 from ..tuner.config import SaRAConfig
 from ..tuner.layer import sara_layers
 from .helper import SaRATrainingHelper
@@ -52,15 +53,19 @@ def add_sara_adapter(
         trainable_dtype: dtype of the trainable SaRA values (float32 by default, the dtype mixed-precision training
             needs for its optimizer updates, whatever the frozen weights' dtype); None leaves them as they are.
     """
-    if _is_diffusers_model(module):
-        module.add_adapter(config, adapter_name=adapter_name)
-        if gradient_checkpointing:
+    # All or nothing: a refused injection leaves the module as it was (diffusers' `add_adapter` marks the model as
+    # holding adapters before it injects).
+    with all_or_nothing(module):
+        if _is_diffusers_model(module):
+            module.add_adapter(config, adapter_name=adapter_name)
+        else:
+            inject_sara_adapter(module, config, adapter_name)
+            for _, layer in sara_layers(module):
+                layer.set_adapter([adapter_name])  # trainable (inject_sara_adapter activates for inference)
+    if gradient_checkpointing:
+        if _is_diffusers_model(module):
             module.enable_gradient_checkpointing()
-    else:
-        inject_sara_adapter(module, config, adapter_name)
-        for _, layer in sara_layers(module):
-            layer.set_adapter([adapter_name])  # trainable (inject_sara_adapter activates for inference)
-        if gradient_checkpointing:
+        else:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [param for param in module.parameters() if param.requires_grad]
     if trainable_dtype is not None:

@@ -78,6 +78,17 @@ def storage_reason(base_layer: nn.Module) -> str | None:
     return None
 
 
+def merge_refusal(base_layer: nn.Module) -> str | None:
+    """Why a merged weight cannot be written into ``base_layer``'s storage (1-byte floats, meta, unknown tensor types,
+    a quantized backend that cannot requantize it), or ``None``: the dry run of :func:`merge_entries_`, so that a merge
+    over many layers refuses before it writes any."""
+    backend = quantized_backend(base_layer)
+    if backend is None:
+        return storage_reason(base_layer)
+    check = getattr(backend[0], "merge_refusal", None)
+    return check(base_layer) if check is not None else None
+
+
 def logical_weight_shape(base_layer: nn.Module) -> torch.Size:
     """Shape of the weight the layer computes with (packed quantized storage has another shape)."""
     backend = quantized_backend(base_layer)
@@ -208,6 +219,7 @@ __all__ = [
     "keep_canonical_layout",
     "logical_weight_shape",
     "merge_entries_",
+    "merge_refusal",
     "quantized_backend",
     "readable_weight",
     "storage_reason",

@@ -27,8 +27,10 @@ class SaRAConfig(PeftConfig):
             In (0, 1]: train the `round(fraction * numel)` smallest-magnitude entries of each weight (at least one).
             More robust than a global threshold across models whose weight scales differ.
         target_modules (`list[str]` or `str`, *optional*):
-            Modules to adapt: a list of exact names or dotted suffixes, or a full-match regex. `None` uses the
-            defaults for known diffusers UNet / DiT models and transformers text encoders.
+            Modules to adapt: a list of exact names or dotted suffixes, or a full-match regex. `None` adapts every
+            Linear / ungrouped Conv inside the model's repeated blocks, except modulation, norms and embeddings
+            (`peft_sara.tuner.targets`: any diffusers denoiser or transformers text encoder); the saved config lists
+            the layers this picked.
         exclude_modules (`list[str]` or `str`, *optional*): Modules never to adapt (same matching rules).
         modules_to_save (`list[str]`, *optional*): Extra modules trained in full and saved with the adapter.
         layers_to_transform (`list[int]` or `int`, *optional*): Only adapt these layer indices (list targets only).

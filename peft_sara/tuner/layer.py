@@ -25,6 +25,7 @@ from .base_weight import (
     keep_canonical_layout,
     logical_weight_shape,
     merge_entries_,
+    merge_refusal,
     readable_weight,
     unmerge_entries_,
 )
@@ -92,6 +93,8 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         self.sara_kernel: dict[str, str] = {}
         # Names of the other SaRA layers whose base weight shares this one's storage (tied weights): merging refuses.
         self.sara_tied_layers: list[str] = []
+        # All SaRA layers of the model (set at injection): a merge checks every one of them before writing any.
+        self.sara_merge_group: MergeGroup | None = None
         # Base entries overwritten by `merge`, per merged adapter; written back bitwise by `unmerge`.
         self._sara_merge_backup: dict[str, MergeBackup] = {}
         self._disable_adapters = False
@@ -261,7 +264,8 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
 
     @torch.no_grad()
     def merge_is_finite(self, adapter_name: str) -> bool:
-        """Whether merging ``adapter_name`` would write only finite entries (no weight is changed)."""
+        """Whether merging ``adapter_name`` would write only finite entries (no weight is changed). Checked in the
+        dtype the layer computes with (float32 for 1-byte storage, which has no ``isfinite``)."""
         with readable_weight(self.get_base_layer()) as weight:
             flat_weight = weight.reshape(-1)
             for entry in self.sparse_entries([adapter_name]):
@@ -270,24 +274,62 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
                     return False
         return True
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Write the adapters' updates into the base weight (only the changed entries are touched; a bitsandbytes
-        weight is requantized). Layers that share their weight with another SaRA layer refuse."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if self.sara_tied_layers and self.present_adapters(adapter_names):
-            raise ValueError(
-                f"Cannot merge SaRA adapters {adapter_names}: this layer shares its weight with {self.sara_tied_layers}, "
-                "so a merged "
-                "weight would apply every sharing layer's update in each of them. Keep these adapters unmerged."
+    def merge_refusal(self, adapter_names: list[str], safe_merge: bool, name: str = "this layer") -> str | None:
+        """Why merging ``adapter_names`` into this layer would be refused (tied weights, storage that cannot take a
+        merged weight, with ``safe_merge`` non-finite merged entries), or ``None``; changes nothing."""
+        adapters = [adapter for adapter in self.present_adapters(adapter_names) if adapter not in self.merged_adapters]
+        if not adapters:
+            return None
+        if self.sara_tied_layers:
+            return (
+                f"Cannot merge SaRA adapters {adapters}: layer '{name}' shares its weight with {self.sara_tied_layers}, "
+                "so a merged weight would apply every sharing layer's update in each of them. Keep these adapters "
+                "unmerged (the unmerged forward is exact)."
             )
         base_layer = self.get_base_layer()
+        reason = merge_refusal(base_layer)
+        if reason is not None:
+            return (
+                f"Cannot merge SaRA adapters {adapters} into layer '{name}' ({type(base_layer).__name__}): {reason}. "
+                "Keep the adapter unmerged (it runs through the base layer), or load the base in a plain float dtype "
+                "to merge."
+            )
+        for adapter in adapters if safe_merge else ():
+            if not self.merge_is_finite(adapter):
+                return (
+                    f"NaNs or infs detected while merging adapter '{adapter}' into layer '{name}': the adapter seems "
+                    "to be broken."
+                )
+        return None
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Write the adapters' updates into the base weight (only the changed entries are touched; a bitsandbytes
+        weight is requantized). Before the first layer of a model writes, every SaRA layer of the model is checked
+        (:class:`MergeGroup`): a refusal anywhere (tied weights, fp8 / torchao / GGUF K-quant storage, with
+        ``safe_merge`` non-finite entries) raises with no weight changed, also under diffusers' ``fuse_lora``, which
+        merges layer by layer."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        group = self.sara_merge_group
+        if group is not None:
+            group.check(adapter_names, safe_merge)
+        else:
+            refusal = self.merge_refusal(adapter_names, safe_merge)
+            if refusal is not None:
+                raise ValueError(refusal + " Nothing was merged.")
+        base_layer = self.get_base_layer()
+        merged_any = False
         for name in self.present_adapters(adapter_names):
             where = f"SaRA adapter '{name}' into {type(base_layer).__name__} of shape {tuple(self.weight_shape)}"
             self._sara_merge_backup[name] = merge_entries_(base_layer, self.sparse_entries([name]), safe_merge, where)
             self.merged_adapters.append(name)
+            merged_any = True
+        if group is not None and merged_any:
+            group.merged_one()
 
     def unmerge(self) -> None:
         """Restore the base weight bitwise."""
+        if self.sara_merge_group is not None:
+            self.sara_merge_group.checked = None
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
@@ -367,6 +409,48 @@ def _refuse_awaiting(layer: SaRALayer, adapter_names: list[str]) -> None:
             "entries. Load them (`PeftModel.from_pretrained`, `load_adapter`, `set_peft_model_state_dict`), or, to "
             "train a new adapter with that config's settings, build it in code: `SaRAConfig(**config.to_dict())`."
         )
+
+
+class MergeGroup:
+    """The SaRA layers of one model, checked together before any of them merges.
+
+    diffusers' ``fuse_lora`` calls each layer's ``merge`` in turn; the first call of a pass checks every layer of the
+    group (:meth:`SaRALayer.merge_refusal`) and remembers the pass as checked until each layer that had something to
+    merge has merged, or an unmerge or a new adapter (a new group) comes first. A scale set during the pass (diffusers'
+    ``fuse_lora(lora_scale=...)`` scales each layer right before its merge) does not restart the check, which would
+    make a pass quadratic; ``safe_merge`` still checks each layer's own merged entries as it writes them."""
+
+    def __init__(self, layers: dict[str, SaRALayer]) -> None:
+        self.layers = layers
+        self.checked: tuple[tuple[str, ...], bool] | None = None
+        self.pending = 0
+
+    def refusal(self, adapter_names: list[str] | None, safe_merge: bool) -> tuple[str | None, int]:
+        """The first refusal over all layers (None if every layer can merge) and how many layers would merge."""
+        pending = 0
+        for name, layer in self.layers.items():
+            names = list(adapter_names) if adapter_names is not None else list(layer.active_adapters)
+            refusal = layer.merge_refusal(names, safe_merge, name)
+            if refusal is not None:
+                return refusal, 0
+            pending += any(adapter not in layer.merged_adapters for adapter in layer.present_adapters(names))
+        return None, pending
+
+    def check(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        """Raise ``ValueError`` (nothing merged) unless every layer can merge ``adapter_names``; then remember it."""
+        key = (tuple(adapter_names or ()), bool(safe_merge))
+        if self.checked == key and adapter_names is not None:
+            return
+        refusal, pending = self.refusal(adapter_names, safe_merge)
+        if refusal is not None:
+            self.checked = None
+            raise ValueError(refusal + " Nothing was merged.")
+        self.checked, self.pending = (key, pending) if adapter_names is not None else (None, 0)
+
+    def merged_one(self) -> None:
+        self.pending -= 1
+        if self.pending <= 0:
+            self.checked = None
 
 
 def _may_have_attribute(module: nn.Module, name: str) -> bool:
@@ -476,6 +560,7 @@ def count_entries(model: nn.Module, adapter_name: str) -> int:
 
 __all__ = [
     "SaRALayer",
+    "MergeGroup",
     "SparseUpdate",
     "Linear",
     "Conv",

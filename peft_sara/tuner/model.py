@@ -19,67 +19,15 @@ from ..peft_loading import check_peft_load_source, resize_layers_to_entries
 from ..save_bridge import install_save_bridge
 from ..transaction import ModelState, all_or_nothing
 from .config import SaRAConfig
-from .layer import SaRALayer, dispatch_sara_layer, sara_layers
-
-# Default targets for models whose config carries no transformers `model_type` (diffusers) and for transformers
-# text encoders. Suffix lists, matched by PEFT's usual rules.
-UNET_TARGET_MODULES = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "time_emb_proj",
-]
-DIT_TARGET_MODULES = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-]
-CLIP_TEXT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-DIFFUSERS_TARGET_MODULES_MAPPING = {
-    "UNet2DConditionModel": UNET_TARGET_MODULES,
-    "UNet2DModel": UNET_TARGET_MODULES,
-    "UNetMotionModel": UNET_TARGET_MODULES,
-    "SD3Transformer2DModel": DIT_TARGET_MODULES,
-    "FluxTransformer2DModel": DIT_TARGET_MODULES,
-    "DiTTransformer2DModel": DIT_TARGET_MODULES,
-    "PixArtTransformer2DModel": DIT_TARGET_MODULES,
-}
-TRANSFORMERS_TARGET_MODULES_MAPPING = {
-    "clip_text_model": CLIP_TEXT_TARGET_MODULES,
-    "clip": CLIP_TEXT_TARGET_MODULES,
-    "clip_text_model_with_projection": CLIP_TEXT_TARGET_MODULES,
-    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
-}
+from .layer import MergeGroup, SaRALayer, dispatch_sara_layer, sara_layers
+from .targets import default_targets
 
 
 def default_target_modules(model: nn.Module) -> list[str] | None:
-    """SaRA's default targets for a known diffusers / transformers model, or None."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in DIFFUSERS_TARGET_MODULES_MAPPING:
-            return list(DIFFUSERS_TARGET_MODULES_MAPPING[cls.__name__])
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in TRANSFORMERS_TARGET_MODULES_MAPPING:
-        return list(TRANSFORMERS_TARGET_MODULES_MAPPING[model_type])
-    return None
+    """SaRA's default targets for ``model``: the full names of the layers its structural rule picks (every Linear /
+    Conv inside the repeated blocks, no modulation, norm or embedding; see :mod:`peft_sara.tuner.targets`), or None
+    when the model has no repeated blocks."""
+    return default_targets(model)
 
 
 def mark_tied_layers(model: nn.Module) -> dict[tuple, list[str]]:
@@ -94,6 +42,9 @@ def mark_tied_layers(model: nn.Module) -> dict[tuple, list[str]]:
     for names in groups.values():
         for name in names:
             layers[name].sara_tied_layers = [other for other in names if other != name]
+    group = MergeGroup(layers)  # a merge of any layer checks all of them first
+    for layer in layers.values():
+        layer.sara_merge_group = group
     return {key: names for key, names in groups.items() if len(names) > 1}
 
 
@@ -125,7 +76,7 @@ class SaRAModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = SaRALayer
-    target_module_mapping = TRANSFORMERS_TARGET_MODULES_MAPPING
+    target_module_mapping: dict[str, list[str]] = {}  # defaults come from the structural rule, not a table
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str, **kwargs: Any) -> None:
         # Adapters injected from a config read from a file, whose weights PEFT's loader has not set yet, with the state
@@ -201,8 +152,9 @@ class SaRAModel(BaseTuner):
             defaults = default_target_modules(self.model)
             if defaults is None:
                 raise ValueError(
-                    f"SaRA has no default `target_modules` for {type(self.model).__name__}: pass `target_modules` "
-                    "(a list of module names or suffixes, or a regex) in SaRAConfig."
+                    f"SaRA has no default `target_modules` for {type(self.model).__name__}: it has no repeated blocks "
+                    "(an nn.ModuleList of layers) to adapt. Pass `target_modules` (a list of module names or "
+                    "suffixes, or a regex) in SaRAConfig."
                 )
             peft_config.target_modules = set(defaults)
         return peft_config
@@ -251,17 +203,15 @@ class SaRAModel(BaseTuner):
 
     # ----------------------------------------------------------------------------------------- merging
     def _check_mergeable(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
-        """Dry run over all layers before any is merged, so a refusal leaves every weight untouched: tied layers
-        refuse, and with ``safe_merge`` a broken (non-finite) adapter does."""
+        """Dry run over all layers before any is merged, so a refusal leaves every weight untouched: tied layers and
+        storage that cannot take a merged weight (fp8, torchao, GGUF K-quants) refuse, and with ``safe_merge`` a
+        broken adapter does (non-finite, or overflowing its dtype, in any layer)."""
         for name, layer in self.sara_layers():
-            names = adapter_names if adapter_names is not None else layer.active_adapters
-            adapters = layer.present_adapters(list(names))
-            if adapters and layer.sara_tied_layers:
-                raise ValueError(
-                    f"Cannot merge SaRA adapters {adapters}: layer '{name}' shares its weight with "
-                    f"{layer.sara_tied_layers}, so a merged weight would apply every sharing layer's update in each "
-                    "of them. Keep these adapters unmerged (the unmerged forward is exact). Nothing was merged."
-                )
+            names = list(adapter_names if adapter_names is not None else layer.active_adapters)
+            refusal = layer.merge_refusal(names, False, name)
+            if refusal is not None:
+                raise ValueError(refusal + " Nothing was merged.")
+            adapters = [adapter for adapter in layer.present_adapters(names) if adapter not in layer.merged_adapters]
             for adapter in adapters if safe_merge else ():
                 update = layer.get_sparse_update(adapter)
                 problem = effective_weight_problem(layer, update.scale, [(update.indices, update.values)])

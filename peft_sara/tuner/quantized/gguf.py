@@ -41,6 +41,30 @@ def dequantized(base_layer: nn.Module) -> torch.Tensor:
     return dequantize_gguf_tensor(weight).float()
 
 
+def merge_refusal(base_layer: nn.Module) -> str | None:
+    """Why a merged weight cannot be requantized to the base's quant type (the ``gguf`` package writes only some), or
+    ``None``; tried on one zero block, without touching the weight."""
+    import gguf
+    import numpy as np
+
+    weight = base_layer.weight
+    if weight.dtype.is_floating_point:
+        return None
+    try:
+        gguf.quants.quantize(np.zeros((1, 256), dtype=np.float32), weight.quant_type)
+    except NotImplementedError:
+        return _cannot_quantize(weight.quant_type)
+    return None
+
+
+def _cannot_quantize(quant_type) -> str:
+    return (
+        f"The gguf package cannot quantize to {quant_type.name} (it only reads K- and I-quants), so SaRA cannot "
+        "requantize a merged weight. Keep the adapter unmerged, or merge into the unquantized model and convert "
+        "it to GGUF afterwards with llama.cpp's tools."
+    )
+
+
 @torch.no_grad()
 def requantized(base_layer: nn.Module, dense_weight: torch.Tensor) -> nn.Parameter:
     """A ``GGUFParameter`` of the base's quant type holding ``dense_weight`` quantized by the ``gguf`` package."""
@@ -54,11 +78,7 @@ def requantized(base_layer: nn.Module, dense_weight: torch.Tensor) -> nn.Paramet
     try:
         packed = gguf.quants.quantize(dense_weight.float().cpu().numpy(), quant_type)
     except NotImplementedError:
-        raise MergeRefused(
-            f"The gguf package cannot quantize to {quant_type.name} (it only reads K- and I-quants), so SaRA cannot "
-            "requantize a merged weight. Keep the adapter unmerged, or merge into the unquantized model and convert "
-            "it to GGUF afterwards with llama.cpp's tools."
-        ) from None
+        raise MergeRefused(_cannot_quantize(quant_type)) from None
     return GGUFParameter(torch.from_numpy(packed).to(weight.device), quant_type=quant_type)
 
 

@@ -49,13 +49,18 @@ def dequantized(base_layer: nn.Module) -> torch.Tensor:
         ) from error
 
 
-def requantized(base_layer: nn.Module, dense_weight: torch.Tensor) -> nn.Parameter:
-    """Refused: see the module docstring."""
-    raise MergeRefused(
+def merge_refusal(base_layer: nn.Module) -> str | None:
+    """Why a merge is refused (always: see the module docstring)."""
+    return (
         f"a torchao {type(base_layer.weight).__name__} weight does not record the quantization config it was made "
         "with, so SaRA cannot requantize a merged weight. Keep the adapter unmerged (it runs beside torchao's "
         "kernels), or merge into the unquantized model and apply `torchao.quantization.quantize_` afterwards."
     )
+
+
+def requantized(base_layer: nn.Module, dense_weight: torch.Tensor) -> nn.Parameter:
+    """Refused: see the module docstring."""
+    raise MergeRefused(merge_refusal(base_layer))
 
 
 def replace_weight(base_layer: nn.Module, weight: nn.Parameter) -> nn.Parameter:
