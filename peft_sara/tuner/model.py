@@ -94,8 +94,10 @@ class SaRAModel(BaseTuner):
 
         An injection for a load selects nothing: the checkpoint names the entries (the load sizes the layers to them).
         That is an adapter whose config PEFT's ``from_pretrained`` / ``load_adapter`` read from the adapter's folder
-        (``SaRAConfig.loaded_from``), or any injection with ``low_cpu_mem_usage=True`` (PEFT's contract: the weights are
-        replaced before use; ``peft_sara.load_sara_adapter`` injects so). Such an adapter refuses to run until then.
+        (``SaRAConfig.loaded_from``), or an injection PEFT runs with ``low_cpu_mem_usage=True`` (``inject_adapter_in_model``,
+        ``add_adapter``, ``load_adapter``; PEFT's contract: the weights are replaced before use; ``load_sara_adapter`` and
+        ``enable_sara_hotswap`` inject so). Such an adapter refuses to run until a checkpoint sets its entries.
+        ``get_peft_model`` with a config built in code always selects: its entries exist right away.
         """
         config = self.peft_config.get(adapter_name)
         self._sara_select_entries = not (
