@@ -119,7 +119,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     train("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
     train("--adam_beta1", type=float, default=0.9)
     train("--adam_beta2", type=float, default=0.999)
-    train("--adam_weight_decay", type=float, default=1e-2)
+    train(
+        "--adam_weight_decay",
+        type=float,
+        default=1e-2,
+        help="Decoupled weight decay of the SaRA entries; what it decays: --weight_decay_mode.",
+    )
+    train(
+        "--weight_decay_mode",
+        choices=("delta", "official"),
+        default="delta",
+        help="delta (default): AdamW's own decay of the trained deltas, pulling the update toward the pre-trained "
+        "weight, as for any PEFT adapter. official: decay the selected weights toward 0, as the official SaRA code "
+        "(optim/adamw2.py) does (SaRATrainingHelper(weight_decay=..., weight_decay_mode='official')).",
+    )
     train("--adam_epsilon", type=float, default=1e-8)
     train("--max_grad_norm", type=float, default=1.0)
     train(
@@ -147,6 +160,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
         help="Default: accelerate's config. Frozen weights use this dtype; SaRA values stay float32.",
     )
     train("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    train(
+        "--base_quantization",
+        choices=("none", "bnb-4bit", "bnb-8bit", "quanto-int8", "quanto-int4"),
+        default="none",
+        help="Quantize the frozen denoiser's Linear layers before training (QLoRA-style: SaRA's values stay float32 "
+        "and its forward adds the sparse update to the backend's own). bnb-*: bitsandbytes (NF4 / LLM.int8), "
+        "quantized layer by layer on the training device; quanto-*: optimum-quanto, frozen. The saved adapter applies "
+        "to the full-precision base.",
+    )
     train(
         "--enable_xformers_memory_efficient_attention",
         action="store_true",
@@ -279,7 +301,9 @@ def check_common_arguments(
 ) -> argparse.Namespace:
     """Checks and normalisations every script applies after parsing; ``needs``: optional packages the script imports
     later (checked first, see :func:`check_dependencies`)."""
-    check_dependencies(parser, needs)
+    backend = getattr(args, "base_quantization", "none").split("-")[0]
+    quantizer = {"bnb": "bitsandbytes", "quanto": "optimum"}.get(backend)
+    check_dependencies(parser, [*needs, *([quantizer] if quantizer else [])])
     if args.rank_layers_per_step != "all":
         args.rank_layers_per_step = int(args.rank_layers_per_step)
     if args.report_to == "wandb" and args.hub_token is not None:

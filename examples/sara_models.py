@@ -80,6 +80,43 @@ def load_pipeline(
     return pipe
 
 
+def quantize_base(args: argparse.Namespace, pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype) -> None:
+    """``--base_quantization``: replace the denoiser's Linear layers by quantized ones, in place, before SaRA selects
+    its entries (selection reads the dequantized weight the layer computes with). bitsandbytes layers are quantized one
+    at a time on ``device``, so the full-precision denoiser never sits whole on the accelerator; ``dtype`` is their
+    compute dtype. optimum-quanto quantizes and freezes the denoiser where it is."""
+    kind = getattr(args, "base_quantization", "none")
+    if kind == "none":
+        return
+    denoiser = getattr(pipe, denoiser_name_of(pipe))
+    if kind.startswith("quanto"):
+        from optimum import quanto
+
+        quanto.quantize(denoiser, weights=quanto.qint8 if kind == "quanto-int8" else quanto.qint4)
+        quanto.freeze(denoiser)
+        return
+    import bitsandbytes as bnb
+
+    for parent in list(denoiser.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            weight = child.weight.data
+            if kind == "bnb-4bit":
+                layer = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, child.bias is not None, compute_dtype=dtype, quant_type="nf4"
+                )
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            else:
+                layer = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, child.bias is not None, has_fp16_weights=False
+                )
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, layer.to(device))  # bitsandbytes quantizes on the move
+
+
 def denoiser_name_of(pipe: DiffusionPipeline) -> str:
     """``"transformer"`` for DiT pipelines (SD3, Flux), else ``"unet"``."""
     return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"

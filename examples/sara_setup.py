@@ -147,11 +147,17 @@ def build_components(
         is_text_encoder = name in TEXT_ENCODERS
         text_lr = getattr(args, "text_encoder_lr", None)
         text_decay = getattr(args, "adam_weight_decay_text_encoder", None)
+        decay = text_decay if is_text_encoder and text_decay is not None else args.adam_weight_decay
+        official = getattr(args, "weight_decay_mode", "delta") == "official"
+        # The official rule is applied by the helper to the SaRA entries: the optimizer must not decay them as well.
+        sara_values = [param for key, param in module.named_parameters() if param.requires_grad and "sara_" in key]
+        others = [param for key, param in module.named_parameters() if param.requires_grad and "sara_" not in key]
+        groups = [{"params": sara_values, "weight_decay": 0.0 if official else decay}]
+        groups += [{"params": others, "weight_decay": decay}] if others else []
         optimizer = optimizer_cls(
-            [param for param in module.parameters() if param.requires_grad],
+            groups,
             lr=text_lr if is_text_encoder and text_lr is not None else learning_rate,
             betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=text_decay if is_text_encoder and text_decay is not None else args.adam_weight_decay,
             eps=args.adam_epsilon,
         )
         lr_scheduler = get_scheduler(
@@ -168,6 +174,8 @@ def build_components(
             total_steps=args.max_train_steps,
             adapter_name=DEFAULT_ADAPTER_NAME,
             seed=args.seed + index,
+            weight_decay=decay if official else 0.0,
+            weight_decay_mode="official" if official else "delta",
         )
         components.append(TrainedComponent(name, module, optimizer, lr_scheduler, helper))
     return components

@@ -172,6 +172,7 @@ def main(args: argparse.Namespace) -> None:
             f"{args.pretrained_model_name_or_path} is a {type(pipe).__name__}."
         )
     noise_scheduler = sara_models.noise_scheduler_for(args, pipe)
+    sara_models.quantize_base(args, pipe, accelerator.device, weight_dtype)  # --base_quantization
     pipe.to(accelerator.device)
     modules = sara_models.trained_modules(args, pipe)
 

@@ -216,6 +216,7 @@ def main(args: argparse.Namespace) -> None:
     noise_scheduler = sara_models.noise_scheduler_for(args, pipe)
     if args.beta_schedule is not None:
         noise_scheduler = DDPMScheduler.from_config(noise_scheduler.config, beta_schedule=args.beta_schedule)
+    sara_models.quantize_base(args, pipe, accelerator.device, weight_dtype)  # --base_quantization
     pipe.to(accelerator.device)
     modules = sara_models.trained_modules(args, pipe, denoiser_targets=motion_targets(args.target_modules))
 

@@ -35,6 +35,8 @@ _EXPORTS = {
     "save_sara_adapter": "pipelines",
     "enable_sara_hotswap": "hotswap",
     "hotswap_adapter": "hotswap",
+    "hotswap_sizing": "hotswap",
+    "hotswap_slot": "hotswap",
     "push_sara_adapter": "hub",
     "sara_model_card": "cards",
     "InvalidAdapterError": "file_format",

@@ -1,7 +1,10 @@
 """The ``peft-sara`` command line (also ``python -m peft_sara``).
 
 Each subcommand is a module with a ``main(argv) -> int`` that owns its own arguments and ``--help``
-(``peft_sara/commands/``, and the demo's own command line):
+(``peft_sara/commands/``, and the demo's own command line). Nothing heavy is imported before a subcommand's arguments
+are parsed: ``import peft_sara`` does not register SaRA with PEFT when it starts this command line (see
+``peft_sara/__init__.py``), the subcommand modules import torch, diffusers and PEFT inside ``main`` and register SaRA
+there (``commands.output.parse_arguments``), so ``--help`` of every subcommand answers at once:
 
     peft-sara inspect ADAPTER                         # per-layer entries, density, ||dW||, effective rank, file size
     peft-sara analyze MODEL [--inputs x.safetensors]  # the paper's small-weight observation on a local model
@@ -34,7 +37,7 @@ VERBOSE_FLAG = "--verbose"
 @dataclass(frozen=True)
 class Subcommand:
     """One ``peft-sara`` subcommand: a one-line summary and the module whose ``main(argv)`` runs it. The module is
-    imported only when the subcommand runs, so ``peft-sara --help`` / ``--version`` import no torch-heavy code."""
+    imported only when the subcommand runs, and imports nothing heavy itself until its arguments are parsed."""
 
     summary: str
     module: str

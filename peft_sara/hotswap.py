@@ -1,18 +1,29 @@
 """Hotswapping SaRA adapters: replace an adapter's entries in place, so a compiled model keeps its graph.
 
-As diffusers does for LoRA (``enable_lora_hotswap(target_rank=...)`` then ``load_lora_weights(..., hotswap=True)``)::
+diffusers' LoRA sequence, transcribed (``enable_lora_hotswap(target_rank=...)``, a plain first load, compile, then
+loads with ``hotswap=True``)::
 
     peft_sara.enable_sara_hotswap(pipe, max_fraction=0.1, target_modules=[...])   # before the first load
+    peft_sara.load_sara_adapter(pipe, "adapter_a", adapter_name="style")          # loads into the reserved slot
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+    peft_sara.load_sara_adapter(pipe, "adapter_b", adapter_name="style", hotswap=True)   # no recompile
+
+Compiling before the first load works too, when every load names the slot as :func:`enable_sara_hotswap` did
+(``adapter_name="default"`` unless given there)::
+
+    peft_sara.enable_sara_hotswap(pipe, max_fraction=0.1, target_modules=[...])
     pipe.unet = torch.compile(pipe.unet, fullgraph=True)
     peft_sara.load_sara_adapter(pipe, "adapter_a", adapter_name="default", hotswap=True)
-    peft_sara.load_sara_adapter(pipe, "adapter_b", adapter_name="default", hotswap=True)   # no recompile
 
 :func:`enable_sara_hotswap` injects an inert adapter slot into every layer an adapter may touch, with a fixed capacity
 of ``ceil(max_fraction * numel)`` entries per layer (a compiled graph bakes the sizes of the values Parameter and the
-index buffer in). A swap writes the new adapter's entries into that capacity in place: same tensors, same shapes, the
-live count and scale as 0-d tensors, the frozen entries in the layer's dynamic-size buffers. Layers the new adapter
-does not touch get an inert (zero) update. Nothing changes before every file has been checked against every layer;
-an adapter that does not fit raises an error naming the layer, and leaves the current adapter as it was.
+index buffer in); :func:`hotswap_sizing` reads adapter files and says which ``max_fraction`` and layers they need. The
+first load into the component, plain or ``hotswap=True``, claims the slot: it takes that load's adapter name (a rename,
+done before compiling in diffusers' sequence) and its entries. A swap writes the new adapter's entries into that
+capacity in place: same tensors, same shapes, the live count and scale as 0-d tensors, the frozen entries in the
+layer's dynamic-size buffers. Layers the new adapter does not touch get an inert (zero) update. Nothing changes before
+every file has been checked against every layer; an adapter that does not fit raises an error naming the layer, and
+leaves the current adapter as it was.
 
 Concurrency: every forward of a module holding a slot takes a shared lock (a forward pre-hook and an always-called
 forward hook), and a swap writes under the exclusive side: a swap waits for the forwards in flight and new forwards
@@ -39,7 +50,8 @@ from torch import nn
 
 from .adapter_files import read_adapter_weights, read_sara_config
 from .checkpoint_checks import LayerEntries, check_checkpoint_file, check_layer_checkpoint, non_finite_allowed
-from .file_format import InvalidAdapterError, normalize_module_name
+from .constants import CONFIG_NAME
+from .file_format import WEIGHT_SHAPE_NAME, InvalidAdapterError, normalize_module_name
 from .resolve import resolve_adapter_folder
 from .save_bridge import install_save_bridge
 from .transaction import all_or_nothing
@@ -48,11 +60,40 @@ from .tuner.layer import SaRALayer, sara_layers
 
 # Pipeline components a slot goes into when `components` is not given (the first one the pipeline has).
 DENOISERS = ("unet", "transformer", "prior", "decoder")
+# Name of the slot when `enable_sara_hotswap` is given none (the first load renames it to its own adapter name).
+DEFAULT_SLOT_NAME = "default"
+# Where a component keeps its slot (as diffusers keeps `_prepare_lora_hotswap_kwargs` on the model).
+SLOT_ATTRIBUTE = "_sara_hotswap_slot"
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
     """The model behind a ``torch.compile`` wrapper (its layers are the compiled model's)."""
     return getattr(module, "_orig_mod", module)
+
+
+@dataclass
+class HotswapSlot:
+    """The hotswap slot a component holds: the adapter name it goes by, its capacity as a fraction of each reserved
+    weight, and whether a load has claimed it yet (an unclaimed slot takes the name of the first load into it)."""
+
+    name: str
+    max_fraction: float
+    claimed: bool = False
+
+
+def hotswap_slot(module: nn.Module) -> HotswapSlot | None:
+    """The slot :func:`enable_sara_hotswap` reserved in ``module`` (a pipeline component or model), if any (a slot
+    whose adapter was deleted since, e.g. by ``pipe.unload_lora_weights()``, is gone)."""
+    module = _unwrap(module)
+    slot = module.__dict__.get(SLOT_ATTRIBUTE)
+    alive = isinstance(slot, HotswapSlot) and slot.name in (getattr(module, "peft_config", None) or {})
+    return slot if alive else None
+
+
+def unclaimed_slot(module: nn.Module) -> HotswapSlot | None:
+    """The slot of ``module`` if no load has claimed it yet: the next load into ``module`` goes into it."""
+    slot = hotswap_slot(module)
+    return slot if slot is not None and not slot.claimed else None
 
 
 def _targets(pipe_or_model: Any, components: Sequence[str] | None) -> dict[str, nn.Module]:
@@ -222,23 +263,26 @@ def enable_sara_hotswap(
     pipe_or_model: Any,
     max_fraction: float,
     target_modules: list[str] | str | None = None,
-    adapter_name: str = "default",
+    adapter_name: str | None = None,
     components: Sequence[str] | None = None,
     exclude_modules: list[str] | str | None = None,
 ) -> dict[str, int]:
     """Reserve a fixed-capacity, inert SaRA adapter slot for hotswapping, before the first load and before compiling.
 
-    Every layer matched by ``target_modules`` (``SaRAConfig``'s default when ``None``) gets an adapter
-    ``adapter_name`` with room for ``ceil(max_fraction * numel)`` entries and no live entry (its output is the base
-    layer's). Later loads with ``hotswap=True`` (:func:`peft_sara.load_sara_adapter`, :func:`hotswap_adapter`) write
-    into it in place. Choose ``max_fraction`` at least the largest trainable fraction of the adapters to serve, and
-    ``target_modules`` covering every layer any of them adapts.
+    Every layer matched by ``target_modules`` (``SaRAConfig``'s default when ``None``) gets room for
+    ``ceil(max_fraction * numel)`` entries and no live entry (its output is the base layer's). The first load into the
+    component (:func:`peft_sara.load_sara_adapter`, plain as in diffusers' LoRA sequence, or with ``hotswap=True``)
+    writes into the slot and names it; later loads with ``hotswap=True`` (and :func:`hotswap_adapter`) replace its
+    entries in place. Choose ``max_fraction`` at least the largest trainable fraction of the adapters to serve, and
+    ``target_modules`` covering every layer any of them adapts: :func:`hotswap_sizing` (``peft-sara inspect A B C``)
+    reads both from the adapter files.
 
     Args:
         pipe_or_model: A diffusers pipeline, a model (a ``ModelMixin``, any ``nn.Module``) or a ``PeftModel``.
         max_fraction: Capacity per layer, as a fraction of its weight's entries (0 < max_fraction <= 1).
         target_modules: Layers to reserve (names, suffixes or a regex, as in ``SaRAConfig``).
-        adapter_name: Name of the slot; pass it as ``adapter_name`` to the hotswapping loads.
+        adapter_name: Name of the slot until a load names it (default ``"default"``). Loads that compile first and
+            hotswap afterwards pass this name, so that no rename happens after compiling.
         components: Pipeline components to reserve in (default: the denoiser, ``unet`` / ``transformer``).
         exclude_modules: Layers never to reserve (as in ``SaRAConfig``).
 
@@ -247,6 +291,7 @@ def enable_sara_hotswap(
     """
     if not 0 < max_fraction <= 1:
         raise ValueError(f"`max_fraction` must be in (0, 1], got {max_fraction}.")
+    adapter_name = adapter_name or DEFAULT_SLOT_NAME
     reserved = {}
     targets = _targets(pipe_or_model, components)
     with all_or_nothing(*targets.values()):  # a refusal in a later component leaves the earlier ones as they were
@@ -261,6 +306,8 @@ def _enable_slots(targets, max_fraction, target_modules, adapter_name, exclude_m
                 f"{label} already has an adapter named '{adapter_name}': enable hotswap before the first load, or "
                 "pick another `adapter_name` for the slot."
             )
+        if hotswap_slot(module) is not None:
+            raise ValueError(f"{label} already has a hotswap slot ('{hotswap_slot(module).name}'); one per component.")
         config = SaRAConfig(
             target_modules=target_modules,
             exclude_modules=exclude_modules,
@@ -281,7 +328,29 @@ def _enable_slots(targets, max_fraction, target_modules, adapter_name, exclude_m
             values = layer.sara_values[adapter_name].detach().new_zeros(0)
             layer.set_trainable_entries(adapter_name, empty, values, empty, values)
             total += capacity
+        module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(adapter_name, max_fraction)
         reserved[label] = total
+
+
+def _rename_adapter(module: nn.Module, old: str, new: str) -> None:
+    """Rename adapter ``old`` of ``module`` (a pipeline component with injected layers) to ``new``, through PEFT's
+    per-adapter attribute protocol (``adapter_layer_names`` + ``other_param_names``): same tensors, new key."""
+    for layer in module.modules():
+        if not isinstance(layer, BaseTunerLayer):
+            continue
+        if isinstance(layer, SaRALayer) and old in layer.sara_values:
+            for attribute in (*layer.adapter_layer_names, *layer.other_param_names):
+                container = getattr(layer, attribute)
+                if old in container:
+                    container[new] = container[old]
+                    del container[old]
+        active = layer._active_adapter
+        if isinstance(active, str):
+            layer._active_adapter = new if active == old else active
+        else:
+            layer._active_adapter = [new if name == old else name for name in active]
+    configs = module.peft_config
+    configs[new] = configs.pop(old)
 
 
 @dataclass
@@ -332,7 +401,8 @@ def _plan_swaps(
             raise ValueError(
                 f"The adapter for {label} does not fit the hotswap slot of layer '{layer_name}': it has {count} "
                 f"trainable entries ({count / numel:.4f} of the weight), the slot holds {capacity}. Call "
-                f"`enable_sara_hotswap` with `max_fraction >= {count / numel:.4f}` (before compiling)."
+                f"`enable_sara_hotswap` with `max_fraction >= {math.ceil(count / numel * 1e4) / 1e4:.4f}` (before "
+                "compiling; `peft-sara inspect ADAPTER...` sizes a slot for a set of adapters)."
             )
         entries[layer_name] = layer_entries
     return [_Swap(layer, entries.get(name)) for name, layer in slots.items()]
@@ -350,51 +420,114 @@ def _write(swap: _Swap, adapter_name: str, scale: float) -> None:
     layer.set_scale(adapter_name, scale)
 
 
-def swap_state_dicts(
+def _slot_name(label: str, module: nn.Module, adapter_name: str | None) -> str:
+    """The adapter of ``module`` a hotswap of ``adapter_name`` writes into: that adapter if it exists, else the
+    component's unclaimed slot (renamed to ``adapter_name`` when the swap is applied)."""
+    existing = getattr(module, "peft_config", None) or {}
+    slot = hotswap_slot(module)
+    if adapter_name is None:
+        if slot is None:
+            raise ValueError(f"Pass `adapter_name=` to hotswap: {label} has no hotswap slot to default to.")
+        return slot.name
+    if adapter_name in existing:
+        return adapter_name
+    return slot.name if slot is not None and not slot.claimed else adapter_name
+
+
+@dataclass
+class HotswapPlan:
+    """Checked swaps for one or more components, applied by :meth:`apply` (see :func:`plan_hotswap`)."""
+
+    adapter_name: str | None
+    scale: float
+    components: list[tuple[nn.Module, str, list[_Swap]]]  # (module, its slot's current name, swaps)
+
+    def modules(self) -> list[nn.Module]:
+        return [module for module, _, _ in self.components]
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the exclusive side of the forward locks of the modules :meth:`apply` writes: wait for the forwards in
+        flight; new ones wait for the swap."""
+        with contextlib.ExitStack() as stack:
+            for lock in _locks(self.modules()):
+                stack.enter_context(lock.exclusive())
+            yield
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors :meth:`apply` writes into (for ``all_or_nothing``'s ``keep_values``)."""
+        return [
+            tensor
+            for _, slot_name, swaps in self.components
+            for swap in swaps
+            for tensor in (
+                swap.layer.sara_values[slot_name],
+                swap.layer.sara_indices[slot_name],
+                swap.layer.sara_live_count[slot_name],
+                swap.layer.sara_scale[slot_name],
+            )
+        ]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Claim (and rename) unclaimed slots, then write every swap in place. Run inside ``all_or_nothing``."""
+        for module, slot_name, swaps in self.components:
+            name = self.adapter_name or slot_name
+            if name != slot_name:
+                _rename_adapter(module, slot_name, name)
+            slot = hotswap_slot(module) if name == slot_name else module.__dict__.get(SLOT_ATTRIBUTE)  # renamed above
+            if isinstance(slot, HotswapSlot) and slot.name == slot_name:
+                module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(name, slot.max_fraction, claimed=True)
+            for swap in swaps:
+                _write(swap, name, self.scale)
+
+
+def plan_hotswap(
     targets: Sequence[tuple[str, nn.Module, dict[str, torch.Tensor]]],
-    adapter_name: str,
+    adapter_name: str | None,
     scale: float = 1.0,
     allow_non_finite: bool | None = None,
-) -> None:
+) -> HotswapPlan:
+    """Check each ``(label, module, checkpoint)`` against the slot it would go into (files, shapes, capacity, target
+    layers) and return the plan; nothing changes. ``adapter_name=None`` swaps into each component's slot, whatever
+    its name."""
+    allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
+    components = []
+    for label, module, state_dict in targets:
+        module = _unwrap(module)
+        slot_name = _slot_name(label, module, adapter_name)
+        if adapter_name is not None and slot_name != adapter_name and isinstance(module, PeftModel):
+            raise ValueError(
+                f"The hotswap slot of {label} is named '{slot_name}': pass `adapter_name='{slot_name}'` (the adapters "
+                "of a PeftModel are not renamed)."
+            )
+        components.append((module, slot_name, _plan_swaps(label, module, state_dict, slot_name, allow_non_finite)))
+    return HotswapPlan(adapter_name, scale, components)
+
+
+def swap_state_dicts(
+    targets: Sequence[tuple[str, nn.Module, dict[str, torch.Tensor]]],
+    adapter_name: str | None,
+    scale: float = 1.0,
+    allow_non_finite: bool | None = None,
+) -> str:
     """Hotswap ``adapter_name`` of each ``(label, module, checkpoint)`` in place, all or nothing.
 
     Every checkpoint is validated against its module's slot first (files, shapes, capacity, target layers); only then
-    are entries written, into the existing tensors. Used by ``load_sara_adapter(..., hotswap=True)``.
+    are entries written, into the existing tensors. An unclaimed slot is claimed and takes the name ``adapter_name``.
+    Used by ``load_sara_adapter(..., hotswap=True)``. Returns the adapter name.
     """
-    allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
-    plans = [
-        (_unwrap(module), _plan_swaps(label, _unwrap(module), sd, adapter_name, allow_non_finite))
-        for label, module, sd in targets
-    ]
-    modules = [module for module, _ in plans]
-    with contextlib.ExitStack() as stack:
-        for lock in _locks(modules):  # wait for the forwards in flight; new ones wait for the swap
-            stack.enter_context(lock.exclusive())
-        _write_all(plans, modules, adapter_name, scale)
-
-
-def _write_all(plans, modules, adapter_name: str, scale: float) -> None:
-    with torch.no_grad(), all_or_nothing(*modules) as state:
-        for _, swaps in plans:
-            state.keep_values(
-                tensor
-                for swap in swaps
-                for tensor in (
-                    swap.layer.sara_values[adapter_name],
-                    swap.layer.sara_indices[adapter_name],
-                    swap.layer.sara_live_count[adapter_name],
-                    swap.layer.sara_scale[adapter_name],
-                )
-            )
-        for _, swaps in plans:
-            for swap in swaps:
-                _write(swap, adapter_name, scale)
+    plan = plan_hotswap(targets, adapter_name, scale, allow_non_finite)
+    with plan.exclusive(), torch.no_grad(), all_or_nothing(*plan.modules()) as state:
+        state.keep_values(plan.tensors())
+        plan.apply()
+    return adapter_name or plan.components[0][1]
 
 
 def hotswap_adapter(
     model: nn.Module,
     model_id: str | os.PathLike,
-    adapter_name: str = "default",
+    adapter_name: str | None = None,
     scale: float = 1.0,
     allow_non_finite: bool | None = None,
     subfolder: str | None = None,
@@ -406,14 +539,91 @@ def hotswap_adapter(
     :func:`enable_sara_hotswap`) for the adapter saved at ``model_id`` (a folder or Hub repo written by
     ``save_pretrained``), in place: a compiled model keeps its graph. Transactional: a refused file changes nothing.
 
-    The adapter slot keeps its config (``peft_config[adapter_name]`` still describes the reserved layers). Returns
-    ``adapter_name``.
+    ``adapter_name=None``: the slot of :func:`enable_sara_hotswap` (whatever its name), else ``"default"``. The adapter
+    slot keeps its config (``peft_config[adapter_name]`` still describes the reserved layers). Returns the adapter
+    name.
     """
+    if adapter_name is None and hotswap_slot(model) is None:
+        adapter_name = "default"
     folder = Path(resolve_adapter_folder(model_id, subfolder, revision, token, None, local_files_only, None))
     read_sara_config(folder)  # a SaRA adapter at all (a clear error for LoRA and foreign configs)
     state_dict = read_adapter_weights(folder)
-    swap_state_dicts([(type(_unwrap(model)).__name__, model, state_dict)], adapter_name, scale, allow_non_finite)
-    return adapter_name
+    return swap_state_dicts([(type(_unwrap(model)).__name__, model, state_dict)], adapter_name, scale, allow_non_finite)
 
 
-__all__ = ["ForwardLock", "enable_sara_hotswap", "hotswap_adapter", "hotswap_guard", "swap_state_dicts"]
+@dataclass
+class HotswapSizing:
+    """What :func:`enable_sara_hotswap` needs to serve a set of adapters (see :func:`hotswap_sizing`)."""
+
+    max_fraction: float  # the smallest `max_fraction` whose slot fits every layer of every adapter
+    largest: tuple[str, str, str] | None  # (adapter, component, layer) that fraction comes from
+    layers: dict[str, list[str]]  # component ("" for a root adapter) -> every layer any adapter adapts (target_modules)
+
+    @property
+    def target_modules(self) -> list[str]:
+        """Every layer any of the adapters adapts, for ``enable_sara_hotswap(target_modules=...)``."""
+        return sorted({layer for names in self.layers.values() for layer in names})
+
+    def call(self) -> str:
+        """The ``enable_sara_hotswap`` call, as a line of Python (a root adapter's layers go to the denoiser)."""
+        components = sorted(name for name in self.layers if name)
+        targets = self.target_modules
+        fraction = math.ceil(self.max_fraction * 1e6) / 1e6  # rounded up: it must still fit
+        denoiser_only = all(name in DENOISERS for name in components)
+        where = "" if denoiser_only else f", components={components}"
+        return f"peft_sara.enable_sara_hotswap(pipe, max_fraction={fraction:g}, target_modules={targets}{where})"
+
+
+def _component_folders(folder: Path) -> dict[str, Path]:
+    found = {
+        child.name: child
+        for child in sorted(folder.iterdir())
+        if (child / CONFIG_NAME).is_file() and not child.name.startswith("checkpoint-")  # training outputs hold those
+    }
+    if found:
+        return found
+    if (folder / CONFIG_NAME).is_file():
+        return {"": folder}
+    raise FileNotFoundError(f"No '{CONFIG_NAME}' in '{folder}' or in its subfolders: not a SaRA adapter folder.")
+
+
+def hotswap_sizing(
+    sources: Sequence[str | os.PathLike],
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> HotswapSizing:
+    """Read SaRA adapters (folders or Hub repos) and say what a hotswap slot serving all of them needs: the largest
+    trainable fraction of any of their layers (``max_fraction``) and every layer they adapt (``target_modules``).
+    The files are checked as every load checks them; no base model is needed (the files record weight shapes)."""
+    if not sources:
+        raise ValueError("Pass at least one adapter to size a hotswap slot for.")
+    best, largest, layers = 0.0, None, {}
+    for source in sources:
+        folder = Path(resolve_adapter_folder(source, None, revision, token, None, local_files_only, None))
+        for component, component_folder in _component_folders(folder).items():
+            read_sara_config(component_folder)
+            parsed, entries = check_checkpoint_file(read_adapter_weights(component_folder), allow_non_finite=True)
+            names = layers.setdefault(component, [])
+            for name, checkpoint in parsed.layers.items():
+                numel = math.prod(int(size) for size in checkpoint.tensors[WEIGHT_SHAPE_NAME])
+                fraction = entries[name].indices.numel() / numel if numel else 0.0
+                if fraction > best:
+                    best, largest = fraction, (str(source), component, name)
+                if name not in names:
+                    names.append(name)
+    return HotswapSizing(best, largest, {component: sorted(names) for component, names in layers.items()})
+
+
+__all__ = [
+    "ForwardLock",
+    "enable_sara_hotswap",
+    "hotswap_adapter",
+    "hotswap_guard",
+    "hotswap_sizing",
+    "HotswapSizing",
+    "HotswapSlot",
+    "hotswap_slot",
+    "plan_hotswap",
+    "swap_state_dicts",
+]

@@ -46,10 +46,11 @@ from .checkpoint_checks import allow_non_finite_values, check_checkpoint_file
 from .config_checks import check_relative_path
 from .constants import CARD_NAME, CONFIG_NAME, PREFIX, SAFETENSORS_NAME
 from .file_format import InvalidAdapterError
-from .hotswap import swap_state_dicts
-from .resolve import default_adapter_name, resolve_adapter_folder
+from .hotswap import plan_hotswap, swap_state_dicts, unclaimed_slot
+from .resolve import resolve_adapter_folder
 from .save_bridge import install_save_bridge
 from .transaction import all_or_nothing
+from .tuner.base_weight import one_merge_warning
 from .tuner.config import SaRAConfig
 from .tuner.layer import count_entries, sara_adapter_names, sara_layers
 
@@ -193,6 +194,22 @@ def _read_component_weights(folder: Path, weight_name: str | None) -> dict[str, 
         raise InvalidAdapterError(f"'{path}' is not a readable safetensors file: {err}") from err
 
 
+def default_adapter_name(modules: Sequence[nn.Module]) -> str:
+    """The name diffusers gives an adapter loaded without one (``load_lora_weights(adapter_name=None)``):
+    ``default_<n>``, ``n`` the number of adapters the components already hold (an unclaimed hotswap slot, which the
+    load fills, does not count), moved on while a component has that name. diffusers counts per component; counting
+    over the whole pipeline keeps two unnamed loads into different components apart."""
+    taken = set()
+    for module in modules:
+        names = set(getattr(module, "peft_config", None) or {})
+        slot = unclaimed_slot(module)
+        taken |= names - ({slot.name} if slot is not None else set())
+    index = len(taken)
+    while f"default_{index}" in taken:
+        index += 1
+    return f"default_{index}"
+
+
 # ------------------------------------------------------------------------------------------------- public API
 def load_sara_adapter(
     pipe: Any,
@@ -222,7 +239,8 @@ def load_sara_adapter(
         pretrained_model_name_or_path: A local folder or a Hub repo id. Repo ids are resolved with
             ``huggingface_hub.snapshot_download`` (only the adapter files are fetched), which honours the cache,
             ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``.
-        adapter_name: Name of the adapter in the pipeline. Default: the repo / folder name.
+        adapter_name: Name of the adapter in the pipeline. Default: diffusers' ``default_<n>`` (``default_0`` for the
+            first adapter), as ``load_lora_weights`` names one.
         subfolder: Folder inside the repo / folder that holds the adapter.
         components: Load only these components (default: every component the adapter has). For a single-model
             adapter at the root, the one component to load it into (default: the denoiser).
@@ -240,6 +258,8 @@ def load_sara_adapter(
             ``"text_encoder"``, ...); the same as ``components=[prefix]``.
         hotswap: Replace the entries of the existing adapter ``adapter_name`` in place (a slot reserved by
             :func:`peft_sara.enable_sara_hotswap`), so a compiled model keeps its graph (``peft_sara.hotswap``).
+            Without it, a component holding an unclaimed slot loads into that slot all the same (diffusers' sequence:
+            ``enable_sara_hotswap``, a plain first load, compile, then ``hotswap=True``).
 
     Returns:
         The adapter name, for ``pipe.set_adapters([...])`` and friends.
@@ -255,25 +275,36 @@ def load_sara_adapter(
     folder = resolve_adapter_folder(
         pretrained_model_name_or_path, subfolder, revision, token, cache_dir, local_files_only, weight_name
     )
-    adapter_name = adapter_name or default_adapter_name(pretrained_model_name_or_path)
-    plan = []
-    for component, component_folder in _component_folders(folder, pipe_modules, components).items():
+    component_folders = _component_folders(folder, pipe_modules, components)
+    if adapter_name is None and not hotswap:
+        adapter_name = default_adapter_name(list(pipe_modules.values()))
+    plan, slots = [], []
+    for component, component_folder in component_folders.items():
         config = read_sara_config(component_folder)
         config.inference_mode = True
         module = pipe_modules[component]
-        if not hotswap and adapter_name in (getattr(module, "peft_config", None) or {}):
+        slot = unclaimed_slot(module)
+        into_slot = hotswap or slot is not None
+        taken = adapter_name in (getattr(module, "peft_config", None) or {}) and not (
+            slot and slot.name == adapter_name
+        )
+        if not hotswap and taken:
             raise ValueError(
                 f"pipe.{component} already has an adapter named '{adapter_name}': pass another `adapter_name`, or "
                 "remove it first with `pipe.delete_adapters(...)`."
             )
-        plan.append((component, module, config, _read_component_weights(component_folder, weight_name)))
+        state_dict = _read_component_weights(component_folder, weight_name)
+        if into_slot:
+            slots.append((f"pipe.{component}", module, _align_text_model_prefix(module, state_dict)))
+        else:
+            plan.append((component, module, config, state_dict))
 
     if hotswap:
         if fuse:
             raise ValueError("`hotswap=True` replaces an unfused adapter in place; fuse it afterwards if needed.")
-        targets = [(f"pipe.{c}", module, _align_text_model_prefix(module, sd)) for c, module, _, sd in plan]
-        swap_state_dicts(targets, adapter_name, scale, allow_non_finite)
-        return adapter_name
+        return swap_state_dicts(slots, adapter_name, scale, allow_non_finite)
+    # A plain load into components with an unclaimed hotswap slot fills the slot (checked here, before any change).
+    slot_plan = plan_hotswap(slots, adapter_name, scale, allow_non_finite)
 
     # Everything the files say about themselves is checked before any component changes; what needs the model
     # (shapes, target layers, modules_to_save) is checked by the tuner's load hook before any value is written.
@@ -286,8 +317,9 @@ def load_sara_adapter(
                 check_checkpoint_file(state_dict)
             except InvalidAdapterError as err:
                 raise InvalidAdapterError(f"The adapter for pipe.{component}: {err}") from err
-    modules = [module for _, module, *_ in plan]
-    with non_finite(), all_or_nothing(*modules) as state:
+    modules = [module for _, module, *_ in plan] + [module for _, module, _ in slots]
+    with slot_plan.exclusive(), non_finite(), all_or_nothing(*modules) as state:  # slots: no forward mid-write
+        state.keep_values(slot_plan.tensors())
         for component, module, config, state_dict in plan:
             inject_sara_adapter(module, config, adapter_name, low_cpu_mem_usage=True)  # the file names the entries
             state_dict = _align_text_model_prefix(module, state_dict)
@@ -303,6 +335,7 @@ def load_sara_adapter(
                     f"The adapter for pipe.{component} has {len(unexpected)} tensors that match no layer of "
                     f"{type(module).__name__}, e.g. {unexpected[:3]}. Was it made for another model?"
                 )
+        slot_plan.apply()
         layers = [
             layer for module in modules for _, layer in sara_layers(module) if layer.present_adapters([adapter_name])
         ]
@@ -311,11 +344,13 @@ def load_sara_adapter(
                 layer.set_scale(adapter_name, scale)
         if fuse:
             state.keep_values(layer.get_base_layer().weight for layer in layers)
-            for layer in layers:
-                layer.merge(adapter_names=[adapter_name])
+            with one_merge_warning():
+                for layer in layers:
+                    layer.merge(adapter_names=[adapter_name])
     if fuse and hasattr(pipe, "_merged_adapters"):
         pipe._merged_adapters = set(pipe._merged_adapters) | {adapter_name}
-    logger.info("Loaded SaRA adapter '%s' into %s.", adapter_name, [component for component, *_ in plan])
+    loaded = [component for component, *_ in plan] + [label.removeprefix("pipe.") for label, *_ in slots]
+    logger.info("Loaded SaRA adapter '%s' into %s.", adapter_name, loaded)
     return adapter_name
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
@@ -15,13 +14,6 @@ from .constants import CONFIG_NAME, PICKLE_NAME, SAFETENSORS_NAME
 
 # Files fetched from a Hub repo: never the base model or anything else that happens to live there.
 ADAPTER_FILE_PATTERNS = (CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME)
-
-
-def default_adapter_name(source: str | os.PathLike) -> str:
-    """An adapter name derived from a folder / repo id (its last path component, made safe for module dicts)."""
-    name = Path(str(source).rstrip("/\\")).name or "default"
-    # Adapter names become keys of `nn.ParameterDict`s, which refuse dots.
-    return re.sub(r"[^0-9A-Za-z_-]", "_", name)
 
 
 def resolve_adapter_folder(
@@ -77,4 +69,4 @@ def resolve_adapter_folder(
     return folder
 
 
-__all__ = ["resolve_adapter_folder", "default_adapter_name", "ADAPTER_FILE_PATTERNS"]
+__all__ = ["resolve_adapter_folder", "ADAPTER_FILE_PATTERNS"]

@@ -281,3 +281,21 @@ def test_pretraining_the_base_is_bitwise_reproducible():
     assert first_info["losses"] == second_info["losses"]
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_the_demo_prints_no_third_party_noise(tmp_path):
+    """`python -m peft_sara.demo` with torchao, bitsandbytes and optimum-quanto installed: stderr holds the demo's
+    own progress bars and nothing else."""
+    import os
+    import re
+
+    command = [sys.executable, "-m", "peft_sara.demo", "--quick", "--no-cache", "--output-dir", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    progress_bar = re.compile(r"[\w ,.()-]+:\s+\d+%\|.*\|")
+    lines = [line.strip() for line in re.split(r"[\r\n]", completed.stderr) if line.strip()]
+    assert lines, "the demo shows its progress"
+    assert [line for line in lines if not progress_bar.match(line)] == []
+    assert "Total time" in completed.stdout

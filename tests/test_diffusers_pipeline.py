@@ -106,9 +106,10 @@ def test_save_without_adapter_name_needs_exactly_one_adapter(pipe, tmp_path):
 # ------------------------------------------------------------------------------------------------- loading
 def test_loaded_adapter_reproduces_the_saving_pipeline(sd, pipe):
     name = load_sara_adapter(pipe, sd.adapter_dir)
-    assert name == "sara-style"  # default: the folder name
-    assert pipe.get_list_adapters() == {"unet": ["sara-style"], "text_encoder": ["sara-style"]}
-    assert pipe.get_active_adapters() == ["sara-style"]
+    assert name == "default_0"  # diffusers' name for an adapter loaded without one
+    assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
+    assert pipe.get_active_adapters() == ["default_0"]
+    pipe.set_adapters("default_0")
     # Components stay diffusers / transformers models, so the pipeline can still save and load them.
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
@@ -245,10 +246,10 @@ def test_single_model_adapter_at_the_root_loads_into_the_denoiser(sd, pipe, tmp_
     assert (tmp_path / "my.unet" / "adapter_config.json").is_file()
 
     name = load_sara_adapter(pipe, tmp_path / "my.unet")
-    assert name == "my_unet"  # dots are not allowed in adapter names
-    assert pipe.get_list_adapters() == {"unet": ["my_unet"]}
+    assert name == "default_0"
+    assert pipe.get_list_adapters() == {"unet": ["default_0"]}
     expected = {k.replace(".default", ""): v for k, v in peft_unet.state_dict().items() if "sara_" in k}
-    loaded = {k.replace(".my_unet", ""): v for k, v in pipe.unet.state_dict().items() if "sara_" in k}
+    loaded = {k.replace(".default_0", ""): v for k, v in pipe.unet.state_dict().items() if "sara_" in k}
     assert {f"base_model.model.{k}" for k in loaded} == set(expected)
     for key, value in loaded.items():
         assert torch.equal(value, expected[f"base_model.model.{key}"]), key
@@ -259,8 +260,10 @@ def test_subfolder_and_components_select_what_is_loaded(sd, pipe, tmp_path):
 
     shutil.copytree(sd.adapter_dir, tmp_path / "repo" / "v1")
     name = load_sara_adapter(pipe, tmp_path / "repo", subfolder="v1", components=["text_encoder"])
-    assert name == "repo"
-    assert pipe.get_list_adapters() == {"text_encoder": ["repo"]}
+    assert name == "default_0"
+    assert pipe.get_list_adapters() == {"text_encoder": ["default_0"]}
+    # The next unnamed load is default_1, as diffusers numbers LoRA adapters.
+    assert load_sara_adapter(pipe, tmp_path / "repo", subfolder="v1", components=["unet"]) == "default_1"
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -290,7 +293,7 @@ def test_training_checkpoint_subfolders_are_not_mistaken_for_components(sd, pipe
     shutil.copytree(sd.adapter_dir, tmp_path / "run")
     shutil.copytree(sd.adapter_dir / "unet", tmp_path / "run" / "checkpoint-2")
     load_sara_adapter(pipe, tmp_path / "run")
-    assert pipe.get_list_adapters() == {"unet": ["run"], "text_encoder": ["run"]}
+    assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
 
 
 def test_missing_files_raise_file_not_found(sd, pipe, tmp_path):

@@ -121,8 +121,8 @@ def test_load_by_repo_id_from_the_cache_when_offline(sd, hub, tmp_path, monkeypa
     requests_before = len(hub.requests)
 
     pipe = load_sd(sd.pipeline_dir)
-    assert load_sara_adapter(pipe, "org/sara-style") == "sara-style"
-    assert pipe.get_list_adapters() == {"unet": ["sara-style"], "text_encoder": ["sara-style"]}
+    assert load_sara_adapter(pipe, "org/sara-style") == "default_0"
+    assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
     np.testing.assert_allclose(generate(pipe), sd.adapted, rtol=0, atol=1e-6)
 
     pipe = load_sd(sd.pipeline_dir)

@@ -131,7 +131,8 @@ def imported_modules(*argv: str) -> set[str]:
 
 
 def test_cli_help_and_version_import_no_torch_or_peft():
-    for argv in (["--help"], ["--version"], ["plan", "--help"], ["inspect", "--help"], ["demo", "--help"]):
+    subcommands = ("inspect", "analyze", "export", "merge", "push", "plan", "demo")
+    for argv in (["--help"], ["--version"], *([name, "--help"] for name in subcommands)):
         modules = imported_modules(*argv)
         assert "peft_sara.cli" in modules, argv
         assert not {"torch", "peft", "diffusers", "transformers", "numpy"} & modules, argv

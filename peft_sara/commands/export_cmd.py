@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, type=Path, help="a folder (peft-lora, diffusers) or a .safetensors file"
     )
     parser.add_argument("--components", nargs="+", default=None, help="only these pipeline components")
+    parser.add_argument(
+        "--component",
+        default=None,
+        help="the pipeline component (unet, transformer, text_encoder, ...) a single-model adapter (its files at the "
+        "root of the folder) was trained for, where its files do not record it",
+    )
     parser.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="tensor dtype in the output")
     add_source_options(parser)
     add_common_options(parser)
@@ -69,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         source = load_adapted(base, args.adapter, args.subfolder, args.revision, args.token)
     else:  # the adapter's files record every layer's shape and layout: no base model needed
         try:
-            source = read_adapter_files(args.adapter, args.subfolder, args.revision, args.token)
+            source = read_adapter_files(args.adapter, args.subfolder, args.revision, args.token, args.component)
         except BaseModelRequired as err:
-            raise SystemExit(f"{err} {DOWNLOAD_HINT}") from None
+            raise SystemExit(f"{err.cli_message} {DOWNLOAD_HINT}") from None
     result = export_adapter(
         source,
         args.output,

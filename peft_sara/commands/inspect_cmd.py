@@ -25,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per layer of a SaRA adapter: trainable and frozen entries, density, ||Delta_W||_F, effective rank "
         "(exp of the singular-value entropy) and numerical rank; per component the file size; totals and base model.",
     )
-    parser.add_argument("adapter", help="adapter folder, or Hub repo id (user/name)")
+    parser.add_argument(
+        "adapter",
+        nargs="+",
+        help="adapter folder, or Hub repo id (user/name); several: also the hotswap slot they need",
+    )
     parser.add_argument("--subfolder", default=None, help="folder inside the adapter repo / folder")
     parser.add_argument("--revision", default=None, help="branch, tag or commit of the Hub repo")
     parser.add_argument("--token", default=None, help="Hub token for private repos")
@@ -37,10 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara inspect``."""
     args = parse_arguments(build_parser(), argv)
+    if len(args.adapter) > 1:  # several adapters: the hotswap slot that serves them all
+        from ..hotswap import hotswap_sizing
+
+        sizing = hotswap_sizing(args.adapter, revision=args.revision, token=args.token)
+        if args.json:
+            print_json({"max_fraction": sizing.max_fraction, "largest": sizing.largest, "layers": sizing.layers})
+        else:
+            print(f"A hotswap slot for these {len(args.adapter)} adapters (largest layer: {sizing.largest}):")
+            print(f"  {sizing.call()}")
+        return 0
     from ..conversion import inspect_adapter
 
     report = inspect_adapter(
-        args.adapter,
+        args.adapter[0],
         subfolder=args.subfolder,
         revision=args.revision,
         token=args.token,

@@ -23,7 +23,7 @@ from ..training import SaRATrainingHelper, sara_layers
 from ..tuner.config import SaRAConfig
 from .diffusion import BatchSampler, diffusion_loss, predict_noise, recent_mean
 
-WEIGHT_DECAY = 1e-2  # the paper's AdamW setting, used for both methods
+WEIGHT_DECAY = 1e-2  # AdamW's decay of the trained parameters (SaRA's deltas), the same for both methods
 
 
 def make_sara_model(base: UNet2DModel, trainable_fraction: float, lambda_rank: float, rank_min_dim: int) -> PeftModel:

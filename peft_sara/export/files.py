@@ -46,7 +46,12 @@ ADAPTER_FROM_FILES = "sara"  # the adapter name exports of files report
 
 
 class BaseModelRequired(ValueError):
-    """An export from files alone cannot lay out a layer: the message names the layer and why; pass the base model."""
+    """An export from files alone cannot lay out a layer: the message names the layer and why; pass the base model.
+    ``cli_message`` says the same in ``peft-sara export``'s terms (its flags instead of Python arguments)."""
+
+    def __init__(self, message: str, cli_message: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_message = cli_message or message
 
 
 @dataclass
@@ -87,7 +92,9 @@ def _layout(
             f"Layer '{component}.{name}' (weight {shape}) needs the base model: '{where}' records no layer layouts "
             "(it was saved by `PeftModel.save_pretrained` itself or another tool) and outside a diffusers denoiser a "
             "2-D weight may be nn.Linear (out x in) or transformers' Conv1D (in x out), and a text encoder's module "
-            "path depends on its class. Pass the base model, or save the adapter with `peft_sara.save_sara_adapter`."
+            "path depends on its class. Pass the base model, or save the adapter with `peft_sara.save_sara_adapter`.",
+            f"Layer '{component}.{name}' (weight {shape}) needs the base model: '{where}' records no layer layouts, and "
+            "outside a diffusers denoiser a 2-D weight may be nn.Linear or transformers' Conv1D.",
         )
     return LayerLayout.from_shape(shape)
 
@@ -115,9 +122,10 @@ def read_adapter_files(
         recorded, model_class = read_layouts(weights_file) if weights_file.is_file() else (None, None)
         component_name = name or component or (component_name_of(model_class) if model_class else None)
         if component_name is None:
+            unknown = f"'{component_folder}' records no model class, so which pipeline component it adapts is unknown"
             raise BaseModelRequired(
-                f"'{component_folder}' records no model class, so which pipeline component it adapts is unknown: pass "
-                "`component=` (e.g. 'unet') or the base model."
+                f"{unknown}: pass `component=` (e.g. 'unet') or the base model.",
+                f"{unknown}: name it with --component (e.g. --component unet), or pass --base FOLDER.",
             )
         parsed = parse_checkpoint(read_adapter_weights(component_folder))
         layers = {}

@@ -15,8 +15,12 @@ Every file is written atomically, every folder as one unit (:mod:`peft_sara.atom
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import json
 import os
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +71,56 @@ def kohya_key(component: str, components: Sequence[str], file_name: str) -> str:
     """``lora_unet_down_blocks_0_resnets_0_conv1``-style name of one layer (``file_name``: its module path in files,
     :attr:`ComponentUpdates.file_prefix` included)."""
     return kohya_prefix(component, components) + file_name.replace(".", "_")
+
+
+# ------------------------------------------------------------------------------------------------- layers LoRA cannot run
+# diffusers calls some Linear layers by keyword (AnimateDiff's motion modules: `self.proj_in(input=hidden_states)`);
+# PEFT's LoRA layers take the input positionally (`forward(self, x, ...)`), so a LoRA on them fails at inference.
+# From files alone (no model to read), these layers are recognised by their names.
+KEYWORD_CALLED_NAMES = re.compile(r"(^|\.)motion_modules\.\d+\.(proj_in|proj_out)$")
+
+
+@functools.cache
+def _keyword_called_children(cls: type) -> frozenset[str]:
+    """Attributes that ``cls.forward`` calls with ``input=`` (``self.proj_in(input=...)``)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return frozenset()
+    return frozenset(re.findall(r"self\.(\w+)\(\s*input\s*=", source))
+
+
+def keyword_called_layers(source: ExportSource) -> list[str]:
+    """Exported layers (``component.layer``) that diffusers calls with ``input=``, where a LoRA cannot run."""
+    found = []
+    for component, parts in source.components.items():
+        module = source.modules.get(component)
+        for name in parts.layers:
+            if module is not None:
+                parent_name, _, child = name.rpartition(".")
+                try:
+                    parent = module.get_submodule(parent_name) if parent_name else module
+                except AttributeError:
+                    parent = None
+                called = parent is not None and child in _keyword_called_children(type(parent))
+            else:
+                called = bool(KEYWORD_CALLED_NAMES.search(name))
+            if called:
+                found.append(f"{component}.{name}" if component else name)
+    return found
+
+
+def _warn_keyword_called(source: ExportSource, format: str) -> None:
+    layers = keyword_called_layers(source)
+    if layers:
+        warnings.warn(
+            f"The {format} export carries {len(layers)} layers that diffusers calls with a keyword argument "
+            f"(`proj_in(input=...)`, e.g. '{layers[0]}'), which PEFT's LoRA layers do not accept: loading it into "
+            "diffusers works, but inference fails there. ComfyUI and A1111 apply these layers ('kohya' / 'diff' "
+            "files); in diffusers, load the SaRA adapter itself (`peft_sara.load_sara_adapter` runs these layers).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -267,6 +321,8 @@ def export_adapter(
         save_safetensors_atomic(tensors, output, metadata=_metadata({"peft_sara_export": "dense weight differences"}))
         return ExportResult(format, [output], layers=report)
 
+    if format in (PEFT_LORA, DIFFUSERS):
+        _warn_keyword_called(resolved, format)
     export = factorize_source(resolved, parse_rank(rank), progress)
     if format == PEFT_LORA:
         return ExportResult(format, write_peft_lora(export, output, resolved, dtype), export)

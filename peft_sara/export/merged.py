@@ -12,6 +12,7 @@ from torch import nn
 
 from ..atomic import folder_writer
 from ..save_bridge import base_layers_swapped_in
+from ..tuner.base_weight import one_merge_warning
 from .sources import ExportSource, adapter_layers, is_pipeline, live_source
 
 
@@ -51,11 +52,12 @@ def write_merged(source: ExportSource, output_dir: str | os.PathLike, max_shard_
             "`unmerge_adapter()`), so the merged model holds only the adapter you export."
         )
     merged_here = []
-    for module in modules.values():
-        for _, layer in adapter_layers(module, adapter_name):
-            if adapter_name not in layer.merged_adapters:
-                layer.merge(adapter_names=[adapter_name])
-                merged_here.append(layer)
+    with one_merge_warning():
+        for module in modules.values():
+            for _, layer in adapter_layers(module, adapter_name):
+                if adapter_name not in layer.merged_adapters:
+                    layer.merge(adapter_names=[adapter_name])
+                    merged_here.append(layer)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size

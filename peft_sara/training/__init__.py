@@ -19,6 +19,11 @@ Training the components of a diffusers pipeline (as ``examples/train_*_sara.py``
     save_training_checkpoint(checkpoint_folder(output_dir, step), [unet])        # every N steps
     save_trained_adapter(pipe, output_dir, ["unet"], export_lora_rank=8)         # PEFT folders + a LoRA
 
+Weight decay: ``AdamW(weight_decay=wd)`` decays the trained deltas toward 0, i.e. the update toward the pre-trained
+weight (the default, as for any PEFT adapter). The official SaRA code decays the selected *weights* toward 0 instead:
+``SaRATrainingHelper(model, optimizer, weight_decay=wd, weight_decay_mode="official")`` with ``AdamW(weight_decay=0)``
+(``weight_decay.py``).
+
 ``helper.py`` (the helper, the paper's learning rate), ``optimizer.py`` (re-ordering optimizer state in place at
 re-selection), ``checkpoint.py`` (one component's bitwise resume), ``components.py`` (adapters on pipeline
 components), ``checkpoint_folders.py`` (a run's ``checkpoint-<step>/`` folders), ``outputs.py`` (saving and exporting

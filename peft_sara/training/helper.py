@@ -18,7 +18,8 @@ from torch import nn
 from ..tuner.config import SaRAConfig
 from ..tuner.layer import sara_layers
 from ..tuner.regularizers import layer_nuclear_norm, qualifies_for_rank_loss, sample_layers
-from .optimizer import check_optimizer_state_can_follow, compact_optimizer_state
+from .optimizer import check_optimizer_state_can_follow, compact_optimizer_state, unwrap_optimizer
+from .weight_decay import SparseWeightDecay, WeightDecayMode
 
 
 def paper_learning_rate(threshold: float) -> float:
@@ -53,6 +54,13 @@ class SaRATrainingHelper:
         total_steps: planned optimizer steps; with ``progressive_fraction`` it sets the re-selection step.
         adapter_name: the SaRA adapter to train (default: the active one).
         seed: seed of the generator that samples layers for the low-rank loss.
+        weight_decay: decoupled weight decay the helper applies to the trainable entries with every optimizer step
+            (before the optimizer's update, at its group's current learning rate). Build the optimizer with
+            ``weight_decay=0`` then: the helper refuses an optimizer that decays the SaRA values too.
+        weight_decay_mode: ``"delta"`` (default): ``delta <- delta - lr * wd * delta``, the update decays toward the
+            pre-trained weight, as ``AdamW(weight_decay=wd)`` decays any PEFT adapter. ``"official"``: ``w <- w - lr *
+            wd * w`` on the selected entries, the selected weights decay toward 0, as the official SaRA code
+            (``optim/adamw2.py``) and pytorch-optimizer's port do. See :mod:`peft_sara.training.weight_decay`.
     """
 
     def __init__(
@@ -63,6 +71,8 @@ class SaRATrainingHelper:
         total_steps: int | None = None,
         adapter_name: str | None = None,
         seed: int = 0,
+        weight_decay: float = 0.0,
+        weight_decay_mode: WeightDecayMode = "delta",
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -88,6 +98,22 @@ class SaRATrainingHelper:
                 + "): the loss is 0. Lower `rank_min_dim` for small models.",
                 stacklevel=2,
             )
+        self.weight_decay = self._weight_decay(weight_decay, weight_decay_mode)
+
+    def _weight_decay(self, weight_decay: float, mode: WeightDecayMode) -> SparseWeightDecay | None:
+        layers = [(name, layer) for name, layer in sara_layers(self.model) if self.adapter_name in layer.sara_values]
+        if weight_decay:
+            return SparseWeightDecay(layers, self.adapter_name, self.optimizer, weight_decay, mode)
+        if mode == "official" and self.optimizer is not None:
+            params = {layer.sara_values[self.adapter_name] for _, layer in layers}
+            for group in unwrap_optimizer(self.optimizer).param_groups:
+                if group.get("weight_decay", 0) and any(param in params for param in group["params"]):
+                    raise ValueError(
+                        f"weight_decay_mode='official' asks for the official rule, but the optimizer's own "
+                        f"weight_decay={group['weight_decay']} decays the SaRA deltas (the 'delta' rule). Pass "
+                        f"weight_decay={group['weight_decay']} to the helper and weight_decay=0 to the optimizer."
+                    )
+        return None
 
     def _progressive_step(self) -> int | None:
         if self.config.progressive_step is not None:
@@ -160,6 +186,15 @@ class SaRATrainingHelper:
         if self.optimizer is not None:
             check_optimizer_state_can_follow(self.optimizer, params)  # before anything changes
         masks = _agree_across_ranks([layer.reselection_mask(self.adapter_name) for _, layer in layers])
+        trainable = sum(mask.numel() for mask in masks)
+        if trainable and not any(bool(mask.any()) for mask in masks):
+            raise RuntimeError(
+                f"Progressive re-selection at step {self.global_step} would freeze all {trainable:,} trainable entries of "
+                f"SaRA adapter '{self.adapter_name}': every one has grown past its selection cutoff (threshold="
+                f"{self.config.threshold}), so nothing would be left to train. Nothing was changed. Lower the learning "
+                "rate, re-select earlier (a smaller progressive_fraction / progressive_step), or train without "
+                "re-selection (progressive_fraction=None)."
+            )
         keep_masks = {
             layer.sara_values[self.adapter_name]: layer.reselect(self.adapter_name, keep)
             for (_, layer), keep in zip(layers, masks)

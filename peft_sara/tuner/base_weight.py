@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -176,13 +178,45 @@ def merge_entries_(
         requantized = module.requantized(base_layer, target)
     except MergeRefused as refusal:
         raise ValueError(f"Cannot merge {where}: {refusal}") from None
-    warnings.warn(
-        f"Merging {where} into a {description} weight requantizes the whole layer, which rounds every entry; "
-        "generations may change slightly. Unmerging restores the original quantized weight exactly.",
-        UserWarning,
-        stacklevel=3,
-    )
+    layer_kind = type(base_layer).__name__
+    kind = description if layer_kind in description else f"{description} {layer_kind}"
+    collected = _REQUANTIZED.get()
+    if collected is not None:
+        collected.append(kind)
+    else:  # one message per backend (no layer name), so Python's default filter shows it once, not once per layer
+        _warn_requantized({kind: 1}, stacklevel=4)
     return MergeBackup(weight=module.replace_weight(base_layer, requantized))
+
+
+# The quantized backends requantized by the merges of one operation (see `one_merge_warning`), or None outside one.
+_REQUANTIZED: ContextVar[list[str] | None] = ContextVar("sara_requantized", default=None)
+
+
+def _warn_requantized(counts: dict[str, int], stacklevel: int) -> None:
+    for description, count in counts.items():
+        layers = f"{count} {description} layers" if count > 1 else f"{description} weights"
+        warnings.warn(
+            f"Merging SaRA adapters into {layers} requantizes the whole layer, which rounds every entry; generations "
+            "may change slightly. Unmerging restores the original quantized weights exactly.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+@contextlib.contextmanager
+def one_merge_warning() -> Iterator[None]:
+    """Merges inside warn about requantization once, when the operation has succeeded (naming how many layers of each
+    backend it requantized), instead of once per layer. Nested uses join the outermost one."""
+    if _REQUANTIZED.get() is not None:
+        yield
+        return
+    token = _REQUANTIZED.set([])
+    try:
+        yield
+        counts = dict(Counter(_REQUANTIZED.get()))
+    finally:
+        _REQUANTIZED.reset(token)
+    _warn_requantized(counts, stacklevel=4)
 
 
 @torch.no_grad()

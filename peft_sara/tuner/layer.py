@@ -455,14 +455,12 @@ class MergeGroup:
 
 def _may_have_attribute(module: nn.Module, name: str) -> bool:
     """``hasattr(module, name)`` without the cost of nn.Module's failing ``__getattr__`` in the usual case: ``False``
-    only when no instance dict, parameter, buffer, submodule or class attribute has that name."""
-    return (
-        name in module.__dict__
-        or name in module._modules
-        or name in module._parameters
-        or name in module._buffers
-        or _class_has_attribute(type(module), name)
-    )
+    only when no instance dict, parameter, buffer, submodule or class attribute has that name. The class lookup is
+    cached in eager mode; a compiled forward asks the class directly (dynamo folds it into a constant, and would warn
+    that it ignores the cache)."""
+    if name in module.__dict__ or name in module._modules or name in module._parameters or name in module._buffers:
+        return True
+    return hasattr(type(module), name) if is_compiling() else _class_has_attribute(type(module), name)
 
 
 @functools.lru_cache(maxsize=256)

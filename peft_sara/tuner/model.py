@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -18,6 +19,7 @@ from ..file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapt
 from ..peft_loading import check_peft_load_source, resize_layers_to_entries
 from ..save_bridge import install_save_bridge
 from ..transaction import ModelState, all_or_nothing
+from .base_weight import one_merge_warning
 from .config import SaRAConfig
 from .layer import MergeGroup, SaRALayer, dispatch_sara_layer, sara_layers
 from .targets import default_targets
@@ -30,6 +32,16 @@ def default_target_modules(model: nn.Module) -> list[str] | None:
     return default_targets(model)
 
 
+def _weight_identity(weight: torch.Tensor) -> tuple:
+    """What two tied weights have in common: the same memory (device, address, shape) where the tensor owns a storage;
+    the same Parameter object for tensor subclasses without one (torchao, optimum-quanto), whose ``data_ptr()`` is 0
+    for every weight."""
+    address = weight.data_ptr()
+    if address == 0:
+        return ("object", id(weight))
+    return ("memory", weight.device, address, weight.shape)
+
+
 def mark_tied_layers(model: nn.Module) -> dict[tuple, list[str]]:
     """Record on each SaRA layer the other SaRA layers whose base weight shares its storage (tied weights); merging
     such a layer is refused. Returns the groups of tied layer names (by storage)."""
@@ -38,7 +50,7 @@ def mark_tied_layers(model: nn.Module) -> dict[tuple, list[str]]:
     for name, layer in layers.items():
         weight = layer.get_base_layer().weight
         if weight.device.type != "meta":
-            groups.setdefault((weight.device, weight.data_ptr(), weight.shape), []).append(name)
+            groups.setdefault(_weight_identity(weight), []).append(name)
     for names in groups.values():
         for name in names:
             layers[name].sara_tied_layers = [other for other in names if other != name]
@@ -225,16 +237,18 @@ class SaRAModel(BaseTuner):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._check_mergeable(adapter_names, safe_merge)
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        with one_merge_warning():
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(
         self, merge=True, progressbar=False, safe_merge=False, adapter_names=None, **kwargs
     ):
         if merge:
             self._check_mergeable(adapter_names, safe_merge)
-        return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names, **kwargs
-        )
+        with one_merge_warning():
+            return super()._unload_and_optionally_merge(
+                merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names, **kwargs
+            )
 
     # ----------------------------------------------------------------------------------------- state dicts
     @classmethod
