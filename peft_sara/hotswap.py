@@ -252,11 +252,12 @@ def _slot_layers(module: nn.Module, adapter_name: str) -> dict[str, SaRALayer]:
 
 
 def _inject_slot(module: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
+    # low_cpu_mem_usage: the slot's entries are set right after (no selection to throw away)
     if isinstance(module, PeftModel):
-        module.add_adapter(adapter_name, config)
+        module.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
         module.set_adapter(adapter_name)
         return
-    inject_adapter_in_model(config, module, adapter_name)
+    inject_adapter_in_model(config, module, adapter_name, low_cpu_mem_usage=True)
     cast_adapter_dtype(module, adapter_name)
     module._hf_peft_config_loaded = True  # diffusers' and transformers' adapter API then drive it
     for layer in module.modules():

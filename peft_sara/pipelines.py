@@ -139,12 +139,15 @@ def _activate(module: nn.Module, adapter_name: str) -> None:
             layer.set_adapter([adapter_name], inference_mode=True)
 
 
-def inject_sara_adapter(module: nn.Module, config: SaRAConfig, adapter_name: str) -> None:
+def inject_sara_adapter(
+    module: nn.Module, config: SaRAConfig, adapter_name: str, low_cpu_mem_usage: bool = False
+) -> None:
     """Inject a SaRA adapter into a pipeline component in place and make it the active adapter.
 
     Equivalent to ``component.add_adapter(config, adapter_name)`` for diffusers models and transformers text encoders,
     without transformers' ``peft>=0.22`` check (see the module docstring), and with ``save_pretrained`` kept writing
-    the plain model.
+    the plain model. ``low_cpu_mem_usage=True`` (PEFT's meaning: a checkpoint sets the weights next) skips the
+    selection: the adapter waits for its entries.
     """
     existing = getattr(module, "peft_config", None) or {}
     if adapter_name in existing:
@@ -155,7 +158,7 @@ def inject_sara_adapter(module: nn.Module, config: SaRAConfig, adapter_name: str
     with warnings.catch_warnings():
         # PEFT warns whenever a second adapter joins `peft_config`; several adapters per component are intended here.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        inject_adapter_in_model(config, module, adapter_name)
+        inject_adapter_in_model(config, module, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     # As PeftModel does by default: float16 / bfloat16 adapter values are kept in float32 (the sum is cast anyway).
     cast_adapter_dtype(module, adapter_name)
     module._hf_peft_config_loaded = True
@@ -314,7 +317,7 @@ def load_sara_adapter(
     with slot_plan.exclusive(), non_finite(), all_or_nothing(*modules) as state:  # slots: no forward mid-write
         state.keep_values(slot_plan.tensors())
         for component, module, config, state_dict in plan:
-            inject_sara_adapter(module, config, adapter_name)
+            inject_sara_adapter(module, config, adapter_name, low_cpu_mem_usage=True)  # the file names the entries
             state_dict = _align_text_model_prefix(module, state_dict)
             try:
                 result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)

@@ -308,3 +308,16 @@ def test_gpu_presets_have_the_real_unet_sizes(preset, parameters):
     with torch.device("meta"):
         model = model_class("unet")(**PRESETS[preset].config)
     assert sum(param.numel() for param in model.parameters()) == parameters
+
+
+def test_load_benchmark_reports_every_operation_for_both_methods(tmp_path):
+    from benchmarks.load import OPERATIONS
+
+    out = tmp_path / "load.json"
+    report = _finish(_start("benchmarks.load", out, "--preset", "small", "--repeats", "1"), out)
+    assert [row["operation"] for row in report["rows"]] == list(OPERATIONS)
+    for row in report["rows"]:
+        assert row["sara_s"] > 0 and row["lora_s"] > 0 and row["ratio"] > 0, row
+        assert len(row["sara_runs_s"]) == len(row["lora_runs_s"]) == 1
+    assert report["dtype"] == "float32" and report["preset"]["name"] == "small"
+    assert report["sara"]["trainable_parameters"] > 0 and report["lora"]["trainable_parameters"] > 0

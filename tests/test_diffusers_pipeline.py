@@ -116,6 +116,17 @@ def test_loaded_adapter_reproduces_the_saving_pipeline(sd, pipe):
     np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
 
 
+def test_load_runs_no_selection_the_files_name_the_entries(sd, pipe, monkeypatch):
+    from peft_sara.tuner import layer as layer_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_sara_adapter ran the selection")
+
+    monkeypatch.setattr(layer_module, "select_trainable_indices", refuse)
+    load_sara_adapter(pipe, sd.adapter_dir)
+    np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
+
+
 def test_fuse_matches_unfused_images_and_unfuse_restores_weights_bitwise(sd, pipe):
     before = {"unet": base_weights(pipe.unet), "text_encoder": base_weights(pipe.text_encoder)}
     load_sara_adapter(pipe, sd.adapter_dir, adapter_name="style")

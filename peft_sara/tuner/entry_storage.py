@@ -75,19 +75,34 @@ class SparseEntryStorage:
         # forwards mask the tail's gradient with it).
         self.sara_num_trainable: dict[str, int] = {}
         self.sara_live_count = BufferDict(persistent=False)
+        # Adapters created without a selection, whose entries a checkpoint is about to set (see `awaits_entries`).
+        self.sara_awaiting_entries: dict[str, bool] = {}
         # The state dict holds only the live entries; loading pads them back to the layer's capacity.
         self.register_state_dict_post_hook(SparseEntryStorage._state_dict_live_entries_only)
         self.register_load_state_dict_pre_hook(SparseEntryStorage._load_state_dict_into_capacity)
 
-    def _create_entries(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
-        """A new adapter's storage: all ``indices`` trainable with ``values``, nothing frozen."""
+    def _create_entries(
+        self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor, awaiting: bool = False
+    ) -> None:
+        """A new adapter's storage: all ``indices`` trainable with ``values``, nothing frozen; ``awaiting``: no entries
+        yet, a checkpoint will set them."""
         device = values.device
+        if awaiting:
+            self.sara_awaiting_entries[adapter_name] = True
+        else:
+            self.sara_awaiting_entries.pop(adapter_name, None)
         self.sara_indices[adapter_name] = indices.to(device)
         self.sara_values[adapter_name] = nn.Parameter(values)
         self.sara_live_count[adapter_name] = torch.zeros((), dtype=torch.int64, device=device)
         self._set_live_count(adapter_name, indices.numel())
         empty_indices = torch.zeros(0, dtype=indices.dtype, device=device)
         self._set_frozen(adapter_name, empty_indices, torch.zeros(0, dtype=values.dtype, device=device))
+
+    def awaits_entries(self, adapter_name: str) -> bool:
+        """Whether the adapter was injected for a load (PEFT's ``from_pretrained`` / ``load_adapter`` with the config
+        from the file, ``low_cpu_mem_usage=True``, ``peft_sara.load_sara_adapter``) and no checkpoint has set its
+        entries yet: it has none, and its forward refuses to run."""
+        return adapter_name in self.sara_awaiting_entries
 
     def trainable_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat indices of an adapter's trainable entries and their deltas, differentiable into ``sara_values``.
@@ -140,6 +155,8 @@ class SparseEntryStorage:
             self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
         param = self.sara_values[adapter_name]
         device = param.device  # where the adapter lives (an offloaded base's weight is on meta)
+        if device.type == "meta":  # created empty under `init_empty_weights` (PEFT's low_cpu_mem_usage)
+            device = self.get_base_layer().weight.device
         index_dtype = index_dtype_for(self.weight_shape.numel())
         if values is None:
             values = torch.zeros(indices.numel(), dtype=param.dtype)
@@ -154,6 +171,7 @@ class SparseEntryStorage:
                 values.detach().to(device=device, dtype=param.dtype), requires_grad=param.requires_grad
             )
         self._set_live_count(adapter_name, indices.numel())
+        self.sara_awaiting_entries.pop(adapter_name, None)
         if frozen_indices is not None:
             self._set_frozen(
                 adapter_name,
@@ -212,7 +230,7 @@ class SparseEntryStorage:
         with self.readable_base_weight() as weight:  # dequantized / onloaded where needed
             base_entries = gathered(weight).detach().reshape(-1).index_select(0, indices)
         current = base_entries.to(compute_dtype(base_entries.dtype, values.dtype)) + values
-        return still_ineffective(current, self.sara_cutoff[adapter_name])
+        return still_ineffective(current, self.cutoff(adapter_name))
 
     def _set_live_count(self, adapter_name: str, count: int) -> None:
         self.sara_num_trainable[adapter_name] = count
@@ -252,9 +270,11 @@ class SparseEntryStorage:
                 module.sara_indices[name] = index_buffer.new_zeros(count)
                 module.sara_values[name] = nn.Parameter(param.detach().new_zeros(count), param.requires_grad)
                 capacity = count
-            state_dict[values_key] = torch.cat([values, values.new_zeros(capacity - count)])
-            state_dict[indices_key] = torch.cat([indices, indices.new_zeros(capacity - count)])
+            if count < capacity:  # (a loaded adapter is sized to its checkpoint: nothing to pad, nothing to copy)
+                state_dict[values_key] = torch.cat([values, values.new_zeros(capacity - count)])
+                state_dict[indices_key] = torch.cat([indices, indices.new_zeros(capacity - count)])
             module._set_live_count(name, count)
+            module.sara_awaiting_entries.pop(name, None)
             frozen = []
             for container_name in ("sara_frozen_indices", "sara_frozen_values"):
                 current = getattr(module, container_name)[name]

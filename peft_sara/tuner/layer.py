@@ -49,7 +49,9 @@ from .functional import (
 from .quantized import StorageBackend
 from .selection import (
     compute_dtype,
+    index_dtype_for,
     select_trainable_indices,
+    threshold_cutoff,
     value_dtype_for,
 )
 
@@ -80,9 +82,11 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         "sara_scaling",
         "sara_scale",
         "sara_cutoff",
+        "sara_selection",
         "sara_kernel",
         "sara_num_trainable",
         "sara_live_count",
+        "sara_awaiting_entries",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -91,6 +95,8 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         self.sara_scaling: dict[str, float] = {}
         # The same scales as 0-d tensors, read by compiled forwards (a Python float would be baked into the graph).
         self.sara_scale = BufferDict(persistent=False)
+        # Per adapter: its selection rule (threshold, trainable_fraction) and the magnitude cutoff it gives here.
+        self.sara_selection: dict[str, tuple[float | None, float | None]] = {}
         self.sara_cutoff: dict[str, float] = {}
         self.sara_kernel: dict[str, str] = {}
         # Names of the other SaRA layers whose base weight shares this one's storage (tied weights): merging refuses.
@@ -135,31 +141,58 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         return execution_path(self, names, self.get_base_layer())
 
     # ----------------------------------------------------------------------------------------------- adapters
-    def update_layer(self, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
-        """Select the trainable entries of the base weight and create the adapter's (zero) update."""
+    def update_layer(self, adapter_name: str, config: SaRAConfig, select_entries: bool = True, **kwargs: Any) -> None:
+        """Select the trainable entries of the base weight and create the adapter's (zero) update.
+
+        With ``select_entries=False`` the adapter starts with no entries and waits for a checkpoint to set them
+        (:meth:`awaits_entries`): the injection of a load, whose file names the entries, skips the selection.
+        """
         if self.merged:
             raise RuntimeError(
                 f"Cannot add SaRA adapter '{adapter_name}' while adapters {self.merged_adapters} are merged: the "
                 "selection would read the merged weight. Call `unmerge_adapter()` first."
             )
         base_layer = self.get_base_layer()
-        # Selection reads the dense weight: dequantized (bitsandbytes), upcast (fp8) or onloaded (offloaded to meta).
-        with self.readable_base_weight() as weight:
-            indices, cutoff = select_trainable_indices(weight, config.threshold, config.trainable_fraction)
-            device = weight.device
         # Created in the base dtype, like PEFT's other tuners: PeftModel upcasts half-precision adapter values to
         # float32 unless `autocast_adapter_dtype=False`; float64 bases keep float64 values; quantized bases float32.
         value_dtype = value_dtype_for(base_layer.weight.dtype)
-        if config.init_weights:
-            values = torch.zeros(indices.numel(), dtype=value_dtype, device=device)
+        self.sara_selection[adapter_name] = (config.threshold, config.trainable_fraction)
+        if select_entries:
+            # Selection reads the dense weight: dequantized (bitsandbytes), upcast (fp8) or onloaded (offloaded).
+            with self.readable_base_weight() as weight:
+                indices, cutoff = select_trainable_indices(weight, config.threshold, config.trainable_fraction)
+                device = weight.device
+            self.sara_cutoff[adapter_name] = cutoff
+            if config.init_weights:
+                values = torch.zeros(indices.numel(), dtype=value_dtype, device=device)
+            else:
+                values = (torch.randn(indices.numel(), device=device) * RANDOM_INIT_STD).to(value_dtype)
         else:
-            values = (torch.randn(indices.numel(), device=device) * RANDOM_INIT_STD).to(value_dtype)
-        self._create_entries(adapter_name, indices, values)  # all entries live until a re-selection
+            device = base_layer.weight.device
+            if device.type == "meta":  # an offloaded base: the adapter lives on the hook's execution device
+                with self.readable_base_weight() as weight:
+                    device = weight.device
+            indices = torch.zeros(0, dtype=index_dtype_for(self.weight_shape.numel()), device=device)
+            values = torch.zeros(0, dtype=value_dtype, device=device)
+        self._create_entries(adapter_name, indices, values, awaiting=not select_entries)
         self.sara_scale[adapter_name] = torch.ones((), dtype=torch.float32, device=device)
         self.set_scale(adapter_name, 1.0)
-        self.sara_cutoff[adapter_name] = cutoff
         self.sara_kernel[adapter_name] = config.kernel
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def cutoff(self, adapter_name: str) -> float:
+        """The magnitude cutoff of an adapter's selection rule on this layer's base weight (``|w| <= cutoff`` counts
+        as ineffective; see :func:`peft_sara.tuner.selection.select_trainable_indices`). Computed on first use for an
+        adapter whose entries came from a checkpoint."""
+        if adapter_name not in self.sara_cutoff:
+            threshold, trainable_fraction = self.sara_selection[adapter_name]
+            if threshold is not None:
+                self.sara_cutoff[adapter_name] = threshold_cutoff(threshold)
+            else:
+                with torch.no_grad(), self.readable_base_weight() as weight:
+                    _, cutoff = select_trainable_indices(weight, trainable_fraction=trainable_fraction)
+                self.sara_cutoff[adapter_name] = cutoff
+        return self.sara_cutoff[adapter_name]
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # Only follow the base weight's device: the values keep their dtype (set at creation and by PEFT's autocast).
@@ -378,6 +411,8 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         path = execution_path(self, active, base_layer)
         if path is ExecutionPath.OFF:
             return self.base_layer(x, *args, **kwargs)
+        if self.sara_awaiting_entries:
+            _refuse_awaiting(self, active)
         grad_enabled = torch.is_grad_enabled()
         if grad_enabled and base_layer.weight.requires_grad:
             raise RuntimeError(
@@ -400,6 +435,17 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         op, x = self._op(x)
         return sparse_delta_forward(op, x, base_layer.weight, base_layer.bias, entries, kernel)
+
+
+def _refuse_awaiting(layer: SaRALayer, adapter_names: list[str]) -> None:
+    awaiting = [name for name in adapter_names if layer.awaits_entries(name)]
+    if awaiting:
+        raise RuntimeError(
+            f"SaRA adapter '{awaiting[0]}' of this layer was injected to be loaded from a checkpoint (from a config "
+            "read with `SaRAConfig.from_pretrained`, or with `low_cpu_mem_usage=True`), but no checkpoint has set its "
+            "entries. Load them (`PeftModel.from_pretrained`, `load_adapter`, `set_peft_model_state_dict`), or, to "
+            "train a new adapter with that config's settings, build it in code: `SaRAConfig(**config.to_dict())`."
+        )
 
 
 class MergeGroup:
@@ -462,11 +508,13 @@ def _class_has_attribute(cls: type, name: str) -> bool:
 class _SaRAModule(nn.Module, SaRALayer):
     """A SaRA layer module: wraps ``base_layer`` and creates the first adapter. Subclasses only provide ``_op``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs: Any) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, select_entries: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__()
         SaRALayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, select_entries=select_entries)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not args and "input" in kwargs:  # `layer(input=x)`, nn.Linear / nn.Conv's own argument name

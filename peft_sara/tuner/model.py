@@ -107,18 +107,32 @@ class SaRAModel(BaseTuner):
         # of the model before their injection: a refused checkpoint undoes the injection (see
         # `_remap_adapter_state_dict_for_load`). Set before BaseTuner injects the first adapter.
         self._sara_pending_loads: dict[str, ModelState] = {}
+        # Whether the injection in progress selects entries (False: a load, see `inject_adapter`).
+        self._sara_select_entries = True
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
     # ----------------------------------------------------------------------------------------- injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's injection, all or nothing: if it fails on any module (a non-supported target, a merged layer), the
-        model is restored exactly (modules, adapters, ``requires_grad``, tags) before the error propagates."""
+        model is restored exactly (modules, adapters, ``requires_grad``, tags) before the error propagates.
+
+        An injection for a load selects nothing: the checkpoint names the entries (the load sizes the layers to them).
+        That is an adapter whose config PEFT's ``from_pretrained`` / ``load_adapter`` read from the adapter's folder
+        (``SaRAConfig.loaded_from``), or an injection PEFT runs with ``low_cpu_mem_usage=True`` (``inject_adapter_in_model``,
+        ``add_adapter``, ``load_adapter``; PEFT's contract: the weights are replaced before use; ``load_sara_adapter`` and
+        ``enable_sara_hotswap`` inject so). Such an adapter refuses to run until a checkpoint sets its entries.
+        ``get_peft_model`` with a config built in code always selects: its entries exist right away.
+        """
         config = self.peft_config.get(adapter_name)
         source = getattr(config, "loaded_from", None)
         if source is not None:  # PEFT's from_pretrained / load_adapter injects before reading the weights: check first
             check_load_source(model, config, source)
-        with all_or_nothing(self, model) as state:
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._sara_select_entries = not (kwargs.get("low_cpu_mem_usage") or source is not None)
+        try:
+            with all_or_nothing(self, model) as state:
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            self._sara_select_entries = True
         if source is not None:
             self._sara_pending_loads[adapter_name] = state
             del config.loaded_from  # a copy of this config injected elsewhere is not a pending load
@@ -192,10 +206,11 @@ class SaRAModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("current_key must be provided to create a SaRA layer.")
+        select_entries = self._sara_select_entries
         if isinstance(target, SaRALayer):
-            target.update_layer(adapter_name, config)
+            target.update_layer(adapter_name, config, select_entries=select_entries)
             return
-        new_module = self._create_new_module(config, adapter_name, target)
+        new_module = self._create_new_module(config, adapter_name, target, select_entries=select_entries)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
