@@ -170,9 +170,13 @@ def read_adapter_files(
         weights_file = component_folder / SAFETENSORS_NAME
         records, legacy_class = _legacy_metadata(weights_file)
         model_class = _recorded_model_class(component_folder, getattr(config, "base_model_class", None)) or legacy_class
-        component_name = name or component or (component_name_of(model_class) if model_class else None)
+        guessed_component = component_name_of(model_class) if model_class else None
+        if guessed_component == "model":  # a class that names no pipeline component
+            guessed_component = None
+        component_name = name or component or guessed_component
         if component_name is None:
-            unknown = f"'{component_folder}' records no model class, so which pipeline component it adapts is unknown"
+            recorded = f"records the model class '{model_class}'" if model_class else "records no model class"
+            unknown = f"'{component_folder}' {recorded}, so which pipeline component it adapts is unknown"
             raise BaseModelRequired(
                 f"{unknown}: pass `component=` (e.g. 'unet') or the base model.",
                 f"{unknown}: name it with --component (e.g. --component unet), or pass --base FOLDER.",
