@@ -19,6 +19,7 @@ from torch import nn
 
 import peft_sara  # noqa: F401  (registers the method)
 from peft_sara.presets import PRESETS, TINY_SD3_TRANSFORMER, build_model
+from peft_sara.tuner.file_format import entries_checksum, split_sara_key
 
 
 class MLPConv(nn.Module):
@@ -143,3 +144,17 @@ def fuzz_settings(max_examples: int):
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
+
+
+def resign(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Recompute every layer's checksum of an adapter's tensors (in place), as a buggy writer would: the file is then
+    self-consistent, so only the deeper checks can refuse it."""
+    layers: dict[str, dict[str, str]] = {}
+    for key in tensors:
+        split = split_sara_key(key)
+        if split is not None and split[0]:
+            layers.setdefault(split[0], {})[split[1]] = key
+    for layer_name, keys in layers.items():
+        stored = {name: tensors[key] for name, key in keys.items() if name != "sara_checksum"}
+        tensors[keys["sara_checksum"]] = entries_checksum(layer_name, stored)
+    return tensors

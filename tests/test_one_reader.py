@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import MLPConv
+from conftest import MLPConv, resign
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +17,7 @@ import peft_sara
 from peft_sara import InvalidAdapterError, SaRAConfig, sara_layers
 from peft_sara.adapter_files import read_adapter_weights
 from peft_sara.tuner import file_format
-from peft_sara.tuner.file_format import decode_index_gaps, encode_index_gaps, entries_checksum, split_sara_key
+from peft_sara.tuner.file_format import decode_index_gaps, encode_index_gaps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGETS = ["conv", "conv1x1", "lin0", "lin1"]
@@ -37,19 +37,6 @@ def save_adapter(directory, fraction=0.2, seed=1, reselect=False):
             layer.reselect("default", torch.arange(layer.num_trainable("default")) % 2 == 0)
     model.save_pretrained(directory)
     return directory
-
-
-def resign(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Recompute every layer's checksum: the file is then self-consistent, only the deeper checks can refuse it."""
-    layers: dict[str, dict[str, str]] = {}
-    for key in tensors:
-        split = split_sara_key(key)
-        if split is not None and split[0]:
-            layers.setdefault(split[0], {})[split[1]] = key
-    for layer_name, keys in layers.items():
-        stored = {name: tensors[key] for name, key in keys.items() if name != "sara_checksum"}
-        tensors[keys["sara_checksum"]] = entries_checksum(layer_name, stored)
-    return tensors
 
 
 def hotswap_model(max_fraction: float):

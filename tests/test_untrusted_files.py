@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import MLPConv, fuzz_settings
+from conftest import MLPConv, fuzz_settings, resign
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from safetensors import safe_open
@@ -43,8 +43,6 @@ from peft_sara.tuner.file_format import (
     InvalidAdapterError,
     decode_index_gaps,
     encode_index_gaps,
-    entries_checksum,
-    split_sara_key,
 )
 from peft_sara.tuner.reader import ALLOW_NON_FINITE_ENV_VAR, allow_non_finite_values
 
@@ -420,18 +418,6 @@ def test_fuzzed_adapter_files_load_equal_or_fail_cleanly(source, references, one
 
 
 # ------------------------------------------------------------------------------------------------- targeted cases
-def resign(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Recompute every layer's checksum, as a buggy writer would have: the file is then self-consistent."""
-    layers: dict[str, dict[str, str]] = {}
-    for key in tensors:
-        split = split_sara_key(key)
-        if split is not None and split[0]:
-            layers.setdefault(split[0], {})[split[1]] = key
-    for layer_name, keys in layers.items():
-        tensors[keys["sara_checksum"]] = entries_checksum(
-            layer_name, {name: tensors[key] for name, key in keys.items() if name != "sara_checksum"}
-        )
-    return tensors
 
 
 def test_adapter_for_another_base_model_is_refused_with_both_shapes(tmp_path):
