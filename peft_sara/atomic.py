@@ -59,14 +59,18 @@ NEW_NAME = ".sara-new"
 OLD_NAME = ".sara-old"
 
 
-def _fsync_directory(directory: str | os.PathLike) -> None:
-    if os.name != "posix":  # Windows cannot open a folder; its rename is durable once it returns
-        return
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync_path(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_directory(directory: str | os.PathLike) -> None:
+    if os.name != "posix":  # Windows cannot open a folder; its rename is durable once it returns
+        return
+    _fsync_path(directory)
 
 
 def _read_umask() -> int:
@@ -150,11 +154,7 @@ def _fsync_tree(root: Path) -> None:
             path = os.path.join(directory, name)
             if os.path.islink(path):
                 continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_path(path)
         _fsync_directory(directory)
 
 
