@@ -5,7 +5,9 @@ another GPU generation is absent, torch that torchao registers an enum the depre
 not fetch a CPU kernel from the Hub, diffusers that this torchao release moved its tensor classes, transformers that
 it uses its PIL image processor because torchvision is absent. None of it concerns the command being run, and a user cannot tell which lines
 matter. :func:`drop_import_noise` drops exactly those records (by logger and message); the entry points call it
-unless ``--verbose`` / ``--debug`` is given. The library itself never filters anything.
+unless ``--verbose`` / ``--debug`` is given. The library filters nothing else, except the two lines about the Hub
+kernel lookup that :mod:`peft_sara.hub_kernels` switches off (dropped there, during its own import of bitsandbytes;
+listed here too for a bitsandbytes imported before peft-sara).
 """
 
 from __future__ import annotations
