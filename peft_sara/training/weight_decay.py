@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import torch
 
-from ..tuner.base_weight import readable_weight
 from ..tuner.layer import SaRALayer
 from ..tuner.selection import compute_dtype, is_sharded
 from .optimizer import unwrap_optimizer
@@ -126,7 +125,7 @@ class SparseWeightDecay:
         indices = layer.sara_indices[self.adapter_name]
         cached = self._base_entries.get(id(layer))
         if cached is None or cached[0] is not indices or cached[1:3] != (indices._version, count):
-            with readable_weight(layer.get_base_layer()) as weight:
+            with layer.readable_base_weight() as weight:
                 flat = weight.detach().reshape(-1)
                 base = flat.index_select(0, indices[:count].long().to(flat.device))
                 base = base.to(compute_dtype(base.dtype, layer.sara_values[self.adapter_name].dtype))
