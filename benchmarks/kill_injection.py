@@ -4,8 +4,8 @@ left, as a user would find it.
 One process builds tiny models once (a UNet and a CLIP text encoder with SaRA adapters, their optimizers, schedulers
 and helpers), then forks a child per try: the child sets the adapter's values (and optimizer state) to version A or
 B, reports ready, and saves over the folder the previous try left; the parent SIGKILLs it after a random delay drawn
-uniformly over the save's measured duration. After each kill the folder is read the way peft-sara's readers read it
-(``recover_folder`` / ``latest_checkpoint`` first) and its files compared byte for byte with a complete save of the
+uniformly over 1.25x the save's measured duration (a child whose save returned waits for its kill). After each kill
+the folder is read the way peft-sara's readers read it (``recover_folder`` / ``latest_checkpoint`` first) and its files compared byte for byte with a complete save of the
 old and of the new version: "old intact", "new intact", or "other" (a mix, a missing or a torn file: must be 0).
 "recovered" counts kills inside the publish step (after the commit), "mixed before recovery" those after which a reader
 outside peft-sara (which does not recover) would have seen a mix of old and new entries.
@@ -221,6 +221,8 @@ def _run_child(world: World, saver: Saver, root: Path, version: int, step: int, 
             set_version(world, version)
             os.write(write_end, b"r")
             saver.save(world, root, version, step)
+            if delay is not None:  # a kill may also land after the save returned: wait for it
+                time.sleep(3600)
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -263,7 +265,9 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
         expected[version] = found
         durations.append(seconds)
         step += 1 if saver.rotating else 0
-    duration = sorted(durations)[1]  # the median save: kills spread over it, the end (the publish) included
+    # Kills spread over the median save and a quarter beyond it: the publish and the instants after the save returned
+    # (the child waits to be killed then) are included, so both outcomes occur however short the publish step is.
+    duration = sorted(durations)[1]
     current = 0  # the version the folder holds now
     counts = {"kills": 0, "old_intact": 0, "new_intact": 0, "other": 0, "recovered": 0, "completed": 0}
     counts["failed"] = 0
@@ -273,7 +277,7 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
     while counts["kills"] < kills and tries < kills * 4:
         tries += 1
         new = 1 - current
-        killed, failed, _ = _run_child(world, saver, root, new, step, rng.uniform(0, duration * 1.05))
+        killed, failed, _ = _run_child(world, saver, root, new, step, rng.uniform(0, duration * 1.25))
         if failed:
             counts["failed"] += 1
         interrupted = _interrupted(root)
