@@ -17,19 +17,25 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftConfig, PeftModel
-from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from .atomic import folder_writer, save_safetensors_atomic, write_text_atomic
-from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, PICKLE_NAME, SAFETENSORS_NAME
-from .tuner.config import SaRAConfig
-from .tuner.config_checks import check_config_dict, config_from_dict
+from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, KNOWN_COMPONENTS, PICKLE_NAME, SAFETENSORS_NAME
+from .tuner.config_checks import check_config_dict, check_reported_fields, config_from_dict
 from .tuner.file_format import InvalidAdapterError, check_legacy_archive
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+
+    from .tuner.config import SaRAConfig
+
+# Reading a folder's files imports no PEFT (`peft-sara inspect` answers in about the time torch takes to import):
+# writing and read_sara_config import it where they run.
 
 
 # ------------------------------------------------------------------------------------------------- naming
@@ -68,6 +74,8 @@ def save_injected_adapter(
         config.base_model_name_or_path = base_model
     # SaRA never adapts embeddings; "auto" would look the base model up on the Hub to compare vocabulary sizes. The
     # state dict comes through SaRA's tuner hook, so it is already in the file format (peft_sara.tuner.file_format).
+    from peft.utils import get_peft_model_state_dict
+
     state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     state_dict = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     # The same header PEFT's save_pretrained writes: everything a reader needs is in the tensors and the config.
@@ -89,6 +97,8 @@ def save_model_adapter(
     name. ``base_model`` overrides ``base_model_name_or_path`` in the written configs (the live configs are kept).
     All of it is published as one unit (``peft_sara.atomic.folder_writer``).
     """
+    from peft import PeftModel
+
     directory = Path(save_directory)
     if not isinstance(model, PeftModel):
         names = list(adapter_names) if adapter_names is not None else list(getattr(model, "peft_config", {}))
@@ -122,15 +132,44 @@ def read_sara_config(folder: str | os.PathLike) -> SaRAConfig:
     Raises ``FileNotFoundError`` without the file and :class:`~peft_sara.InvalidAdapterError` (a
     ``ValueError``) for anything else: invalid JSON, a missing or other ``peft_type``, fields of the wrong type.
     """
+    path, raw = _read_config_json(folder)
+    check_config_dict(raw, f"'{path}'")
+    return config_from_dict(raw, f"'{path}'")
+
+
+def read_reported_config_fields(folder: str | os.PathLike) -> dict[str, Any]:
+    """``adapter_config.json``'s content, checked to describe a SaRA adapter and for the fields ``peft-sara inspect``
+    reports (``peft_sara.tuner.config_checks.REPORTED_FIELDS``), without importing PEFT; :func:`read_sara_config`
+    checks every field and builds the config. Raises as :func:`read_sara_config` does."""
+    path, raw = _read_config_json(folder)
+    check_reported_fields(raw, f"'{path}'")
+    return raw
+
+
+def _read_config_json(folder: str | os.PathLike) -> tuple[Path, Any]:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist.")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return path, json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InvalidAdapterError(f"'{path}' is not valid JSON: {err}") from err
-    check_config_dict(raw, f"'{path}'")
-    return config_from_dict(raw, f"'{path}'")
+
+
+def adapter_component_names(adapter_folder: Path) -> list[str]:
+    """Components a SaRA adapter folder has weights for (a root adapter counts as the denoiser, ``""``)."""
+    names = [
+        child.name
+        for child in sorted(adapter_folder.iterdir())
+        if child.name in KNOWN_COMPONENTS and (child / CONFIG_NAME).is_file()
+    ]
+    if not names and (adapter_folder / CONFIG_NAME).is_file():
+        return [""]
+    if not names:
+        raise FileNotFoundError(
+            f"No '{CONFIG_NAME}' in '{adapter_folder}' or in its component subfolders: not a SaRA adapter folder."
+        )
+    return names
 
 
 def _weights_file(folder: Path) -> Path:
@@ -178,9 +217,11 @@ def adapter_weight_keys(folder: str | os.PathLike) -> list[str]:
 
 
 __all__ = [
+    "adapter_component_names",
     "adapter_subfolder",
     "adapter_weight_keys",
     "read_adapter_weights",
+    "read_reported_config_fields",
     "read_sara_config",
     "save_injected_adapter",
     "save_model_adapter",

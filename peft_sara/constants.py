@@ -13,6 +13,10 @@ CARD_NAME = "README.md"
 TRAINING_STATE_NAME = "sara_training_state.safetensors"
 DEFAULT_ADAPTER_NAME = "default"
 
+# Pipeline components an adapter folder may hold a subfolder for; the denoisers among them.
+DENOISER_COMPONENTS = ("unet", "transformer", "prior", "decoder")
+KNOWN_COMPONENTS = DENOISER_COMPONENTS + ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
+
 # Hub metadata.
 DIFFUSERS_TAGS = ("diffusers", "text-to-image")
 PAPER_URL = "https://arxiv.org/abs/2409.06633"

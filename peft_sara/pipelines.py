@@ -42,7 +42,7 @@ from torch import nn
 from .adapter_files import read_adapter_weights, read_sara_config, save_injected_adapter
 from .atomic import folder_writer, write_text_atomic
 from .cards import sara_model_card
-from .constants import CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from .constants import CARD_NAME, CONFIG_NAME, DENOISER_COMPONENTS, KNOWN_COMPONENTS, SAFETENSORS_NAME
 from .hotswap import plan_hotswap, swap_state_dicts, unclaimed_slot
 from .resolve import resolve_adapter_folder
 from .save_bridge import install_save_bridge
@@ -59,8 +59,6 @@ from .tuner.transaction import all_or_nothing
 logger = logging.getLogger(__name__)
 
 # Components a root (single-model) adapter is loaded into, in order of preference.
-DENOISER_COMPONENTS = ("unet", "transformer", "prior", "decoder")
-KNOWN_COMPONENTS = DENOISER_COMPONENTS + ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 
 
 def pipeline_modules(pipe: Any) -> dict[str, nn.Module]:

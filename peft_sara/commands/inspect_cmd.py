@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .output import add_common_options, human_bytes, parse_arguments, print_json, print_table
+from .output import add_common_options, human_bytes, parse_arguments, print_json, print_table, use_libraries
 
 LAYER_COLUMNS = (
     ("module", "layer"),
@@ -40,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``peft-sara inspect``."""
-    args = parse_arguments(build_parser(), argv)
+    # One adapter: its files are read (no PEFT, diffusers or transformers import: see peft_sara.export.adapter_stats).
+    args = parse_arguments(build_parser(), argv, libraries=False)
     if len(args.adapter) > 1:  # several adapters: the hotswap slot that serves them all
+        use_libraries(args)
         from ..hotswap import hotswap_sizing
 
         sizing = hotswap_sizing(args.adapter, revision=args.revision, token=args.token)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"A hotswap slot for these {len(args.adapter)} adapters (largest layer: {sizing.largest}):")
             print(f"  {sizing.call()}")
         return 0
-    from ..conversion import inspect_adapter
+    from ..export.adapter_stats import inspect_adapter
 
     report = inspect_adapter(
         args.adapter[0],

@@ -13,20 +13,33 @@ def parse_arguments(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None,
     check: Callable[[argparse.Namespace], str | None] | None = None,
+    libraries: bool = True,
 ) -> argparse.Namespace:
-    """Parse a subcommand's arguments (``check(args)`` returns an error message, or ``None``), then register SaRA
-    with PEFT: the subcommand modules import nothing heavy before this point, so ``--help`` and argument errors answer
-    at once."""
+    """Parse a subcommand's arguments (``check(args)`` returns an error message, or ``None``), then (``libraries``)
+    :func:`use_libraries`: the subcommand modules import nothing heavy before this point, so ``--help`` and argument
+    errors answer at once. A subcommand that reads files only (``inspect``) passes ``libraries=False``: then only the
+    Hub's progress bars are hidden under ``--quiet``, and nothing imports PEFT."""
     args = parser.parse_args(argv)
     problem = check(args) if check is not None else None
     if problem:
         parser.error(problem)
+    if libraries:
+        use_libraries(args)
+    elif getattr(args, "quiet", False):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    return args
+
+
+def use_libraries(args: argparse.Namespace) -> None:
+    """Register SaRA with PEFT (which imports PEFT, transformers and torch) and, under ``--quiet``, hide the
+    libraries' progress bars."""
     from ..registration import register
 
     register()
     if getattr(args, "quiet", False):
         hide_library_progress_bars()
-    return args
 
 
 def hide_library_progress_bars() -> None:
@@ -89,6 +102,7 @@ def human_bytes(size: int | None) -> str:
 
 __all__ = [
     "parse_arguments",
+    "use_libraries",
     "add_common_options",
     "format_value",
     "print_table",

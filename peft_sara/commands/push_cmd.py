@@ -35,10 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stage_adapter(adapter: Path, staging: Path, repo_id: str, base_model: str | None) -> list[str]:
     """Copy the adapter files of ``adapter`` into ``staging`` and write the SaRA card; returns the components."""
-    from ..adapter_files import read_adapter_weights, read_sara_config
+    from ..adapter_files import adapter_component_names, read_adapter_weights, read_sara_config
     from ..atomic import write_text_atomic
     from ..cards import sara_model_card
-    from ..export.sources import adapter_component_names
     from ..tuner.file_format import parse_checkpoint
 
     components = adapter_component_names(adapter)

@@ -29,8 +29,7 @@ def base_folder(args: argparse.Namespace, required: bool = True) -> Path | None:
     ``required``)."""
     if args.base:
         return Path(args.base)
-    from ..adapter_files import read_sara_config
-    from ..export.sources import adapter_component_names
+    from ..adapter_files import adapter_component_names, read_sara_config
     from ..resolve import resolve_adapter_folder
 
     folder = resolve_adapter_folder(args.adapter, args.subfolder, args.revision, args.token, None, False)

@@ -10,14 +10,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter_files import read_adapter_weights, read_sara_config
+from ..adapter_files import adapter_component_names, read_adapter_weights, read_reported_config_fields
 from ..constants import SAFETENSORS_NAME
 from ..resolve import resolve_adapter_folder
 from ..tuner.file_format import WEIGHT_SHAPE_NAME
-from ..tuner.layer import SparseUpdate
+from ..tuner.names import selection_rule
 from ..tuner.reader import MAX_DENSE_PER_STORED_ENTRY, LayerEntries, check_checkpoint_file
 from .lowrank import effective_rank, numerical_rank
-from .sources import adapter_component_names
+
+# Imports no PEFT, diffusers or transformers: `peft-sara inspect` reads files (the weights checked as a load checks
+# them; of the config, its kind and the fields reported here).
 
 
 def _layer_row(name: str, entries: LayerEntries, shape: tuple[int, ...], ranks: bool) -> dict[str, Any]:
@@ -36,8 +38,8 @@ def _layer_row(name: str, entries: LayerEntries, shape: tuple[int, ...], ranks: 
         "rank": None,
     }
     if ranks and stored and math.prod(shape) <= MAX_DENSE_PER_STORED_ENTRY * stored:
-        update = SparseUpdate(indices, all_values, 1.0, torch.Size(shape))
-        matrix = update.to_dense().reshape(shape[0], -1)
+        # the dense update (SparseUpdate.to_dense at scale 1; its module imports the kernels, and they torch's compiler)
+        matrix = torch.zeros(math.prod(shape)).index_add(0, indices, all_values).reshape(shape[0], -1)
         singular_values = torch.linalg.svdvals(matrix)
         row["effective_rank"] = round(effective_rank(singular_values), 3)
         row["rank"] = numerical_rank(singular_values, tuple(matrix.shape))
@@ -64,7 +66,7 @@ def inspect_adapter(
     components = []
     for component in adapter_component_names(folder):
         component_folder = folder / component if component else folder
-        config = read_sara_config(component_folder)
+        config = read_reported_config_fields(component_folder)
         parsed, entries = check_checkpoint_file(read_adapter_weights(component_folder), allow_non_finite=True)
         layers = [
             _layer_row(name, entries[name], tuple(int(size) for size in checkpoint.tensors[WEIGHT_SHAPE_NAME]), ranks)
@@ -76,8 +78,8 @@ def inspect_adapter(
         components.append(
             {
                 "component": component,
-                "selection": config.selection_rule,
-                "base_model": config.base_model_name_or_path,
+                "selection": selection_rule(config.get("threshold"), config.get("trainable_fraction")),
+                "base_model": config.get("base_model_name_or_path"),
                 "file_bytes": weights_file.stat().st_size if weights_file.is_file() else None,
                 "layers": layers,
                 "trainable": sum(row["trainable"] for row in layers),

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..adapter_files import read_adapter_weights, read_sara_config
+from ..adapter_files import adapter_component_names, read_adapter_weights, read_sara_config
 from ..constants import CONFIG_NAME, SAFETENSORS_NAME
 from ..pipelines import DENOISER_COMPONENTS
 from ..resolve import resolve_adapter_folder
@@ -38,7 +38,6 @@ from .sources import (
     ComponentUpdates,
     ExportLayer,
     ExportSource,
-    adapter_component_names,
     component_name_of,
     file_name_prefix,
     live_source,

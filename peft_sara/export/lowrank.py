@@ -13,15 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..tuner.file_format import CONV, LayerLayout
-from ..tuner.layer import SparseUpdate
-from .files import resolve_export_source
-from .sources import ExportSource
+
+if TYPE_CHECKING:
+    from ..tuner.functional import SparseUpdate
+    from .sources import ExportSource
 
 # The ranks an export accepts: a fixed rank, "full" (exact up to float error) or an energy fraction in (0, 1].
 Rank = int | float | str
@@ -233,6 +234,8 @@ def convert_to_lora(
         progress: Show a progress bar.
     """
     rank = parse_rank(rank)
+    from .files import resolve_export_source  # imports diffusers and PEFT (pipelines, live models)
+
     return factorize_source(resolve_export_source(source, adapter_name, component, components), rank, progress)
 
 

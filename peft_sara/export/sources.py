@@ -20,9 +20,9 @@ from diffusers.utils import deprecation_utils
 from peft import PeftModel
 from torch import nn
 
-from ..adapter_files import read_sara_config
+from ..adapter_files import adapter_component_names, read_sara_config
 from ..constants import CONFIG_NAME
-from ..pipelines import DENOISER_COMPONENTS, KNOWN_COMPONENTS, load_sara_adapter, pipeline_modules
+from ..pipelines import DENOISER_COMPONENTS, load_sara_adapter, pipeline_modules
 from ..resolve import resolve_adapter_folder
 from ..tuner.file_format import LayerLayout
 from ..tuner.layer import SaRALayer, SparseUpdate, sara_adapter_names, sara_layers
@@ -222,22 +222,6 @@ class Components:
     """Some components of a pipeline, loaded on their own: what ``load_sara_adapter`` needs (``components``)."""
 
     components: dict[str, nn.Module]
-
-
-def adapter_component_names(adapter_folder: Path) -> list[str]:
-    """Components a SaRA adapter folder has weights for (a root adapter counts as the denoiser, ``""``)."""
-    names = [
-        child.name
-        for child in sorted(adapter_folder.iterdir())
-        if child.name in KNOWN_COMPONENTS and (child / CONFIG_NAME).is_file()
-    ]
-    if not names and (adapter_folder / CONFIG_NAME).is_file():
-        return [""]
-    if not names:
-        raise FileNotFoundError(
-            f"No '{CONFIG_NAME}' in '{adapter_folder}' or in its component subfolders: not a SaRA adapter folder."
-        )
-    return names
 
 
 def load_adapted(

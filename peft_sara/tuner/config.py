@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from .names import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES
+from .names import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES, selection_rule
 from .peft_type import sara_peft_type
 
 
@@ -197,6 +197,4 @@ class SaRAConfig(PeftConfig):
     @property
     def selection_rule(self) -> str:
         """Human-readable description of how the trainable set is chosen."""
-        if self.trainable_fraction is not None:
-            return f"smallest {self.trainable_fraction:.3g} of each weight by |w|"
-        return f"|w| < {self.threshold:g}"
+        return selection_rule(self.threshold, self.trainable_fraction)

@@ -14,14 +14,18 @@ import os
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-from .config import SaRAConfig
 from .file_format import InvalidAdapterError
 from .names import PEFT_TYPE_NAME
 
+if TYPE_CHECKING:
+    from .config import SaRAConfig
+
 
 def _field_annotations() -> dict[str, Any]:
+    from .config import SaRAConfig  # imports PEFT: only the field checks need it, not the path and kind checks
+
     hints = typing.get_type_hints(SaRAConfig)
     return {config_field.name: hints.get(config_field.name, Any) for config_field in dataclasses.fields(SaRAConfig)}
 
@@ -66,8 +70,8 @@ def check_config_values(values: Mapping[str, Any], where: str) -> None:
             raise InvalidAdapterError(f"{where}: `{name}` must be {expected}, got {value!r}.")
 
 
-def check_config_dict(raw: Any, where: str) -> None:
-    """Check the content of an ``adapter_config.json``: a JSON object describing a SaRA adapter, fields well typed."""
+def check_config_kind(raw: Any, where: str) -> None:
+    """Check that an ``adapter_config.json``'s content is a JSON object describing a SaRA adapter (imports no PEFT)."""
     if not isinstance(raw, dict):
         raise InvalidAdapterError(f"{where} must hold a JSON object, got {type(raw).__name__}.")
     if "peft_type" not in raw:
@@ -79,11 +83,18 @@ def check_config_dict(raw: Any, where: str) -> None:
             f"{where} describes a {peft_type!r} adapter, not a SaRA adapter (peft_type {PEFT_TYPE_NAME!r}). "
             "SaRA adapters load after `import peft_sara`; other methods load with PEFT." + hint
         )
+
+
+def check_config_dict(raw: Any, where: str) -> None:
+    """Check the content of an ``adapter_config.json``: a JSON object describing a SaRA adapter, fields well typed."""
+    check_config_kind(raw, where)
     check_config_values(raw, where)
 
 
 def config_from_dict(raw: dict[str, Any], where: str) -> SaRAConfig:
     """A ``SaRAConfig`` from a checked ``adapter_config.json`` content (unknown keys are dropped with PEFT's warning)."""
+    from .config import SaRAConfig
+
     try:
         config = SaRAConfig.from_peft_type(**raw)
     except (TypeError, ValueError, KeyError) as err:
@@ -92,6 +103,25 @@ def config_from_dict(raw: dict[str, Any], where: str) -> SaRAConfig:
         raise InvalidAdapterError(f"{where} is not a SaRA config (it gave a {type(config).__name__}).")
     config.kernel = "auto"  # which kernel runs is the runtime's choice, not the file's (see SaRAConfig.from_pretrained)
     return config
+
+
+# The fields `peft-sara inspect` reports, with SaRAConfig's annotations (a test keeps them equal): it checks them
+# without importing PEFT, which the other fields' annotations need.
+REPORTED_FIELDS: dict[str, Any] = {
+    "threshold": float | None,
+    "trainable_fraction": float | None,
+    "base_model_name_or_path": Optional[str],  # noqa: UP045 (PEFT's annotation, spelled as the error message shows it)
+}
+
+
+def check_reported_fields(raw: Any, where: str) -> None:
+    """:func:`check_config_kind`, and :data:`REPORTED_FIELDS` of its declared type (imports no PEFT)."""
+    check_config_kind(raw, where)
+    for name, annotation in REPORTED_FIELDS.items():
+        if name in raw and not _matches(raw[name], annotation):
+            raise InvalidAdapterError(
+                f"{where}: `{name}` must be {str(annotation).replace('typing.', '')}, got {raw[name]!r}."
+            )
 
 
 def check_relative_path(value: Any, what: str) -> None:
@@ -111,4 +141,12 @@ def check_relative_path(value: Any, what: str) -> None:
         )
 
 
-__all__ = ["check_config_dict", "check_config_values", "check_relative_path", "config_from_dict"]
+__all__ = [
+    "REPORTED_FIELDS",
+    "check_config_dict",
+    "check_config_kind",
+    "check_reported_fields",
+    "check_config_values",
+    "check_relative_path",
+    "config_from_dict",
+]

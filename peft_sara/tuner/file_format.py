@@ -63,8 +63,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import sara_layers
-
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: layouts and model class in safetensors metadata (peft-sara <= 0.1 at dc2a78b)
 FORMAT_VERSION_NAME = "sara_format_version"
@@ -474,6 +472,8 @@ def encode_adapter_state_dict(
     values cast to ``save_dtype``, indices sorted and written as gaps, weight shapes, checksums and format version
     added. Other tensors are kept as they are; they and ``modules_to_save`` (the copies a writer adds to the file
     after this, as PEFT's ``get_peft_model_state_dict`` does) are covered by one checksum."""
+    from .layer import sara_layers  # the layer imports PEFT: reading files (this module's other callers) does not
+
     # FSDP and activation checkpointing wrap modules but drop their wrapper names from state-dict keys: so does this.
     layers = {
         normalize_module_name(re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.", "", name)): layer

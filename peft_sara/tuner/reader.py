@@ -40,11 +40,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, ModulesToSaveWrapper, load_peft_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -69,10 +67,15 @@ from .file_format import (
     parse_checkpoint,
     sibling_key,
 )
-from .kernels.reference import patched_values
-from .layer import SaRALayer, sara_layers
-from .quantized.storage import OneByteFloat
 from .selection import check_entries, index_dtype_for
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+
+    from .layer import SaRALayer
+
+# Reading a file (check_checkpoint_file: `peft-sara inspect`, exports) imports no PEFT: the functions that check
+# against a model import PEFT, the layer and the kernels where they run.
 
 ALLOW_NON_FINITE_ENV_VAR = "PEFT_SARA_ALLOW_NON_FINITE"
 OTHER_MODEL_HINT = "The checkpoint was made for a different model."
@@ -175,6 +178,9 @@ def effective_weight_problem(
     (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). One pass over the entries, in
     the compute dtype. Quantized, offloaded or unknown storage is not read (not checked).
     """
+    from .kernels.reference import patched_values
+    from .quantized.storage import OneByteFloat
+
     base_layer = layer.get_base_layer()
     backend = layer.storage_backend(base_layer)
     if backend is not None and not isinstance(backend, OneByteFloat):
@@ -414,6 +420,8 @@ def _check_other_tensors(
 def check_not_merged(model: nn.Module, adapter_name: str) -> None:
     """Refuse to load into an adapter that is merged: the merged weights would keep computing the old values while the
     stored ones (and any save) were the new file's."""
+    from .layer import sara_layers
+
     merged = [name for name, layer in sara_layers(model) if adapter_name in layer.merged_adapters]
     if merged:
         raise ValueError(
@@ -432,6 +440,8 @@ def validate_checkpoint(
     taken out, each layer's entries decoded (``sara_indices`` / ``sara_frozen_indices``, frozen ones empty where the
     checkpoint has none). Raises :class:`InvalidAdapterError` naming the layer.
     """
+    from .layer import sara_layers
+
     allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
     check_not_merged(model, adapter_name)
     parsed = parse_checkpoint(state_dict, adapter_name)
@@ -504,6 +514,8 @@ HUB_ARGUMENTS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token"
 def _weight_keys(folder: str) -> set[str]:
     """The tensor names of a local adapter folder's weights, from the safetensors header or, for a legacy
     ``adapter_model.bin``, after its size checks (:func:`check_legacy_archive`), memory-mapped."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
     safetensors_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     try:
         if os.path.isfile(safetensors_path):
@@ -524,6 +536,10 @@ def _weight_keys(folder: str) -> set[str]:
 
 def _modules_to_save_keys(model: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
     """Checkpoint keys PEFT will look up for the modules_to_save of a new adapter, by module (PEFT's suffix match)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    from .layer import sara_layers
+
     inside_layers = {name for name, _ in sara_layers(model)}
     expected = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -540,6 +556,8 @@ def check_load_source(model: nn.Module, config: PeftConfig, source: dict[str, An
     (``source``: path or repo id and the Hub arguments), check what PEFT would otherwise discover only after the
     injection: the config's field types, a ``subfolder`` inside the adapter, a readable (and, for a legacy ``.bin``,
     bounded) weights file, and the modules_to_save tensors. Called by the tuner's injection, not by a config check."""
+    from peft.utils import load_peft_weights
+
     model_id = source["path"]
     hub_kwargs = {key: source[key] for key in HUB_ARGUMENTS if source.get(key) is not None}
     subfolder = hub_kwargs.get("subfolder")
