@@ -40,11 +40,22 @@ def training_step(model: nn.Module, batch: TrainingBatch, optimizer: torch.optim
 
 @torch.no_grad()
 def initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer's state (as its first step does) without a forward pass: a step on zero gradients."""
+    """Create the optimizer's state (as its first step does) without a forward pass.
+
+    Adam and AdamW create their state in ``_init_group`` (their first step's lazy initialization: ``step``,
+    ``exp_avg``, ``exp_avg_sq``), called here directly; the rest of a step would only update it, and on fake
+    tensors that update costs as much as the traced step's (seconds for LoRA's thousands of parameters). Other
+    optimizers, or an ``_init_group`` of another signature, take a whole step on zero gradients."""
     for group in optimizer.param_groups:
         for param in group["params"]:
             param.grad = torch.zeros_like(param)
-    optimizer.step()
+    try:
+        if not isinstance(optimizer, torch.optim.Adam):
+            raise TypeError(type(optimizer).__name__)
+        for group in optimizer.param_groups:
+            optimizer._init_group(group, [], [], [], [], [], [])
+    except TypeError:  # raised before any state exists (the type, or the arguments' binding)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
