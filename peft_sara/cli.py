@@ -4,7 +4,8 @@ Each subcommand is a module with a ``main(argv) -> int`` that owns its own argum
 (``peft_sara/commands/``, and the demo's own command line). Nothing heavy is imported before a subcommand's arguments
 are parsed: ``import peft_sara`` does not register SaRA with PEFT when it starts this command line (see
 ``peft_sara/__init__.py``), the subcommand modules import torch, diffusers and PEFT inside ``main`` and register SaRA
-there (``commands.output.parse_arguments``), so ``--help`` of every subcommand answers at once:
+there (``commands.output.parse_arguments``), so ``--help`` of every subcommand answers at once; ``inspect`` of one
+adapter reads its files with torch and safetensors alone (no PEFT, diffusers or transformers):
 
     peft-sara inspect ADAPTER                         # per-layer entries, density, ||dW||, effective rank, file size
     peft-sara analyze MODEL [--inputs x.safetensors]  # the paper's small-weight observation on a local model
