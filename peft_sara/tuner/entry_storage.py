@@ -16,10 +16,10 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
+from .kernels.reference import patched_values
 from .selection import (
     check_entries,
     compact_,
-    compute_dtype,
     gathered,
     index_dtype_for,
     still_ineffective,
@@ -220,7 +220,8 @@ class SparseEntryStorage:
 
     @torch.no_grad()
     def reselection_mask(self, adapter_name: str) -> torch.Tensor:
-        """Boolean mask over the trainable entries: those whose current weight (base + delta) is within the cutoff.
+        """Boolean mask over the trainable entries: those whose current weight, ``cast(w + s*delta)`` as the forward
+        computes it, is within the cutoff.
 
         A pure function of the base weight and the values, so ranks holding bitwise-identical copies agree on it.
         """
@@ -229,7 +230,7 @@ class SparseEntryStorage:
         values = gathered(self.sara_values[adapter_name]).detach()[:count]
         with self.readable_base_weight() as weight:  # dequantized / onloaded where needed
             base_entries = gathered(weight).detach().reshape(-1).index_select(0, indices)
-        current = base_entries.to(compute_dtype(base_entries.dtype, values.dtype)) + values
+        current = patched_values(base_entries, values, self.sara_scaling[adapter_name])  # the forward's formula
         return still_ineffective(current, self.cutoff(adapter_name))
 
     def _set_live_count(self, adapter_name: str, count: int) -> None:
