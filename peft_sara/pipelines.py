@@ -252,8 +252,8 @@ def load_sara_adapter(
         token: Hub token for private repos.
         cache_dir: Hub cache to use instead of the default one.
         local_files_only: Only look in the Hub cache (like ``HF_HUB_OFFLINE=1``).
-        allow_non_finite: Accept NaN / inf values (refused by default). ``None`` follows the environment variable
-            ``PEFT_SARA_ALLOW_NON_FINITE``.
+        allow_non_finite: Accept NaN / inf values, and values whose effective weight overflows (refused by default).
+            ``None``: refused, unless inside :func:`peft_sara.allow_non_finite_values`.
         weight_name: Name of the weights file in each adapter folder, as in diffusers' ``load_lora_weights``
             (default: ``adapter_model.safetensors``, PEFT's name). Only ``.safetensors`` files.
         prefix: The one component to load, as diffusers' ``load_lora_adapter(prefix=...)`` takes it (``"unet"``,

@@ -22,8 +22,8 @@ effective-weight check is one pass over the entries in the compute dtype. A refu
 - hotswap: a slot holds the adapter's trainable and frozen entries; exports: a layer's dense update costs at most
   a fixed multiple of its stored entries.
 - non-finite values, and values whose effective weight overflows the base dtype, unless allowed:
-  ``allow_non_finite=True`` on peft-sara's loaders, ``PEFT_SARA_ALLOW_NON_FINITE=1``, or
-  ``with allow_non_finite_values(): PeftModel.from_pretrained(...)``.
+  ``allow_non_finite=True`` on peft-sara's loaders, or ``with allow_non_finite_values(): PeftModel.from_pretrained(...)``
+  (PEFT's loaders take no argument for it). The ``PEFT_SARA_ALLOW_NON_FINITE`` environment variable is deprecated.
 - loading into a merged adapter is refused (its merged weights would keep the old values).
 
 Not covered: whether the values are any good (a file of zeros loads), and quantized or offloaded base weights, which
@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -80,8 +81,8 @@ OTHER_MODEL_HINT = "The checkpoint was made for a different model."
 # that records a huge weight shape is refused (exports) or its dense statistics skipped (inspect).
 MAX_DENSE_PER_STORED_ENTRY = 4096
 ALLOW_HINT = (
-    "To load it anyway pass `allow_non_finite=True` (peft-sara's loaders), set PEFT_SARA_ALLOW_NON_FINITE=1, or load "
-    "inside `peft_sara.allow_non_finite_values()`."
+    "To load it anyway pass `allow_non_finite=True` (peft-sara's loaders), or load inside "
+    "`peft_sara.allow_non_finite_values()` (PEFT's `from_pretrained` / `load_adapter`)."
 )
 
 
@@ -100,11 +101,23 @@ def allow_non_finite_values(allow: bool = True) -> Iterator[None]:
 
 
 def non_finite_allowed() -> bool:
-    """Whether loads accept non-finite values: :func:`allow_non_finite_values`, else ``PEFT_SARA_ALLOW_NON_FINITE``."""
+    """Whether loads accept non-finite values: inside :func:`allow_non_finite_values`, else no.
+
+    The deprecated ``PEFT_SARA_ALLOW_NON_FINITE`` environment variable is still honoured, with a ``FutureWarning``.
+    """
     explicit = _allow_non_finite.get()
     if explicit is not None:
         return explicit
-    return os.environ.get(ALLOW_NON_FINITE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    setting = os.environ.get(ALLOW_NON_FINITE_ENV_VAR)
+    if setting is None:
+        return False
+    warnings.warn(
+        f"{ALLOW_NON_FINITE_ENV_VAR} is deprecated and will be ignored in a future release: pass "
+        "`allow_non_finite=True` to peft-sara's loaders, or load inside `peft_sara.allow_non_finite_values()`.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return setting.strip().lower() in ("1", "true", "yes", "on")
 
 
 class SlotTooSmall(InvalidAdapterError):
@@ -405,10 +418,7 @@ def _check_other_tensors(
                 f"{tuple(expected.shape)} and {expected.dtype}. {OTHER_MODEL_HINT}"
             )
         if not allow_non_finite and tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-            raise InvalidAdapterError(
-                f"The checkpoint's '{key}' holds non-finite values (NaN or inf). To load them anyway set "
-                f"{ALLOW_NON_FINITE_ENV_VAR}=1 or pass `allow_non_finite=True`."
-            )
+            raise InvalidAdapterError(f"The checkpoint's '{key}' holds non-finite values (NaN or inf). {ALLOW_HINT}")
 
 
 def check_not_merged(model: nn.Module, adapter_name: str) -> None:
