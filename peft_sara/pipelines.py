@@ -23,7 +23,7 @@ Saving follows diffusers' LoRA conventions: ``pipe.save_pretrained`` saves the c
 unfused adapter injected it writes the tuner layers' keys (``...base_layer.weight``, ``...sara_values...``), which
 ``from_pretrained`` does not load (it warns and initializes those weights anew). Save the adapter with
 :func:`save_sara_adapter`, or a merged model with ``pipe.fuse_lora(); pipe.unload_lora_weights(); pipe.save_pretrained(d)``
-(or ``peft_sara.save_merged``, which leaves the pipeline as it was).
+(or ``peft_sara.conversion.save_merged``, which leaves the pipeline as it was).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _component_folders(folder: Path, pipe_modules: dict[str, nn.Module], compone
                 f"adapter was injected ({', '.join(injected)}): as with LoRA, its weights are the tuner layers' "
                 "(`...base_layer.weight`, `...sara_values...`), which `from_pretrained` does not load. Save the adapter "
                 "with `peft_sara.save_sara_adapter(pipe, ...)`, or a merged model with `pipe.fuse_lora(); "
-                "pipe.unload_lora_weights(); pipe.save_pretrained(...)` (or `peft_sara.save_merged`)."
+                "pipe.unload_lora_weights(); pipe.save_pretrained(...)` (or `peft_sara.conversion.save_merged`)."
             )
         listing = sorted(child.name for child in folder.iterdir()) if folder.is_dir() else []
         lora_hint = (
@@ -364,7 +364,7 @@ def _fuse(pipe: Any, components: list[str], layers: list, adapter_name: str) -> 
         except ValueError as err:
             raise ValueError(
                 f"`fuse=True` fuses with `pipe.fuse_lora(components={components})`, which refused: {err} Nothing was "
-                "loaded; load without `fuse=True` and merge what you need (`peft_sara.save_merged`)."
+                "loaded; load without `fuse=True` and merge what you need (`peft_sara.conversion.save_merged`)."
             ) from err
 
 

@@ -116,6 +116,19 @@ def test_loaded_adapter_reproduces_the_saving_pipeline(sd, pipe):
     np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
 
 
+def test_a_loaded_unet_answers_diffusers_model_adapter_api(sd, pipe):
+    # Injected through the UNet's own `add_adapter`, so diffusers knows it holds adapters.
+    name = load_sara_adapter(pipe, sd.adapter_dir, components=["unet"])
+    assert pipe.unet.active_adapters() == [name]
+    assert not any(p.requires_grad for n, p in pipe.unet.named_parameters() if "sara_" in n)  # loaded for inference
+    adapted = generate(pipe)
+    pipe.unet.disable_adapters()
+    assert np.array_equal(generate(pipe), sd.base)
+    pipe.unet.enable_adapters()
+    pipe.unet.set_adapter(name)
+    assert np.array_equal(generate(pipe), adapted)
+
+
 def test_load_runs_no_selection_the_files_name_the_entries(sd, pipe, monkeypatch):
     from peft_sara.tuner import layer as layer_module
 
