@@ -136,7 +136,9 @@ def _models_saved_with_sara_layers(folder: Path) -> list[str]:
     for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")]):
         try:
             with safe_open(path, framework="pt") as handle:
-                if any(f".{PREFIX}" in key for key in handle.keys()):
+                keys = list(handle.keys())
+                # The base weights under `.base_layer.` beside the adapter's: a model, not an adapter file.
+                if any(f".{PREFIX}" in key for key in keys) and any(".base_layer." in key for key in keys):
                     found.append(str(path.relative_to(folder)))
         except Exception:  # noqa: BLE001 - not a readable safetensors file: not what this looks for
             continue

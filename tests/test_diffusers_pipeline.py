@@ -249,7 +249,9 @@ def test_fuse_unload_save_pretrained_writes_the_fused_pipeline(sd, pipe, tmp_pat
     pipe.unload_lora_weights()
     assert not sara_layers(pipe.unet) and not sara_layers(pipe.text_encoder)
     pipe.save_pretrained(tmp_path / "fused")
-    reloaded = load_sd(tmp_path / "fused")
+    from diffusers import DiffusionPipeline
+
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "fused")
     assert not sara_layers(reloaded.unet) and not sara_layers(reloaded.text_encoder)
     np.testing.assert_allclose(generate(reloaded), sd.adapted, **FUSED)
     assert np.array_equal(generate(reloaded), generate(pipe))  # exactly the fused weights
