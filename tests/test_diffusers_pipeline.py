@@ -293,6 +293,14 @@ def test_save_pretrained_with_an_unfused_adapter_writes_the_layers_as_lora_does(
     np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)  # saving changed nothing
     with pytest.raises(FileNotFoundError, match="unfused SaRA adapter.*save_sara_adapter.*unload_lora_weights"):
         load_sara_adapter(load_sd(sd.pipeline_dir), tmp_path / "unfused")
+    # An adapter's weights without their config are not mistaken for such a model.
+    (tmp_path / "no-config" / "unet").mkdir(parents=True)
+    save_file(
+        load_file(sd.adapter_dir / "unet" / "adapter_model.safetensors"), tmp_path / "no-config/unet/a.safetensors"
+    )
+    with pytest.raises(FileNotFoundError, match="No 'adapter_config.json'") as refused:
+        load_sara_adapter(load_sd(sd.pipeline_dir), tmp_path / "no-config")
+    assert "unfused" not in str(refused.value)
 
 
 # ------------------------------------------------------------------------------------------------- layouts
