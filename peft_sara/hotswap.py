@@ -44,14 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .adapter_files import read_adapter_weights, read_sara_config
 from .constants import CONFIG_NAME
+from .injection import inject_sara_adapter
 from .resolve import resolve_adapter_folder
-from .save_bridge import install_save_bridge
 from .tuner.config import SaRAConfig
 from .tuner.file_format import InvalidAdapterError, normalize_module_name, parse_checkpoint
 from .tuner.layer import SaRALayer, sara_layers
@@ -257,13 +257,7 @@ def _inject_slot(module: nn.Module, config: SaRAConfig, adapter_name: str) -> No
         module.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
         module.set_adapter(adapter_name)
         return
-    inject_adapter_in_model(config, module, adapter_name, low_cpu_mem_usage=True)
-    cast_adapter_dtype(module, adapter_name)
-    module._hf_peft_config_loaded = True  # diffusers' and transformers' adapter API then drive it
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            layer.set_adapter([adapter_name], inference_mode=True)
-    install_save_bridge(module)
+    inject_sara_adapter(module, config, adapter_name, low_cpu_mem_usage=True)  # diffusers' and PEFT's public API
 
 
 def enable_sara_hotswap(

@@ -13,7 +13,6 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..save_bridge import install_save_bridge
 from .base_weight import one_merge_warning
 from .config import SaRAConfig
 from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
@@ -152,9 +151,6 @@ class SaRAModel(BaseTuner):
         with contextlib.suppress(AttributeError, TypeError):
             model.model_tags = tags
         mark_tied_layers(model)
-        # diffusers' `add_adapter` path: keep `model.save_pretrained` writing a loadable base (or fused) checkpoint.
-        if any(cls.__name__ in ("ModelMixin", "PreTrainedModel") for cls in type(model).__mro__):
-            install_save_bridge(model)
 
     def _check_new_adapter_config(self, config: SaRAConfig) -> None:
         super()._check_new_adapter_config(config)
