@@ -69,9 +69,8 @@ def inject_sara_adapter(
 
     ``component.add_adapter(config, adapter_name)`` for diffusers models; PEFT's ``inject_adapter_in_model`` for
     transformers text encoders and other modules (see the module docstring). ``low_cpu_mem_usage=True`` (PEFT's
-    meaning: a checkpoint sets the weights next) skips the selection, so the adapter waits for its entries; diffusers'
-    ``add_adapter`` takes no such argument, so a diffusers model skips it only for a config read from a folder
-    (``SaRAConfig.from_pretrained``, which sets ``loaded_from``) and selects otherwise.
+    meaning: a checkpoint sets the weights next) skips the selection, so the adapter waits for its entries (diffusers'
+    ``add_adapter`` takes no such argument: the config says it, see ``SaRAModel.inject_adapter``).
     """
     if adapter_name in adapter_names_in_use(module):
         raise ValueError(
@@ -85,8 +84,13 @@ def inject_sara_adapter(
         if is_diffusers_model(module):
             recorded = config.base_model_name_or_path
             # diffusers' add_adapter marks the model as holding adapters before it injects: all or nothing.
-            with all_or_nothing(module):
-                module.add_adapter(config, adapter_name=adapter_name)
+            # It takes no `low_cpu_mem_usage`; the config carries the same promise for the injection only.
+            config.entries_follow = low_cpu_mem_usage
+            try:
+                with all_or_nothing(module):
+                    module.add_adapter(config, adapter_name=adapter_name)
+            finally:
+                del config.entries_follow
             if recorded is not None:  # add_adapter clears it (the tuner then records the model's own id)
                 config.base_model_name_or_path = recorded
         else:

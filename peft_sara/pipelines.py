@@ -46,7 +46,7 @@ from .atomic import folder_writer, write_text_atomic
 from .cards import sara_model_card
 from .constants import CARD_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from .hotswap import plan_hotswap, swap_state_dicts, unclaimed_slot
-from .injection import adapter_names_in_use, inject_sara_adapter, is_diffusers_model
+from .injection import adapter_names_in_use, inject_sara_adapter
 from .resolve import resolve_adapter_folder
 from .tuner.base_weight import one_merge_warning
 from .tuner.config_checks import check_relative_path
@@ -276,11 +276,6 @@ def load_sara_adapter(
         config = read_sara_config(component_folder)
         config.inference_mode = True
         module = pipe_modules[component]
-        if is_diffusers_model(module) and weight_name in (None, SAFETENSORS_NAME):
-            # Read from this folder, as `SaRAConfig.from_pretrained` would mark it: diffusers' `add_adapter` injects
-            # without `low_cpu_mem_usage`, and such a config makes the injection select nothing (the file names the
-            # entries). A file under another `weight_name` is outside the tuner's view: the injection selects first.
-            config.loaded_from = {"path": str(component_folder), "subfolder": None}
         slot = unclaimed_slot(module)
         into_slot = hotswap or slot is not None
         taken = adapter_name in adapter_names_in_use(module) and not (slot and slot.name == adapter_name)

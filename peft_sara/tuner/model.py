@@ -118,15 +118,18 @@ class SaRAModel(BaseTuner):
         An injection for a load selects nothing: the checkpoint names the entries (the load sizes the layers to them).
         That is an adapter whose config PEFT's ``from_pretrained`` / ``load_adapter`` read from the adapter's folder
         (``SaRAConfig.loaded_from``), or an injection PEFT runs with ``low_cpu_mem_usage=True`` (``inject_adapter_in_model``,
-        ``add_adapter``, ``load_adapter``; PEFT's contract: the weights are replaced before use; ``load_sara_adapter`` and
-        ``enable_sara_hotswap`` inject so). Such an adapter refuses to run until a checkpoint sets its entries.
+        ``add_adapter``, ``load_adapter``; PEFT's contract: the weights are replaced before use), or one whose config has
+        the instance attribute ``entries_follow = True`` (the same promise where the caller cannot pass
+        ``low_cpu_mem_usage``, e.g. diffusers' ``add_adapter``; ``load_sara_adapter`` and ``enable_sara_hotswap`` inject
+        so). Such an adapter refuses to run until a checkpoint sets its entries.
         ``get_peft_model`` with a config built in code always selects: its entries exist right away.
         """
         config = self.peft_config.get(adapter_name)
         source = getattr(config, "loaded_from", None)
         if source is not None:  # PEFT's from_pretrained / load_adapter injects before reading the weights: check first
             check_load_source(model, config, source)
-        self._sara_select_entries = not (kwargs.get("low_cpu_mem_usage") or source is not None)
+        entries_follow = kwargs.get("low_cpu_mem_usage") or getattr(config, "entries_follow", False)
+        self._sara_select_entries = not (entries_follow or source is not None)
         try:
             with all_or_nothing(self, model) as state:
                 super().inject_adapter(model, adapter_name, *args, **kwargs)
