@@ -29,7 +29,7 @@ PRIVATE_NAMES: dict[tuple[str, str], str] = {
         "the new layer's active adapter (set in __init__); hotswap's slot rename (no public rename in PEFT)"
     ),
     ("peft.tuners.tuners_utils:BaseTunerLayer", "_disable_adapters"): (
-        "a new layer starts enabled (set in __init__); read by tuner/base_weight.execution_path"
+        "a new layer starts enabled (set in __init__, as PEFT's own layers do; read through `disable_adapters`)"
     ),
     ("peft.tuners.tuners_utils:BaseTunerLayer", "_move_adapter_to_device_of_base_layer"): "device of new adapters",
     ("peft.tuners.tuners_utils", "_get_in_out_features"): "in/out features of every supported base layer",
