@@ -71,8 +71,7 @@ CLIENT = textwrap.dedent(
             return type(err).__name__ + ": " + str(err)
         return {{k: v.tolist() for k, v in model.state_dict().items() if "sara_" in k}}
 
-    report = {{"plain": load("org/plain-bin")}}
-    load("org/warm-up")  # the same refusal once first: imports, connections and caches are not the file's cost
+    report = {{"plain": load("org/plain-bin")}}  # first: imports, connections and caches are not the file's cost
     before = peak()
     report["hostile"] = load("org/compressed-bin")
     report["growth"] = peak() - before
@@ -99,8 +98,7 @@ def test_a_compressed_bin_from_the_hub_is_refused_before_it_expands(tmp_path):
 
     with HubStub(lifetime_s=300) as hub:
         _serve(hub, "org/plain-bin", {"adapter_config.json": config, "adapter_model.bin": plain})
-        for repo in ("org/warm-up", "org/compressed-bin"):
-            _serve(hub, repo, {"adapter_config.json": config, "adapter_model.bin": hostile})
+        _serve(hub, "org/compressed-bin", {"adapter_config.json": config, "adapter_model.bin": hostile})
         env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
         env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_DISABLE_TELEMETRY="1")
         # This checkout's peft_sara, whatever is installed.
