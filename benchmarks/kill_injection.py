@@ -13,8 +13,8 @@ outside peft-sara (which does not recover) would have seen a mix of old and new 
 ``peft_save_pretrained`` is PEFT's own ``PeftModel.save_pretrained``, which writes in place (the model card, then
 ``adapter_model.safetensors``, then ``adapter_config.json``); the two versions differ in their values and in a setting
 (``lambda_rank``). Its adapter files (not the card, which no loader reads) are compared; a folder that is neither
-version is "refused" if ``PeftModel.from_pretrained`` and ``read_adapter_weights`` (every peft-sara loader) both
-refuse it, else "other".
+version is "refused" if ``PeftModel.from_pretrained`` and ``read_sara_config`` + ``read_adapter_weights`` (what every
+peft-sara loader reads) both refuse it, else "other".
 
     python -m benchmarks.kill_injection                 # 50 kills per saver, JSON to benchmarks/results/
     python -m benchmarks.kill_injection --kills 200 --savers pipeline_adapter checkpoint_rotation
@@ -211,17 +211,19 @@ def _save_peft(world: World, root: Path, version: int, step: int) -> None:
 
 
 def _refused_by_every_reader(folder: Path) -> str | None:
-    """If PEFT's ``from_pretrained`` and ``read_adapter_weights`` (peft-sara's loaders) both refuse ``folder``: why
-    (``half-written``: weights and config of two saves; ``unreadable``: a torn or missing file), else None."""
+    """If PEFT's ``from_pretrained`` and peft-sara's folder reading (``read_sara_config`` + ``read_adapter_weights``,
+    which every peft-sara loader runs) both refuse ``folder``: why (``half-written``: weights and config of two saves;
+    ``unreadable``: a torn or missing file), else None."""
     from peft import PeftModel
 
-    from peft_sara.adapter_files import read_adapter_weights
+    from peft_sara.adapter_files import read_adapter_weights, read_sara_config
+
+    def peft_sara_read() -> None:
+        read_sara_config(folder)
+        read_adapter_weights(folder)
 
     refused, reasons = 0, set()
-    for read in (
-        lambda: PeftModel.from_pretrained(_tiny_peft_base(), str(folder)),
-        lambda: read_adapter_weights(folder),
-    ):
+    for read in (lambda: PeftModel.from_pretrained(_tiny_peft_base(), str(folder)), peft_sara_read):
         try:
             read()
         except Exception as err:  # the refusal being counted (a torn file, a half-written save)

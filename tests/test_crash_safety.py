@@ -202,3 +202,41 @@ def test_rotation_never_removes_the_newest_checkpoint(tmp_path):
     (tmp_path / ".checkpoint-1.sara-deleting").mkdir()  # a kill during an earlier rotation's delete
     assert remove_old_checkpoints(tmp_path, keep=1) == []
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
+
+
+def test_the_demo_pretrained_cache_is_published_whole(tmp_path, monkeypatch):
+    """The demo's pretrained-base cache goes through the folder writer: a save that dies midway leaves no cache
+    entry (a reader would take any folder with its record for a cached model), a complete one leaves exactly it."""
+    from diffusers import UNet2DModel
+
+    from peft_sara.demo.diffusion import PRETRAIN_INFO_NAME, _save_atomically
+
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8,),
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    cache = tmp_path / "cache" / "key"
+
+    def dies_after_the_weights(folder, *args, **kwargs):
+        (Path(folder) / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(unet, "save_pretrained", dies_after_the_weights)
+        with pytest.raises(KeyboardInterrupt):
+            _save_atomically(unet, {"losses": [1.0], "seconds": 1.0}, cache)
+    assert not cache.exists() and os.listdir(cache.parent) == []
+    for _ in range(2):  # a first save, then one over it
+        _save_atomically(unet, {"losses": [1.0], "seconds": 1.0}, cache)
+        assert sorted(os.listdir(cache)) == sorted(
+            ["config.json", "diffusion_pytorch_model.safetensors", PRETRAIN_INFO_NAME]
+        )
+        assert os.listdir(cache.parent) == ["key"]
+    reloaded = UNet2DModel.from_pretrained(cache)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reloaded.state_dict().values()))
