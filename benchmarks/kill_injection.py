@@ -16,6 +16,10 @@ outside peft-sara (which does not recover) would have seen a mix of old and new 
 version is "refused" if ``PeftModel.from_pretrained`` and ``read_sara_config`` + ``read_adapter_weights`` (what every
 peft-sara loader reads) both refuse it, else "other".
 
+``accelerate_save_state`` is the DeepSpeed examples' checkpoint (``accelerator.save_state``, every process writes its
+part) through ``peft_sara.atomic.distributed_folder_writer``, run here by one CPU process (accelerate without DeepSpeed:
+model, optimizer, scheduler and RNG files) over the same checkpoint folder.
+
     python -m benchmarks.kill_injection                 # 50 kills per saver, JSON to benchmarks/results/
     python -m benchmarks.kill_injection --kills 200 --savers pipeline_adapter checkpoint_rotation
 """
@@ -51,6 +55,7 @@ SAVERS = (
     "peft_lora_export",
     "merged_model",
     "peft_save_pretrained",
+    "accelerate_save_state",
 )
 PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -94,6 +99,7 @@ class World:
     pipe: TinyPipeline
     components: list  # TrainedComponent
     peft_model: Any = None  # a PeftModel, saved with PEFT's own save_pretrained
+    accelerator: Any = None  # accelerate_save_state: made by its setup, in the saver's worker
 
 
 def build_world() -> World:
@@ -156,6 +162,7 @@ class Saver:
     prepare_root: Callable[[Path], None] = lambda root: None
     rotating: bool = False  # checkpoints: each published save is a new step
     files: tuple[str, ...] | None = None  # only these files are compared (None: every file)
+    setup: Callable[[World], None] | None = None  # run once in the saver's worker, before any save
     refusal: Callable[[Path], str | None] | None = None  # in-place writers: why every reader refuses a folder
 
 
@@ -232,6 +239,25 @@ def _refused_by_every_reader(folder: Path) -> str | None:
     return ("half-written" if reasons == {"half-written"} else "unreadable") if refused == 2 else None
 
 
+def _setup_accelerator(world: World) -> None:
+    import logging
+
+    from accelerate import Accelerator
+
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # a warning per save about tied frozen-entry buffers
+    world.accelerator = Accelerator(cpu=True)
+    unet = world.components[0]
+    world.accelerator.prepare(unet.model, unet.optimizer, unet.lr_scheduler)
+
+
+def _save_accelerate_state(world: World, root: Path, version: int, step: int) -> None:
+    from peft_sara.atomic import distributed_folder_writer
+
+    accelerator = world.accelerator
+    with distributed_folder_writer(root / "ds", accelerator.is_main_process, accelerator.wait_for_everyone) as staging:
+        accelerator.save_state(str(staging))
+
+
 SAVER_TABLE: dict[str, Saver] = {
     "pipeline_adapter": Saver(_save_pipeline_adapter, lambda root, step: root / "adapter", _foreign_content),
     "training_state": Saver(_save_training_state, lambda root, step: root / "state"),
@@ -241,6 +267,7 @@ SAVER_TABLE: dict[str, Saver] = {
     "peft_save_pretrained": Saver(
         _save_peft, lambda root, step: root / "peft", files=PEFT_ADAPTER_FILES, refusal=_refused_by_every_reader
     ),
+    "accelerate_save_state": Saver(_save_accelerate_state, lambda root, step: root / "ds", setup=_setup_accelerator),
 }
 
 
@@ -308,6 +335,8 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
     from peft_sara.atomic import recover_folder
 
     saver = SAVER_TABLE[name]
+    if saver.setup is not None:
+        saver.setup(world)
     root = workdir / name
     root.mkdir()
     saver.prepare_root(root)

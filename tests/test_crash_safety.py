@@ -240,3 +240,49 @@ def test_the_demo_pretrained_cache_is_published_whole(tmp_path, monkeypatch):
         assert os.listdir(cache.parent) == ["key"]
     reloaded = UNet2DModel.from_pretrained(cache)
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reloaded.state_dict().values()))
+
+
+def _distributed_save(target: Path, parts: dict[int, str], fail_rank: int | None = None) -> list[BaseException]:
+    """Two "processes" (threads with a shared barrier) each write their part of one folder."""
+    import threading
+
+    from peft_sara.atomic import distributed_folder_writer
+
+    barrier = threading.Barrier(len(parts))
+    errors: list[BaseException] = []
+
+    def rank(index: int) -> None:
+        try:
+            with distributed_folder_writer(target, index == 0, barrier.wait) as staging:
+                (staging / f"rank{index}.bin").write_text(parts[index])
+                if index == fail_rank:
+                    raise RuntimeError("boom")
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(index,)) for index in parts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors
+
+
+def test_a_distributed_save_is_published_whole_once_every_process_has_written(tmp_path):
+    """DeepSpeed's save_state (every rank writes its part) through distributed_folder_writer: the checkpoint folder
+    appears complete or not at all, a killed job's staging never names a checkpoint and is removed by the next save."""
+    run = tmp_path / "run"
+    target = Path(checkpoint_folder(run, 5))
+    staging = run / f".checkpoint-5{STAGING_MARK}distributed"
+    staging.mkdir(parents=True)  # a killed job's leftover, half written
+    (staging / "rank0.bin").write_text("stale")
+    assert latest_checkpoint(run) is None
+    assert _distributed_save(target, {0: "a0", 1: "a1"}) == []
+    assert _files(target) == {"rank0.bin": b"a0", "rank1.bin": b"a1"}
+    assert sorted(os.listdir(run)) == ["checkpoint-5"] and latest_checkpoint(run) == str(target)
+    assert _distributed_save(target, {0: "b0", 1: "b1"}) == []  # the same step saved again: replaced whole
+    assert _files(target) == {"rank0.bin": b"b0", "rank1.bin": b"b1"}
+    errors = _distributed_save(checkpoint_folder(run, 6), {0: "c0", 1: "c1"}, fail_rank=0)
+    assert any(str(err) == "boom" for err in errors)
+    assert sorted(os.listdir(run)) == ["checkpoint-5"] and latest_checkpoint(run) == str(target)
