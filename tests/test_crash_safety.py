@@ -57,6 +57,7 @@ def test_kill_injection_leaves_old_or_new_folder_for_every_saver(tmp_path):
         "peft_lora_export",
         "merged_model",
         "peft_save_pretrained",
+        "accelerate_save_state",
     }
     for name, counts in savers.items():
         assert counts["kills"] >= 50, (name, counts)
