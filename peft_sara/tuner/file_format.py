@@ -76,7 +76,7 @@ READABLE_VERSIONS = (1, 2, 3)
 FORMAT_VERSION_NAME = "sara_format_version"
 # One per file: the checksum of every tensor that is not a SaRA entry (modules_to_save), by saved name.
 OTHER_CHECKSUM_NAME = "sara_modules_to_save_checksum"
-# One per file (format 3): the settings fingerprint of the config saved with the weights (SaRAConfig.config_fingerprint).
+# One per file (format 3): the settings fingerprint of the config saved with the weights (see the docstring).
 CONFIG_FINGERPRINT_NAME = "sara_config_fingerprint"
 FILE_RECORD_NAMES = (FORMAT_VERSION_NAME, OTHER_CHECKSUM_NAME, CONFIG_FINGERPRINT_NAME)
 WEIGHT_SHAPE_NAME = "sara_weight_shape"
@@ -481,8 +481,9 @@ def encode_adapter_state_dict(
 ) -> dict[str, torch.Tensor]:
     """An adapter state dict (model keys, adapter name still in them) in the file format: empty frozen sets dropped,
     values cast to ``save_dtype``, indices sorted and written as gaps, weight shapes, checksums, format version and
-    ``config_fingerprint`` (the saved config's ``settings_fingerprint()``, hex) added. Other tensors are kept as they are; they and ``modules_to_save`` (the copies a writer adds to the file
-    after this, as PEFT's ``get_peft_model_state_dict`` does) are covered by one checksum."""
+    ``config_fingerprint`` (the saved config's ``settings_fingerprint()``, hex) added. Other tensors are kept as they
+    are; they and ``modules_to_save`` (the copies a writer adds to the file after this, as PEFT's
+    ``get_peft_model_state_dict`` does) are covered by one checksum."""
     # FSDP and activation checkpointing wrap modules but drop their wrapper names from state-dict keys: so does this.
     layers = {
         normalize_module_name(re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.", "", name)): layer
