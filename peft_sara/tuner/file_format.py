@@ -26,8 +26,13 @@ key                                 dtype, shape              holds
                                                               dtype, shape and bytes of each)
 ==================================  ========================  ==========================================================
 
-Per file: ``sara_format_version`` (int64 ``[1]``) and ``sara_modules_to_save_checksum`` (uint8 ``[32]``, the SHA-256
-of every other tensor, by saved name). Every other tensor is a module of the config's ``modules_to_save``.
+Per file: ``sara_format_version`` (int64 ``[1]``), ``sara_modules_to_save_checksum`` (uint8 ``[32]``, the SHA-256
+of every other tensor, by saved name) and, from format 3, ``sara_config_fingerprint`` (uint8 ``[32]``): the
+``SaRAConfig.settings_fingerprint()`` of the config saved with it, which ``adapter_config.json`` holds as
+``config_fingerprint``. PEFT's ``save_pretrained`` writes the weights, then the config, each in place: a save killed
+between the two leaves new weights beside the old config, and the readers refuse a pair whose fingerprints differ (or
+a fingerprinted file beside a config without one); files without the record (formats 1 and 2) load as before. Every
+other tensor is a module of the config's ``modules_to_save``.
 ``adapter_config.json`` is the ``SaRAConfig``; ``base_model_class`` there names the class of the model the adapter was
 injected into (filled at injection), which tells exporters which pipeline component it adapts.
 
@@ -65,12 +70,15 @@ from torch import nn
 
 from .layer import sara_layers
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: layouts and model class in safetensors metadata (peft-sara <= 0.1 at dc2a78b)
+FORMAT_VERSION = 3
+# 1: layouts and model class in safetensors metadata (peft-sara <= 0.1 at dc2a78b); 2: no config fingerprint.
+READABLE_VERSIONS = (1, 2, 3)
 FORMAT_VERSION_NAME = "sara_format_version"
 # One per file: the checksum of every tensor that is not a SaRA entry (modules_to_save), by saved name.
 OTHER_CHECKSUM_NAME = "sara_modules_to_save_checksum"
-FILE_RECORD_NAMES = (FORMAT_VERSION_NAME, OTHER_CHECKSUM_NAME)
+# One per file (format 3): the settings fingerprint of the config saved with the weights (see the docstring).
+CONFIG_FINGERPRINT_NAME = "sara_config_fingerprint"
+FILE_RECORD_NAMES = (FORMAT_VERSION_NAME, OTHER_CHECKSUM_NAME, CONFIG_FINGERPRINT_NAME)
 WEIGHT_SHAPE_NAME = "sara_weight_shape"
 LAYOUT_NAME = "sara_layout"
 CHECKSUM_NAME = "sara_checksum"
@@ -469,11 +477,13 @@ def encode_adapter_state_dict(
     state_dict: dict[str, torch.Tensor],
     save_dtype: str | None,
     modules_to_save: Mapping[str, torch.Tensor] | None = None,
+    config_fingerprint: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """An adapter state dict (model keys, adapter name still in them) in the file format: empty frozen sets dropped,
-    values cast to ``save_dtype``, indices sorted and written as gaps, weight shapes, checksums and format version
-    added. Other tensors are kept as they are; they and ``modules_to_save`` (the copies a writer adds to the file
-    after this, as PEFT's ``get_peft_model_state_dict`` does) are covered by one checksum."""
+    values cast to ``save_dtype``, indices sorted and written as gaps, weight shapes, checksums, format version and
+    ``config_fingerprint`` (the saved config's ``settings_fingerprint()``, hex) added. Other tensors are kept as they
+    are; they and ``modules_to_save`` (the copies a writer adds to the file after this, as PEFT's
+    ``get_peft_model_state_dict`` does) are covered by one checksum."""
     # FSDP and activation checkpointing wrap modules but drop their wrapper names from state-dict keys: so does this.
     layers = {
         normalize_module_name(re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.", "", name)): layer
@@ -517,6 +527,10 @@ def encode_adapter_state_dict(
     encoded[prefix + FORMAT_VERSION_NAME] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
     covered = others | {key: _plain(key, tensor) for key, tensor in (modules_to_save or {}).items()}
     encoded[prefix + OTHER_CHECKSUM_NAME] = other_tensors_checksum(covered, adapter_name)
+    if config_fingerprint is not None:
+        encoded[prefix + CONFIG_FINGERPRINT_NAME] = torch.tensor(
+            list(bytes.fromhex(config_fingerprint)), dtype=torch.uint8
+        )
     return {**others, **encoded}
 
 
@@ -563,6 +577,7 @@ class ParsedCheckpoint:
     other_keys: list[str]
     other_checksum: torch.Tensor
     version: int = FORMAT_VERSION
+    config_fingerprint: torch.Tensor | None = None  # format 3: see CONFIG_FINGERPRINT_NAME
 
 
 def _read_version(key: str, tensor: torch.Tensor) -> int:
@@ -599,7 +614,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
     (``peft_sara.tuner.reader``).
     """
     layers: dict[str, LayerCheckpoint] = {}
-    version_key, version, record_keys, other_keys, other_checksum = None, None, [], [], None
+    version_key, version, record_keys, other_keys, other_checksum, fingerprint = None, None, [], [], None, None
     for key, tensor in state_dict.items():
         if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
             raise InvalidAdapterError(f"The checkpoint entry {key!r} is a {type(tensor).__name__}, not a tensor.")
@@ -621,6 +636,12 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
                     f"The checkpoint holds a misplaced or second '{OTHER_CHECKSUM_NAME}': '{key}'."
                 )
             other_checksum = checked_checksum(f"'{key}'", tensor)
+            record_keys.append(key)
+            continue
+        if name == CONFIG_FINGERPRINT_NAME:
+            if fingerprint is not None or layer_name:
+                raise InvalidAdapterError(f"The checkpoint holds a misplaced or second '{name}': '{key}'.")
+            fingerprint = checked_checksum(f"'{key}'", tensor)
             record_keys.append(key)
             continue
         if name in STORED_INDEX_NAME:
@@ -646,7 +667,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
             f"The checkpoint has no '{OTHER_CHECKSUM_NAME}', which every SaRA file has: the file is corrupted or was "
             "edited after saving."
         )
-    return ParsedCheckpoint(layers, record_keys, other_keys, other_checksum, version)
+    return ParsedCheckpoint(layers, record_keys, other_keys, other_checksum, version, fingerprint)
 
 
 __all__ = [

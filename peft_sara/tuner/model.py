@@ -273,7 +273,11 @@ class SaRAModel(BaseTuner):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # PEFT adds the modules_to_save copies after this hook: the file's checksum covers them all the same.
         copies = modules_to_save_copies(model, adapter_name, state_dict)
-        return encode_adapter_state_dict(model, adapter_name, selected, getattr(config, "save_dtype", None), copies)
+        # The config written beside the weights carries the same fingerprint (SaRAConfig.to_dict): see file_format.
+        fingerprint = config.settings_fingerprint() if isinstance(config, SaRAConfig) else None
+        return encode_adapter_state_dict(
+            model, adapter_name, selected, getattr(config, "save_dtype", None), copies, fingerprint
+        )
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -25,6 +25,9 @@ effective-weight check is one pass over the entries in the compute dtype. A refu
   ``allow_non_finite=True`` on peft-sara's loaders, or ``with allow_non_finite_values(): PeftModel.from_pretrained(...)``
   (PEFT's loaders take no argument for it). The ``PEFT_SARA_ALLOW_NON_FINITE`` environment variable is deprecated.
 - loading into a merged adapter is refused (its merged weights would keep the old values).
+- weights and ``adapter_config.json`` of two different saves (:func:`check_config_fingerprint`, run where a folder's
+  two files are read: PEFT's load path, ``peft_sara.adapter_files.read_adapter_weights``). Protects against a
+  ``PeftModel.save_pretrained`` killed between writing the weights and the config (PEFT writes both in place).
 
 Not covered: whether the values are any good (a file of zeros loads), and quantized or offloaded base weights, which
 are not read for the effective-weight check.
@@ -44,16 +47,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from peft import PeftConfig
-from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, ModulesToSaveWrapper, load_peft_weights
-from safetensors import SafetensorError, safe_open
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, ModulesToSaveWrapper
+from safetensors import safe_open
 from torch import nn
 
 from .config_checks import check_config_values, check_relative_path
 from .file_format import (
     CHECKSUM_NAME,
+    CONFIG_FINGERPRINT_NAME,
     FORMAT_VERSION,
     LAYOUT_NAME,
+    PEFT_MODEL_PREFIX,
     RECORD_NAMES,
     VALUE_DTYPES,
     WEIGHT_SHAPE_NAME,
@@ -511,25 +518,72 @@ def resize_layers_to_entries(model: nn.Module, adapter_name: str, entries: dict[
 HUB_ARGUMENTS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download")
 
 
-def _weight_keys(folder: str) -> set[str]:
-    """The tensor names of a local adapter folder's weights, from the safetensors header or, for a legacy
-    ``adapter_model.bin``, after its size checks (:func:`check_legacy_archive`), memory-mapped."""
-    safetensors_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+def check_config_fingerprint(config_fingerprint: Any, record: torch.Tensor | None, where: str) -> None:
+    """Refuse weights and an ``adapter_config.json`` of two different saves: the weights' ``sara_config_fingerprint``
+    (``record``; None in files of format 1 and 2, which load as before) must equal the config's
+    ``config_fingerprint``. PEFT's ``save_pretrained`` writes the weights, then the config, in place: a kill between
+    the two leaves new weights beside the old config."""
+    if record is None:
+        return
+    if not isinstance(record, torch.Tensor):
+        raise InvalidAdapterError(f"{where}: '{CONFIG_FINGERPRINT_NAME}' is a {type(record).__name__}, not a tensor.")
+    recorded = bytes(checked_checksum(f"{where}: '{CONFIG_FINGERPRINT_NAME}'", record).tolist()).hex()
+    if config_fingerprint == recorded:
+        return
+    found = f"'{config_fingerprint[:12]}...'" if isinstance(config_fingerprint, str) else "none"
+    raise InvalidAdapterError(
+        f"{where}: the weights and adapter_config.json come from two different saves (the weights were saved with "
+        f"config fingerprint '{recorded[:12]}...', the config holds {found}). A save that writes them one after the "
+        "other in place (PEFT's `save_pretrained`) was interrupted between the two files (a half-written save), or "
+        "one file was copied from another save. Save the adapter again (peft-sara's savers publish a folder whole); "
+        f'to pair these two files on purpose, set "config_fingerprint": "{recorded}" in adapter_config.json.'
+    )
+
+
+def fingerprint_record(weights: Mapping[str, Any]) -> torch.Tensor | None:
+    """The ``sara_config_fingerprint`` of a file's tensors (either key spelling), or None."""
+    record = weights.get(CONFIG_FINGERPRINT_NAME)
+    return weights.get(PEFT_MODEL_PREFIX + CONFIG_FINGERPRINT_NAME) if record is None else record
+
+
+def _weights_path(folder: str) -> str:
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(
+        f"'{folder}' has an adapter config but no '{SAFETENSORS_WEIGHTS_NAME}' (or '{WEIGHTS_NAME}')."
+    )
+
+
+def _weight_keys(path: str) -> tuple[set[str], torch.Tensor | None]:
+    """The tensor names of an adapter weights file and its config fingerprint record, from the safetensors header
+    (and that one record) or, for a legacy ``adapter_model.bin``, after its size checks (:func:`check_legacy_archive`),
+    memory-mapped."""
     try:
-        if os.path.isfile(safetensors_path):
-            with safe_open(safetensors_path, framework="pt") as handle:
-                return set(handle.keys())
-        bin_path = os.path.join(folder, WEIGHTS_NAME)
-        if not os.path.isfile(bin_path):
-            raise FileNotFoundError(
-                f"'{folder}' has an adapter config but no '{SAFETENSORS_WEIGHTS_NAME}' (or '{WEIGHTS_NAME}')."
-            )
-        check_legacy_archive(Path(bin_path))
-        return set(torch.load(bin_path, map_location="cpu", weights_only=True, mmap=True))
-    except (InvalidAdapterError, FileNotFoundError):
+        if not path.endswith(".bin"):
+            with safe_open(path, framework="pt") as handle:
+                keys = set(handle.keys())
+                record = next((handle.get_tensor(key) for key in keys if key.endswith(CONFIG_FINGERPRINT_NAME)), None)
+                return keys, record
+        check_legacy_archive(Path(path))
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return set(weights), fingerprint_record(weights)
+    except InvalidAdapterError:
         raise
     except Exception as err:  # safetensors', pickle's and zipfile's errors: all mean "not a weights file"
-        raise InvalidAdapterError(f"The weights in '{folder}' are not a readable adapter file: {err}") from err
+        raise InvalidAdapterError(f"The weights '{path}' are not a readable adapter file: {err}") from err
+
+
+def _hub_weights_path(model_id: str, hub_kwargs: dict[str, Any]) -> str:
+    """The cached file PEFT's ``load_peft_weights`` reads for a Hub adapter: ``adapter_model.safetensors`` if the repo
+    has it, else the legacy ``adapter_model.bin`` (downloaded, not read: its size is checked before anything expands)."""
+    kwargs = dict(hub_kwargs)
+    if "use_auth_token" in kwargs:
+        kwargs.setdefault("token", kwargs.pop("use_auth_token"))
+    try:
+        return hf_hub_download(model_id, SAFETENSORS_WEIGHTS_NAME, **kwargs)
+    except EntryNotFoundError:
+        return hf_hub_download(model_id, WEIGHTS_NAME, **kwargs)
 
 
 def _modules_to_save_keys(model: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
@@ -558,16 +612,11 @@ def check_load_source(model: nn.Module, config: PeftConfig, source: dict[str, An
     where = f"The adapter config of '{model_id}'"
     check_config_values({field.name: getattr(config, field.name) for field in dataclasses.fields(config)}, where)
     folder = os.path.join(model_id, subfolder) if subfolder else model_id
-    if os.path.isdir(folder):
-        keys = {normalize_module_name(key) for key in _weight_keys(folder)}
-    else:  # a Hub repo: PEFT reads the same (cached) file right after
-        try:
-            weights = load_peft_weights(model_id, device="cpu", **hub_kwargs)
-        except SafetensorError as err:
-            raise InvalidAdapterError(
-                f"The weights of '{model_id}' are not a readable safetensors file: {err}"
-            ) from err
-        keys = {normalize_module_name(key) for key in weights}
+    # A Hub repo: the file PEFT reads right after (cached), checked the same way as a local one, before it expands.
+    path = _weights_path(folder) if os.path.isdir(folder) else _hub_weights_path(model_id, hub_kwargs)
+    keys, record = _weight_keys(path)
+    check_config_fingerprint(getattr(config, "config_fingerprint", None), record, f"The adapter '{model_id}'")
+    keys = {normalize_module_name(key) for key in keys}
     for name, module_keys in _modules_to_save_keys(model, getattr(config, "modules_to_save", None) or ()).items():
         missing = [key for key in module_keys if key not in keys]
         if missing:
