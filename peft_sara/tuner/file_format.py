@@ -189,13 +189,13 @@ def count_index_gaps(stream: torch.Tensor) -> int:
     return int(numpy.count_nonzero(stream.detach().cpu().numpy() < ONE_BYTE))
 
 
-def _piece_gaps(piece: numpy.ndarray, ends: numpy.ndarray) -> tuple[torch.Tensor, int]:
+def _piece_gaps(piece: numpy.ndarray, ends: numpy.ndarray) -> tuple[numpy.ndarray, int]:
     """The gaps (int64) of a stream piece that ends with a number's last byte (``ends`` flags those bytes), and the
     length in bytes of its longest number. A one-byte number is its byte; the few longer ones (a gap of 128 or more)
     are completed from their other bytes, each at its place value."""
     gaps = piece[ends].astype(numpy.int64)
     if gaps.size == piece.size:
-        return torch.from_numpy(gaps), 1
+        return gaps, 1
     longer = numpy.flatnonzero(~ends)  # bytes followed by more of their number (few)
     # Consecutive such bytes belong to one number: each one's place in it, and the number it belongs to (as many
     # numbers end before it as bytes before it are last bytes).
@@ -215,7 +215,7 @@ def _piece_gaps(piece: numpy.ndarray, ends: numpy.ndarray) -> tuple[torch.Tensor
     run_sums = totals[ends_run] - numpy.concatenate(([0], totals[ends_run][:-1]))
     last = number[ends_run]
     gaps[last] = (gaps[last] << (7 * (place[ends_run] + 1))) + run_sums
-    return torch.from_numpy(gaps), longest
+    return gaps, longest
 
 
 def decode_index_gaps(
@@ -253,18 +253,24 @@ def decode_index_gaps(
             end = end - MAX_VARINT_BYTES + int(tail[-1]) + 1
         gaps, longest = _piece_gaps(data[position:end], ends[position:end])
         gaps[0] += last
-        indices = gaps.cumsum_(0)
-        # Gaps are non-negative and below 2**63: the sums can only go wrong by passing the int64 range, and a sum that
-        # does so goes down.
-        if last + gaps.numel() * (1 << (7 * longest)) > 2**63 - 1 and (
-            int(indices[0]) < last or not bool((indices[1:] >= indices[:-1]).all())
-        ):
-            raise ValueError("the index gaps sum past the int64 range")
-        last = int(indices[-1])
-        if limit is not None and last >= limit:
-            raise ValueError(f"an index ({last}) is out of range: the weight has {limit} entries")
-        result[written : written + indices.numel()] = indices
-        written += indices.numel()
+        out = result[written : written + gaps.size]
+        if last + gaps.size * (1 << (7 * longest)) <= 2**63 - 1:  # no running sum can pass the int64 range
+            largest = int(gaps.sum())  # the piece's last index: the indices are ascending
+            if limit is not None and largest >= limit:
+                raise ValueError(f"an index ({largest}) is out of range: the weight has {limit} entries")
+            # Below the limit, so below the result dtype's largest value: the running sum is taken in that dtype.
+            torch.cumsum(torch.from_numpy(gaps), 0, dtype=out.dtype, out=out)
+        else:
+            # Gaps are non-negative and below 2**63: a running sum can only go wrong by passing the int64 range, and
+            # one that does so goes down.
+            indices = torch.from_numpy(gaps).cumsum_(0)
+            if int(indices[0]) < last or not bool((indices[1:] >= indices[:-1]).all()):
+                raise ValueError("the index gaps sum past the int64 range")
+            if limit is not None and int(indices[-1]) >= limit:
+                raise ValueError(f"an index ({int(indices[-1])}) is out of range: the weight has {limit} entries")
+            out.copy_(indices)
+        last = int(out[-1])
+        written += gaps.size
         position = end
     if result.dtype != dtype:
         if result.numel() and int(result[-1]) > torch.iinfo(dtype).max:
