@@ -437,7 +437,7 @@ def _write(swap: _Swap, adapter_name: str, scale: float) -> None:
         layer.set_trainable_entries(adapter_name, empty, values, empty, values)
     else:
         e = swap.entries
-        layer.set_trainable_entries(adapter_name, e.indices, e.values, e.frozen_indices, e.frozen_values)
+        layer.set_trainable_entries(adapter_name, e.indices, e.values, e.frozen_indices, e.frozen_values, checked=True)
     layer.set_scale(adapter_name, scale)
 
 
@@ -465,6 +465,17 @@ class HotswapPlan:
 
     def modules(self) -> list[nn.Module]:
         return [module for module, _, _ in self.components]
+
+    def changed_modules(self) -> list[nn.Module]:
+        """What :meth:`apply` changes (for ``all_or_nothing``): the slot's layers, or the whole component where the
+        slot is renamed (every tuner layer's active adapter, the config)."""
+        changed = []
+        for module, slot_name, swaps in self.components:
+            if (self.adapter_name or slot_name) != slot_name:
+                changed.append(module)
+            else:
+                changed.extend(swap.layer for swap in swaps)
+        return changed
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -494,13 +505,13 @@ class HotswapPlan:
         """Claim (and rename) unclaimed slots, then write every swap in place. Run inside ``all_or_nothing``."""
         for module, slot_name, swaps in self.components:
             name = self.adapter_name or slot_name
+            slot = hotswap_slot(module)
             if name != slot_name:
                 _rename_adapter(module, slot_name, name)
-            slot = hotswap_slot(module) if name == slot_name else module.__dict__.get(SLOT_ATTRIBUTE)  # renamed above
-            if isinstance(slot, HotswapSlot) and slot.name == slot_name:
-                module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(name, slot.max_fraction, claimed=True)
             for swap in swaps:
                 _write(swap, name, self.scale)
+            if isinstance(slot, HotswapSlot) and slot.name == slot_name:  # claimed once every entry is written
+                module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(name, slot.max_fraction, claimed=True)
 
 
 def plan_hotswap(
@@ -540,7 +551,7 @@ def swap_state_dicts(
     Used by ``load_sara_adapter(..., hotswap=True)``. Returns the adapter name.
     """
     plan = plan_hotswap(targets, adapter_name, scale, allow_non_finite)
-    with plan.exclusive(), torch.no_grad(), all_or_nothing(*plan.modules()) as state:
+    with plan.exclusive(), torch.no_grad(), all_or_nothing(*plan.changed_modules()) as state:
         state.keep_values(plan.tensors())
         plan.apply()
     return adapter_name or plan.components[0][1]

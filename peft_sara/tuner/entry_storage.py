@@ -143,16 +143,20 @@ class SparseEntryStorage:
         values: torch.Tensor | None = None,
         frozen_indices: torch.Tensor | None = None,
         frozen_values: torch.Tensor | None = None,
+        *,
+        checked: bool = False,
     ) -> None:
         """Set an adapter's trainable (and frozen) entries, e.g. to fit a checkpoint or a combination of adapters.
 
         Entries that fit into the current capacity are written in place (the values Parameter keeps its identity, so
         optimizers and DDP / FSDP wrappers stay valid; pending gradients are dropped); more entries than that replace
-        the Parameter by a larger one (rebuild optimizers then).
+        the Parameter by a larger one (rebuild optimizers then). ``checked``: the entries come from the one reader
+        (``peft_sara.tuner.reader.read_layer``, which checked them against this layer), so they are not checked again.
         """
-        self._check_entries(adapter_name, indices, values, "trainable")
-        if frozen_indices is not None:
-            self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
+        if not checked:
+            self._check_entries(adapter_name, indices, values, "trainable")
+            if frozen_indices is not None:
+                self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
         param = self.sara_values[adapter_name]
         device = param.device  # where the adapter lives (an offloaded base's weight is on meta)
         if device.type == "meta":  # created empty under `init_empty_weights` (PEFT's low_cpu_mem_usage)

@@ -518,6 +518,7 @@ def resize_layers_to_entries(model: nn.Module, adapter_name: str, entries: dict[
                 layer_entries.values,
                 layer_entries.frozen_indices,
                 layer_entries.frozen_values,
+                checked=True,
             )
 
 
