@@ -247,12 +247,15 @@ def decode_index_gaps(
     while position < size:
         end = min(position + max(DECODE_CHUNK_BYTES, MAX_VARINT_BYTES), size)
         if end < size:  # cut after the piece's last complete number
-            tail = numpy.flatnonzero(ends[end - MAX_VARINT_BYTES : end])
+            start = end - MAX_VARINT_BYTES  # a valid stream has a number's last byte among any 9 in a row
+            tail = numpy.flatnonzero(ends[start:end])
+            if tail.size == 0:  # an invalid one: its piece ends where it can (the long number is refused after it)
+                start, tail = position, numpy.flatnonzero(ends[position:end])
             if tail.size == 0:
                 raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
-            end = end - MAX_VARINT_BYTES + int(tail[-1]) + 1
+            end = start + int(tail[-1]) + 1
         gaps, longest = _piece_gaps(data[position:end], ends[position:end])
-        gaps[0] += last
+        torch.from_numpy(gaps)[0] += last  # (in torch: a sum past int64 wraps silently, and is refused below)
         out = result[written : written + gaps.size]
         if last + gaps.size * (1 << (7 * longest)) <= 2**63 - 1:  # no running sum can pass the int64 range
             largest = int(gaps.sum())  # the piece's last index: the indices are ascending
