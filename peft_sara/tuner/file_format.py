@@ -197,16 +197,19 @@ def _piece_gaps(piece: numpy.ndarray, ends: numpy.ndarray) -> tuple[numpy.ndarra
     if gaps.size == piece.size:
         return gaps, 1
     longer = numpy.flatnonzero(~ends)  # bytes followed by more of their number (few)
-    # Consecutive such bytes belong to one number: each one's place in it, and the number it belongs to (as many
-    # numbers end before it as bytes before it are last bytes).
+    # The number each such byte belongs to: as many numbers end before it as bytes before it are last bytes.
+    counter = numpy.arange(longer.size)
+    number = longer - counter
+    if longer.size < 2 or bool((longer[1:] - longer[:-1] > 1).all()):  # two-byte numbers only (gaps below 16,384)
+        gaps[number] = (gaps[number] << 7) + (piece[longer].astype(numpy.int64) - ONE_BYTE)
+        return gaps, 2
+    # Consecutive such bytes belong to one number: each one's place in it.
     starts_run = numpy.ones(longer.size, dtype=bool)
     starts_run[1:] = longer[1:] != longer[:-1] + 1
-    counter = numpy.arange(longer.size)
     place = counter - numpy.maximum.accumulate(numpy.where(starts_run, counter, 0))
     longest = int(place.max()) + 2
     if longest > MAX_VARINT_BYTES:
         raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
-    number = longer - counter
     low = (piece[longer].astype(numpy.int64) - ONE_BYTE) << (7 * place)
     ends_run = numpy.ones_like(starts_run)
     ends_run[:-1] = starts_run[1:]
