@@ -466,16 +466,9 @@ class HotswapPlan:
     def modules(self) -> list[nn.Module]:
         return [module for module, _, _ in self.components]
 
-    def changed_modules(self) -> list[nn.Module]:
-        """What :meth:`apply` changes (for ``all_or_nothing``): the slot's layers, or the whole component where the
-        slot is renamed (every tuner layer's active adapter, the config)."""
-        changed = []
-        for module, slot_name, swaps in self.components:
-            if (self.adapter_name or slot_name) != slot_name:
-                changed.append(module)
-            else:
-                changed.extend(swap.layer for swap in swaps)
-        return changed
+    def renames(self) -> bool:
+        """Whether :meth:`apply` renames a slot (the first load into it under another name)."""
+        return any((self.adapter_name or slot_name) != slot_name for _, slot_name, _ in self.components)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -551,10 +544,30 @@ def swap_state_dicts(
     Used by ``load_sara_adapter(..., hotswap=True)``. Returns the adapter name.
     """
     plan = plan_hotswap(targets, adapter_name, scale, allow_non_finite)
-    with plan.exclusive(), torch.no_grad(), all_or_nothing(*plan.changed_modules()) as state:
-        state.keep_values(plan.tensors())
-        plan.apply()
+    with plan.exclusive(), torch.no_grad():
+        if plan.renames():  # a rename touches every tuner layer of the component: the whole component is kept
+            with all_or_nothing(*plan.modules()) as state:
+                state.keep_values(plan.tensors())
+                plan.apply()
+        else:  # only the slots' entries and scales change: each layer keeps what it needs to undo the write
+            _apply_undoable(plan)
     return adapter_name or plan.components[0][1]
+
+
+def _apply_undoable(plan: HotswapPlan) -> None:
+    """:meth:`HotswapPlan.apply` without a rename, all or nothing: a failure puts back every slot's entries (copies of
+    the live entries it held: nothing for an empty slot) before it propagates."""
+    snapshots = [
+        (swap.layer, swap.layer.snapshot_entries(slot_name))
+        for _, slot_name, swaps in plan.components
+        for swap in swaps
+    ]
+    try:
+        plan.apply()
+    except BaseException:
+        for layer, snapshot in snapshots:
+            layer.restore_entries(snapshot)
+        raise
 
 
 def hotswap_adapter(
