@@ -124,6 +124,8 @@ def test_encode_entries_sorts_only_unsorted_sets_and_keeps_values_with_their_ind
     assert torch.equal(permuted, torch.tensor([2.0, 4.0, 3.0, 1.0]))
     with pytest.raises(ValueError, match="ascending, non-negative"):
         encode_entries(torch.tensor([3, -1]), values[:2])
+    with pytest.raises(ValueError, match="ascending, non-negative"):  # int32 indices: a difference that would wrap
+        encode_index_gaps(torch.tensor([5, -(2**31)], dtype=torch.int32))
 
 
 def test_a_sara_selection_costs_at_most_5_25_bytes_per_float32_entry():

@@ -109,24 +109,31 @@ MAX_VARINT_BYTES = 9  # 9 x 7 = 63 bits: every non-negative int64
 ONE_BYTE = 0x80  # numbers below it take one byte; a byte at or above it is followed by more of its number
 
 
+def _flat_indices(indices: torch.Tensor) -> numpy.ndarray:
+    """Flat indices as a CPU array, int32 kept as it is (a layer's usual index dtype: half the bytes to pass over)."""
+    flat = indices.detach().reshape(-1).cpu()
+    return (flat if flat.dtype in (torch.int32, torch.int64) else flat.to(torch.int64)).numpy()
+
+
 def _ascending_gaps(flat: numpy.ndarray) -> numpy.ndarray | None:
-    """The gaps (int64) of flat int64 indices, first index first; None unless they are ascending and non-negative."""
+    """The gaps (in the indices' dtype) of flat indices, first index first; None unless they are ascending and
+    non-negative (then no difference wraps)."""
     gaps = flat.copy()
     numpy.subtract(flat[1:], flat[:-1], out=gaps[1:])
-    if int(flat[0]) < 0 or int(gaps.min()) < 0:
+    if int(flat.min()) < 0 or int(gaps.min()) < 0:
         return None
     return gaps
 
 
 def _gaps_stream(gaps: numpy.ndarray) -> torch.Tensor:
-    """The varint stream of non-negative int64 gaps. Gaps below 128 (nearly all, at SaRA's densities) are copied as
+    """The varint stream of non-negative integer gaps (int32 or int64). Gaps below 128 (nearly all, at SaRA's densities) are copied as
     bytes in one masked pass; the few longer numbers are written byte by byte, at positions shifted by the extra bytes
     of the longer numbers before them."""
     short = gaps < ONE_BYTE
     longer = numpy.flatnonzero(~short)
     if longer.size == 0:
         return torch.from_numpy(gaps.astype(numpy.uint8))
-    values = gaps[longer]
+    values = gaps[longer].astype(numpy.int64)
     lengths = numpy.ones_like(values)
     for extra in range(1, MAX_VARINT_BYTES):
         lengths += values >= (1 << (7 * extra))
@@ -150,7 +157,7 @@ def encode_index_gaps(indices: torch.Tensor) -> torch.Tensor:
 
     Raises ``ValueError`` if the indices are negative or not ascending: sort the entries first (with their values).
     """
-    flat = indices.detach().reshape(-1).to(device="cpu", dtype=torch.int64).numpy()
+    flat = _flat_indices(indices)
     if flat.size == 0:
         return torch.zeros(0, dtype=torch.uint8)
     gaps = _ascending_gaps(flat)
@@ -163,7 +170,7 @@ def encode_entries(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.T
     """The gap stream of an entry set and its values in index order: sorted (values with their indices) only when the
     indices are not ascending already (layers keep them ascending until a re-selection or an update reorders them).
     Raises ``ValueError`` on negative indices."""
-    flat = indices.detach().reshape(-1).to(device="cpu", dtype=torch.int64).numpy()
+    flat = _flat_indices(indices)
     if flat.size == 0:
         return torch.zeros(0, dtype=torch.uint8), values
     gaps = _ascending_gaps(flat)
