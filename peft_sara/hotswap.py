@@ -431,7 +431,7 @@ def _write(swap: _Swap, adapter_name: str, scale: float) -> None:
         layer.set_trainable_entries(adapter_name, empty, values, empty, values)
     else:
         e = swap.entries
-        layer.set_trainable_entries(adapter_name, e.indices, e.values, e.frozen_indices, e.frozen_values)
+        layer.set_trainable_entries(adapter_name, e.indices, e.values, e.frozen_indices, e.frozen_values, checked=True)
     layer.set_scale(adapter_name, scale)
 
 
@@ -459,6 +459,10 @@ class HotswapPlan:
 
     def modules(self) -> list[nn.Module]:
         return [module for module, _, _ in self.components]
+
+    def renames(self) -> bool:
+        """Whether :meth:`apply` renames a slot (the first load into it under another name)."""
+        return any((self.adapter_name or slot_name) != slot_name for _, slot_name, _ in self.components)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -488,13 +492,13 @@ class HotswapPlan:
         """Claim (and rename) unclaimed slots, then write every swap in place. Run inside ``all_or_nothing``."""
         for module, slot_name, swaps in self.components:
             name = self.adapter_name or slot_name
+            slot = hotswap_slot(module)
             if name != slot_name:
                 _rename_adapter(module, slot_name, name)
-            slot = hotswap_slot(module) if name == slot_name else module.__dict__.get(SLOT_ATTRIBUTE)  # renamed above
-            if isinstance(slot, HotswapSlot) and slot.name == slot_name:
-                module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(name, slot.max_fraction, claimed=True)
             for swap in swaps:
                 _write(swap, name, self.scale)
+            if isinstance(slot, HotswapSlot) and slot.name == slot_name:  # claimed once every entry is written
+                module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(name, slot.max_fraction, claimed=True)
 
 
 def plan_hotswap(
@@ -534,10 +538,30 @@ def swap_state_dicts(
     Used by ``load_sara_adapter(..., hotswap=True)``. Returns the adapter name.
     """
     plan = plan_hotswap(targets, adapter_name, scale, allow_non_finite)
-    with plan.exclusive(), torch.no_grad(), all_or_nothing(*plan.modules()) as state:
-        state.keep_values(plan.tensors())
-        plan.apply()
+    with plan.exclusive(), torch.no_grad():
+        if plan.renames():  # a rename touches every tuner layer of the component: the whole component is kept
+            with all_or_nothing(*plan.modules()) as state:
+                state.keep_values(plan.tensors())
+                plan.apply()
+        else:  # only the slots' entries and scales change: each layer keeps what it needs to undo the write
+            _apply_undoable(plan)
     return adapter_name or plan.components[0][1]
+
+
+def _apply_undoable(plan: HotswapPlan) -> None:
+    """:meth:`HotswapPlan.apply` without a rename, all or nothing: a failure puts back every slot's entries (copies of
+    the live entries it held: nothing for an empty slot) before it propagates."""
+    snapshots = [
+        (swap.layer, swap.layer.snapshot_entries(slot_name))
+        for _, slot_name, swaps in plan.components
+        for swap in swaps
+    ]
+    try:
+        plan.apply()
+    except BaseException:
+        for layer, snapshot in snapshots:
+            layer.restore_entries(snapshot)
+        raise
 
 
 def hotswap_adapter(

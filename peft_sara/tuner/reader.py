@@ -80,7 +80,7 @@ from .file_format import (
 from .kernels.reference import patched_values
 from .layer import SaRALayer, sara_layers
 from .quantized.storage import OneByteFloat
-from .selection import check_entries, index_dtype_for
+from .selection import index_dtype_for
 
 ALLOW_NON_FINITE_ENV_VAR = "PEFT_SARA_ALLOW_NON_FINITE"
 OTHER_MODEL_HINT = "The checkpoint was made for a different model."
@@ -172,17 +172,36 @@ def _check_values(where: str, values: torch.Tensor) -> None:
 
 
 def _decoded_entries(where: str, stream: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
-    """The indices of one entry set, decoded (its count compared with the values' before anything is allocated) and
-    checked to lie inside the weight."""
+    """The indices of one entry set, decoded (its count compared with the values' before anything is allocated) into
+    the layer's index dtype; the decoder refuses any index outside the weight (they are ascending: the last is the
+    largest)."""
     try:
-        indices = decode_index_gaps(stream, count=values.numel(), limit=numel)
-        check_entries(indices, values, numel, where, OTHER_MODEL_HINT)
+        return decode_index_gaps(stream, dtype=index_dtype_for(numel), count=values.numel(), limit=numel)
     except ValueError as err:
         message = str(err) if str(err).startswith(where) else f"{where}: {err}."
         if "out of range" in message:
             message = f"{message} {OTHER_MODEL_HINT}"
         raise InvalidAdapterError(message) from err
-    return indices.to(index_dtype_for(numel))
+
+
+def _largest_magnitude(tensor: torch.Tensor) -> float:
+    """``max |tensor|`` (NaN if any entry is NaN, inf if any is infinite) in one pass, without a temporary."""
+    low, high = torch.aminmax(tensor)
+    low, high = float(low), float(high)
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+
+
+def _non_finite_count(tensor: torch.Tensor) -> int:
+    """How many entries of ``tensor`` are NaN or infinite (one pass when there are none)."""
+    if tensor.numel() == 0 or math.isfinite(_largest_magnitude(tensor)):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def _effective_weight_readable(layer: SaRALayer) -> bool:
+    """Whether :func:`effective_weight_problem` reads the layer's base weight (plain or 1-byte float storage)."""
+    backend = layer.storage_backend(layer.get_base_layer())
+    return backend is None or isinstance(backend, OneByteFloat)
 
 
 def effective_weight_problem(
@@ -195,11 +214,9 @@ def effective_weight_problem(
     (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). One pass over the entries, in
     the compute dtype. Quantized, offloaded or unknown storage is not read (not checked).
     """
-    base_layer = layer.get_base_layer()
-    backend = layer.storage_backend(base_layer)
-    if backend is not None and not isinstance(backend, OneByteFloat):
+    if not _effective_weight_readable(layer):
         return None
-    weight = base_layer.weight
+    weight = layer.get_base_layer().weight
     flat = weight.detach().reshape(-1)
     fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))
     # 1-byte storage (fp8, diffusers' layerwise casting) is upcast to compute: checked in float32 (no fp8 isfinite).
@@ -208,9 +225,9 @@ def effective_weight_problem(
     for indices, values in entries:
         if indices.numel() == 0:
             continue
-        base = flat.index_select(0, indices.to(device=flat.device, dtype=torch.long)).to(dtype)
+        base = flat.index_select(0, indices.to(flat.device)).to(dtype)
         patched = patched_values(base, values.to(flat.device), float(scale))
-        largest = float(patched.abs().max())  # NaN or inf if any entry is
+        largest = _largest_magnitude(patched)  # NaN or inf if any entry is
         if not math.isfinite(largest):
             return f"{int((~torch.isfinite(patched)).sum())} entries of its effective weight are not finite in {dtype}"
         if largest > limit:
@@ -313,8 +330,9 @@ def read_layer(
         )
 
     for what, indices in decoded.items():
-        repeated = indices[1:][indices[1:] == indices[:-1]]  # decoded indices are ascending
-        if repeated.numel():
+        flat = indices.numpy()  # decoded on the CPU, ascending: a repeat is two equal neighbours
+        if flat.size > 1 and bool((flat[1:] == flat[:-1]).any()):
+            repeated = indices[1:][indices[1:] == indices[:-1]]
             raise InvalidAdapterError(
                 f"{where}: the checkpoint's {what} indices repeat {repeated.numel()} entries (e.g. index "
                 f"{int(repeated[0])}); each entry of the weight may be stored once."
@@ -330,22 +348,28 @@ def read_layer(
     if value_dtype is not None:
         values = {what: tensor.to(value_dtype) for what, tensor in values.items()}
     if not allow_non_finite:
-        for what, tensor in values.items():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                after = (
-                    f" after the cast to {value_dtype}"
-                    if value_dtype not in (None, tensors["sara_values"].dtype)
-                    else ""
-                )
-                raise InvalidAdapterError(
-                    f"{where}: the checkpoint's {what} values hold {bad} non-finite entries (NaN or inf{after}). "
-                    f"{ALLOW_HINT}"
-                )
-        if layer is not None:
+        # A usable effective weight implies finite values (a NaN or inf value makes its entry NaN or inf, at any
+        # scale but 0): the values are checked on their own, for a message that names them, only when that check
+        # finds a problem or is not made.
+        reads_weight = layer is not None and _effective_weight_readable(layer)
+        problem = None
+        if reads_weight:
             problem = effective_weight_problem(layer, scale, [(decoded[what], values[what]) for what in decoded])
-            if problem is not None:
-                raise InvalidAdapterError(f"{where}: {problem}. {ALLOW_HINT}")
+        if problem is not None or not reads_weight or scale == 0:
+            for what, tensor in values.items():
+                bad = _non_finite_count(tensor)
+                if bad:
+                    after = (
+                        f" after the cast to {value_dtype}"
+                        if value_dtype not in (None, tensors["sara_values"].dtype)
+                        else ""
+                    )
+                    raise InvalidAdapterError(
+                        f"{where}: the checkpoint's {what} values hold {bad} non-finite entries (NaN or inf{after}). "
+                        f"{ALLOW_HINT}"
+                    )
+        if problem is not None:
+            raise InvalidAdapterError(f"{where}: {problem}. {ALLOW_HINT}")
     trainable = decoded["trainable"]
     return LayerEntries(
         indices=trainable,
@@ -511,6 +535,7 @@ def resize_layers_to_entries(model: nn.Module, adapter_name: str, entries: dict[
                 layer_entries.values,
                 layer_entries.frozen_indices,
                 layer_entries.frozen_values,
+                checked=True,
             )
 
 
