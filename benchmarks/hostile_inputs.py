@@ -6,6 +6,9 @@ growth of the peak over the file's size. Cases:
 
 - ``index-stream``: one layer whose 8 MiB varint stream holds 8M indices for 1 value (a load, ``inspect``, export);
 - ``legacy-bin``: an ``adapter_model.bin`` whose deflate-compressed member expands to 400 MB;
+- ``hub-legacy-bin``: the same file served by a Hub repo (the local Hub stub of the tests, ``tests/hub_stub.py``) and
+  loaded with ``PeftModel.from_pretrained(model, repo_id)``, after a warm-up load of another (small) Hub repo so that
+  imports and connections are not counted;
 - ``export``: 200k stored entries claiming a 65536 x 65536 weight (a dense update of 16 GiB), exported as kohya
   without a base (before the bound, export built the claimed weight densely and started its SVD).
 
@@ -15,6 +18,8 @@ Run: ``python -m benchmarks.hostile_inputs`` (prints one JSON line per case; ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -27,7 +32,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-CASES = ("index-stream", "legacy-bin", "export")
+CASES = ("index-stream", "legacy-bin", "hub-legacy-bin", "export")
+HUB_REPO, WARM_UP_REPO = "org/hostile-bin", "org/warm-up"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"peft_type": "SARA", "trainable_fraction": 0.02, "target_modules": ["to_q"], "base_model_class": "UNet"}
 
 
@@ -81,11 +88,27 @@ def _write(case: str, folder: Path) -> Path:
     return path
 
 
+class _ToQ(torch.nn.Module):
+    """The smallest base the hostile config (``target_modules: ["to_q"]``) adapts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q = torch.nn.Linear(64, 64)
+
+
+def _load_from_hub(repo: str) -> None:
+    from peft import PeftModel
+
+    PeftModel.from_pretrained(_ToQ(), repo)
+
+
 def _refuse(case: str, folder: Path) -> str:
     from peft_sara.adapter_files import read_adapter_weights
 
     try:
-        if case == "export":
+        if case == "hub-legacy-bin":
+            _load_from_hub(HUB_REPO)
+        elif case == "export":
             from peft_sara.conversion import export_adapter, read_adapter_files
 
             export_adapter(read_adapter_files(folder, component="unet"), folder / "out.safetensors", "kohya")
@@ -104,6 +127,16 @@ def _refuse(case: str, folder: Path) -> str:
 def run_case(case: str) -> dict:
     import peft_sara.conversion  # noqa: F401  (imports first: their memory is not the file's)
 
+    if case == "hub-legacy-bin":  # served by the parent's Hub stub (see main)
+        if "SARA_HOSTILE_HUB_BYTES" not in os.environ:
+            raise SystemExit("hub-legacy-bin runs from `python -m benchmarks.hostile_inputs`, which serves the file")
+        with contextlib.suppress(Exception):  # a refusal too: imports, connections and caches are not the file's
+            _load_from_hub(WARM_UP_REPO)
+        size = int(os.environ["SARA_HOSTILE_HUB_BYTES"])
+        before = _peak_bytes()
+        outcome = _refuse(case, Path("."))
+        growth = max(0, _peak_bytes() - before)
+        return _result(case, size, growth, outcome)
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
         # Written by another process: writing a 400 MB member would raise this process's high-water mark.
@@ -113,6 +146,10 @@ def run_case(case: str) -> dict:
         before = _peak_bytes()
         outcome = _refuse(case, folder)
         growth = max(0, _peak_bytes() - before)
+    return _result(case, size, growth, outcome)
+
+
+def _result(case: str, size: int, growth: int, outcome: str) -> dict:
     return {
         "case": case,
         "file_bytes": size,
@@ -120,6 +157,42 @@ def run_case(case: str) -> dict:
         "multiple_of_file": round(growth / size, 2),
         "outcome": outcome,
     }
+
+
+def _run_hub_case(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Serve the hostile legacy file from a Hub repo of the tests' Hub stub and measure its load in a fresh process."""
+    import io
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from hub_stub import HubStub
+
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.hostile_inputs", "--write", "legacy-bin", directory], check=True
+        )
+        hostile = (folder / "adapter_model.bin").read_bytes()
+        small = io.BytesIO()
+        torch.save({"to_q.sara_values": torch.zeros(4)}, small)  # the warm-up repo: small, refused later
+        config = json.dumps(CONFIG).encode()
+        with HubStub(lifetime_s=600) as hub:
+            for repo, weights in ((HUB_REPO, hostile), (WARM_UP_REPO, small.getvalue())):
+                sha = hashlib.sha1(repo.encode()).hexdigest()
+                hub.trees[sha] = {"adapter_config.json": config, "adapter_model.bin": weights}
+                hub.branches[repo] = {"main": sha}
+            hub_env = {key: value for key, value in env.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
+            hub_env.update(
+                HF_ENDPOINT=hub.url,
+                HF_HUB_CACHE=str(folder / "cache"),
+                HF_HUB_DISABLE_TELEMETRY="1",
+                SARA_HOSTILE_HUB_BYTES=str(len(hostile)),
+            )
+            return subprocess.run(
+                [sys.executable, "-m", "benchmarks.hostile_inputs", "--case", "hub-legacy-bin"],
+                capture_output=True,
+                text=True,
+                env=hub_env,
+            )
 
 
 def main() -> None:
@@ -134,12 +207,16 @@ def main() -> None:
         print(json.dumps(run_case(args.case)))
         return
     for case in CASES:
-        result = subprocess.run(
-            [sys.executable, "-m", "benchmarks.hostile_inputs", "--case", case],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if case == "hub-legacy-bin":
+            result = _run_hub_case(env)
+        else:
+            result = subprocess.run(
+                [sys.executable, "-m", "benchmarks.hostile_inputs", "--case", case],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         print(lines[-1] if lines else json.dumps({"case": case, "error": result.stderr[-400:]}))
 

@@ -10,6 +10,16 @@ old and of the new version: "old intact", "new intact", or "other" (a mix, a mis
 "recovered" counts kills inside the publish step (after the commit), "mixed before recovery" those after which a reader
 outside peft-sara (which does not recover) would have seen a mix of old and new entries.
 
+``peft_save_pretrained`` is PEFT's own ``PeftModel.save_pretrained``, which writes in place (the model card, then
+``adapter_model.safetensors``, then ``adapter_config.json``); the two versions differ in their values and in a setting
+(``lambda_rank``). Its adapter files (not the card, which no loader reads) are compared; a folder that is neither
+version is "refused" if ``PeftModel.from_pretrained`` and ``read_sara_config`` + ``read_adapter_weights`` (what every
+peft-sara loader reads) both refuse it, else "other".
+
+``accelerate_save_state`` is the DeepSpeed examples' checkpoint (``accelerator.save_state``, every process writes its
+part) through ``peft_sara.atomic.distributed_folder_writer``, run here by one CPU process (accelerate without DeepSpeed:
+model, optimizer, scheduler and RNG files) over the same checkpoint folder.
+
     python -m benchmarks.kill_injection                 # 50 kills per saver, JSON to benchmarks/results/
     python -m benchmarks.kill_injection --kills 200 --savers pipeline_adapter checkpoint_rotation
 """
@@ -44,7 +54,10 @@ SAVERS = (
     "checkpoint_rotation",
     "peft_lora_export",
     "merged_model",
+    "peft_save_pretrained",
+    "accelerate_save_state",
 )
+PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------- the models
@@ -73,10 +86,20 @@ def _tiny_clip_text() -> torch.nn.Module:
     return CLIPTextModel(config).eval()
 
 
+def _tiny_peft_base() -> torch.nn.Module:
+    from collections import OrderedDict
+
+    torch.manual_seed(0)
+    layers = OrderedDict(lin0=torch.nn.Linear(64, 128), act=torch.nn.ReLU(), lin1=torch.nn.Linear(128, 64))
+    return torch.nn.Sequential(layers).eval()
+
+
 @dataclass
 class World:
     pipe: TinyPipeline
     components: list  # TrainedComponent
+    peft_model: Any = None  # a PeftModel, saved with PEFT's own save_pretrained
+    accelerator: Any = None  # accelerate_save_state: made by its setup, in the saver's worker
 
 
 def build_world() -> World:
@@ -100,7 +123,12 @@ def build_world() -> World:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         helper = SaRATrainingHelper(module, optimizer, total_steps=100)
         components.append(TrainedComponent(name, module, optimizer, scheduler, helper))
-    return World(TinyPipeline(unet=unet, text_encoder=text_encoder), components)
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(
+        _tiny_peft_base(), peft_sara.SaRAConfig(trainable_fraction=0.2, target_modules=["lin0", "lin1"])
+    )
+    return World(TinyPipeline(unet=unet, text_encoder=text_encoder), components, peft_model)
 
 
 def set_version(world: World, version: int) -> None:
@@ -114,6 +142,11 @@ def set_version(world: World, version: int) -> None:
                 for value in state.values():
                     if isinstance(value, torch.Tensor) and value.numel() > 1:
                         value.fill_(0.1 * (version + 1))
+        if world.peft_model is not None:
+            for name, param in world.peft_model.named_parameters():
+                if "sara_values" in name:
+                    param.fill_(0.01 * (version + 1))
+            world.peft_model.peft_config["default"].lambda_rank = 1e-3 * version  # a setting differs too
     torch.manual_seed(version)  # the RNG states a checkpoint holds
     random.seed(version)
     np.random.seed(version)
@@ -128,6 +161,9 @@ class Saver:
     target: Callable[[Path, int], Path]  # the folder a user reads (for a step)
     prepare_root: Callable[[Path], None] = lambda root: None
     rotating: bool = False  # checkpoints: each published save is a new step
+    files: tuple[str, ...] | None = None  # only these files are compared (None: every file)
+    setup: Callable[[World], None] | None = None  # run once in the saver's worker, before any save
+    refusal: Callable[[Path], str | None] | None = None  # in-place writers: why every reader refuses a folder
 
 
 def _save_pipeline_adapter(world: World, root: Path, version: int, step: int) -> None:
@@ -177,18 +213,68 @@ def _save_merged(world: World, root: Path, version: int, step: int) -> None:
     save_merged(world.components[0].model, root / "merged", adapter_name="default")
 
 
+def _save_peft(world: World, root: Path, version: int, step: int) -> None:
+    world.peft_model.save_pretrained(root / "peft")
+
+
+def _refused_by_every_reader(folder: Path) -> str | None:
+    """If PEFT's ``from_pretrained`` and peft-sara's folder reading (``read_sara_config`` + ``read_adapter_weights``,
+    which every peft-sara loader runs) both refuse ``folder``: why (``half-written``: weights and config of two saves;
+    ``unreadable``: a torn or missing file), else None."""
+    from peft import PeftModel
+
+    from peft_sara.adapter_files import read_adapter_weights, read_sara_config
+
+    def peft_sara_read() -> None:
+        read_sara_config(folder)
+        read_adapter_weights(folder)
+
+    refused, reasons = 0, set()
+    for read in (lambda: PeftModel.from_pretrained(_tiny_peft_base(), str(folder)), peft_sara_read):
+        try:
+            read()
+        except Exception as err:  # the refusal being counted (a torn file, a half-written save)
+            refused += 1
+            reasons.add("half-written" if "two different saves" in str(err) else "unreadable")
+    return ("half-written" if reasons == {"half-written"} else "unreadable") if refused == 2 else None
+
+
+def _setup_accelerator(world: World) -> None:
+    import logging
+
+    from accelerate import Accelerator
+
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # a warning per save about tied frozen-entry buffers
+    world.accelerator = Accelerator(cpu=True)
+    unet = world.components[0]
+    world.accelerator.prepare(unet.model, unet.optimizer, unet.lr_scheduler)
+
+
+def _save_accelerate_state(world: World, root: Path, version: int, step: int) -> None:
+    from peft_sara.atomic import distributed_folder_writer
+
+    accelerator = world.accelerator
+    with distributed_folder_writer(root / "ds", accelerator.is_main_process, accelerator.wait_for_everyone) as staging:
+        accelerator.save_state(str(staging))
+
+
 SAVER_TABLE: dict[str, Saver] = {
     "pipeline_adapter": Saver(_save_pipeline_adapter, lambda root, step: root / "adapter", _foreign_content),
     "training_state": Saver(_save_training_state, lambda root, step: root / "state"),
     "checkpoint_rotation": Saver(_save_checkpoint_rotation, _checkpoint_target, rotating=True),
     "peft_lora_export": Saver(_save_peft_lora, lambda root, step: root / "lora"),
     "merged_model": Saver(_save_merged, lambda root, step: root / "merged"),
+    "peft_save_pretrained": Saver(
+        _save_peft, lambda root, step: root / "peft", files=PEFT_ADAPTER_FILES, refusal=_refused_by_every_reader
+    ),
+    "accelerate_save_state": Saver(_save_accelerate_state, lambda root, step: root / "ds", setup=_setup_accelerator),
 }
 
 
 # ------------------------------------------------------------------------------------------------- checking
-def fingerprint(folder: Path) -> dict[str, str] | None:
-    """SHA-256 of every file under ``folder`` that belongs to the saved content (not the writer's staging)."""
+def fingerprint(folder: Path, files: tuple[str, ...] | None = None) -> dict[str, str] | None:
+    """SHA-256 of every file under ``folder`` that belongs to the saved content (not the writer's staging), or of
+    ``files`` only."""
     from peft_sara.atomic import is_protocol_name
 
     if not folder.is_dir():
@@ -197,6 +283,8 @@ def fingerprint(folder: Path) -> dict[str, str] | None:
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         if any(is_protocol_name(part) for part in relative.parts) or not path.is_file():
+            continue
+        if files is not None and str(relative) not in files:
             continue
         found[str(relative)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
@@ -247,6 +335,8 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
     from peft_sara.atomic import recover_folder
 
     saver = SAVER_TABLE[name]
+    if saver.setup is not None:
+        saver.setup(world)
     root = workdir / name
     root.mkdir()
     saver.prepare_root(root)
@@ -259,7 +349,7 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
         killed, failed, seconds = _run_child(world, saver, root, version, step, None)
         if failed or killed:
             raise RuntimeError(f"{name}: a calibration save failed")
-        found = fingerprint(saver.target(root, step))
+        found = fingerprint(saver.target(root, step), saver.files)
         if version in expected and expected[version] != found:
             raise RuntimeError(f"{name}: two complete saves of the same version differ; the check needs equal bytes")
         expected[version] = found
@@ -269,9 +359,10 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
     # (the child waits to be killed then) are included, so both outcomes occur however short the publish step is.
     duration = sorted(durations)[1]
     current = 0  # the version the folder holds now
-    counts = {"kills": 0, "old_intact": 0, "new_intact": 0, "other": 0, "recovered": 0, "completed": 0}
+    counts = {"kills": 0, "old_intact": 0, "new_intact": 0, "refused": 0, "other": 0, "recovered": 0, "completed": 0}
     counts["failed"] = 0
     counts["mixed_before_recovery"] = 0
+    counts["refused_half_written"] = 0
     previous_step = step - 1 if saver.rotating else step
     tries = 0
     while counts["kills"] < kills and tries < kills * 4:
@@ -282,12 +373,12 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
             counts["failed"] += 1
         interrupted = _interrupted(root)
         target = saver.target(root, step)  # for checkpoints: the latest complete one
-        if not saver.rotating:
+        if not saver.rotating and saver.refusal is None:
             unrecovered = fingerprint(target)  # what a reader outside peft-sara (PEFT, diffusers) sees
             if killed and unrecovered not in (expected[new], expected[current]):
                 counts["mixed_before_recovery"] += 1
             recover_folder(target)  # what peft-sara's readers do first
-        found = fingerprint(target)
+        found = fingerprint(target, saver.files)
         if saver.rotating:
             is_new = target.name.endswith(f"-{step}") and found == expected[new]
             is_old = target.name.endswith(f"-{previous_step}") and found == expected[current]
@@ -300,13 +391,17 @@ def run_saver(world: World, name: str, kills: int, seed: int, workdir: Path) -> 
             counts["kills"] += 1
             counts["recovered"] += int(interrupted)
             outcome = "new_intact" if is_new else "old_intact" if is_old else "other"
+            reason = saver.refusal(target) if outcome == "other" and saver.refusal is not None else None
+            if reason is not None:
+                outcome = "refused"
+                counts["refused_half_written"] += reason == "half-written"
         if killed or outcome == "other":
             counts[outcome] += 1
         if outcome == "new_intact":
             current = new
             if saver.rotating:
                 previous_step, step = step, step + 1
-        elif outcome == "other":  # start the next try from a known state
+        elif outcome in ("other", "refused"):  # start the next try from a known state
             _run_child(world, saver, root, current, step, None)
     counts["save_seconds"] = round(duration, 4)
     return counts
@@ -357,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sara-kill-") as workdir:
         results = _run_all(world, args, Path(workdir))
     header = (
-        f"{'saver':<22}{'kills':>7}{'old intact':>12}{'new intact':>12}{'other':>7}{'recovered':>11}"
+        f"{'saver':<22}{'kills':>7}{'old intact':>12}{'new intact':>12}{'refused':>9}{'other':>7}{'recovered':>11}"
         f"{'mixed unrecovered':>19}{'save s':>9}"
     )
     print(header)
@@ -366,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<22} failed (see the traceback above)")
             continue
         print(
-            f"{name:<22}{counts['kills']:>7}{counts['old_intact']:>12}{counts['new_intact']:>12}{counts['other']:>7}"
+            f"{name:<22}{counts['kills']:>7}{counts['old_intact']:>12}{counts['new_intact']:>12}"
+            f"{counts['refused']:>9}{counts['other']:>7}"
             f"{counts['recovered']:>11}{counts['mixed_before_recovery']:>19}{counts['save_seconds']:>9.3f}"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -156,11 +156,12 @@ class Round:
 
         if "from_pretrained" in ops or "fuse" in ops or "unfuse" in ops:
             model, seconds = timed(lambda: PeftModel.from_pretrained(self.bases.new(), folder))
-            record["from_pretrained"].append(seconds)
-            _, seconds = timed(model.merge_adapter)
-            record["fuse"].append(seconds)
-            _, seconds = timed(model.unmerge_adapter)
-            record["unfuse"].append(seconds)
+            record.setdefault("from_pretrained", []).append(seconds)
+            if "fuse" in ops or "unfuse" in ops:
+                _, seconds = timed(model.merge_adapter)
+                record.setdefault("fuse", []).append(seconds)
+                _, seconds = timed(model.unmerge_adapter)
+                record.setdefault("unfuse", []).append(seconds)
             del model
             gc.collect()
 
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
 
     bases, build_s = timed(lambda: FreshBases(preset, args.seed, dtype))
     targets = default_target_modules(bases.new())
-    times = {method: {op: [] for op in ("get_peft_model", "save", *args.ops)} for method in METHODS}
+    times = {method: {op: [] for op in ("get_peft_model", "save", *args.ops)} for method in METHODS}  # (+ what ran)
     work = Path(tempfile.mkdtemp(prefix="load-benchmark-"))
     try:
         runner = Round(args, bases, targets, work)

@@ -29,6 +29,7 @@ from torch import nn
 
 from peft_sara import SaRAConfig
 from peft_sara.adapter_files import save_injected_adapter
+from peft_sara.atomic import distributed_folder_writer
 from peft_sara.training import (
     DEFAULT_ADAPTER_NAME,
     SaRATrainingHelper,
@@ -211,6 +212,14 @@ def save_adapter_hook(accelerator: Accelerator, name: str, models: list, weights
     if accelerator.is_main_process:
         save_injected_adapter(accelerator.unwrap_model(models[0]), os.path.join(output_dir, name), DEFAULT_ADAPTER_NAME)
     weights.clear()  # nothing else to write for the denoiser outside DeepSpeed's checkpoint
+
+
+def save_engine_checkpoint(accelerator: Accelerator, save_path: str) -> None:
+    """DeepSpeed's checkpoint: every rank writes its part with accelerate's ``save_state`` into one staging folder, which
+    the main process publishes whole once all have written (``peft_sara.atomic.distributed_folder_writer``), so
+    ``latest_checkpoint`` never names a checkpoint a killed job left half written."""
+    with distributed_folder_writer(save_path, accelerator.is_main_process, accelerator.wait_for_everyone) as staging:
+        accelerator.save_state(str(staging), exclude_frozen_parameters=True)
 
 
 def resolve_checkpoint(args: argparse.Namespace) -> str | None:

@@ -309,9 +309,8 @@ def main(args: argparse.Namespace) -> None:
 
             if global_step % args.checkpointing_steps == 0:
                 save_path = checkpoint_folder(args.output_dir, global_step)
-                if deepspeed:  # every rank writes its part
-                    accelerator.save_state(save_path, exclude_frozen_parameters=True)
-                    accelerator.wait_for_everyone()
+                if deepspeed:  # every rank writes its part; published whole (peft_sara.atomic)
+                    sara_setup.save_engine_checkpoint(accelerator, save_path)
                 elif accelerator.is_main_process:
                     save_training_checkpoint(save_path, components)  # published whole (peft_sara.atomic)
                 # Old checkpoints go only once the new one is complete: a killed save never leaves none.

@@ -6,7 +6,8 @@ subfolder named after it (:func:`adapter_subfolder`), as ``PeftModel.save_pretra
 
 Every folder written here is written through ``peft_sara.atomic.folder_writer``: a killed save leaves the previous
 folder or the new one, whole. A ``PeftModel`` is saved by PEFT's own ``save_pretrained`` into the writer's staging
-folder. Calling ``PeftModel.save_pretrained`` directly writes in place.
+folder. Calling ``PeftModel.save_pretrained`` directly writes in place (weights, then config): the readers refuse a
+folder left with the weights of one save and the config of another (``peft_sara.tuner.reader.check_config_fingerprint``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .atomic import folder_writer, save_safetensors_atomic, write_text_atomic
 from .constants import CARD_NAME, CONFIG_NAME, DEFAULT_ADAPTER_NAME, KNOWN_COMPONENTS, PICKLE_NAME, SAFETENSORS_NAME
 from .tuner.config_checks import check_config_dict, check_reported_fields, config_from_dict
 from .tuner.file_format import InvalidAdapterError, check_legacy_archive
+from .tuner.reader import check_config_fingerprint, fingerprint_record
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -184,12 +186,31 @@ def _unreadable(path: Path, err: Exception) -> InvalidAdapterError:
     return InvalidAdapterError(f"'{path}' is not a readable {kind} file (truncated or corrupted?): {err}")
 
 
+def _config_fingerprint(folder: Path) -> str | None:
+    """The ``config_fingerprint`` of a folder's ``adapter_config.json`` (None without one; an unreadable config is
+    its own readers' to refuse)."""
+    try:
+        raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return raw.get("config_fingerprint") if isinstance(raw, dict) else None
+
+
 def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The adapter tensors of a folder (safetensors, or a legacy ``adapter_model.bin`` loaded with weights_only, its
-    size checked first and its storages memory-mapped: :func:`check_legacy_archive`).
+    size checked first and its storages memory-mapped: :func:`check_legacy_archive`), refused if they and the
+    folder's ``adapter_config.json`` come from two different saves (a half-written ``save_pretrained``).
 
     An unreadable file raises :class:`~peft_sara.InvalidAdapterError`; a missing one ``FileNotFoundError``.
     """
+    weights = _read_weights_file(Path(folder))
+    record = fingerprint_record(weights)
+    if record is not None and (Path(folder) / CONFIG_NAME).is_file():
+        check_config_fingerprint(_config_fingerprint(Path(folder)), record, f"The adapter in '{folder}'")
+    return weights
+
+
+def _read_weights_file(folder: Path) -> dict[str, torch.Tensor]:
     path = _weights_file(Path(folder))
     if path.name != SAFETENSORS_NAME:
         check_legacy_archive(path)

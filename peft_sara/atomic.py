@@ -26,6 +26,10 @@ The protocol (docs/RELIABILITY.md), which a kill at any instant leaves recoverab
    Staging folders of dead processes of this host are deleted by the next writer (uncommitted: nothing of them was
    published). A staging folder is never deleted by a reader, and never while its process lives.
 
+Distributed saves (:func:`distributed_folder_writer`: DeepSpeed's ``accelerator.save_state``, where every process
+writes its part of one folder) stage into one shared folder, ``.<name>.sara-tmp-distributed`` beside the target, and the
+main process publishes it as above once every process has written (``wait_for_everyone`` before and after).
+
 Readers outside peft-sara (PEFT's ``from_pretrained``, diffusers) do not run the recovery: a kill inside step 3 (a few
 renames) leaves the entries split between old and new until the next peft-sara read or save of the folder, or a call
 of :func:`recover_folder`. One writer per folder at a time (a second one waits for the lock to publish).
@@ -41,7 +45,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -322,6 +326,56 @@ def folder_writer(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+DISTRIBUTED_STAGING = "distributed"
+
+
+@contextlib.contextmanager
+def distributed_folder_writer(
+    target: str | os.PathLike, is_main_process: bool, wait_for_everyone: Callable[[], None]
+) -> Iterator[Path]:
+    """:func:`folder_writer` for a folder every process of a distributed job writes a part of (DeepSpeed's
+    ``accelerator.save_state``: each rank its optimizer partition). Every process calls it with the same ``target``
+    and the job's barrier; each yields the same staging folder, ``.<name>.sara-tmp-distributed`` beside ``target``
+    (on the filesystem the processes share, as DeepSpeed's checkpoints need), and the main process publishes it as
+    one unit once every process has written::
+
+        with distributed_folder_writer(path, accelerator.is_main_process, accelerator.wait_for_everyone) as staging:
+            accelerator.save_state(staging, exclude_frozen_parameters=True)
+
+    A kill at any instant leaves the previous ``target`` (or none) or the complete new one; a staging folder left by a
+    killed job is removed by the next save of the same ``target`` (one job per output folder) and never names a
+    checkpoint. An exception in one process publishes nothing; the others wait at the barrier, as at any collective.
+    """
+    target = Path(os.path.abspath(target))
+    staging = target.parent / f".{target.name}{STAGING_MARK}{DISTRIBUTED_STAGING}"
+    if is_main_process:
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"'{target}' exists and is not a folder: cannot save a folder there.")
+        if target.is_dir():
+            recover_folder(target)
+        _clean_dead_stagings(target)
+        if os.path.lexists(staging):  # a killed job's: nothing of it was published
+            _remove(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(mode=_DIR_MODE)
+    wait_for_everyone()
+    stagings = _active_stagings()
+    stagings.append(staging)
+    try:
+        yield staging
+    except BaseException:
+        if is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        stagings.remove(staging)
+    wait_for_everyone()  # every part is written
+    if is_main_process:
+        _fsync_tree(staging)
+        _publish(staging, target)
+    wait_for_everyone()  # published before any process goes on (and rotates checkpoints)
+
+
 def _hub_cache() -> Path | None:
     try:
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -363,6 +417,7 @@ def is_protocol_name(name: str) -> bool:
 
 __all__ = [
     "atomic_write",
+    "distributed_folder_writer",
     "folder_writer",
     "is_protocol_name",
     "recover_folder",

@@ -44,14 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .adapter_files import read_adapter_weights, read_sara_config
 from .constants import CONFIG_NAME
+from .injection import inject_sara_adapter
 from .resolve import resolve_adapter_folder
-from .save_bridge import install_save_bridge
 from .tuner.config import SaRAConfig
 from .tuner.file_format import InvalidAdapterError, normalize_module_name, parse_checkpoint
 from .tuner.layer import SaRALayer, sara_layers
@@ -257,13 +257,7 @@ def _inject_slot(module: nn.Module, config: SaRAConfig, adapter_name: str) -> No
         module.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
         module.set_adapter(adapter_name)
         return
-    inject_adapter_in_model(config, module, adapter_name, low_cpu_mem_usage=True)
-    cast_adapter_dtype(module, adapter_name)
-    module._hf_peft_config_loaded = True  # diffusers' and transformers' adapter API then drive it
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            layer.set_adapter([adapter_name], inference_mode=True)
-    install_save_bridge(module)
+    inject_sara_adapter(module, config, adapter_name, low_cpu_mem_usage=True)  # diffusers' and PEFT's public API
 
 
 def enable_sara_hotswap(
@@ -437,7 +431,7 @@ def _write(swap: _Swap, adapter_name: str, scale: float) -> None:
         layer.set_trainable_entries(adapter_name, empty, values, empty, values)
     else:
         e = swap.entries
-        layer.set_trainable_entries(adapter_name, e.indices, e.values, e.frozen_indices, e.frozen_values)
+        layer.set_trainable_entries(adapter_name, e.indices, e.values, e.frozen_indices, e.frozen_values, checked=True)
     layer.set_scale(adapter_name, scale)
 
 
@@ -465,6 +459,10 @@ class HotswapPlan:
 
     def modules(self) -> list[nn.Module]:
         return [module for module, _, _ in self.components]
+
+    def renames(self) -> bool:
+        """Whether :meth:`apply` renames a slot (the first load into it under another name)."""
+        return any((self.adapter_name or slot_name) != slot_name for _, slot_name, _ in self.components)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -494,13 +492,13 @@ class HotswapPlan:
         """Claim (and rename) unclaimed slots, then write every swap in place. Run inside ``all_or_nothing``."""
         for module, slot_name, swaps in self.components:
             name = self.adapter_name or slot_name
+            slot = hotswap_slot(module)
             if name != slot_name:
                 _rename_adapter(module, slot_name, name)
-            slot = hotswap_slot(module) if name == slot_name else module.__dict__.get(SLOT_ATTRIBUTE)  # renamed above
-            if isinstance(slot, HotswapSlot) and slot.name == slot_name:
-                module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(name, slot.max_fraction, claimed=True)
             for swap in swaps:
                 _write(swap, name, self.scale)
+            if isinstance(slot, HotswapSlot) and slot.name == slot_name:  # claimed once every entry is written
+                module.__dict__[SLOT_ATTRIBUTE] = HotswapSlot(name, slot.max_fraction, claimed=True)
 
 
 def plan_hotswap(
@@ -540,10 +538,30 @@ def swap_state_dicts(
     Used by ``load_sara_adapter(..., hotswap=True)``. Returns the adapter name.
     """
     plan = plan_hotswap(targets, adapter_name, scale, allow_non_finite)
-    with plan.exclusive(), torch.no_grad(), all_or_nothing(*plan.modules()) as state:
-        state.keep_values(plan.tensors())
-        plan.apply()
+    with plan.exclusive(), torch.no_grad():
+        if plan.renames():  # a rename touches every tuner layer of the component: the whole component is kept
+            with all_or_nothing(*plan.modules()) as state:
+                state.keep_values(plan.tensors())
+                plan.apply()
+        else:  # only the slots' entries and scales change: each layer keeps what it needs to undo the write
+            _apply_undoable(plan)
     return adapter_name or plan.components[0][1]
+
+
+def _apply_undoable(plan: HotswapPlan) -> None:
+    """:meth:`HotswapPlan.apply` without a rename, all or nothing: a failure puts back every slot's entries (copies of
+    the live entries it held: nothing for an empty slot) before it propagates."""
+    snapshots = [
+        (swap.layer, swap.layer.snapshot_entries(slot_name))
+        for _, slot_name, swaps in plan.components
+        for swap in swaps
+    ]
+    try:
+        plan.apply()
+    except BaseException:
+        for layer, snapshot in snapshots:
+            layer.restore_entries(snapshot)
+        raise
 
 
 def hotswap_adapter(

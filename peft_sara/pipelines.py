@@ -16,26 +16,28 @@ instances and the pipeline's own adapter API drives them like LoRA adapters: ``p
 ``pipe.fuse_lora()`` / ``unfuse_lora()``, ``pipe.disable_lora()`` / ``enable_lora()``, ``pipe.unload_lora_weights()``,
 ``pipe.delete_adapters(...)`` and ``cross_attention_kwargs={"scale": s}`` / ``joint_attention_kwargs``.
 
-transformers' ``PreTrainedModel.add_adapter`` refuses ``peft<0.22`` (transformers 5.x), and peft-sara pins ``peft<0.22``.
-Every component is therefore injected with PEFT's ``inject_adapter_in_model`` (which also sets
-``component.peft_config``), followed by what ``add_adapter`` adds on top: ``component._hf_peft_config_loaded = True``
-and activating the new adapter on every SaRA layer. diffusers' pipeline methods only need ``peft_config`` and the
-tuner layers, so they work unchanged. ``pipe.save_pretrained`` keeps writing the plain model (``peft_sara.save_bridge``).
+Injection goes through public API only (``peft_sara.injection``): a diffusers model's own ``add_adapter``, PEFT's
+``inject_adapter_in_model`` for transformers text encoders (transformers 5.x's ``add_adapter`` refuses ``peft<0.22``).
+
+Saving follows diffusers' LoRA conventions: ``pipe.save_pretrained`` saves the components as they are, so with an
+unfused adapter injected it writes the tuner layers' keys (``...base_layer.weight``, ``...sara_values...``), which
+``from_pretrained`` does not load (it warns and initializes those weights anew). Save the adapter with
+:func:`save_sara_adapter`, or a merged model with ``pipe.fuse_lora(); pipe.unload_lora_weights(); pipe.save_pretrained(d)``
+(or ``peft_sara.conversion.save_merged``, which leaves the pipeline as it was).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from peft import set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -44,10 +46,9 @@ from .atomic import folder_writer, write_text_atomic
 from .cards import sara_model_card
 from .constants import CARD_NAME, CONFIG_NAME, DENOISER_COMPONENTS, KNOWN_COMPONENTS, SAFETENSORS_NAME
 from .hotswap import plan_hotswap, swap_state_dicts, unclaimed_slot
+from .injection import adapter_names_in_use, inject_sara_adapter
 from .resolve import resolve_adapter_folder
-from .save_bridge import install_save_bridge
 from .tuner.base_weight import one_merge_warning
-from .tuner.config import SaRAConfig
 from .tuner.config_checks import check_relative_path
 from .tuner.file_format import InvalidAdapterError
 from .tuner.layer import count_entries, sara_adapter_names, sara_layers
@@ -91,6 +92,15 @@ def _component_folders(folder: Path, pipe_modules: dict[str, nn.Module], compone
             )
         found = {wanted[0]: folder}
     elif not found:
+        injected = _models_saved_with_sara_layers(folder)
+        if injected:
+            raise FileNotFoundError(
+                f"'{folder}' holds no SaRA adapter but a model saved with `save_pretrained` while an unfused SaRA "
+                f"adapter was injected ({', '.join(injected)}): as with LoRA, its weights are the tuner layers' "
+                "(`...base_layer.weight`, `...sara_values...`), which `from_pretrained` does not load. Save the adapter "
+                "with `peft_sara.save_sara_adapter(pipe, ...)`, or a merged model with `pipe.fuse_lora(); "
+                "pipe.unload_lora_weights(); pipe.save_pretrained(...)` (or `peft_sara.conversion.save_merged`)."
+            )
         listing = sorted(child.name for child in folder.iterdir()) if folder.is_dir() else []
         lora_hint = (
             " This looks like a LoRA file: load it with `pipe.load_lora_weights(...)`."
@@ -117,6 +127,22 @@ def _component_folders(folder: Path, pipe_modules: dict[str, nn.Module], compone
     return found
 
 
+def _models_saved_with_sara_layers(folder: Path) -> list[str]:
+    """The model weight files in ``folder`` or its subfolders (a saved pipeline) that hold SaRA layers' keys: what
+    ``save_pretrained`` writes with an unfused adapter injected. Only safetensors headers are read."""
+    found = []
+    for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")]):
+        try:
+            with safe_open(path, framework="pt") as handle:
+                keys = list(handle.keys())
+                # The base weights under `.base_layer.` beside the adapter's: a model, not an adapter file.
+                if any(f".{PREFIX}" in key for key in keys) and any(".base_layer." in key for key in keys):
+                    found.append(str(path.relative_to(folder)))
+        except Exception:  # noqa: BLE001 - not a readable safetensors file: not what this looks for
+            continue
+    return found
+
+
 # ------------------------------------------------------------------------------------------------- injection
 def _align_text_model_prefix(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Accept text-encoder checkpoints written before / after transformers flattened ``CLIPTextModel.text_model``."""
@@ -127,41 +153,6 @@ def _align_text_model_prefix(module: nn.Module, state_dict: dict[str, torch.Tens
     if has_text_model and state_dict and not saved_with_prefix and type(module).__name__.startswith("CLIPText"):
         return {f"text_model.{key}": value for key, value in state_dict.items()}
     return state_dict
-
-
-# ------------------------------------------------------------------------------------------------- injection
-def _activate(module: nn.Module, adapter_name: str) -> None:
-    # Every tuner layer of the component, as `add_adapter` does: other methods' layers (e.g. LoRA) switch too.
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            layer.set_adapter([adapter_name], inference_mode=True)
-
-
-def inject_sara_adapter(
-    module: nn.Module, config: SaRAConfig, adapter_name: str, low_cpu_mem_usage: bool = False
-) -> None:
-    """Inject a SaRA adapter into a pipeline component in place and make it the active adapter.
-
-    Equivalent to ``component.add_adapter(config, adapter_name)`` for diffusers models and transformers text encoders,
-    without transformers' ``peft>=0.22`` check (see the module docstring), and with ``save_pretrained`` kept writing
-    the plain model. ``low_cpu_mem_usage=True`` (PEFT's meaning: a checkpoint sets the weights next) skips the
-    selection: the adapter waits for its entries.
-    """
-    existing = getattr(module, "peft_config", None) or {}
-    if adapter_name in existing:
-        raise ValueError(
-            f"{type(module).__name__} already has an adapter named '{adapter_name}': pass another `adapter_name`, or "
-            "remove it first with `pipe.delete_adapters(...)`."
-        )
-    with warnings.catch_warnings():
-        # PEFT warns whenever a second adapter joins `peft_config`; several adapters per component are intended here.
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        inject_adapter_in_model(config, module, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-    # As PeftModel does by default: float16 / bfloat16 adapter values are kept in float32 (the sum is cast anyway).
-    cast_adapter_dtype(module, adapter_name)
-    module._hf_peft_config_loaded = True
-    _activate(module, adapter_name)
-    install_save_bridge(module)
 
 
 # ------------------------------------------------------------------------------------------------- diffusers-style arguments
@@ -201,7 +192,7 @@ def default_adapter_name(modules: Sequence[nn.Module]) -> str:
     over the whole pipeline keeps two unnamed loads into different components apart."""
     taken = set()
     for module in modules:
-        names = set(getattr(module, "peft_config", None) or {})
+        names = adapter_names_in_use(module)
         slot = unclaimed_slot(module)
         taken |= names - ({slot.name} if slot is not None else set())
     index = len(taken)
@@ -250,8 +241,8 @@ def load_sara_adapter(
         token: Hub token for private repos.
         cache_dir: Hub cache to use instead of the default one.
         local_files_only: Only look in the Hub cache (like ``HF_HUB_OFFLINE=1``).
-        allow_non_finite: Accept NaN / inf values (refused by default). ``None`` follows the environment variable
-            ``PEFT_SARA_ALLOW_NON_FINITE``.
+        allow_non_finite: Accept NaN / inf values, and values whose effective weight overflows (refused by default).
+            ``None``: refused, unless inside :func:`peft_sara.allow_non_finite_values`.
         weight_name: Name of the weights file in each adapter folder, as in diffusers' ``load_lora_weights``
             (default: ``adapter_model.safetensors``, PEFT's name). Only ``.safetensors`` files.
         prefix: The one component to load, as diffusers' ``load_lora_adapter(prefix=...)`` takes it (``"unet"``,
@@ -285,9 +276,7 @@ def load_sara_adapter(
         module = pipe_modules[component]
         slot = unclaimed_slot(module)
         into_slot = hotswap or slot is not None
-        taken = adapter_name in (getattr(module, "peft_config", None) or {}) and not (
-            slot and slot.name == adapter_name
-        )
+        taken = adapter_name in adapter_names_in_use(module) and not (slot and slot.name == adapter_name)
         if not hotswap and taken:
             raise ValueError(
                 f"pipe.{component} already has an adapter named '{adapter_name}': pass another `adapter_name`, or "
@@ -338,16 +327,40 @@ def load_sara_adapter(
         for layer in layers:
             if scale != 1.0:
                 layer.set_scale(adapter_name, scale)
+        loaded = [component for component, *_ in plan] + [label.removeprefix("pipe.") for label, *_ in slots]
         if fuse:
+            _check_fusable(pipe_modules, loaded, adapter_name)
             state.keep_values(layer.get_base_layer().weight for layer in layers)
-            with one_merge_warning():
-                for layer in layers:
-                    layer.merge(adapter_names=[adapter_name])
-    if fuse and hasattr(pipe, "_merged_adapters"):
-        pipe._merged_adapters = set(pipe._merged_adapters) | {adapter_name}
-    loaded = [component for component, *_ in plan] + [label.removeprefix("pipe.") for label, *_ in slots]
+            _fuse(pipe, loaded, layers, adapter_name)
     logger.info("Loaded SaRA adapter '%s' into %s.", adapter_name, loaded)
     return adapter_name
+
+
+def _check_fusable(pipe_modules: dict[str, nn.Module], components: list[str], adapter_name: str) -> None:
+    """Raise ``ValueError`` if any layer of any of ``components`` would refuse to merge ``adapter_name`` (tied weights,
+    storage that cannot take a merged weight): checked for all components before the first one fuses."""
+    for component in components:
+        for name, layer in sara_layers(pipe_modules[component]):
+            refusal = layer.merge_refusal([adapter_name], False, f"pipe.{component}.{name}")
+            if refusal is not None:
+                raise ValueError(f"{refusal} Nothing was loaded (`fuse=True`).")
+
+
+def _fuse(pipe: Any, components: list[str], layers: list, adapter_name: str) -> None:
+    """Fuse ``adapter_name`` into ``components`` through diffusers' ``pipe.fuse_lora``, which keeps its own record of
+    fused adapters (``pipe.fused_loras``, ``pipe.unfuse_lora()``); layer by layer for a pipeline without LoRA API."""
+    with one_merge_warning():
+        if not hasattr(pipe, "fuse_lora"):
+            for layer in layers:
+                layer.merge(adapter_names=[adapter_name])
+            return
+        try:
+            pipe.fuse_lora(components=components, adapter_names=[adapter_name])
+        except ValueError as err:
+            raise ValueError(
+                f"`fuse=True` fuses with `pipe.fuse_lora(components={components})`, which refused: {err} Nothing was "
+                "loaded; load without `fuse=True` and merge what you need (`peft_sara.conversion.save_merged`)."
+            ) from err
 
 
 def _single_adapter_name(modules: dict[str, nn.Module]) -> str:
@@ -414,4 +427,9 @@ def save_sara_adapter(
     return Path(save_directory)
 
 
-__all__ = ["load_sara_adapter", "save_sara_adapter", "inject_sara_adapter", "pipeline_modules"]
+__all__ = [
+    "load_sara_adapter",
+    "save_sara_adapter",
+    "inject_sara_adapter",
+    "pipeline_modules",
+]  # inject_sara_adapter: peft_sara.injection

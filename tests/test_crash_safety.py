@@ -36,7 +36,8 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="kill injection forks")
 def test_kill_injection_leaves_old_or_new_folder_for_every_saver(tmp_path):
     """50 SIGKILLs per saver at random instants over the save (benchmarks.kill_injection, seeded): every folder is
-    the complete old or the complete new one, byte for byte; both outcomes occur (the kills span the save)."""
+    the complete old or the complete new one, byte for byte, or (PEFT's in-place save_pretrained only) refused by every
+    reader; both outcomes occur (the kills span the save)."""
     out = tmp_path / "kills.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -55,11 +56,17 @@ def test_kill_injection_leaves_old_or_new_folder_for_every_saver(tmp_path):
         "checkpoint_rotation",
         "peft_lora_export",
         "merged_model",
+        "peft_save_pretrained",
+        "accelerate_save_state",
     }
     for name, counts in savers.items():
         assert counts["kills"] >= 50, (name, counts)
         assert counts["other"] == 0 and counts["failed"] == 0, (name, counts, result.stderr[-3000:])
-        assert counts["old_intact"] + counts["new_intact"] == counts["kills"], (name, counts)
+        # PEFT's own save_pretrained writes in place: a kill may leave a folder every reader refuses, never a mix
+        # that loads. Every folder saver of peft-sara leaves the old or the new folder.
+        if name != "peft_save_pretrained":
+            assert counts["refused"] == 0, (name, counts)
+        assert counts["old_intact"] + counts["new_intact"] + counts["refused"] == counts["kills"], (name, counts)
         assert counts["old_intact"] > 0 and counts["new_intact"] > 0, (name, counts)
     assert result.returncode == 0
 
@@ -196,3 +203,87 @@ def test_rotation_never_removes_the_newest_checkpoint(tmp_path):
     (tmp_path / ".checkpoint-1.sara-deleting").mkdir()  # a kill during an earlier rotation's delete
     assert remove_old_checkpoints(tmp_path, keep=1) == []
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
+
+
+def test_the_demo_pretrained_cache_is_published_whole(tmp_path, monkeypatch):
+    """The demo's pretrained-base cache goes through the folder writer: a save that dies midway leaves no cache
+    entry (a reader would take any folder with its record for a cached model), a complete one leaves exactly it."""
+    from diffusers import UNet2DModel
+
+    from peft_sara.demo.diffusion import PRETRAIN_INFO_NAME, _save_atomically
+
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8,),
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    cache = tmp_path / "cache" / "key"
+
+    def dies_after_the_weights(folder, *args, **kwargs):
+        (Path(folder) / "diffusion_pytorch_model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(unet, "save_pretrained", dies_after_the_weights)
+        with pytest.raises(KeyboardInterrupt):
+            _save_atomically(unet, {"losses": [1.0], "seconds": 1.0}, cache)
+    assert not cache.exists() and os.listdir(cache.parent) == []
+    for _ in range(2):  # a first save, then one over it
+        _save_atomically(unet, {"losses": [1.0], "seconds": 1.0}, cache)
+        assert sorted(os.listdir(cache)) == sorted(
+            ["config.json", "diffusion_pytorch_model.safetensors", PRETRAIN_INFO_NAME]
+        )
+        assert os.listdir(cache.parent) == ["key"]
+    reloaded = UNet2DModel.from_pretrained(cache)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), reloaded.state_dict().values()))
+
+
+def _distributed_save(target: Path, parts: dict[int, str], fail_rank: int | None = None) -> list[BaseException]:
+    """Two "processes" (threads with a shared barrier) each write their part of one folder."""
+    import threading
+
+    from peft_sara.atomic import distributed_folder_writer
+
+    barrier = threading.Barrier(len(parts))
+    errors: list[BaseException] = []
+
+    def rank(index: int) -> None:
+        try:
+            with distributed_folder_writer(target, index == 0, barrier.wait) as staging:
+                (staging / f"rank{index}.bin").write_text(parts[index])
+                if index == fail_rank:
+                    raise RuntimeError("boom")
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(index,)) for index in parts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors
+
+
+def test_a_distributed_save_is_published_whole_once_every_process_has_written(tmp_path):
+    """DeepSpeed's save_state (every rank writes its part) through distributed_folder_writer: the checkpoint folder
+    appears complete or not at all, a killed job's staging never names a checkpoint and is removed by the next save."""
+    run = tmp_path / "run"
+    target = Path(checkpoint_folder(run, 5))
+    staging = run / f".checkpoint-5{STAGING_MARK}distributed"
+    staging.mkdir(parents=True)  # a killed job's leftover, half written
+    (staging / "rank0.bin").write_text("stale")
+    assert latest_checkpoint(run) is None
+    assert _distributed_save(target, {0: "a0", 1: "a1"}) == []
+    assert _files(target) == {"rank0.bin": b"a0", "rank1.bin": b"a1"}
+    assert sorted(os.listdir(run)) == ["checkpoint-5"] and latest_checkpoint(run) == str(target)
+    assert _distributed_save(target, {0: "b0", 1: "b1"}) == []  # the same step saved again: replaced whole
+    assert _files(target) == {"rank0.bin": b"b0", "rank1.bin": b"b1"}
+    errors = _distributed_save(checkpoint_folder(run, 6), {0: "c0", 1: "c1"}, fail_rank=0)
+    assert any(str(err) == "boom" for err in errors)
+    assert sorted(os.listdir(run)) == ["checkpoint-5"] and latest_checkpoint(run) == str(target)

@@ -116,6 +116,19 @@ def test_loaded_adapter_reproduces_the_saving_pipeline(sd, pipe):
     np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
 
 
+def test_a_loaded_unet_answers_diffusers_model_adapter_api(sd, pipe):
+    # Injected through the UNet's own `add_adapter`, so diffusers knows it holds adapters.
+    name = load_sara_adapter(pipe, sd.adapter_dir, components=["unet"])
+    assert pipe.unet.active_adapters() == [name]
+    assert not any(p.requires_grad for n, p in pipe.unet.named_parameters() if "sara_" in n)  # loaded for inference
+    adapted = generate(pipe)
+    pipe.unet.disable_adapters()
+    assert np.array_equal(generate(pipe), sd.base)
+    pipe.unet.enable_adapters()
+    pipe.unet.set_adapter(name)
+    assert np.array_equal(generate(pipe), adapted)
+
+
 def test_load_runs_no_selection_the_files_name_the_entries(sd, pipe, monkeypatch):
     from peft_sara.tuner import layer as layer_module
 
@@ -145,9 +158,29 @@ def test_fuse_matches_unfused_images_and_unfuse_restores_weights_bitwise(sd, pip
 
 
 def test_load_with_fuse_true_bakes_the_adapter_in(sd, pipe):
-    load_sara_adapter(pipe, sd.adapter_dir, fuse=True)
-    assert pipe.num_fused_loras == 1
+    before = {"unet": base_weights(pipe.unet), "text_encoder": base_weights(pipe.text_encoder)}
+    name = load_sara_adapter(pipe, sd.adapter_dir, fuse=True)
+    assert pipe.num_fused_loras == 1 and pipe.fused_loras == {name}  # diffusers' own record, from its fuse_lora
     np.testing.assert_allclose(generate(pipe), sd.adapted, **FUSED)
+    pipe.unfuse_lora(components=["unet", "text_encoder"])
+    assert pipe.num_fused_loras == 0
+    assert_weights_equal(pipe.unet, before["unet"])
+    assert_weights_equal(pipe.text_encoder, before["text_encoder"])
+
+
+def test_load_with_fuse_true_refused_in_the_text_encoder_changes_nothing(sd, pipe):
+    # Tied weights in the text encoder refuse a merge; the check runs over every component before the UNet fuses.
+    attention = next(
+        module for name, module in pipe.text_encoder.named_modules() if name.endswith("layers.0.self_attn")
+    )
+    attention.k_proj.weight = attention.q_proj.weight
+    before = {"unet": base_weights(pipe.unet), "text_encoder": base_weights(pipe.text_encoder)}
+    with pytest.raises(ValueError, match="Nothing was loaded"):
+        load_sara_adapter(pipe, sd.adapter_dir, fuse=True)
+    assert pipe.num_fused_loras == 0 and pipe.get_list_adapters() == {}
+    assert not sara_layers(pipe.unet) and not sara_layers(pipe.text_encoder)
+    assert_weights_equal(pipe.unet, before["unet"])
+    assert_weights_equal(pipe.text_encoder, before["text_encoder"])
 
 
 def test_disable_lora_gives_the_base_images_exactly_and_enable_lora_restores(sd, pipe):
@@ -202,36 +235,72 @@ def test_delete_adapters_and_a_second_adapter_combine_with_set_adapters(sd, pipe
     np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
     pipe.delete_adapters([first, second])
     assert np.array_equal(generate(pipe), sd.base)
-
-
-def test_pipe_save_pretrained_after_loading_writes_a_loadable_pipeline(sd, pipe, tmp_path):
-    name = load_sara_adapter(pipe, sd.adapter_dir)
-    pipe.save_pretrained(tmp_path / "unfused")
-    # The SaRA layers are back and still active after saving.
+    # The names are free again, in the UNet and in the text encoder (whose peft_config diffusers leaves as it was).
+    assert "unet" not in pipe.get_list_adapters()  # diffusers removed its peft_config
+    assert load_sara_adapter(pipe, sd.adapter_dir, adapter_name=first) == first
+    assert pipe.get_list_adapters() == {"unet": [first], "text_encoder": [first]}
     np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)
-    # Unfused adapters are not part of the saved weights: the reloaded pipeline is the base one.
-    reloaded = load_sd(tmp_path / "unfused")
-    assert not sara_layers(reloaded.unet)
-    assert np.array_equal(generate(reloaded), sd.base)
-    # Fused adapters are baked in.
-    pipe.fuse_lora(adapter_names=[name])
+
+
+def test_fuse_unload_save_pretrained_writes_the_fused_pipeline(sd, pipe, tmp_path):
+    # diffusers' LoRA convention for a merged model: fuse, unload the adapter layers, save.
+    load_sara_adapter(pipe, sd.adapter_dir, adapter_name="style")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert not sara_layers(pipe.unet) and not sara_layers(pipe.text_encoder)
     pipe.save_pretrained(tmp_path / "fused")
-    np.testing.assert_allclose(generate(load_sd(tmp_path / "fused")), sd.adapted, **FUSED)
+    from diffusers import DiffusionPipeline
+
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "fused")
+    assert not sara_layers(reloaded.unet) and not sara_layers(reloaded.text_encoder)
+    np.testing.assert_allclose(generate(reloaded), sd.adapted, **FUSED)
+    assert np.array_equal(generate(reloaded), generate(pipe))  # exactly the fused weights
 
 
-def test_save_bridge_follows_deep_copies(sd, pipe, tmp_path):
-    import copy
-
+def test_unet_fuse_lora_unload_lora_save_pretrained_writes_the_fused_unet(sd, pipe, tmp_path):
     from diffusers import UNet2DConditionModel
 
+    load_sara_adapter(pipe, sd.adapter_dir, components=["unet"])
+    unfused = generate(pipe)
+    pipe.unet.fuse_lora()
+    pipe.unet.unload_lora()
+    assert not sara_layers(pipe.unet) and not hasattr(pipe.unet, "peft_config")
+    pipe.unet.save_pretrained(tmp_path / "unet")
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    expected = pipe.unet.state_dict()
+    assert saved.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in saved.state_dict().items())
+    np.testing.assert_allclose(generate(pipe), unfused, **FUSED)
+
+
+def test_save_pretrained_with_an_unfused_adapter_writes_the_layers_as_lora_does(sd, pipe, tmp_path):
+    # As with a LoRA adapter injected by `add_adapter`: the tuner layers' keys are saved as they are (the base weight
+    # under `.base_layer.`), which `from_pretrained` cannot load; peft-sara's loader names the problem.
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    lora_unet = UNet2DConditionModel.from_pretrained(sd.pipeline_dir, subfolder="unet")
+    lora_unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    lora_unet.save_pretrained(tmp_path / "lora-unet")
+    lora_keys = load_file(tmp_path / "lora-unet" / "diffusion_pytorch_model.safetensors")
+    assert any(key.endswith("to_q.base_layer.weight") for key in lora_keys)
+
     load_sara_adapter(pipe, sd.adapter_dir)
-    clone = copy.deepcopy(pipe.unet)
-    with torch.no_grad():
-        clone.conv_in.weight.zero_()
-    clone.save_pretrained(tmp_path / "clone")
-    saved = UNet2DConditionModel.from_pretrained(tmp_path / "clone")
-    assert torch.count_nonzero(saved.conv_in.weight) == 0  # the copy was saved, not the original
-    assert torch.count_nonzero(pipe.unet.conv_in.weight) > 0
+    pipe.save_pretrained(tmp_path / "unfused")
+    saved = load_file(tmp_path / "unfused" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(key.endswith("to_q.base_layer.weight") for key in saved)
+    assert any(".sara_values." in key for key in saved)
+    np.testing.assert_allclose(generate(pipe), sd.adapted, **SAME)  # saving changed nothing
+    with pytest.raises(FileNotFoundError, match="unfused SaRA adapter.*save_sara_adapter.*unload_lora_weights"):
+        load_sara_adapter(load_sd(sd.pipeline_dir), tmp_path / "unfused")
+    # An adapter's weights without their config are not mistaken for such a model.
+    (tmp_path / "no-config" / "unet").mkdir(parents=True)
+    save_file(
+        load_file(sd.adapter_dir / "unet" / "adapter_model.safetensors"), tmp_path / "no-config/unet/a.safetensors"
+    )
+    with pytest.raises(FileNotFoundError, match="No 'adapter_config.json'") as refused:
+        load_sara_adapter(load_sd(sd.pipeline_dir), tmp_path / "no-config")
+    assert "unfused" not in str(refused.value)
 
 
 # ------------------------------------------------------------------------------------------------- layouts

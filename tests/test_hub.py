@@ -237,6 +237,8 @@ def test_push_to_hub_and_load_by_repo_id_through_the_real_client(sd, hub, tmp_pa
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    # This checkout's peft_sara (the interpreter runs in tmp_path), whatever is installed.
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(TESTS_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
     )

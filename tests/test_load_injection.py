@@ -111,3 +111,27 @@ def test_get_peft_model_selects_the_entries_right_away():
         assert torch.equal(layer.trainable_entries("default")[0], expected)
         assert layer.cutoff("default") == cutoff
         assert not layer.awaits_entries("default")
+
+
+def test_diffusers_models_are_injected_through_add_adapter_without_selecting(tmp_path, no_selection):
+    # diffusers' `add_adapter` takes no `low_cpu_mem_usage`: a load (any `weight_name`) and a hotswap slot still select
+    # nothing, and the loaded UNet reproduces the saved adapter.
+    import shutil
+    from types import SimpleNamespace
+
+    from conftest import tiny_unet, unet_inputs
+
+    from peft_sara import enable_sara_hotswap, load_sara_adapter
+
+    with pytest.MonkeyPatch.context() as allow_selection:  # the source adapter is trained anew: it selects
+        allow_selection.setattr(layer_module, "select_trainable_indices", select_trainable_indices)
+        source = get_peft_model(tiny_unet(), SaRAConfig(trainable_fraction=0.05, init_weights=False))
+    source.save_pretrained(tmp_path / "a")
+    shutil.move(tmp_path / "a" / "adapter_model.safetensors", tmp_path / "a" / "style.safetensors")
+    pipe = SimpleNamespace(components={"unet": tiny_unet()})
+    load_sara_adapter(pipe, tmp_path / "a", weight_name="style.safetensors")
+    inputs = unet_inputs()
+    assert torch.equal(pipe.components["unet"](**inputs).sample, source(**inputs).sample)
+    served = SimpleNamespace(components={"unet": tiny_unet()})
+    enable_sara_hotswap(served, max_fraction=0.05)
+    assert torch.equal(served.components["unet"](**inputs).sample, tiny_unet()(**inputs).sample)

@@ -68,7 +68,12 @@ def test_import_cli_and_local_load_open_no_socket(tmp_path):
     # No Hub variables from the caller: the promise must hold without HF_HUB_OFFLINE. Any request that still tried
     # would go to an endpoint on this machine, and the guard records it before it leaves.
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub-cache"), PYTHONPATH=str(TESTS_DIR))
+    # This checkout's peft_sara first (the interpreter runs in tmp_path), whatever is installed; then the test helpers.
+    env.update(
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_CACHE=str(tmp_path / "hub-cache"),
+        PYTHONPATH=os.pathsep.join([str(TESTS_DIR.resolve().parent), str(TESTS_DIR)]),
+    )
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
     )

@@ -49,3 +49,12 @@ def test_the_package_touches_no_unlisted_private_peft_name():
     }
     assert peft_private <= listed, sorted(peft_private - listed)
     assert not any("_getframe" in path.read_text() for path in PACKAGE.rglob("*.py"))
+
+
+def test_the_package_writes_no_transformers_or_diffusers_flag_and_patches_no_save_pretrained():
+    # Issue 27: the adapter API of transformers / diffusers is driven through its public methods only.
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        for flag in ("_hf_peft_config_loaded", "_merged_adapters", "_lora_loadable_modules"):
+            assert flag not in text, (path.name, flag)
+        assert not re.search(r"\.save_pretrained\s*=", text), path.name

@@ -155,6 +155,24 @@ def test_reselection_compacts_in_place_keeping_parameters_optimizer_and_adam_mom
     assert torch.equal(model(batches(1, seed=9)[0][0]), outputs_before), "re-selection must not change the model"
 
 
+def test_bfloat16_reselection_decides_on_the_weight_the_forward_uses():
+    # In bfloat16, w + delta is rounded before it is used: an entry whose float32 sum is just inside the cutoff can be
+    # outside it as the model sees it. The re-selection reads the same rounded weight a merge writes.
+    model = make_model(threshold=0.05, init_weights=True, progressive_fraction=None).to(torch.bfloat16)
+    layer = model.base_model.model.lin0
+    indices, values = layer.trainable_entries("default")
+    base = layer.get_base_layer().weight.detach().reshape(-1)[indices.long()]
+    cutoff = layer.cutoff("default")
+    # Deltas that bring every entry to just inside the cutoff in float32; bfloat16 rounds some of them out.
+    target = torch.sign(base.float() + 1e-12) * (cutoff - 1e-5)
+    with torch.no_grad():
+        layer.sara_values["default"][: values.numel()] = (target - base.float()).to(values.dtype)
+    merged = layer.get_effective_weight(["default"]).reshape(-1)[indices.long()]
+    expected = merged.float().abs() <= cutoff
+    assert 0 < int(expected.sum()) < expected.numel(), "the test needs rounding to push some entries out"
+    assert torch.equal(layer.reselection_mask("default"), expected)
+
+
 def test_freed_slots_stay_inert_through_training():
     model = make_model(threshold=0.05, init_weights=True, progressive_step=3)
     optimizer, _, helper = train(model, 8, lr=5e-2, data=batches(8))

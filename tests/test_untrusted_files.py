@@ -469,8 +469,12 @@ def test_non_finite_values_are_refused_unless_allowed(tmp_path, monkeypatch):
     with pytest.raises(InvalidAdapterError, match="non-finite"):
         load_sara_adapter(pipe, tmp_path, components=["unet"])
     load_sara_adapter(pipe, tmp_path, components=["unet"], allow_non_finite=True)
-    monkeypatch.setenv(ALLOW_NON_FINITE_ENV_VAR, "1")
-    PeftModel.from_pretrained(fresh_model(), tmp_path)
+    monkeypatch.setenv(ALLOW_NON_FINITE_ENV_VAR, "1")  # deprecated: still honoured, with a warning naming the way now
+    with pytest.warns(FutureWarning, match=r"PEFT_SARA_ALLOW_NON_FINITE is deprecated.*allow_non_finite=True"):
+        PeftModel.from_pretrained(fresh_model(), tmp_path)
+    monkeypatch.setenv(ALLOW_NON_FINITE_ENV_VAR, "0")
+    with pytest.warns(FutureWarning), pytest.raises(InvalidAdapterError, match="non-finite"):
+        PeftModel.from_pretrained(fresh_model(), tmp_path)
 
 
 def test_duplicates_and_overlaps_are_refused_even_in_self_consistent_files(source):

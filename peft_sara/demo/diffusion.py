@@ -6,8 +6,6 @@ Everything random takes an explicit seed, so two runs with the same settings (an
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..atomic import folder_writer
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULE = "squaredcos_cap_v2"
@@ -223,13 +223,8 @@ def load_or_pretrain(
 
 
 def _save_atomically(unet: UNet2DModel, info: dict[str, Any], cache_folder: Path) -> None:
-    """Write the model into a temporary sibling folder and rename it, so a crash never leaves half a cache."""
-    cache_folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = cache_folder.with_name(f"{cache_folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    unet.save_pretrained(staging)
-    (staging / PRETRAIN_INFO_NAME).write_text(json.dumps(info))
-    try:
-        os.replace(staging, cache_folder)
-    except OSError:  # another run cached the same model first: keep theirs
-        shutil.rmtree(staging, ignore_errors=True)
+    """Publish the model and its record as one unit (``peft_sara.atomic.folder_writer``: staged, fsynced, renamed),
+    so a crash never leaves half a cache; a run that cached the same key meanwhile is replaced by an equal model."""
+    with folder_writer(cache_folder) as staging:
+        unet.save_pretrained(staging)
+        (staging / PRETRAIN_INFO_NAME).write_text(json.dumps(info))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
+from ..atomic import folder_writer
 from .data import load_splits
 from .diffusion import PretrainResult, build_noise_scheduler, build_unet, pretrain
 from .settings import DemoSettings, cache_key
@@ -104,10 +105,11 @@ def pretrain_default_base(settings: DemoSettings | None = None) -> tuple[UNet2DM
 
 
 def write_base(unet: UNet2DModel, info: dict[str, Any], folder: Path) -> None:
-    """Save ``unet`` (diffusers' ``save_pretrained``: config.json + safetensors) and its record into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(folder)
-    (folder / INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
+    """Save ``unet`` (diffusers' ``save_pretrained``: config.json + safetensors) and its record into ``folder``, published
+    as one unit (``peft_sara.atomic.folder_writer``): a killed write leaves the previous base or this one."""
+    with folder_writer(folder) as staging:
+        unet.save_pretrained(staging)
+        (staging / INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..atomic import folder_writer
-from ..save_bridge import base_layers_swapped_in
 from ..tuner.base_weight import one_merge_warning
 from .sources import ExportSource, adapter_layers, is_pipeline, live_source
 
@@ -64,7 +66,9 @@ def write_merged(source: ExportSource, output_dir: str | os.PathLike, max_shard_
     try:
         with folder_writer(output_dir) as staging:
             if is_pipeline(model):
-                model.save_pretrained(str(staging), **kwargs)
+                components = [part for part in model.components.values() if isinstance(part, nn.Module)]
+                with base_layers_in_place(*components):
+                    model.save_pretrained(str(staging), **kwargs)
             else:
                 inner = model.get_base_model() if isinstance(model, PeftModel) else model
                 _save_plain(inner, str(staging), kwargs)
@@ -80,8 +84,30 @@ def _save_plain(model: nn.Module, folder: str, kwargs: dict[str, Any]) -> None:
         raise TypeError(
             f"{type(model).__name__} has no `save_pretrained`: merge with `merge_and_unload()` and save it yourself."
         )
-    with base_layers_swapped_in(model):
-        type(model).save_pretrained(model, folder, **kwargs)
+    with base_layers_in_place(model):
+        model.save_pretrained(folder, **kwargs)
 
 
-__all__ = ["save_merged", "write_merged"]
+@contextlib.contextmanager
+def base_layers_in_place(*models: nn.Module) -> Iterator[None]:
+    """Inside the block, every PEFT tuner layer of ``models`` is replaced in its parent by its base layer (public
+    ``nn.Module`` attribute assignment; no method is patched), so ``save_pretrained`` writes the plain model: the
+    base weights, merged where adapters are merged. Everything is put back on exit, the same module objects."""
+    swapped = []
+    for model in models:
+        for name, layer in list(model.named_modules()):
+            if isinstance(layer, BaseTunerLayer) and hasattr(layer, "base_layer") and name:
+                parent_name, _, child_name = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                if getattr(parent, child_name, None) is layer:
+                    swapped.append((parent, child_name, layer))
+    try:
+        for parent, child_name, layer in swapped:
+            setattr(parent, child_name, layer.get_base_layer())
+        yield
+    finally:
+        for parent, child_name, layer in reversed(swapped):
+            setattr(parent, child_name, layer)
+
+
+__all__ = ["base_layers_in_place", "save_merged", "write_merged"]

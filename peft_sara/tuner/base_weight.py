@@ -69,7 +69,7 @@ def execution_path(layer: nn.Module, adapter_names: Sequence[str], base_layer: n
     more than its ``forward`` (accelerate's offload hooks, diffusers' layerwise casting: those can be added at any
     time, so they are looked at on each call) or its weight has a storage backend; main otherwise.
     """
-    if layer._disable_adapters or layer.merged_adapters or not adapter_names:
+    if layer.disable_adapters or layer.merged_adapters or not adapter_names:
         return ExecutionPath.OFF
     if has_forward_hooks(base_layer) or layer.storage_backend(base_layer) is not None:
         return ExecutionPath.COMPOSABLE

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 
 from .names import DEFAULT_THRESHOLD, KERNELS, RANK_METHODS, RANK_TARGETS, SAVE_DTYPES, selection_rule
 from .peft_type import sara_peft_type
+
+# PEFT's bookkeeping, which its save_pretrained fills in after the weights are written, and the fingerprint itself.
+UNFINGERPRINTED_FIELDS = frozenset(
+    ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version", "config_fingerprint")
+)
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-ready value that is the same for a setting as written and as read back (sets as sorted lists)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(item) for item in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _canonical(item) for key, item in value.items()}
+    if isinstance(value, str):  # PEFT's enums (PeftType, TaskType) are str subclasses
+        return str(value.value) if hasattr(value, "value") else str(value)
+    return value
 
 
 @dataclass
@@ -68,6 +88,11 @@ class SaRAConfig(PeftConfig):
         base_model_class (`str`, *optional*):
             Set at injection: the class name of the model adapted (`UNet2DConditionModel`, `CLIPTextModel`, ...), so
             that an adapter's files alone tell which pipeline component it adapts (exports without the base model).
+        config_fingerprint (`str`, *optional*):
+            Written, never set: `to_dict()` (so `adapter_config.json`) holds the SHA-256 of the config's settings
+            (:meth:`settings_fingerprint`), and the saved weights the same value (`sara_config_fingerprint`), so a
+            reader refuses weights and a config of two different saves (a `save_pretrained` killed between its two
+            files). Read back from a file, it holds what the file says.
     """
 
     threshold: float | None = field(default=None, metadata={"help": "Train entries with |w| < threshold."})
@@ -122,6 +147,13 @@ class SaRAConfig(PeftConfig):
     base_model_class: str | None = field(
         default=None,
         metadata={"help": "Class name of the model the adapter was injected into (set at injection; read by exports)."},
+    )
+    # What a saved adapter_config.json says (None for configs built in code); `to_dict` always writes the current one.
+    config_fingerprint: str | None = field(
+        default=None,
+        compare=False,
+        repr=False,
+        metadata={"help": "Written on save: the SHA-256 of the settings, matched by the weights file's record."},
     )
 
     def __post_init__(self, kernel: str | None = None) -> None:
@@ -193,6 +225,20 @@ class SaRAConfig(PeftConfig):
         # An instance attribute, not a field (never saved); configs built in code have none.
         config.loaded_from = {"path": str(pretrained_model_name_or_path), "subfolder": subfolder, **kwargs}
         return config
+
+    def settings_fingerprint(self) -> str:
+        """SHA-256 (hex) of every setting that says what the saved weights are and how they train: all fields but
+        PEFT's bookkeeping (``base_model_name_or_path``, ``revision``, ``inference_mode``, ``auto_mapping``,
+        ``peft_version``, which PEFT fills in while it saves) and this fingerprint. The weights file records it too
+        (``peft_sara.tuner.file_format``): a config and weights of two different saves are refused together."""
+        settings = {key: _canonical(value) for key, value in asdict(self).items() if key not in UNFINGERPRINTED_FIELDS}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """PEFT's ``to_dict`` (what ``adapter_config.json`` holds) with the current :meth:`settings_fingerprint`."""
+        output = super().to_dict()
+        output["config_fingerprint"] = self.settings_fingerprint()
+        return output
 
     @property
     def selection_rule(self) -> str:

@@ -10,16 +10,17 @@ dynamic size). State dicts hold only the live entries; loading pads them back to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
+from .kernels.reference import patched_values
 from .selection import (
     check_entries,
     compact_,
-    compute_dtype,
     gathered,
     index_dtype_for,
     still_ineffective,
@@ -59,6 +60,20 @@ class DynamicSizeBufferDict(BufferDict):
     def dynamic(self, key: str) -> torch.Tensor:
         """The tensor under ``key``, as compiled forwards should read it (its size is not baked into the graph)."""
         return self._dynamic[key]
+
+
+@dataclass
+class EntrySnapshot:
+    """An adapter's entries as they were, taken by :meth:`SparseEntryStorage.snapshot_entries` to undo a write."""
+
+    adapter_name: str
+    indices: torch.Tensor
+    values: torch.Tensor
+    frozen_indices: torch.Tensor
+    frozen_values: torch.Tensor
+    scale: float
+    grad: torch.Tensor | None
+    awaiting: bool
 
 
 class SparseEntryStorage:
@@ -143,16 +158,20 @@ class SparseEntryStorage:
         values: torch.Tensor | None = None,
         frozen_indices: torch.Tensor | None = None,
         frozen_values: torch.Tensor | None = None,
+        *,
+        checked: bool = False,
     ) -> None:
         """Set an adapter's trainable (and frozen) entries, e.g. to fit a checkpoint or a combination of adapters.
 
         Entries that fit into the current capacity are written in place (the values Parameter keeps its identity, so
         optimizers and DDP / FSDP wrappers stay valid; pending gradients are dropped); more entries than that replace
-        the Parameter by a larger one (rebuild optimizers then).
+        the Parameter by a larger one (rebuild optimizers then). ``checked``: the entries come from the one reader
+        (``peft_sara.tuner.reader.read_layer``, which checked them against this layer), so they are not checked again.
         """
-        self._check_entries(adapter_name, indices, values, "trainable")
-        if frozen_indices is not None:
-            self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
+        if not checked:
+            self._check_entries(adapter_name, indices, values, "trainable")
+            if frozen_indices is not None:
+                self._check_entries(adapter_name, frozen_indices, frozen_values, "frozen")
         param = self.sara_values[adapter_name]
         device = param.device  # where the adapter lives (an offloaded base's weight is on meta)
         if device.type == "meta":  # created empty under `init_empty_weights` (PEFT's low_cpu_mem_usage)
@@ -178,6 +197,36 @@ class SparseEntryStorage:
                 frozen_indices.to(device=device, dtype=index_dtype),
                 frozen_values.detach().to(device=device, dtype=param.dtype),
             )
+
+    def snapshot_entries(self, adapter_name: str) -> EntrySnapshot:
+        """What :meth:`restore_entries` needs to undo :meth:`set_trainable_entries` (and a scale change) of an adapter
+        whose capacity the write keeps: copies of its live entries only (the capacity's tail is zero: an empty hotswap
+        slot costs nothing), the frozen tensors by reference (a write replaces them, never writes into them)."""
+        indices, values = self.trainable_entries(adapter_name)
+        frozen_indices, frozen_values = self.frozen_entries(adapter_name)
+        return EntrySnapshot(
+            adapter_name,
+            indices.clone(),
+            values.detach().clone(),
+            frozen_indices,
+            frozen_values,
+            self.sara_scaling[adapter_name],
+            self.sara_values[adapter_name].grad,
+            self.awaits_entries(adapter_name),
+        )
+
+    @torch.no_grad()
+    def restore_entries(self, snapshot: EntrySnapshot) -> None:
+        """Put back, in place, the entries, scale and gradient :meth:`snapshot_entries` saw."""
+        name = snapshot.adapter_name
+        self.set_trainable_entries(
+            name, snapshot.indices, snapshot.values, snapshot.frozen_indices, snapshot.frozen_values, checked=True
+        )
+        self._set_frozen(name, snapshot.frozen_indices, snapshot.frozen_values)  # the same tensors, not copies
+        self.set_scale(name, snapshot.scale)
+        self.sara_values[name].grad = snapshot.grad
+        if snapshot.awaiting:
+            self.sara_awaiting_entries[name] = True
 
     def reselect(self, adapter_name: str, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Progressive adjustment: keep training only the entries whose current weight is still within the cutoff.
@@ -220,7 +269,8 @@ class SparseEntryStorage:
 
     @torch.no_grad()
     def reselection_mask(self, adapter_name: str) -> torch.Tensor:
-        """Boolean mask over the trainable entries: those whose current weight (base + delta) is within the cutoff.
+        """Boolean mask over the trainable entries: those whose current weight, ``cast(w + s*delta)`` as the forward
+        computes it, is within the cutoff.
 
         A pure function of the base weight and the values, so ranks holding bitwise-identical copies agree on it.
         """
@@ -229,7 +279,7 @@ class SparseEntryStorage:
         values = gathered(self.sara_values[adapter_name]).detach()[:count]
         with self.readable_base_weight() as weight:  # dequantized / onloaded where needed
             base_entries = gathered(weight).detach().reshape(-1).index_select(0, indices)
-        current = base_entries.to(compute_dtype(base_entries.dtype, values.dtype)) + values
+        current = patched_values(base_entries, values, self.sara_scaling[adapter_name])  # the forward's formula
         return still_ineffective(current, self.cutoff(adapter_name))
 
     def _set_live_count(self, adapter_name: str, count: int) -> None:

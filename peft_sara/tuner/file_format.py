@@ -26,8 +26,13 @@ key                                 dtype, shape              holds
                                                               dtype, shape and bytes of each)
 ==================================  ========================  ==========================================================
 
-Per file: ``sara_format_version`` (int64 ``[1]``) and ``sara_modules_to_save_checksum`` (uint8 ``[32]``, the SHA-256
-of every other tensor, by saved name). Every other tensor is a module of the config's ``modules_to_save``.
+Per file: ``sara_format_version`` (int64 ``[1]``), ``sara_modules_to_save_checksum`` (uint8 ``[32]``, the SHA-256
+of every other tensor, by saved name) and, from format 3, ``sara_config_fingerprint`` (uint8 ``[32]``): the
+``SaRAConfig.settings_fingerprint()`` of the config saved with it, which ``adapter_config.json`` holds as
+``config_fingerprint``. PEFT's ``save_pretrained`` writes the weights, then the config, each in place: a save killed
+between the two leaves new weights beside the old config, and the readers refuse a pair whose fingerprints differ (or
+a fingerprinted file beside a config without one); files without the record (formats 1 and 2) load as before. Every
+other tensor is a module of the config's ``modules_to_save``.
 ``adapter_config.json`` is the ``SaRAConfig``; ``base_model_class`` there names the class of the model the adapter was
 injected into (filled at injection), which tells exporters which pipeline component it adapts.
 
@@ -60,15 +65,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from torch import nn
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: layouts and model class in safetensors metadata (peft-sara <= 0.1 at dc2a78b)
+FORMAT_VERSION = 3
+# 1: layouts and model class in safetensors metadata (peft-sara <= 0.1 at dc2a78b); 2: no config fingerprint.
+READABLE_VERSIONS = (1, 2, 3)
 FORMAT_VERSION_NAME = "sara_format_version"
 # One per file: the checksum of every tensor that is not a SaRA entry (modules_to_save), by saved name.
 OTHER_CHECKSUM_NAME = "sara_modules_to_save_checksum"
-FILE_RECORD_NAMES = (FORMAT_VERSION_NAME, OTHER_CHECKSUM_NAME)
+# One per file (format 3): the settings fingerprint of the config saved with the weights (see the docstring).
+CONFIG_FINGERPRINT_NAME = "sara_config_fingerprint"
+FILE_RECORD_NAMES = (FORMAT_VERSION_NAME, OTHER_CHECKSUM_NAME, CONFIG_FINGERPRINT_NAME)
 WEIGHT_SHAPE_NAME = "sara_weight_shape"
 LAYOUT_NAME = "sara_layout"
 CHECKSUM_NAME = "sara_checksum"
@@ -103,6 +112,50 @@ not the encoding of a non-decreasing sequence of int64 indices: a number cut off
 nine bytes (63 bits), or gaps whose running sum overflows.
 """
 MAX_VARINT_BYTES = 9  # 9 x 7 = 63 bits: every non-negative int64
+ONE_BYTE = 0x80  # numbers below it take one byte; a byte at or above it is followed by more of its number
+
+
+def _flat_indices(indices: torch.Tensor) -> numpy.ndarray:
+    """Flat indices as a CPU array, int32 kept as it is (a layer's usual index dtype: half the bytes to pass over)."""
+    flat = indices.detach().reshape(-1).cpu()
+    return (flat if flat.dtype in (torch.int32, torch.int64) else flat.to(torch.int64)).numpy()
+
+
+def _ascending_gaps(flat: numpy.ndarray) -> numpy.ndarray | None:
+    """The gaps (in the indices' dtype) of flat indices, first index first; None unless they are ascending and
+    non-negative (then no difference wraps)."""
+    gaps = flat.copy()
+    numpy.subtract(flat[1:], flat[:-1], out=gaps[1:])
+    if int(flat.min()) < 0 or int(gaps.min()) < 0:
+        return None
+    return gaps
+
+
+def _gaps_stream(gaps: numpy.ndarray) -> torch.Tensor:
+    """The varint stream of non-negative integer gaps (int32 or int64). Gaps below 128 (nearly all, at SaRA's densities) are copied as
+    bytes in one masked pass; the few longer numbers are written byte by byte, at positions shifted by the extra bytes
+    of the longer numbers before them."""
+    short = gaps < ONE_BYTE
+    longer = numpy.flatnonzero(~short)
+    if longer.size == 0:
+        return torch.from_numpy(gaps.astype(numpy.uint8))
+    values = gaps[longer].astype(numpy.int64)
+    lengths = numpy.ones_like(values)
+    for extra in range(1, MAX_VARINT_BYTES):
+        lengths += values >= (1 << (7 * extra))
+    extra_bytes = lengths - 1
+    starts = longer + numpy.cumsum(extra_bytes) - extra_bytes  # each longer number's first byte in the stream
+    stream = numpy.empty(gaps.size + int(extra_bytes.sum()), dtype=numpy.uint8)
+    owned = numpy.zeros(stream.size, dtype=bool)  # bytes of the longer numbers
+    for position in range(int(lengths.max())):
+        has = lengths > position
+        at = starts[has] + position
+        byte = (values[has] >> (7 * position)) & 0x7F
+        byte |= (extra_bytes[has] > position).astype(numpy.int64) << 7  # continuation bit on all but the last byte
+        stream[at] = byte
+        owned[at] = True
+    stream[~owned] = gaps[short]
+    return torch.from_numpy(stream)
 
 
 def encode_index_gaps(indices: torch.Tensor) -> torch.Tensor:
@@ -110,65 +163,75 @@ def encode_index_gaps(indices: torch.Tensor) -> torch.Tensor:
 
     Raises ``ValueError`` if the indices are negative or not ascending: sort the entries first (with their values).
     """
-    flat = indices.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
-    if flat.numel() == 0:
+    flat = _flat_indices(indices)
+    if flat.size == 0:
         return torch.zeros(0, dtype=torch.uint8)
-    gaps = torch.diff(flat, prepend=flat.new_zeros(1))
-    if bool((gaps < 0).any()) or int(flat[0]) < 0:
+    gaps = _ascending_gaps(flat)
+    if gaps is None:
         raise ValueError("Only ascending, non-negative indices can be written as gaps: sort the entries first.")
-    lengths = torch.ones_like(gaps)
-    for extra in range(1, MAX_VARINT_BYTES):
-        lengths += gaps >= (1 << (7 * extra))
-    starts = torch.cumsum(lengths, 0) - lengths
-    stream = torch.empty(int(lengths.sum()), dtype=torch.int64)
-    for position in range(int(lengths.max())):
-        has_byte = lengths > position
-        byte = (gaps[has_byte] >> (7 * position)) & 0x7F
-        byte |= (lengths[has_byte] - 1 > position).long() << 7  # continuation bit on all but the last byte
-        stream[starts[has_byte] + position] = byte
-    return stream.to(torch.uint8)
+    return _gaps_stream(gaps)
+
+
+def encode_entries(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gap stream of an entry set and its values in index order: sorted (values with their indices) only when the
+    indices are not ascending already (layers keep them ascending until a re-selection or an update reorders them).
+    Raises ``ValueError`` on negative indices."""
+    flat = _flat_indices(indices)
+    if flat.size == 0:
+        return torch.zeros(0, dtype=torch.uint8), values
+    gaps = _ascending_gaps(flat)
+    if gaps is None:
+        order = torch.from_numpy(numpy.argsort(flat, kind="stable"))
+        return encode_index_gaps(torch.from_numpy(flat)[order]), values[order.to(values.device)]
+    return _gaps_stream(gaps), values
 
 
 DECODE_CHUNK_BYTES = 1 << 20  # decoded piece by piece: the work memory is a few tens of MB whatever the stream
 
 
-def count_index_gaps(stream: torch.Tensor) -> int:
-    """How many numbers a varint gap stream holds (its last bytes), without decoding it; checks its form."""
+def _check_stream(stream: torch.Tensor) -> None:
     if stream.dtype != torch.uint8 or stream.dim() != 1:
         raise ValueError(
             f"index gaps must be a 1-D uint8 byte stream, got dtype {stream.dtype} and shape {tuple(stream.shape)}"
         )
-    return sum(
-        int((stream[start : start + DECODE_CHUNK_BYTES] < 0x80).sum())
-        for start in range(0, stream.numel(), DECODE_CHUNK_BYTES)
-    )
 
 
-def _decode_piece(piece: torch.Tensor) -> torch.Tensor:
-    """The gaps (int64) of a uint8 stream piece that ends with a number's last byte: a one-byte number is its byte;
-    the few longer ones (a gap of 128 or more) are completed byte by byte."""
-    ends = torch.nonzero(piece < 0x80).reshape(-1)
-    gaps = piece[ends].long()
-    if ends.numel() == piece.numel():
-        return gaps
-    spans = torch.diff(ends, prepend=ends.new_full((1,), -1))  # each number's length in bytes
-    longer = torch.nonzero(spans > 1).reshape(-1)
-    length = spans[longer]
-    longest = int(length.max())
+def count_index_gaps(stream: torch.Tensor) -> int:
+    """How many numbers a varint gap stream holds (its last bytes), without decoding it; checks its form."""
+    _check_stream(stream)
+    return int(numpy.count_nonzero(stream.detach().cpu().numpy() < ONE_BYTE))
+
+
+def _piece_gaps(piece: numpy.ndarray, ends: numpy.ndarray) -> tuple[numpy.ndarray, int]:
+    """The gaps (int64) of a stream piece that ends with a number's last byte (``ends`` flags those bytes), and the
+    length in bytes of its longest number. A one-byte number is its byte; the few longer ones (a gap of 128 or more)
+    are completed from their other bytes, each at its place value."""
+    gaps = piece[ends].astype(numpy.int64)
+    if gaps.size == piece.size:
+        return gaps, 1
+    longer = numpy.flatnonzero(~ends)  # bytes followed by more of their number (few)
+    # The number each such byte belongs to: as many numbers end before it as bytes before it are last bytes.
+    counter = numpy.arange(longer.size)
+    number = longer - counter
+    if longer.size < 2 or bool((longer[1:] - longer[:-1] > 1).all()):  # two-byte numbers only (gaps below 16,384)
+        gaps[number] = (gaps[number] << 7) + (piece[longer].astype(numpy.int64) - ONE_BYTE)
+        return gaps, 2
+    # Consecutive such bytes belong to one number: each one's place in it.
+    starts_run = numpy.ones(longer.size, dtype=bool)
+    starts_run[1:] = longer[1:] != longer[:-1] + 1
+    place = counter - numpy.maximum.accumulate(numpy.where(starts_run, counter, 0))
+    longest = int(place.max()) + 2
     if longest > MAX_VARINT_BYTES:
         raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
-    first = ends[longer] - (length - 1)
-    value = (piece[first] & 0x7F).long()
-    for byte in range(1, longest):  # every longer number has a second byte; fewer have each next one
-        has = None if byte == 1 else torch.nonzero(length > byte).reshape(-1)
-        positions = first + byte if has is None else first[has] + byte
-        contribution = (piece[positions] & 0x7F).long() << (7 * byte)
-        if has is None:
-            value += contribution
-        else:
-            value[has] += contribution
-    gaps[longer] = value
-    return gaps
+    low = (piece[longer].astype(numpy.int64) - ONE_BYTE) << (7 * place)
+    ends_run = numpy.ones_like(starts_run)
+    ends_run[:-1] = starts_run[1:]
+    # A number's gap: its last byte at the place after its other bytes, plus their sum (a run's total of `low`).
+    totals = numpy.cumsum(low)
+    run_sums = totals[ends_run] - numpy.concatenate(([0], totals[ends_run][:-1]))
+    last = number[ends_run]
+    gaps[last] = (gaps[last] << (7 * (place[ends_run] + 1))) + run_sums
+    return gaps, longest
 
 
 def decode_index_gaps(
@@ -178,43 +241,61 @@ def decode_index_gaps(
 
     ``count``: the number of indices expected (one per value), compared before the result is allocated; ``limit``:
     every index must be below it (the weight's size), checked piece by piece. The stream is decoded in pieces of
-    :data:`DECODE_CHUNK_BYTES`, so the memory used beyond the result (8 bytes per index) is bounded.
+    :data:`DECODE_CHUNK_BYTES`, so the memory used beyond the result and a flag per byte is bounded. Each piece is a
+    few passes over its bytes (its gaps, then their running sum); only the numbers longer than a byte are completed
+    one by one, in a vectorised pass over them.
 
     Raises ``ValueError`` on a stream that is not a 1-D uint8 tensor or not a valid encoding (see above), or that does
     not hold ``count`` indices below ``limit``.
     """
-    found = count_index_gaps(stream)
+    _check_stream(stream)
+    data = stream.detach().cpu().numpy()
+    ends = data < ONE_BYTE  # each number's last byte
+    found = int(numpy.count_nonzero(ends))
     if count is not None and found != count:
         raise ValueError(f"the index gap stream holds {found} indices but {count} values")
-    if stream.numel() and int(stream[-1]) >= 0x80:
+    size = data.size
+    if size and not ends[-1]:
         raise ValueError("the index gap stream ends inside a number (truncated)")
-    result = torch.empty(found, dtype=torch.int64)
+    fits = limit is not None and limit - 1 <= torch.iinfo(dtype).max
+    result = torch.empty(found, dtype=dtype if fits else torch.int64)
     position, written, last = 0, 0, 0
-    while position < stream.numel():
-        end = min(position + max(DECODE_CHUNK_BYTES, MAX_VARINT_BYTES), stream.numel())
-        if end < stream.numel():  # cut after the piece's last complete number
-            terminators = torch.nonzero(stream[position:end] < 0x80).reshape(-1)
-            if terminators.numel() == 0:
+    while position < size:
+        end = min(position + max(DECODE_CHUNK_BYTES, MAX_VARINT_BYTES), size)
+        if end < size:  # cut after the piece's last complete number
+            start = end - MAX_VARINT_BYTES  # a valid stream has a number's last byte among any 9 in a row
+            tail = numpy.flatnonzero(ends[start:end])
+            if tail.size == 0:  # an invalid one: its piece ends where it can (the long number is refused after it)
+                start, tail = position, numpy.flatnonzero(ends[position:end])
+            if tail.size == 0:
                 raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
-            end = position + int(terminators[-1]) + 1
-        gaps = _decode_piece(stream[position:end])
-        # Gaps are non-negative (at most 63 bits): the sums can only go wrong by passing the int64 range.
-        may_overflow = last + int(gaps.max()) * gaps.numel() > 2**63 - 1
-        gaps[0] += last
-        indices = torch.cumsum(gaps, 0)
-        if may_overflow and (
-            bool((indices < last).any()) or (indices.numel() > 1 and not bool((indices[1:] >= indices[:-1]).all()))
-        ):
-            raise ValueError("the index gaps sum past the int64 range")
-        last = int(indices[-1])
-        if limit is not None and last >= limit:
-            raise ValueError(f"an index ({last}) is out of range: the weight has {limit} entries")
-        result[written : written + indices.numel()] = indices
-        written += indices.numel()
+            end = start + int(tail[-1]) + 1
+        gaps, longest = _piece_gaps(data[position:end], ends[position:end])
+        torch.from_numpy(gaps)[0] += last  # (in torch: a sum past int64 wraps silently, and is refused below)
+        out = result[written : written + gaps.size]
+        if last + gaps.size * (1 << (7 * longest)) <= 2**63 - 1:  # no running sum can pass the int64 range
+            largest = int(gaps.sum())  # the piece's last index: the indices are ascending
+            if limit is not None and largest >= limit:
+                raise ValueError(f"an index ({largest}) is out of range: the weight has {limit} entries")
+            # Below the limit, so below the result dtype's largest value: the running sum is taken in that dtype.
+            torch.cumsum(torch.from_numpy(gaps), 0, dtype=out.dtype, out=out)
+        else:
+            # Gaps are non-negative and below 2**63: a running sum can only go wrong by passing the int64 range, and
+            # one that does so goes down.
+            indices = torch.from_numpy(gaps).cumsum_(0)
+            if int(indices[0]) < last or not bool((indices[1:] >= indices[:-1]).all()):
+                raise ValueError("the index gaps sum past the int64 range")
+            if limit is not None and int(indices[-1]) >= limit:
+                raise ValueError(f"an index ({int(indices[-1])}) is out of range: the weight has {limit} entries")
+            out.copy_(indices)
+        last = int(out[-1])
+        written += gaps.size
         position = end
-    if result.numel() and int(result[-1]) > torch.iinfo(dtype).max:
-        raise ValueError(f"an index ({int(result[-1])}) does not fit {dtype}")
-    return result.to(dtype)
+    if result.dtype != dtype:
+        if result.numel() and int(result[-1]) > torch.iinfo(dtype).max:
+            raise ValueError(f"an index ({int(result[-1])}) does not fit {dtype}")
+        result = result.to(dtype)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- key names
@@ -453,12 +534,9 @@ def _plain(key: str, tensor: torch.Tensor) -> torch.Tensor:
 
 def _encoded_entries(index_key: str, indices: torch.Tensor, value_key: str, values: torch.Tensor, adapter_name: str):
     """The stored form of one entry set: sorted by index, indices as varint gaps."""
-    indices, values = _plain(index_key, indices), _plain(value_key, values)
-    if indices.numel() > 1 and not bool((indices[1:] >= indices[:-1]).all()):
-        order = torch.argsort(indices, stable=True)
-        indices, values = indices[order], values[order]
+    stream, values = encode_entries(_plain(index_key, indices), _plain(value_key, values))
     name = STORED_INDEX_NAME[split_sara_key(index_key, adapter_name)[1]]
-    return {sibling_key(index_key, adapter_name, name): encode_index_gaps(indices), value_key: values.contiguous()}
+    return {sibling_key(index_key, adapter_name, name): stream, value_key: values.contiguous()}
 
 
 def encode_adapter_state_dict(
@@ -467,11 +545,13 @@ def encode_adapter_state_dict(
     state_dict: dict[str, torch.Tensor],
     save_dtype: str | None,
     modules_to_save: Mapping[str, torch.Tensor] | None = None,
+    config_fingerprint: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """An adapter state dict (model keys, adapter name still in them) in the file format: empty frozen sets dropped,
-    values cast to ``save_dtype``, indices sorted and written as gaps, weight shapes, checksums and format version
-    added. Other tensors are kept as they are; they and ``modules_to_save`` (the copies a writer adds to the file
-    after this, as PEFT's ``get_peft_model_state_dict`` does) are covered by one checksum."""
+    values cast to ``save_dtype``, indices sorted and written as gaps, weight shapes, checksums, format version and
+    ``config_fingerprint`` (the saved config's ``settings_fingerprint()``, hex) added. Other tensors are kept as they
+    are; they and ``modules_to_save`` (the copies a writer adds to the file after this, as PEFT's
+    ``get_peft_model_state_dict`` does) are covered by one checksum."""
     from .layer import sara_layers  # the layer imports PEFT: reading files (this module's other callers) does not
 
     # FSDP and activation checkpointing wrap modules but drop their wrapper names from state-dict keys: so does this.
@@ -517,6 +597,10 @@ def encode_adapter_state_dict(
     encoded[prefix + FORMAT_VERSION_NAME] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
     covered = others | {key: _plain(key, tensor) for key, tensor in (modules_to_save or {}).items()}
     encoded[prefix + OTHER_CHECKSUM_NAME] = other_tensors_checksum(covered, adapter_name)
+    if config_fingerprint is not None:
+        encoded[prefix + CONFIG_FINGERPRINT_NAME] = torch.tensor(
+            list(bytes.fromhex(config_fingerprint)), dtype=torch.uint8
+        )
     return {**others, **encoded}
 
 
@@ -563,6 +647,7 @@ class ParsedCheckpoint:
     other_keys: list[str]
     other_checksum: torch.Tensor
     version: int = FORMAT_VERSION
+    config_fingerprint: torch.Tensor | None = None  # format 3: see CONFIG_FINGERPRINT_NAME
 
 
 def _read_version(key: str, tensor: torch.Tensor) -> int:
@@ -599,7 +684,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
     (``peft_sara.tuner.reader``).
     """
     layers: dict[str, LayerCheckpoint] = {}
-    version_key, version, record_keys, other_keys, other_checksum = None, None, [], [], None
+    version_key, version, record_keys, other_keys, other_checksum, fingerprint = None, None, [], [], None, None
     for key, tensor in state_dict.items():
         if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
             raise InvalidAdapterError(f"The checkpoint entry {key!r} is a {type(tensor).__name__}, not a tensor.")
@@ -621,6 +706,12 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
                     f"The checkpoint holds a misplaced or second '{OTHER_CHECKSUM_NAME}': '{key}'."
                 )
             other_checksum = checked_checksum(f"'{key}'", tensor)
+            record_keys.append(key)
+            continue
+        if name == CONFIG_FINGERPRINT_NAME:
+            if fingerprint is not None or layer_name:
+                raise InvalidAdapterError(f"The checkpoint holds a misplaced or second '{name}': '{key}'.")
+            fingerprint = checked_checksum(f"'{key}'", tensor)
             record_keys.append(key)
             continue
         if name in STORED_INDEX_NAME:
@@ -646,7 +737,7 @@ def parse_checkpoint(state_dict: Mapping[str, Any], adapter_name: str | None = N
             f"The checkpoint has no '{OTHER_CHECKSUM_NAME}', which every SaRA file has: the file is corrupted or was "
             "edited after saving."
         )
-    return ParsedCheckpoint(layers, record_keys, other_keys, other_checksum, version)
+    return ParsedCheckpoint(layers, record_keys, other_keys, other_checksum, version, fingerprint)
 
 
 __all__ = [

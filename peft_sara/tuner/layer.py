@@ -105,6 +105,9 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         self.sara_merge_group: MergeGroup | None = None
         # Base entries overwritten by `merge`, per merged adapter; written back bitwise by `unmerge`.
         self._sara_merge_backup: dict[str, MergeBackup] = {}
+        # The strengths before the last `scale_layer` not yet undone: diffusers' fuse_lora(lora_scale=...) scales each
+        # layer right before its merge, so a merge that refuses puts them back (refused means unchanged).
+        self._sara_scales_before_scaling: dict[str, float] | None = None
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -273,12 +276,15 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         """Multiply the strength of the active adapters by ``scale`` (diffusers' ``cross_attention_kwargs``)."""
         if scale == 1:
             return
+        before = dict(self.sara_scaling)
         for adapter in self.active_adapters:
             if adapter in self.sara_scaling:
                 self.set_scale(adapter, self.sara_scaling[adapter] * scale)
+        self._sara_scales_before_scaling = before
 
     def unscale_layer(self, scale: float | None = None) -> None:
         """Undo :meth:`scale_layer` (``None`` resets the active adapters to strength 1.0)."""
+        self._sara_scales_before_scaling = None
         for adapter in self.active_adapters:
             if adapter not in self.sara_scaling:
                 continue
@@ -348,13 +354,19 @@ class SaRALayer(SparseEntryStorage, BaseTunerLayer):
         ``safe_merge`` non-finite entries) raises with no weight changed, also under diffusers' ``fuse_lora``, which
         merges layer by layer."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        scales_before, self._sara_scales_before_scaling = self._sara_scales_before_scaling, None
         group = self.sara_merge_group
-        if group is not None:
-            group.check(adapter_names, safe_merge)
-        else:
-            refusal = self.merge_refusal(adapter_names, safe_merge)
-            if refusal is not None:
-                raise ValueError(refusal + " Nothing was merged.")
+        try:
+            if group is not None:
+                group.check(adapter_names, safe_merge)
+            else:
+                refusal = self.merge_refusal(adapter_names, safe_merge)
+                if refusal is not None:
+                    raise ValueError(refusal + " Nothing was merged.")
+        except ValueError:
+            for adapter, scale in (scales_before or {}).items():  # fuse_lora(lora_scale=...) scaled it just before
+                self.set_scale(adapter, scale)
+            raise
         base_layer = self.get_base_layer()
         merged_any = False
         for name in self.present_adapters(adapter_names):

@@ -13,7 +13,6 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..save_bridge import install_save_bridge
 from .base_weight import one_merge_warning
 from .config import SaRAConfig
 from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
@@ -119,15 +118,18 @@ class SaRAModel(BaseTuner):
         An injection for a load selects nothing: the checkpoint names the entries (the load sizes the layers to them).
         That is an adapter whose config PEFT's ``from_pretrained`` / ``load_adapter`` read from the adapter's folder
         (``SaRAConfig.loaded_from``), or an injection PEFT runs with ``low_cpu_mem_usage=True`` (``inject_adapter_in_model``,
-        ``add_adapter``, ``load_adapter``; PEFT's contract: the weights are replaced before use; ``load_sara_adapter`` and
-        ``enable_sara_hotswap`` inject so). Such an adapter refuses to run until a checkpoint sets its entries.
+        ``add_adapter``, ``load_adapter``; PEFT's contract: the weights are replaced before use), or one whose config has
+        the instance attribute ``entries_follow = True`` (the same promise where the caller cannot pass
+        ``low_cpu_mem_usage``, e.g. diffusers' ``add_adapter``; ``load_sara_adapter`` and ``enable_sara_hotswap`` inject
+        so). Such an adapter refuses to run until a checkpoint sets its entries.
         ``get_peft_model`` with a config built in code always selects: its entries exist right away.
         """
         config = self.peft_config.get(adapter_name)
         source = getattr(config, "loaded_from", None)
         if source is not None:  # PEFT's from_pretrained / load_adapter injects before reading the weights: check first
             check_load_source(model, config, source)
-        self._sara_select_entries = not (kwargs.get("low_cpu_mem_usage") or source is not None)
+        entries_follow = kwargs.get("low_cpu_mem_usage") or getattr(config, "entries_follow", False)
+        self._sara_select_entries = not (entries_follow or source is not None)
         try:
             with all_or_nothing(self, model) as state:
                 super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -152,9 +154,6 @@ class SaRAModel(BaseTuner):
         with contextlib.suppress(AttributeError, TypeError):
             model.model_tags = tags
         mark_tied_layers(model)
-        # diffusers' `add_adapter` path: keep `model.save_pretrained` writing a loadable base (or fused) checkpoint.
-        if any(cls.__name__ in ("ModelMixin", "PreTrainedModel") for cls in type(model).__mro__):
-            install_save_bridge(model)
 
     def _check_new_adapter_config(self, config: SaRAConfig) -> None:
         super()._check_new_adapter_config(config)
@@ -274,7 +273,11 @@ class SaRAModel(BaseTuner):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         # PEFT adds the modules_to_save copies after this hook: the file's checksum covers them all the same.
         copies = modules_to_save_copies(model, adapter_name, state_dict)
-        return encode_adapter_state_dict(model, adapter_name, selected, getattr(config, "save_dtype", None), copies)
+        # The config written beside the weights carries the same fingerprint (SaRAConfig.to_dict): see file_format.
+        fingerprint = config.settings_fingerprint() if isinstance(config, SaRAConfig) else None
+        return encode_adapter_state_dict(
+            model, adapter_name, selected, getattr(config, "save_dtype", None), copies, fingerprint
+        )
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

@@ -22,9 +22,12 @@ effective-weight check is one pass over the entries in the compute dtype. A refu
 - hotswap: a slot holds the adapter's trainable and frozen entries; exports: a layer's dense update costs at most
   a fixed multiple of its stored entries.
 - non-finite values, and values whose effective weight overflows the base dtype, unless allowed:
-  ``allow_non_finite=True`` on peft-sara's loaders, ``PEFT_SARA_ALLOW_NON_FINITE=1``, or
-  ``with allow_non_finite_values(): PeftModel.from_pretrained(...)``.
+  ``allow_non_finite=True`` on peft-sara's loaders, or ``with allow_non_finite_values(): PeftModel.from_pretrained(...)``
+  (PEFT's loaders take no argument for it). The ``PEFT_SARA_ALLOW_NON_FINITE`` environment variable is deprecated.
 - loading into a merged adapter is refused (its merged weights would keep the old values).
+- weights and ``adapter_config.json`` of two different saves (:func:`check_config_fingerprint`, run where a folder's
+  two files are read: PEFT's load path, ``peft_sara.adapter_files.read_adapter_weights``). Protects against a
+  ``PeftModel.save_pretrained`` killed between writing the weights and the config (PEFT writes both in place).
 
 Not covered: whether the values are any good (a file of zeros loads), and quantized or offloaded base weights, which
 are not read for the effective-weight check.
@@ -36,6 +39,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -43,14 +47,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors import safe_open
 from torch import nn
 
 from .config_checks import check_config_values, check_relative_path
 from .file_format import (
     CHECKSUM_NAME,
+    CONFIG_FINGERPRINT_NAME,
     FORMAT_VERSION,
     LAYOUT_NAME,
+    PEFT_MODEL_PREFIX,
     RECORD_NAMES,
     VALUE_DTYPES,
     WEIGHT_SHAPE_NAME,
@@ -67,7 +75,7 @@ from .file_format import (
     parse_checkpoint,
     sibling_key,
 )
-from .selection import check_entries, index_dtype_for
+from .selection import index_dtype_for
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -83,8 +91,8 @@ OTHER_MODEL_HINT = "The checkpoint was made for a different model."
 # that records a huge weight shape is refused (exports) or its dense statistics skipped (inspect).
 MAX_DENSE_PER_STORED_ENTRY = 4096
 ALLOW_HINT = (
-    "To load it anyway pass `allow_non_finite=True` (peft-sara's loaders), set PEFT_SARA_ALLOW_NON_FINITE=1, or load "
-    "inside `peft_sara.allow_non_finite_values()`."
+    "To load it anyway pass `allow_non_finite=True` (peft-sara's loaders), or load inside "
+    "`peft_sara.allow_non_finite_values()` (PEFT's `from_pretrained` / `load_adapter`)."
 )
 
 
@@ -103,11 +111,23 @@ def allow_non_finite_values(allow: bool = True) -> Iterator[None]:
 
 
 def non_finite_allowed() -> bool:
-    """Whether loads accept non-finite values: :func:`allow_non_finite_values`, else ``PEFT_SARA_ALLOW_NON_FINITE``."""
+    """Whether loads accept non-finite values: inside :func:`allow_non_finite_values`, else no.
+
+    The deprecated ``PEFT_SARA_ALLOW_NON_FINITE`` environment variable is still honoured, with a ``FutureWarning``.
+    """
     explicit = _allow_non_finite.get()
     if explicit is not None:
         return explicit
-    return os.environ.get(ALLOW_NON_FINITE_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    setting = os.environ.get(ALLOW_NON_FINITE_ENV_VAR)
+    if setting is None:
+        return False
+    warnings.warn(
+        f"{ALLOW_NON_FINITE_ENV_VAR} is deprecated and will be ignored in a future release: pass "
+        "`allow_non_finite=True` to peft-sara's loaders, or load inside `peft_sara.allow_non_finite_values()`.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return setting.strip().lower() in ("1", "true", "yes", "on")
 
 
 class SlotTooSmall(InvalidAdapterError):
@@ -155,17 +175,38 @@ def _check_values(where: str, values: torch.Tensor) -> None:
 
 
 def _decoded_entries(where: str, stream: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
-    """The indices of one entry set, decoded (its count compared with the values' before anything is allocated) and
-    checked to lie inside the weight."""
+    """The indices of one entry set, decoded (its count compared with the values' before anything is allocated) into
+    the layer's index dtype; the decoder refuses any index outside the weight (they are ascending: the last is the
+    largest)."""
     try:
-        indices = decode_index_gaps(stream, count=values.numel(), limit=numel)
-        check_entries(indices, values, numel, where, OTHER_MODEL_HINT)
+        return decode_index_gaps(stream, dtype=index_dtype_for(numel), count=values.numel(), limit=numel)
     except ValueError as err:
         message = str(err) if str(err).startswith(where) else f"{where}: {err}."
         if "out of range" in message:
             message = f"{message} {OTHER_MODEL_HINT}"
         raise InvalidAdapterError(message) from err
-    return indices.to(index_dtype_for(numel))
+
+
+def _largest_magnitude(tensor: torch.Tensor) -> float:
+    """``max |tensor|`` (NaN if any entry is NaN, inf if any is infinite) in one pass, without a temporary."""
+    low, high = torch.aminmax(tensor)
+    low, high = float(low), float(high)
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+
+
+def _non_finite_count(tensor: torch.Tensor) -> int:
+    """How many entries of ``tensor`` are NaN or infinite (one pass when there are none)."""
+    if tensor.numel() == 0 or math.isfinite(_largest_magnitude(tensor)):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def _effective_weight_readable(layer: SaRALayer) -> bool:
+    """Whether :func:`effective_weight_problem` reads the layer's base weight (plain or 1-byte float storage)."""
+    from .quantized.storage import OneByteFloat
+
+    backend = layer.storage_backend(layer.get_base_layer())
+    return backend is None or isinstance(backend, OneByteFloat)
 
 
 def effective_weight_problem(
@@ -179,13 +220,10 @@ def effective_weight_problem(
     the compute dtype. Quantized, offloaded or unknown storage is not read (not checked).
     """
     from .kernels.reference import patched_values
-    from .quantized.storage import OneByteFloat
 
-    base_layer = layer.get_base_layer()
-    backend = layer.storage_backend(base_layer)
-    if backend is not None and not isinstance(backend, OneByteFloat):
+    if not _effective_weight_readable(layer):
         return None
-    weight = base_layer.weight
+    weight = layer.get_base_layer().weight
     flat = weight.detach().reshape(-1)
     fan_in = max(1, flat.numel() // max(1, int(getattr(layer, "out_features", 1) or 1)))
     # 1-byte storage (fp8, diffusers' layerwise casting) is upcast to compute: checked in float32 (no fp8 isfinite).
@@ -194,9 +232,9 @@ def effective_weight_problem(
     for indices, values in entries:
         if indices.numel() == 0:
             continue
-        base = flat.index_select(0, indices.to(device=flat.device, dtype=torch.long)).to(dtype)
+        base = flat.index_select(0, indices.to(flat.device)).to(dtype)
         patched = patched_values(base, values.to(flat.device), float(scale))
-        largest = float(patched.abs().max())  # NaN or inf if any entry is
+        largest = _largest_magnitude(patched)  # NaN or inf if any entry is
         if not math.isfinite(largest):
             return f"{int((~torch.isfinite(patched)).sum())} entries of its effective weight are not finite in {dtype}"
         if largest > limit:
@@ -299,8 +337,9 @@ def read_layer(
         )
 
     for what, indices in decoded.items():
-        repeated = indices[1:][indices[1:] == indices[:-1]]  # decoded indices are ascending
-        if repeated.numel():
+        flat = indices.numpy()  # decoded on the CPU, ascending: a repeat is two equal neighbours
+        if flat.size > 1 and bool((flat[1:] == flat[:-1]).any()):
+            repeated = indices[1:][indices[1:] == indices[:-1]]
             raise InvalidAdapterError(
                 f"{where}: the checkpoint's {what} indices repeat {repeated.numel()} entries (e.g. index "
                 f"{int(repeated[0])}); each entry of the weight may be stored once."
@@ -316,22 +355,28 @@ def read_layer(
     if value_dtype is not None:
         values = {what: tensor.to(value_dtype) for what, tensor in values.items()}
     if not allow_non_finite:
-        for what, tensor in values.items():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                after = (
-                    f" after the cast to {value_dtype}"
-                    if value_dtype not in (None, tensors["sara_values"].dtype)
-                    else ""
-                )
-                raise InvalidAdapterError(
-                    f"{where}: the checkpoint's {what} values hold {bad} non-finite entries (NaN or inf{after}). "
-                    f"{ALLOW_HINT}"
-                )
-        if layer is not None:
+        # A usable effective weight implies finite values (a NaN or inf value makes its entry NaN or inf, at any
+        # scale but 0): the values are checked on their own, for a message that names them, only when that check
+        # finds a problem or is not made.
+        reads_weight = layer is not None and _effective_weight_readable(layer)
+        problem = None
+        if reads_weight:
             problem = effective_weight_problem(layer, scale, [(decoded[what], values[what]) for what in decoded])
-            if problem is not None:
-                raise InvalidAdapterError(f"{where}: {problem}. {ALLOW_HINT}")
+        if problem is not None or not reads_weight or scale == 0:
+            for what, tensor in values.items():
+                bad = _non_finite_count(tensor)
+                if bad:
+                    after = (
+                        f" after the cast to {value_dtype}"
+                        if value_dtype not in (None, tensors["sara_values"].dtype)
+                        else ""
+                    )
+                    raise InvalidAdapterError(
+                        f"{where}: the checkpoint's {what} values hold {bad} non-finite entries (NaN or inf{after}). "
+                        f"{ALLOW_HINT}"
+                    )
+        if problem is not None:
+            raise InvalidAdapterError(f"{where}: {problem}. {ALLOW_HINT}")
     trainable = decoded["trainable"]
     return LayerEntries(
         indices=trainable,
@@ -411,10 +456,7 @@ def _check_other_tensors(
                 f"{tuple(expected.shape)} and {expected.dtype}. {OTHER_MODEL_HINT}"
             )
         if not allow_non_finite and tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-            raise InvalidAdapterError(
-                f"The checkpoint's '{key}' holds non-finite values (NaN or inf). To load them anyway set "
-                f"{ALLOW_NON_FINITE_ENV_VAR}=1 or pass `allow_non_finite=True`."
-            )
+            raise InvalidAdapterError(f"The checkpoint's '{key}' holds non-finite values (NaN or inf). {ALLOW_HINT}")
 
 
 def check_not_merged(model: nn.Module, adapter_name: str) -> None:
@@ -504,6 +546,7 @@ def resize_layers_to_entries(model: nn.Module, adapter_name: str, entries: dict[
                 layer_entries.values,
                 layer_entries.frozen_indices,
                 layer_entries.frozen_values,
+                checked=True,
             )
 
 
@@ -511,27 +554,76 @@ def resize_layers_to_entries(model: nn.Module, adapter_name: str, entries: dict[
 HUB_ARGUMENTS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download")
 
 
-def _weight_keys(folder: str) -> set[str]:
-    """The tensor names of a local adapter folder's weights, from the safetensors header or, for a legacy
-    ``adapter_model.bin``, after its size checks (:func:`check_legacy_archive`), memory-mapped."""
+def check_config_fingerprint(config_fingerprint: Any, record: torch.Tensor | None, where: str) -> None:
+    """Refuse weights and an ``adapter_config.json`` of two different saves: the weights' ``sara_config_fingerprint``
+    (``record``; None in files of format 1 and 2, which load as before) must equal the config's
+    ``config_fingerprint``. PEFT's ``save_pretrained`` writes the weights, then the config, in place: a kill between
+    the two leaves new weights beside the old config."""
+    if record is None:
+        return
+    if not isinstance(record, torch.Tensor):
+        raise InvalidAdapterError(f"{where}: '{CONFIG_FINGERPRINT_NAME}' is a {type(record).__name__}, not a tensor.")
+    recorded = bytes(checked_checksum(f"{where}: '{CONFIG_FINGERPRINT_NAME}'", record).tolist()).hex()
+    if config_fingerprint == recorded:
+        return
+    found = f"'{config_fingerprint[:12]}...'" if isinstance(config_fingerprint, str) else "none"
+    raise InvalidAdapterError(
+        f"{where}: the weights and adapter_config.json come from two different saves (the weights were saved with "
+        f"config fingerprint '{recorded[:12]}...', the config holds {found}). A save that writes them one after the "
+        "other in place (PEFT's `save_pretrained`) was interrupted between the two files (a half-written save), or "
+        "one file was copied from another save. Save the adapter again (peft-sara's savers publish a folder whole); "
+        f'to pair these two files on purpose, set "config_fingerprint": "{recorded}" in adapter_config.json.'
+    )
+
+
+def fingerprint_record(weights: Mapping[str, Any]) -> torch.Tensor | None:
+    """The ``sara_config_fingerprint`` of a file's tensors (either key spelling), or None."""
+    record = weights.get(CONFIG_FINGERPRINT_NAME)
+    return weights.get(PEFT_MODEL_PREFIX + CONFIG_FINGERPRINT_NAME) if record is None else record
+
+
+def _weights_path(folder: str) -> str:
     from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-    safetensors_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(
+        f"'{folder}' has an adapter config but no '{SAFETENSORS_WEIGHTS_NAME}' (or '{WEIGHTS_NAME}')."
+    )
+
+
+def _weight_keys(path: str) -> tuple[set[str], torch.Tensor | None]:
+    """The tensor names of an adapter weights file and its config fingerprint record, from the safetensors header
+    (and that one record) or, for a legacy ``adapter_model.bin``, after its size checks (:func:`check_legacy_archive`),
+    memory-mapped."""
     try:
-        if os.path.isfile(safetensors_path):
-            with safe_open(safetensors_path, framework="pt") as handle:
-                return set(handle.keys())
-        bin_path = os.path.join(folder, WEIGHTS_NAME)
-        if not os.path.isfile(bin_path):
-            raise FileNotFoundError(
-                f"'{folder}' has an adapter config but no '{SAFETENSORS_WEIGHTS_NAME}' (or '{WEIGHTS_NAME}')."
-            )
-        check_legacy_archive(Path(bin_path))
-        return set(torch.load(bin_path, map_location="cpu", weights_only=True, mmap=True))
-    except (InvalidAdapterError, FileNotFoundError):
+        if not path.endswith(".bin"):
+            with safe_open(path, framework="pt") as handle:
+                keys = set(handle.keys())
+                record = next((handle.get_tensor(key) for key in keys if key.endswith(CONFIG_FINGERPRINT_NAME)), None)
+                return keys, record
+        check_legacy_archive(Path(path))
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return set(weights), fingerprint_record(weights)
+    except InvalidAdapterError:
         raise
     except Exception as err:  # safetensors', pickle's and zipfile's errors: all mean "not a weights file"
-        raise InvalidAdapterError(f"The weights in '{folder}' are not a readable adapter file: {err}") from err
+        raise InvalidAdapterError(f"The weights '{path}' are not a readable adapter file: {err}") from err
+
+
+def _hub_weights_path(model_id: str, hub_kwargs: dict[str, Any]) -> str:
+    """The cached file PEFT's ``load_peft_weights`` reads for a Hub adapter: ``adapter_model.safetensors`` if the repo
+    has it, else the legacy ``adapter_model.bin`` (downloaded, not read: its size is checked before anything expands)."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    kwargs = dict(hub_kwargs)
+    if "use_auth_token" in kwargs:
+        kwargs.setdefault("token", kwargs.pop("use_auth_token"))
+    try:
+        return hf_hub_download(model_id, SAFETENSORS_WEIGHTS_NAME, **kwargs)
+    except EntryNotFoundError:
+        return hf_hub_download(model_id, WEIGHTS_NAME, **kwargs)
 
 
 def _modules_to_save_keys(model: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
@@ -556,8 +648,6 @@ def check_load_source(model: nn.Module, config: PeftConfig, source: dict[str, An
     (``source``: path or repo id and the Hub arguments), check what PEFT would otherwise discover only after the
     injection: the config's field types, a ``subfolder`` inside the adapter, a readable (and, for a legacy ``.bin``,
     bounded) weights file, and the modules_to_save tensors. Called by the tuner's injection, not by a config check."""
-    from peft.utils import load_peft_weights
-
     model_id = source["path"]
     hub_kwargs = {key: source[key] for key in HUB_ARGUMENTS if source.get(key) is not None}
     subfolder = hub_kwargs.get("subfolder")
@@ -566,16 +656,11 @@ def check_load_source(model: nn.Module, config: PeftConfig, source: dict[str, An
     where = f"The adapter config of '{model_id}'"
     check_config_values({field.name: getattr(config, field.name) for field in dataclasses.fields(config)}, where)
     folder = os.path.join(model_id, subfolder) if subfolder else model_id
-    if os.path.isdir(folder):
-        keys = {normalize_module_name(key) for key in _weight_keys(folder)}
-    else:  # a Hub repo: PEFT reads the same (cached) file right after
-        try:
-            weights = load_peft_weights(model_id, device="cpu", **hub_kwargs)
-        except SafetensorError as err:
-            raise InvalidAdapterError(
-                f"The weights of '{model_id}' are not a readable safetensors file: {err}"
-            ) from err
-        keys = {normalize_module_name(key) for key in weights}
+    # A Hub repo: the file PEFT reads right after (cached), checked the same way as a local one, before it expands.
+    path = _weights_path(folder) if os.path.isdir(folder) else _hub_weights_path(model_id, hub_kwargs)
+    keys, record = _weight_keys(path)
+    check_config_fingerprint(getattr(config, "config_fingerprint", None), record, f"The adapter '{model_id}'")
+    keys = {normalize_module_name(key) for key in keys}
     for name, module_keys in _modules_to_save_keys(model, getattr(config, "modules_to_save", None) or ()).items():
         missing = [key for key in module_keys if key not in keys]
         if missing:
