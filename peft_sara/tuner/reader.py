@@ -246,8 +246,9 @@ def effective_weight_problem(
     limit = torch.finfo(dtype).max / fan_in
     entries = [(indices, values) for indices, values in entries if indices.numel()]
     if weight.dtype in WIDE_BASE_DTYPES:
-        largest = max((_largest_magnitude(values) for _, values in entries), default=0.0) * abs(float(scale))
-        if largest <= VALUE_BOUND_FRACTION * limit:  # False for NaN / inf: those are checked below
+        magnitudes = [_largest_magnitude(values) * abs(float(scale)) for _, values in entries]
+        # (every one compared: Python's max() would skip a NaN); NaN / inf fail the bound and are checked below.
+        if all(magnitude <= VALUE_BOUND_FRACTION * limit for magnitude in magnitudes):
             return None
     for indices, values in entries:
         base = flat.index_select(0, indices.to(flat.device)).to(dtype)
