@@ -187,12 +187,6 @@ def _decoded_entries(where: str, stream: torch.Tensor, values: torch.Tensor, num
         raise InvalidAdapterError(message) from err
 
 
-def _may_repeat(stream: torch.Tensor) -> bool:
-    """Whether a decoded gap stream can hold a repeated index: a gap of 0 after the first index, whose last byte is a
-    zero byte (one pass over the bytes, a quarter of the indices' size); False proves there is none."""
-    return bool((stream[1:] == 0).any())
-
-
 def _largest_magnitude(tensor: torch.Tensor) -> float:
     """``max |tensor|`` (NaN if any entry is NaN, inf if any is infinite) in one pass, without a temporary."""
     low, high = torch.aminmax(tensor)
@@ -389,7 +383,7 @@ def read_layer(
 
     for what, indices in decoded.items():
         flat = indices.numpy()  # decoded on the CPU, ascending: a repeat is two equal neighbours
-        if flat.size > 1 and _may_repeat(tensors[pairs[what][0]]) and bool((flat[1:] == flat[:-1]).any()):
+        if flat.size > 1 and bool((flat[1:] == flat[:-1]).any()):
             repeated = indices[1:][indices[1:] == indices[:-1]]
             raise InvalidAdapterError(
                 f"{where}: the checkpoint's {what} indices repeat {repeated.numel()} entries (e.g. index "
