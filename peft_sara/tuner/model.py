@@ -20,7 +20,7 @@ from .layer import MergeGroup, SaRALayer, dispatch_sara_layer, sara_layers
 from .names import KERNELS, PREFIX, SARA_TAGS
 from .reader import check_load_source, effective_weight_problem, resize_layers_to_entries, validate_checkpoint
 from .targets import default_targets
-from .transaction import ModelState, all_or_nothing
+from .transaction import ModelState, all_or_nothing, covered
 
 
 def base_model_id(model_or_pipeline: Any) -> str | None:
@@ -108,7 +108,12 @@ class SaRAModel(BaseTuner):
         self._sara_pending_loads: dict[str, ModelState] = {}
         # Whether the injection in progress selects entries (False: a load, see `inject_adapter`).
         self._sara_select_entries = True
-        super().__init__(model, peft_config, adapter_name, **kwargs)
+        # While BaseTuner's constructor injects the first adapter: a failure discards this tuner (see `inject_adapter`).
+        self._sara_constructing = True
+        try:
+            super().__init__(model, peft_config, adapter_name, **kwargs)
+        finally:
+            self._sara_constructing = False
 
     # ----------------------------------------------------------------------------------------- injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
@@ -130,8 +135,12 @@ class SaRAModel(BaseTuner):
             check_load_source(model, config, source)
         entries_follow = kwargs.get("low_cpu_mem_usage") or getattr(config, "entries_follow", False)
         self._sara_select_entries = not (entries_follow or source is not None)
+        # Inside a transaction that captured the model already (load_sara_adapter's) and lets errors through, the
+        # injection needs no capture of its own, unless it must be undone later (a pending load) or this tuner
+        # outlives a failure (it is not being constructed, and was not captured).
+        enclosed = source is None and covered(model) and (self._sara_constructing or covered(self))
         try:
-            with all_or_nothing(self, model) as state:
+            with contextlib.nullcontext() if enclosed else all_or_nothing(self, model) as state:
                 super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
             self._sara_select_entries = True
