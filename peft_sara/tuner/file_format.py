@@ -212,15 +212,14 @@ def _piece_gaps(piece: numpy.ndarray, ends: numpy.ndarray) -> tuple[numpy.ndarra
     longer = numpy.flatnonzero(~ends)  # bytes followed by more of their number (few)
     if longer.size == 0:
         return piece.astype(numpy.int32), 1
-    if longer.size < 2 or bool((longer[1:] - longer[:-1] > 1).all()):  # two-byte numbers only (gaps below 16,384)
-        # Each first byte's number ends on the next byte: completed there, then the last bytes kept.
-        numbers = piece.astype(numpy.int32)
-        numbers[longer + 1] = (numbers[longer + 1] << 7) + numbers[longer] - ONE_BYTE
-        return numbers[ends], 2
-    gaps = piece[ends].astype(numpy.int64)
     # The number each such byte belongs to: as many numbers end before it as bytes before it are last bytes.
     counter = numpy.arange(longer.size)
     number = longer - counter
+    if longer.size < 2 or bool((longer[1:] - longer[:-1] > 1).all()):  # two-byte numbers only (gaps below 16,384)
+        gaps = piece[ends].astype(numpy.int32)
+        gaps[number] = (gaps[number] << 7) + piece[longer] - ONE_BYTE
+        return gaps, 2
+    gaps = piece[ends].astype(numpy.int64)
     # Consecutive such bytes belong to one number: each one's place in it.
     starts_run = numpy.ones(longer.size, dtype=bool)
     starts_run[1:] = longer[1:] != longer[:-1] + 1
