@@ -324,9 +324,14 @@ def load_sara_adapter(
                     f"{type(module).__name__}, e.g. {unexpected[:3]}. Was it made for another model?"
                 )
         slot_plan.apply()
-        layers = [
-            layer for module in modules for _, layer in sara_layers(module) if layer.present_adapters([adapter_name])
-        ]
+        layers = []
+        if scale != 1.0 or fuse:  # (a walk over every module of the components: only when there is something to do)
+            layers = [
+                layer
+                for module in modules
+                for _, layer in sara_layers(module)
+                if layer.present_adapters([adapter_name])
+            ]
         for layer in layers:
             if scale != 1.0:
                 layer.set_scale(adapter_name, scale)

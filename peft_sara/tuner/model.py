@@ -295,7 +295,10 @@ class SaRAModel(BaseTuner):
         tuner = getattr(model, "base_model", None) if isinstance(model, PeftModel) else None
         pending = tuner._sara_pending_loads.pop(adapter_name, None) if isinstance(tuner, SaRAModel) else None
         try:
-            prefixed = any(name.startswith(PEFT_MODEL_PREFIX) for name, _ in model.named_parameters())
+            # (a parameter name starts with "base_model." only under a child of that name: no walk without one)
+            prefixed = "base_model" in model._modules and any(
+                name.startswith(PEFT_MODEL_PREFIX) for name, _ in model.named_parameters()
+            )
             state_dict = align_checkpoint_keys(state_dict, prefixed)
             # Checked and decoded (indices back to the layers' int tensors) before anything of the model changes.
             entries, state_dict = validate_checkpoint(model, adapter_name, state_dict)

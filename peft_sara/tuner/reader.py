@@ -510,10 +510,13 @@ def _check_other_tensors(
             raise InvalidAdapterError(f"The checkpoint's '{key}' holds non-finite values (NaN or inf). {ALLOW_HINT}")
 
 
-def check_not_merged(model: nn.Module, adapter_name: str) -> None:
+def check_not_merged(
+    model: nn.Module, adapter_name: str, layers: Iterable[tuple[str, SaRALayer]] | None = None
+) -> None:
     """Refuse to load into an adapter that is merged: the merged weights would keep computing the old values while the
-    stored ones (and any save) were the new file's."""
-    merged = [name for name, layer in sara_layers(model) if adapter_name in layer.merged_adapters]
+    stored ones (and any save) were the new file's. ``layers``: the model's ``sara_layers`` if the caller has them."""
+    layers = sara_layers(model) if layers is None else layers
+    merged = [name for name, layer in layers if adapter_name in layer.merged_adapters]
     if merged:
         raise ValueError(
             f"SaRA adapter '{adapter_name}' is merged into {len(merged)} layers (e.g. '{merged[0]}'): loading into it "
@@ -532,11 +535,12 @@ def validate_checkpoint(
     checkpoint has none). Raises :class:`InvalidAdapterError` naming the layer.
     """
     allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
-    check_not_merged(model, adapter_name)
+    model_layers = list(sara_layers(model))  # one walk over the model's modules for both
+    check_not_merged(model, adapter_name, model_layers)
     parsed = parse_checkpoint(state_dict, adapter_name)
     layers = {
         normalize_module_name(name): (name, layer)
-        for name, layer in sara_layers(model)
+        for name, layer in model_layers
         if layer.present_adapters([adapter_name])
     }
     unexpected = sorted(
