@@ -15,7 +15,14 @@ from torch import nn
 
 from .base_weight import one_merge_warning
 from .config import SaRAConfig
-from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
+from .file_format import (
+    LAYER_ENTRY_NAMES,
+    PEFT_MODEL_PREFIX,
+    align_checkpoint_keys,
+    encode_adapter_state_dict,
+    normalize_module_name,
+    split_sara_key,
+)
 from .layer import MergeGroup, SaRALayer, dispatch_sara_layer, sara_layers
 from .names import KERNELS, PREFIX, SARA_TAGS
 from .reader import check_load_source, effective_weight_problem, resize_layers_to_entries, validate_checkpoint
@@ -302,7 +309,9 @@ class SaRAModel(BaseTuner):
             state_dict = align_checkpoint_keys(state_dict, prefixed)
             # Checked and decoded (indices back to the layers' int tensors) before anything of the model changes.
             entries, state_dict = validate_checkpoint(model, adapter_name, state_dict)
-            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            remapped, others = _sara_model_keys(entries, adapter_name, state_dict)
+            if others:  # modules_to_save copies: PEFT's mapping (built from the whole model's state dict)
+                remapped.update(super()._remap_adapter_state_dict_for_load(model, config, adapter_name, others))
             resize_layers_to_entries(model, adapter_name, entries)
             return remapped
         except Exception:
@@ -319,6 +328,23 @@ class SaRAModel(BaseTuner):
     def sara_layers(self) -> Iterator[tuple[str, SaRALayer]]:
         """(name, layer) for every SaRA layer of the model."""
         return sara_layers(self.model)
+
+
+def _sara_model_keys(
+    entries: dict[str, Any], adapter_name: str, state_dict: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The validated SaRA tensors under the keys the model's state dict has for them (``<layer>.<tensor>.<adapter>``,
+    the layer's name in the model: what PEFT's remap maps them to), and the other tensors, unmapped. Built from the
+    validated layers, without PEFT's walk over the whole model's state dict."""
+    layers = {normalize_module_name(name): name for name in entries}
+    mapped, others = {}, {}
+    for key, value in state_dict.items():
+        split = split_sara_key(key)
+        if split is not None and split[0] in layers and split[1] in LAYER_ENTRY_NAMES:
+            mapped[f"{layers[split[0]]}.{split[1]}.{adapter_name}"] = value
+        else:
+            others[key] = value
+    return mapped, others
 
 
 def set_sara_kernel(model: nn.Module, kernel: str) -> None:
