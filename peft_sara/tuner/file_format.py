@@ -287,9 +287,9 @@ def decode_index_gaps(
         else:
             # Gaps are non-negative and below 2**63: a running sum can only go wrong by passing the int64 range, and
             # one that does so goes down (in torch: a sum past int64 wraps silently).
-            gaps = gaps.astype(numpy.int64, copy=False)
-            gaps[0] += last
-            indices = torch.from_numpy(gaps).cumsum_(0)
+            indices = torch.from_numpy(gaps.astype(numpy.int64, copy=False))
+            indices[0] += last  # (in torch, which wraps without a warning; a wrap is refused below)
+            indices.cumsum_(0)
             if int(indices[0]) < last or not bool((indices[1:] >= indices[:-1]).all()):
                 raise ValueError("the index gaps sum past the int64 range")
             if limit is not None and int(indices[-1]) >= limit:
