@@ -47,6 +47,17 @@ WALL_PARTS = (
     ("peft_sara.hotswap", "HotswapPlan.apply", "apply (writes)"),
     ("peft_sara.tuner.transaction", "ModelState.capture", "transaction capture"),
     ("peft_sara.tuner.transaction", "ModelState.keep_values", "transaction keep_values"),
+    # load_sara_adapter's own steps (the pipeline path)
+    ("peft_sara.pipelines", "_read_component_weights", "read the file (safetensors)"),
+    ("peft_sara.pipelines", "inject_sara_adapter", "inject_sara_adapter (add_adapter, cast, activate)"),
+    ("diffusers.loaders.peft", "PeftAdapterMixin.add_adapter", "  diffusers add_adapter"),
+    ("peft.tuners.tuners_utils", "BaseTuner._mark_only_adapters_as_trainable", "  mark_only_adapters_as_trainable"),
+    ("peft_sara.injection", "cast_adapter_dtype", "  cast_adapter_dtype"),
+    ("peft_sara.injection", "_activate", "  activate"),
+    ("peft_sara.tuner.model", "dispatch_sara_layer", "  new layers (dispatch_sara_layer)"),
+    ("peft_sara.tuner.model", "SaRAModel._replace_module", "  replace modules"),
+    ("peft_sara.tuner.reader", "resize_layers_to_entries", "resize_layers_to_entries"),
+    ("peft_sara.pipelines", "set_peft_model_state_dict", "set_peft_model_state_dict (PEFT)"),
 )
 
 

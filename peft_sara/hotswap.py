@@ -56,6 +56,7 @@ from .tuner.config import SaRAConfig
 from .tuner.file_format import InvalidAdapterError, normalize_module_name, parse_checkpoint
 from .tuner.layer import SaRALayer, sara_layers
 from .tuner.reader import (
+    LayerChecksums,
     LayerEntries,
     SlotTooSmall,
     check_checkpoint_file,
@@ -396,30 +397,32 @@ def _plan_swaps(
             "there (before compiling), or load the adapter without `hotswap=True`."
         )
     entries = {}
-    for layer_name, checkpoint in parsed.layers.items():
-        layer = slots[layer_name]
-        param = layer.sara_values[adapter_name]
-        capacity, numel = param.shape[0], layer.weight_shape.numel()
-        try:
-            entries[layer_name] = read_layer(
-                layer_name,
-                checkpoint,
-                allow_non_finite,
-                parsed.version,
-                layer=layer,
-                value_dtype=param.dtype,
-                scale=scale,
-                capacity=capacity,
-            )
-        except SlotTooSmall as err:
-            names = ("sara_values", "sara_frozen_values")
-            count = sum(tensor.numel() for name, tensor in checkpoint.tensors.items() if name in names)
-            raise ValueError(
-                f"The adapter for {label} does not fit the hotswap slot of layer '{layer_name}': it has {count} "
-                f"entries, trainable and frozen ({count / numel:.4f} of the weight), the slot holds {capacity}. Call "
-                f"`enable_sara_hotswap` with `max_fraction >= {math.ceil(count / numel * 1e4) / 1e4:.4f}` (before "
-                "compiling; `peft-sara inspect ADAPTER...` sizes a slot for a set of adapters)."
-            ) from err
+    with LayerChecksums(parsed.layers) as checksums:
+        for layer_name, checkpoint in parsed.layers.items():
+            layer = slots[layer_name]
+            param = layer.sara_values[adapter_name]
+            capacity, numel = param.shape[0], layer.weight_shape.numel()
+            try:
+                entries[layer_name] = read_layer(
+                    layer_name,
+                    checkpoint,
+                    allow_non_finite,
+                    parsed.version,
+                    layer=layer,
+                    value_dtype=param.dtype,
+                    scale=scale,
+                    capacity=capacity,
+                    checksums=checksums,
+                )
+            except SlotTooSmall as err:
+                names = ("sara_values", "sara_frozen_values")
+                count = sum(tensor.numel() for name, tensor in checkpoint.tensors.items() if name in names)
+                raise ValueError(
+                    f"The adapter for {label} does not fit the hotswap slot of layer '{layer_name}': it has {count} "
+                    f"entries, trainable and frozen ({count / numel:.4f} of the weight), the slot holds {capacity}. Call "
+                    f"`enable_sara_hotswap` with `max_fraction >= {math.ceil(count / numel * 1e4) / 1e4:.4f}` (before "
+                    "compiling; `peft-sara inspect ADAPTER...` sizes a slot for a set of adapters)."
+                ) from err
     return [_Swap(layer, entries.get(name)) for name, layer in slots.items()]
 
 

@@ -14,6 +14,7 @@ Such an entry, an adapter no layer holds any more, is dropped at the next inject
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
@@ -63,7 +64,11 @@ def _activate(module: nn.Module, adapter_name: str) -> None:
 
 
 def inject_sara_adapter(
-    module: nn.Module, config: SaRAConfig, adapter_name: str, low_cpu_mem_usage: bool = False
+    module: nn.Module,
+    config: SaRAConfig,
+    adapter_name: str,
+    low_cpu_mem_usage: bool = False,
+    enclosing_transaction: bool = False,
 ) -> None:
     """Inject a SaRA adapter into a pipeline component in place and make it the active adapter (for inference).
 
@@ -71,6 +76,8 @@ def inject_sara_adapter(
     transformers text encoders and other modules (see the module docstring). ``low_cpu_mem_usage=True`` (PEFT's
     meaning: a checkpoint sets the weights next) skips the selection, so the adapter waits for its entries (diffusers'
     ``add_adapter`` takes no such argument: the config says it, see ``SaRAModel.inject_adapter``).
+    ``enclosing_transaction=True``: the caller runs this inside its own ``all_or_nothing`` over ``module`` and lets
+    any error through it, which then restores everything diffusers' ``add_adapter`` changed (not captured twice).
     """
     if adapter_name in adapter_names_in_use(module):
         raise ValueError(
@@ -87,7 +94,7 @@ def inject_sara_adapter(
             # It takes no `low_cpu_mem_usage`; the config carries the same promise for the injection only.
             config.entries_follow = low_cpu_mem_usage
             try:
-                with all_or_nothing(module):
+                with nullcontext() if enclosing_transaction else all_or_nothing(module):
                     module.add_adapter(config, adapter_name=adapter_name)
             finally:
                 del config.entries_follow

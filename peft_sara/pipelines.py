@@ -304,7 +304,8 @@ def load_sara_adapter(
     with slot_plan.exclusive(), non_finite(), all_or_nothing(*modules) as state:  # slots: no forward mid-write
         state.keep_values(slot_plan.tensors())
         for component, module, config, state_dict in plan:
-            inject_sara_adapter(module, config, adapter_name, low_cpu_mem_usage=True)  # the file names the entries
+            # The file names the entries; the transaction above covers the module.
+            inject_sara_adapter(module, config, adapter_name, low_cpu_mem_usage=True, enclosing_transaction=True)
             state_dict = _align_text_model_prefix(module, state_dict)
             try:
                 result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
@@ -321,9 +322,14 @@ def load_sara_adapter(
                     f"{type(module).__name__}, e.g. {unexpected[:3]}. Was it made for another model?"
                 )
         slot_plan.apply()
-        layers = [
-            layer for module in modules for _, layer in sara_layers(module) if layer.present_adapters([adapter_name])
-        ]
+        layers = []
+        if scale != 1.0 or fuse:  # (a walk over every module of the components: only when there is something to do)
+            layers = [
+                layer
+                for module in modules
+                for _, layer in sara_layers(module)
+                if layer.present_adapters([adapter_name])
+            ]
         for layer in layers:
             if scale != 1.0:
                 layer.set_scale(adapter_name, scale)

@@ -177,18 +177,49 @@ def test_non_finite_values_are_named_as_values_when_the_effective_weight_check_r
         peft_sara.hotswap_adapter(slot_model(), folder, adapter_name="live", scale=0.0)  # 0 * NaN: checked anyway
 
 
-def test_a_non_finite_base_entry_is_refused_as_an_effective_weight_problem(tmp_path):
+def lin0_indices(folder):
+    return decode_index_gaps(load_file(folder / "adapter_model.safetensors")["base_model.model.lin0.sara_index_gaps"])
+
+
+def test_a_non_finite_base_entry_is_the_base_models_own_state_on_a_float32_base_and_refused_on_float16(tmp_path):
+    """The effective-weight check guards against the file's values: on a float32 base, values within a quarter of the
+    per-entry limit prove it without reading the base, so an inf already in the base weight is not looked at (it would
+    be there without the adapter); a float16 base is always read, so the same inf is refused there."""
     folder = saved(tmp_path / "a")
-    indices = decode_index_gaps(
-        load_file(folder / "adapter_model.safetensors")["base_model.model.lin0.sara_index_gaps"]
-    )
+    index = int(lin0_indices(folder)[3])
     model = mlp()
     with torch.no_grad():
-        model.lin0.weight.view(-1)[int(indices[3])] = float("inf")
+        model.lin0.weight.view(-1)[index] = float("inf")
+    loaded = PeftModel.from_pretrained(model, folder)
+    stored = load_file(folder / "adapter_model.safetensors")["base_model.model.lin0.sara_values"]
+    assert torch.equal(loaded.base_model.model.lin0.sara_values["default"].detach(), stored)
+    model = mlp().half()
+    with torch.no_grad():
+        model.lin0.weight.view(-1)[index] = float("inf")
     with pytest.raises(
-        InvalidAdapterError, match=r"'base_model.model.lin0'.*1 entries of its effective weight are not"
+        InvalidAdapterError, match=r"'base_model.model.lin0'.*1 entries of its effective weight are not finite in "
     ):
         PeftModel.from_pretrained(model, folder)
+
+
+def test_values_that_overflow_a_float16_base_are_refused_and_load_into_float32(tmp_path):
+    """600 is finite in float16, but lin0's effective weight (fan-in 128) may not pass 65504 / 128 = 512 there; a
+    float32 base has room for it. Values near float32's largest are refused on a float32 base too
+    (test_one_reader's 3e38)."""
+
+    def large(tensors):
+        tensors["base_model.model.lin0.sara_values"][:] = 600.0
+
+    folder = edited(saved(tmp_path / "a"), large)
+    with pytest.raises(InvalidAdapterError, match=r"'base_model.model.lin0'.*effective weight reaches 6.*limit 512"):
+        PeftModel.from_pretrained(mlp().half(), folder)
+    PeftModel.from_pretrained(mlp(), folder)
+
+    def huge(tensors):
+        tensors["base_model.model.lin0.sara_values"][5] = -3e38
+
+    with pytest.raises(InvalidAdapterError, match=r"'base_model.model.lin0'.*effective weight reaches 3e\+38"):
+        PeftModel.from_pretrained(mlp(), edited(saved(tmp_path / "b"), huge))
 
 
 def slot_model():

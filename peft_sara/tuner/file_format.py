@@ -203,19 +203,21 @@ def count_index_gaps(stream: torch.Tensor) -> int:
 
 
 def _piece_gaps(piece: numpy.ndarray, ends: numpy.ndarray) -> tuple[numpy.ndarray, int]:
-    """The gaps (int64) of a stream piece that ends with a number's last byte (``ends`` flags those bytes), and the
-    length in bytes of its longest number. A one-byte number is its byte; the few longer ones (a gap of 128 or more)
-    are completed from their other bytes, each at its place value."""
-    gaps = piece[ends].astype(numpy.int64)
-    if gaps.size == piece.size:
-        return gaps, 1
+    """The gaps of a stream piece that ends with a number's last byte (``ends`` flags those bytes), and the length in
+    bytes of its longest number: int32 when no number is longer than two bytes (gaps below 16,384), else int64. A
+    one-byte number is its byte; the few longer ones (a gap of 128 or more) are completed from their other bytes, each
+    at its place value."""
     longer = numpy.flatnonzero(~ends)  # bytes followed by more of their number (few)
+    if longer.size == 0:
+        return piece.astype(numpy.int32), 1
     # The number each such byte belongs to: as many numbers end before it as bytes before it are last bytes.
     counter = numpy.arange(longer.size)
     number = longer - counter
     if longer.size < 2 or bool((longer[1:] - longer[:-1] > 1).all()):  # two-byte numbers only (gaps below 16,384)
-        gaps[number] = (gaps[number] << 7) + (piece[longer].astype(numpy.int64) - ONE_BYTE)
+        gaps = piece[ends].astype(numpy.int32)
+        gaps[number] = (gaps[number] << 7) + piece[longer] - ONE_BYTE
         return gaps, 2
+    gaps = piece[ends].astype(numpy.int64)
     # Consecutive such bytes belong to one number: each one's place in it.
     starts_run = numpy.ones(longer.size, dtype=bool)
     starts_run[1:] = longer[1:] != longer[:-1] + 1
@@ -271,18 +273,21 @@ def decode_index_gaps(
                 raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
             end = start + int(tail[-1]) + 1
         gaps, longest = _piece_gaps(data[position:end], ends[position:end])
-        torch.from_numpy(gaps)[0] += last  # (in torch: a sum past int64 wraps silently, and is refused below)
         out = result[written : written + gaps.size]
         if last + gaps.size * (1 << (7 * longest)) <= 2**63 - 1:  # no running sum can pass the int64 range
-            largest = int(gaps.sum())  # the piece's last index: the indices are ascending
+            largest = last + int(gaps.sum())  # the piece's last index (ascending); numpy sums int32 in int64
             if limit is not None and largest >= limit:
                 raise ValueError(f"an index ({largest}) is out of range: the weight has {limit} entries")
             # Below the limit, so below the result dtype's largest value: the running sum is taken in that dtype.
             torch.cumsum(torch.from_numpy(gaps), 0, dtype=out.dtype, out=out)
+            if last:
+                out += last
         else:
             # Gaps are non-negative and below 2**63: a running sum can only go wrong by passing the int64 range, and
-            # one that does so goes down.
-            indices = torch.from_numpy(gaps).cumsum_(0)
+            # one that does so goes down (in torch: a sum past int64 wraps silently).
+            indices = torch.from_numpy(gaps.astype(numpy.int64, copy=False))
+            indices[0] += last  # (in torch, which wraps without a warning; a wrap is refused below)
+            indices.cumsum_(0)
             if int(indices[0]) < last or not bool((indices[1:] >= indices[:-1]).all()):
                 raise ValueError("the index gaps sum past the int64 range")
             if limit is not None and int(indices[-1]) >= limit:

@@ -15,12 +15,19 @@ from torch import nn
 
 from .base_weight import one_merge_warning
 from .config import SaRAConfig
-from .file_format import PEFT_MODEL_PREFIX, align_checkpoint_keys, encode_adapter_state_dict
+from .file_format import (
+    LAYER_ENTRY_NAMES,
+    PEFT_MODEL_PREFIX,
+    align_checkpoint_keys,
+    encode_adapter_state_dict,
+    normalize_module_name,
+    split_sara_key,
+)
 from .layer import MergeGroup, SaRALayer, dispatch_sara_layer, sara_layers
 from .names import KERNELS, PREFIX, SARA_TAGS
 from .reader import check_load_source, effective_weight_problem, resize_layers_to_entries, validate_checkpoint
 from .targets import default_targets
-from .transaction import ModelState, all_or_nothing
+from .transaction import ModelState, all_or_nothing, covered
 
 
 def base_model_id(model_or_pipeline: Any) -> str | None:
@@ -108,7 +115,12 @@ class SaRAModel(BaseTuner):
         self._sara_pending_loads: dict[str, ModelState] = {}
         # Whether the injection in progress selects entries (False: a load, see `inject_adapter`).
         self._sara_select_entries = True
-        super().__init__(model, peft_config, adapter_name, **kwargs)
+        # While BaseTuner's constructor injects the first adapter: a failure discards this tuner (see `inject_adapter`).
+        self._sara_constructing = True
+        try:
+            super().__init__(model, peft_config, adapter_name, **kwargs)
+        finally:
+            self._sara_constructing = False
 
     # ----------------------------------------------------------------------------------------- injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
@@ -130,8 +142,12 @@ class SaRAModel(BaseTuner):
             check_load_source(model, config, source)
         entries_follow = kwargs.get("low_cpu_mem_usage") or getattr(config, "entries_follow", False)
         self._sara_select_entries = not (entries_follow or source is not None)
+        # Inside a transaction that captured the model already (load_sara_adapter's) and lets errors through, the
+        # injection needs no capture of its own, unless it must be undone later (a pending load) or this tuner
+        # outlives a failure (it is not being constructed, and was not captured).
+        enclosed = source is None and covered(model) and (self._sara_constructing or covered(self))
         try:
-            with all_or_nothing(self, model) as state:
+            with contextlib.nullcontext() if enclosed else all_or_nothing(self, model) as state:
                 super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
             self._sara_select_entries = True
@@ -286,11 +302,16 @@ class SaRAModel(BaseTuner):
         tuner = getattr(model, "base_model", None) if isinstance(model, PeftModel) else None
         pending = tuner._sara_pending_loads.pop(adapter_name, None) if isinstance(tuner, SaRAModel) else None
         try:
-            prefixed = any(name.startswith(PEFT_MODEL_PREFIX) for name, _ in model.named_parameters())
+            # (a parameter name starts with "base_model." only under a child of that name: no walk without one)
+            prefixed = "base_model" in model._modules and any(
+                name.startswith(PEFT_MODEL_PREFIX) for name, _ in model.named_parameters()
+            )
             state_dict = align_checkpoint_keys(state_dict, prefixed)
             # Checked and decoded (indices back to the layers' int tensors) before anything of the model changes.
             entries, state_dict = validate_checkpoint(model, adapter_name, state_dict)
-            remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            remapped, others = _sara_model_keys(entries, adapter_name, state_dict)
+            if others:  # modules_to_save copies: PEFT's mapping (built from the whole model's state dict)
+                remapped.update(super()._remap_adapter_state_dict_for_load(model, config, adapter_name, others))
             resize_layers_to_entries(model, adapter_name, entries)
             return remapped
         except Exception:
@@ -307,6 +328,23 @@ class SaRAModel(BaseTuner):
     def sara_layers(self) -> Iterator[tuple[str, SaRALayer]]:
         """(name, layer) for every SaRA layer of the model."""
         return sara_layers(self.model)
+
+
+def _sara_model_keys(
+    entries: dict[str, Any], adapter_name: str, state_dict: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The validated SaRA tensors under the keys the model's state dict has for them (``<layer>.<tensor>.<adapter>``,
+    the layer's name in the model: what PEFT's remap maps them to), and the other tensors, unmapped. Built from the
+    validated layers, without PEFT's walk over the whole model's state dict."""
+    layers = {normalize_module_name(name): name for name in entries}
+    mapped, others = {}, {}
+    for key, value in state_dict.items():
+        split = split_sara_key(key)
+        if split is not None and split[0] in layers and split[1] in LAYER_ENTRY_NAMES:
+            mapped[f"{layers[split[0]]}.{split[1]}.{adapter_name}"] = value
+        else:
+            others[key] = value
+    return mapped, others
 
 
 def set_sara_kernel(model: nn.Module, kernel: str) -> None:

@@ -21,7 +21,9 @@ effective-weight check is one pass over the entries in the compute dtype. A refu
   tensor is a modules_to_save copy of the right shape: a file never overwrites a base weight.
 - hotswap: a slot holds the adapter's trainable and frozen entries; exports: a layer's dense update costs at most
   a fixed multiple of its stored entries.
-- non-finite values, and values whose effective weight overflows the base dtype, unless allowed:
+- non-finite values, and values that make the effective weight overflow the base dtype (a float32 / bfloat16 /
+  float64 base is read only where the values are too large to rule that out; a float16 or 1-byte base always, so there
+  any overflowing effective entry is refused: :func:`effective_weight_problem` states the exact guarantee), unless allowed:
   ``allow_non_finite=True`` on peft-sara's loaders, or ``with allow_non_finite_values(): PeftModel.from_pretrained(...)``
   (PEFT's loaders take no argument for it). The ``PEFT_SARA_ALLOW_NON_FINITE`` environment variable is deprecated.
 - loading into a merged adapter is refused (its merged weights would keep the old values).
@@ -41,6 +43,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,15 +212,34 @@ def _effective_weight_readable(layer: SaRALayer) -> bool:
     return backend is None or isinstance(backend, OneByteFloat)
 
 
+# Base dtypes with at least float32's range: a file whose scaled values are bounded as below cannot make their
+# effective weight overflow unless the base entry is itself beyond half the limit (the base model's own state).
+WIDE_BASE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# max |scale * value| up to this fraction of the per-entry limit proves the check without reading the base weight:
+# with |w| <= limit / 2 the sum stays at 3/4 of the limit, with room for the cast's rounding.
+VALUE_BOUND_FRACTION = 0.25
+
+
 def effective_weight_problem(
     layer: SaRALayer, scale: float, entries: Iterable[tuple[torch.Tensor, torch.Tensor]]
 ) -> str | None:
     """Why the weight the layer would compute with, ``cast(w + scale * delta)`` in the base dtype
-    (``patched_values``, the formula the forward and merges use), is unusable, or None.
+    (``patched_values``, the formula the forward and merges use), is unusable because of the file's values, or None.
 
     Unusable: an entry that is not finite, or one so large that a unit input overflows the layer's output
-    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16). One pass over the entries, in
-    the compute dtype. Quantized, offloaded or unknown storage is not read (not checked).
+    (``|w'| * fan_in`` beyond the dtype's largest value: 3e38 in float32, 1e5 in float16), i.e. ``|w'|`` above
+    ``limit = finfo(dtype).max / fan_in``. Exactly what is guaranteed:
+
+    - base dtype float32, bfloat16 or float64 (at least float32's range): if every ``|scale * delta| <= limit / 4``
+      (finite), the base weight is not read and None is returned; for every base entry with ``|w| <= limit / 2``
+      (finite) the effective entry is then within ``3/4 limit``. A base entry beyond that, or not finite, is the base
+      model's own state, not the file's, and is not looked at. Otherwise (a value beyond the bound, or not finite)
+      the entries' base values are gathered and every ``cast(w + scale * delta)`` is checked as below.
+    - other base dtypes (float16, 1-byte floats, checked in float32): the base values are always gathered, and every
+      effective entry must be finite and within ``limit``, whatever made it so.
+
+    One pass over the values (and, when gathered, over the base entries), in the compute dtype. Quantized, offloaded
+    or unknown storage is not read (not checked).
     """
     from .kernels.reference import patched_values
 
@@ -229,9 +251,13 @@ def effective_weight_problem(
     # 1-byte storage (fp8, diffusers' layerwise casting) is upcast to compute: checked in float32 (no fp8 isfinite).
     dtype = weight.dtype if weight.dtype.itemsize >= 2 else torch.float32
     limit = torch.finfo(dtype).max / fan_in
+    entries = [(indices, values) for indices, values in entries if indices.numel()]
+    if weight.dtype in WIDE_BASE_DTYPES:
+        magnitudes = [_largest_magnitude(values) * abs(float(scale)) for _, values in entries]
+        # (every one compared: Python's max() would skip a NaN); NaN / inf fail the bound and are checked below.
+        if all(magnitude <= VALUE_BOUND_FRACTION * limit for magnitude in magnitudes):
+            return None
     for indices, values in entries:
-        if indices.numel() == 0:
-            continue
         base = flat.index_select(0, indices.to(flat.device)).to(dtype)
         patched = patched_values(base, values.to(flat.device), float(scale))
         largest = _largest_magnitude(patched)  # NaN or inf if any entry is
@@ -245,6 +271,29 @@ def effective_weight_problem(
     return None
 
 
+class LayerChecksums:
+    """The layers' checksums (:func:`entries_checksum`), hashed in a worker thread while the caller decodes and checks
+    (``hashlib`` releases the GIL on large buffers): submitted in reading order, each awaited where :func:`read_layer`
+    compares it, before anything of the model changes. A context manager: leaving it (a refusal included) cancels
+    what was not hashed yet."""
+
+    def __init__(self, layers: Mapping[str, LayerCheckpoint]) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sara-checksums")
+        self._futures = {
+            name: self._executor.submit(entries_checksum, name, checkpoint.tensors)
+            for name, checkpoint in layers.items()
+        }
+
+    def result(self, layer_name: str) -> torch.Tensor:
+        return self._futures[layer_name].result()
+
+    def __enter__(self) -> LayerChecksums:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
 def read_layer(
     layer_name: str,
     checkpoint: LayerCheckpoint,
@@ -255,6 +304,7 @@ def read_layer(
     scale: float = 1.0,
     capacity: int | None = None,
     max_dense_per_entry: int | None = None,
+    checksums: LayerChecksums | None = None,
 ) -> LayerEntries:
     """The one reader of a layer: turn its stored tensors into checked entries, or raise
     :class:`InvalidAdapterError` naming the layer. Every load, hotswap, resume, ``inspect`` and export goes through it.
@@ -265,7 +315,8 @@ def read_layer(
     (exports, which build the update densely); the index streams (counts compared with the values' before decoding,
     decoded in bounded pieces, inside the weight), then the checksum; repeated indices, trainable / frozen overlap;
     unless ``allow_non_finite``: finite values in ``value_dtype`` and, with ``layer``, a usable effective weight
-    ``cast(w + scale * delta)`` in the base dtype (:func:`effective_weight_problem`).
+    ``cast(w + scale * delta)`` in the base dtype (:func:`effective_weight_problem`). ``checksums``: the layer's
+    checksum computed beside the reading (:class:`LayerChecksums`), the same bytes as computed here.
     """
     tensors = checkpoint.tensors
     for name in ("sara_index_gaps", "sara_values") + RECORD_NAMES:
@@ -288,7 +339,8 @@ def read_layer(
     layout = LayerLayout.from_tensor(tensors[LAYOUT_NAME], recorded, where) if LAYOUT_NAME in tensors else None
 
     def corrupted() -> bool:
-        return not torch.equal(entries_checksum(layer_name, tensors), checksum.cpu())
+        computed = entries_checksum(layer_name, tensors) if checksums is None else checksums.result(layer_name)
+        return not torch.equal(computed, checksum.cpu())
 
     decoded = {}
     try:
@@ -405,12 +457,18 @@ def check_checkpoint_file(
     """
     allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
     parsed = parse_checkpoint(state_dict)
-    entries = {
-        layer_name: read_layer(
-            layer_name, layer, allow_non_finite, parsed.version, max_dense_per_entry=max_dense_per_entry
-        )
-        for layer_name, layer in parsed.layers.items()
-    }
+    with LayerChecksums(parsed.layers) as checksums:
+        entries = {
+            layer_name: read_layer(
+                layer_name,
+                layer,
+                allow_non_finite,
+                parsed.version,
+                max_dense_per_entry=max_dense_per_entry,
+                checksums=checksums,
+            )
+            for layer_name, layer in parsed.layers.items()
+        }
     check_other_checksum(state_dict, parsed, None)
     return parsed, entries
 
@@ -459,12 +517,16 @@ def _check_other_tensors(
             raise InvalidAdapterError(f"The checkpoint's '{key}' holds non-finite values (NaN or inf). {ALLOW_HINT}")
 
 
-def check_not_merged(model: nn.Module, adapter_name: str) -> None:
+def check_not_merged(
+    model: nn.Module, adapter_name: str, layers: Iterable[tuple[str, SaRALayer]] | None = None
+) -> None:
     """Refuse to load into an adapter that is merged: the merged weights would keep computing the old values while the
-    stored ones (and any save) were the new file's."""
-    from .layer import sara_layers
+    stored ones (and any save) were the new file's. ``layers``: the model's ``sara_layers`` if the caller has them."""
+    if layers is None:
+        from .layer import sara_layers
 
-    merged = [name for name, layer in sara_layers(model) if adapter_name in layer.merged_adapters]
+        layers = sara_layers(model)
+    merged = [name for name, layer in layers if adapter_name in layer.merged_adapters]
     if merged:
         raise ValueError(
             f"SaRA adapter '{adapter_name}' is merged into {len(merged)} layers (e.g. '{merged[0]}'): loading into it "
@@ -485,11 +547,12 @@ def validate_checkpoint(
     from .layer import sara_layers
 
     allow_non_finite = non_finite_allowed() if allow_non_finite is None else allow_non_finite
-    check_not_merged(model, adapter_name)
+    model_layers = list(sara_layers(model))  # one walk over the model's modules for both
+    check_not_merged(model, adapter_name, model_layers)
     parsed = parse_checkpoint(state_dict, adapter_name)
     layers = {
         normalize_module_name(name): (name, layer)
-        for name, layer in sara_layers(model)
+        for name, layer in model_layers
         if layer.present_adapters([adapter_name])
     }
     unexpected = sorted(
@@ -507,16 +570,25 @@ def validate_checkpoint(
     _check_other_tensors(model, adapter_name, state_dict, parsed.other_keys, allow_non_finite)
     check_other_checksum(state_dict, parsed, adapter_name)
 
+    missing = next((name for layer_name, (name, _) in layers.items() if layer_name not in parsed.layers), None)
+    if missing is not None:
+        raise InvalidAdapterError(f"The checkpoint has no entries for SaRA layer '{missing}'.")
     entries = {}
-    for layer_name, (name, layer) in layers.items():
-        checkpoint = parsed.layers.get(layer_name)
-        if checkpoint is None:
-            raise InvalidAdapterError(f"The checkpoint has no entries for SaRA layer '{name}'.")
-        _, values = layer.trainable_entries(adapter_name)
-        scale = float(layer.sara_scaling.get(adapter_name, 1.0))
-        entries[name] = read_layer(
-            name, checkpoint, allow_non_finite, parsed.version, layer=layer, value_dtype=values.dtype, scale=scale
-        )
+    # Hashed in the model's layer order (the order they are read in), keyed by the name read_layer is given.
+    with LayerChecksums({name: parsed.layers[layer_name] for layer_name, (name, _) in layers.items()}) as checksums:
+        for layer_name, (name, layer) in layers.items():
+            _, values = layer.trainable_entries(adapter_name)
+            scale = float(layer.sara_scaling.get(adapter_name, 1.0))
+            entries[name] = read_layer(
+                name,
+                parsed.layers[layer_name],
+                allow_non_finite,
+                parsed.version,
+                layer=layer,
+                value_dtype=values.dtype,
+                scale=scale,
+                checksums=checksums,
+            )
 
     stored = {key for layer in parsed.layers.values() for key in layer.keys.values()}
     to_load = {key: value for key, value in state_dict.items() if key not in stored and key not in parsed.record_keys}
@@ -671,6 +743,7 @@ def check_load_source(model: nn.Module, config: PeftConfig, source: dict[str, An
 
 __all__ = [
     "ALLOW_NON_FINITE_ENV_VAR",
+    "LayerChecksums",
     "LayerEntries",
     "allow_non_finite_values",
     "MAX_DENSE_PER_STORED_ENTRY",

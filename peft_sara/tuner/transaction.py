@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,10 +122,21 @@ class ModelState:
             )
 
 
+# Ids of the modules captured by the all_or_nothing blocks running in this context (see `covered`).
+_covered: ContextVar[frozenset[int]] = ContextVar("peft_sara_covered_modules", default=frozenset())
+
+
+def covered(module: nn.Module) -> bool:
+    """Whether an enclosing :func:`all_or_nothing` in this context captured ``module`` (and everything under it): a
+    step inside it that lets its errors through needs no capture of its own."""
+    return id(module) in _covered.get()
+
+
 @contextlib.contextmanager
 def all_or_nothing(*roots: nn.Module, copies: Iterable[torch.Tensor] = ()) -> Iterator[ModelState]:
     """Run the body; if it raises, restore ``roots`` (see :meth:`ModelState.restore`) before the error propagates."""
     state = ModelState.capture(*roots, copies=copies)
+    token = _covered.set(_covered.get() | {id(module) for module, _ in state.modules})
     try:
         yield state
     except BaseException as err:
@@ -133,6 +145,8 @@ def all_or_nothing(*roots: nn.Module, copies: Iterable[torch.Tensor] = ()) -> It
         except RestoreError as restore_error:
             raise restore_error from err
         raise
+    finally:
+        _covered.reset(token)
 
 
-__all__ = ["ModelState", "RestoreError", "all_or_nothing"]
+__all__ = ["ModelState", "RestoreError", "all_or_nothing", "covered"]
