@@ -139,6 +139,52 @@ def test_modules_to_save_are_trained_and_saved(mlp_conv, tmp_path):
     assert "base_model.model.head.weight" in keys
 
 
+def test_both_key_spellings_load_both_ways_with_modules_to_save(tmp_path):
+    # A PeftModel saves keys under "base_model.model."; a model with injected layers (diffusers' add_adapter,
+    # load_sara_adapter) saves them without. Each loads into the other, SaRA entries and modules_to_save alike.
+    from conftest import MLPConv
+    from peft import PeftModel, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    def fresh():
+        torch.manual_seed(0)
+        return MLPConv().eval()
+
+    trained = sara(fresh(), modules_to_save=["head"]).eval()
+    with torch.no_grad():
+        trained.base_model.model.head.modules_to_save["default"].weight.add_(0.5)
+    trained.save_pretrained(tmp_path / "peft")
+    expected = trained(X)
+
+    injected = fresh()
+    config = SaRAConfig.from_pretrained(str(tmp_path / "peft"))
+    inject_adapter_in_model(config, injected, "default", low_cpu_mem_usage=True)
+    prefixed = get_peft_model_state_dict(trained)
+    assert all(key.startswith("base_model.model.") for key in prefixed)
+    # PEFT itself looks modules_to_save up under the model's own spelling; the SaRA entries take either.
+    spelled = {
+        key if "sara_" in key else key.removeprefix("base_model.model."): value for key, value in prefixed.items()
+    }
+    result = set_peft_model_state_dict(injected, spelled)
+    assert not [key for key in result.unexpected_keys if "sara_" in key or "head" in key]
+    assert torch.equal(injected(X), expected)
+
+    unprefixed = get_peft_model_state_dict(injected)
+    assert not any(key.startswith("base_model.model.") for key in unprefixed)
+    (tmp_path / "injected").mkdir()
+    spelled = {key if "sara_" in key else f"base_model.model.{key}": value for key, value in unprefixed.items()}
+    save_file(
+        {key: value.contiguous() for key, value in spelled.items()}, tmp_path / "injected" / "adapter_model.safetensors"
+    )
+    config.save_pretrained(tmp_path / "injected")
+    reloaded = PeftModel.from_pretrained(fresh(), tmp_path / "injected").eval()
+    assert torch.equal(reloaded(X), expected)
+    assert torch.equal(
+        reloaded.base_model.model.head.modules_to_save["default"].weight,
+        trained.base_model.model.head.modules_to_save["default"].weight,
+    )
+
+
 def test_scaling_interfaces_used_by_diffusers(mlp_conv):
     model = sara(mlp_conv)
     full = model(X)
