@@ -61,6 +61,7 @@ import hashlib
 import re
 import zipfile
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -537,11 +538,57 @@ def _plain(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach()
 
 
-def _encoded_entries(index_key: str, indices: torch.Tensor, value_key: str, values: torch.Tensor, adapter_name: str):
-    """The stored form of one entry set: sorted by index, indices as varint gaps."""
-    stream, values = encode_entries(_plain(index_key, indices), _plain(value_key, values))
-    name = STORED_INDEX_NAME[split_sara_key(index_key, adapter_name)[1]]
-    return {sibling_key(index_key, adapter_name, name): stream, value_key: values.contiguous()}
+ENCODED_CACHE_ATTRIBUTE = "_sara_encoded_indices"  # on a SaRA layer: {(adapter, index name): (indices, stream)}
+
+
+def _cached_stream(layer: nn.Module, slot: tuple[str, str], indices: torch.Tensor) -> torch.Tensor | None:
+    """The gap stream encoded at an earlier save (or read at a load) of this layer's entry set, if its indices are
+    still exactly the ones it encodes (compared element by element: any write to them, by whatever path, is seen)."""
+    cached = getattr(layer, "__dict__", {}).get(ENCODED_CACHE_ATTRIBUTE, {}).get(slot)
+    if cached is None:
+        return None
+    snapshot, stream = cached
+    flat = _flat_indices(indices)
+    if flat.dtype != snapshot.dtype or flat.shape != snapshot.shape or not numpy.array_equal(flat, snapshot):
+        return None
+    return stream
+
+
+def is_canonical_stream(stream: torch.Tensor) -> bool:
+    """Whether a (valid) gap stream is the one :func:`encode_index_gaps` writes: no number carries a zero last byte
+    after other bytes (an over-long form of a shorter number, which decoding accepts)."""
+    data = stream.detach().cpu().numpy()
+    zeros = numpy.flatnonzero(data[1:] == 0)  # rare: a zero gap is only the first index 0
+    return not bool((data[zeros] >= ONE_BYTE).any())
+
+
+def remember_stream(layer: nn.Module, slot: tuple[str, str], indices: torch.Tensor, stream: torch.Tensor) -> None:
+    """Keep the gap stream of a layer's ascending entry set for the next save, with a copy of the indices it encodes
+    (the next save compares them before using it: 4 bytes per entry while the layer lives)."""
+    snapshot = numpy.array(_flat_indices(indices), copy=True)
+    layer.__dict__.setdefault(ENCODED_CACHE_ATTRIBUTE, {})[slot] = (snapshot, stream)
+
+
+def _encoded_entries(
+    index_key: str,
+    indices: torch.Tensor,
+    value_key: str,
+    values: torch.Tensor,
+    adapter_name: str,
+    layer: nn.Module | None = None,
+):
+    """The stored form of one entry set: sorted by index, indices as varint gaps. With ``layer``, the stream of its
+    unchanged indices is taken from the last save (see :func:`_cached_stream`) and a new one is kept."""
+    indices, values = _plain(index_key, indices), _plain(value_key, values)
+    index_name = split_sara_key(index_key, adapter_name)[1]
+    slot = (adapter_name, index_name)
+    stream = _cached_stream(layer, slot, indices) if layer is not None else None
+    if stream is None:
+        stream, sorted_values = encode_entries(indices, values)
+        if layer is not None and sorted_values is values:  # ascending already: the stream encodes the buffer as is
+            remember_stream(layer, slot, indices, stream)
+        values = sorted_values
+    return {sibling_key(index_key, adapter_name, STORED_INDEX_NAME[index_name]): stream, value_key: values.contiguous()}
 
 
 def encode_adapter_state_dict(
@@ -575,6 +622,26 @@ def encode_adapter_state_dict(
             grouped.setdefault(split[0], {})[split[1]] = key
     value_dtype = getattr(torch, save_dtype) if save_dtype is not None else None
     encoded = {}
+    # Each layer's checksum is hashed in a worker thread while the next layers are encoded (hashlib releases the GIL).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sara-save-checksums") as executor:
+        checksums = _encode_layers(grouped, layers, state_dict, adapter_name, value_dtype, encoded, executor)
+        for key, future in checksums.items():
+            encoded[key] = future.result()
+    prefix = PEFT_MODEL_PREFIX if all(key.startswith(PEFT_MODEL_PREFIX) for key in state_dict) else ""
+    encoded[prefix + FORMAT_VERSION_NAME] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
+    covered = others | {key: _plain(key, tensor) for key, tensor in (modules_to_save or {}).items()}
+    encoded[prefix + OTHER_CHECKSUM_NAME] = other_tensors_checksum(covered, adapter_name)
+    if config_fingerprint is not None:
+        encoded[prefix + CONFIG_FINGERPRINT_NAME] = torch.tensor(
+            list(bytes.fromhex(config_fingerprint)), dtype=torch.uint8
+        )
+    return {**others, **encoded}
+
+
+def _encode_layers(grouped, layers, state_dict, adapter_name, value_dtype, encoded, executor) -> dict[str, Future]:
+    """Encode every layer's entries into ``encoded`` (in the order of ``grouped``); returns each layer's checksum key
+    with its checksum, submitted to ``executor`` once the layer's tensors are complete."""
+    checksums = {}
     for layer_name, keys in grouped.items():
         layer = layers.get(layer_name)
         if layer is None or "sara_indices" not in keys or "sara_values" not in keys:
@@ -590,23 +657,16 @@ def encode_adapter_state_dict(
             if index_name == "sara_frozen_indices" and indices.numel() == 0:
                 continue  # nothing re-selected yet
             values = values.to(value_dtype) if value_dtype is not None else values
-            tensors.update(_encoded_entries(keys[index_name], indices, keys[value_name], values, adapter_name))
+            tensors.update(_encoded_entries(keys[index_name], indices, keys[value_name], values, adapter_name, layer))
         shape_key = sibling_key(keys["sara_indices"], adapter_name, WEIGHT_SHAPE_NAME)
         tensors[shape_key] = torch.tensor(tuple(layer.weight_shape), dtype=torch.int64)
         layout = LayerLayout.of(layer.get_base_layer()).to_tensor(len(layer.weight_shape))
         tensors[sibling_key(keys["sara_indices"], adapter_name, LAYOUT_NAME)] = layout
         by_name = {split_sara_key(key, adapter_name)[1]: tensor for key, tensor in tensors.items()}
-        tensors[sibling_key(keys["sara_indices"], adapter_name, CHECKSUM_NAME)] = entries_checksum(layer_name, by_name)
+        checksum_key = sibling_key(keys["sara_indices"], adapter_name, CHECKSUM_NAME)
+        checksums[checksum_key] = executor.submit(entries_checksum, layer_name, by_name)
         encoded.update(tensors)
-    prefix = PEFT_MODEL_PREFIX if all(key.startswith(PEFT_MODEL_PREFIX) for key in state_dict) else ""
-    encoded[prefix + FORMAT_VERSION_NAME] = torch.tensor([FORMAT_VERSION], dtype=torch.int64)
-    covered = others | {key: _plain(key, tensor) for key, tensor in (modules_to_save or {}).items()}
-    encoded[prefix + OTHER_CHECKSUM_NAME] = other_tensors_checksum(covered, adapter_name)
-    if config_fingerprint is not None:
-        encoded[prefix + CONFIG_FINGERPRINT_NAME] = torch.tensor(
-            list(bytes.fromhex(config_fingerprint)), dtype=torch.uint8
-        )
-    return {**others, **encoded}
+    return checksums
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -756,6 +816,8 @@ __all__ = [
     "decode_index_gaps",
     "encode_index_gaps",
     "encode_adapter_state_dict",
+    "is_canonical_stream",
+    "remember_stream",
     "entries_checksum",
     "LayerLayout",
     "normalize_module_name",
