@@ -237,6 +237,32 @@ def _piece_gaps(piece: numpy.ndarray, ends: numpy.ndarray) -> tuple[numpy.ndarra
     return gaps, longest
 
 
+def _short_piece_indices(
+    piece: numpy.ndarray, ends: numpy.ndarray, last: int, limit: int | None, out: torch.Tensor
+) -> bool:
+    """The indices of a stream piece whose numbers are one or two bytes long (gaps below 16,384: nearly every stream),
+    written to ``out`` after ``last``, in three passes: each byte's share of its index (a one-byte number's byte, a
+    first byte's low 7 bits, a second byte shifted by 7), their running sum, and the sums at the numbers' last bytes.
+    False (nothing written) for a piece with a longer number, or whose sums could pass ``out``'s dtype; raises
+    ``ValueError`` on an index at or past ``limit``."""
+    more = ~ends  # bytes followed by more of their number
+    if piece.size > 1 and bool((more[1:] & more[:-1]).any()):  # a number of three bytes or more
+        return False
+    dtype = numpy.int32 if out.dtype == torch.int32 else numpy.int64
+    shares = numpy.bitwise_and(piece, 0x7F).astype(dtype)
+    if piece.size > 1:  # a piece starts with a number's first byte: only later bytes can be second bytes
+        numpy.left_shift(shares[1:], more[:-1].view(numpy.uint8) * numpy.uint8(7), out=shares[1:])
+    largest = last + int(shares.sum(dtype=numpy.int64))  # the piece's last index (the shares are non-negative)
+    if limit is not None and largest >= limit:
+        raise ValueError(f"an index ({largest}) is out of range: the weight has {limit} entries")
+    if largest > numpy.iinfo(dtype).max:
+        return False
+    shares[0] += last
+    sums = torch.from_numpy(shares).cumsum_(0).numpy()
+    numpy.compress(ends, sums, out=out.numpy())
+    return True
+
+
 def decode_index_gaps(
     stream: torch.Tensor, dtype: torch.dtype = torch.int64, count: int | None = None, limit: int | None = None
 ) -> torch.Tensor:
@@ -273,6 +299,10 @@ def decode_index_gaps(
             if tail.size == 0:
                 raise ValueError(f"an index gap is longer than {MAX_VARINT_BYTES} bytes (more than 63 bits)")
             end = start + int(tail[-1]) + 1
+        out_end = written + int(numpy.count_nonzero(ends[position:end]))
+        if _short_piece_indices(data[position:end], ends[position:end], last, limit, result[written:out_end]):
+            last, written, position = int(result[out_end - 1]), out_end, end
+            continue
         gaps, longest = _piece_gaps(data[position:end], ends[position:end])
         out = result[written : written + gaps.size]
         if last + gaps.size * (1 << (7 * longest)) <= 2**63 - 1:  # no running sum can pass the int64 range
