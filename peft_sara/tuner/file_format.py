@@ -136,10 +136,13 @@ def _gaps_stream(gaps: numpy.ndarray) -> torch.Tensor:
     """The varint stream of non-negative integer gaps (int32 or int64). Gaps below 128 (nearly all, at SaRA's densities) are copied as
     bytes in one masked pass; the few longer numbers are written byte by byte, at positions shifted by the extra bytes
     of the longer numbers before them."""
+    largest = int(gaps.max()) if gaps.size else 0
+    if largest < ONE_BYTE:
+        return torch.from_numpy(gaps.astype(numpy.uint8))
+    if largest < 1 << 14:
+        return _short_gaps_stream(gaps)
     short = gaps < ONE_BYTE
     longer = numpy.flatnonzero(~short)
-    if longer.size == 0:
-        return torch.from_numpy(gaps.astype(numpy.uint8))
     values = gaps[longer].astype(numpy.int64)
     lengths = numpy.ones_like(values)
     for extra in range(1, MAX_VARINT_BYTES):
@@ -157,6 +160,21 @@ def _gaps_stream(gaps: numpy.ndarray) -> torch.Tensor:
         owned[at] = True
     stream[~owned] = gaps[short]
     return torch.from_numpy(stream)
+
+
+def _short_gaps_stream(gaps: numpy.ndarray) -> torch.Tensor:
+    """The varint stream of gaps below 16,384 (one or two bytes each: nearly every layer's): each gap's two bytes
+    side by side (its low 7 bits, with the continuation bit when a second byte follows; its high bits), then the
+    second bytes of the one-byte numbers dropped."""
+    two_bytes = gaps >= ONE_BYTE
+    pairs = numpy.empty((gaps.size, 2), dtype=numpy.uint8)
+    numpy.bitwise_and(gaps, 0x7F, out=pairs[:, 0], casting="unsafe")
+    pairs[:, 0] |= two_bytes.view(numpy.uint8) << 7
+    numpy.right_shift(gaps, 7, out=pairs[:, 1], casting="unsafe")
+    keep = numpy.empty((gaps.size, 2), dtype=bool)
+    keep[:, 0] = True
+    keep[:, 1] = two_bytes
+    return torch.from_numpy(numpy.compress(keep.reshape(-1), pairs.reshape(-1)))
 
 
 def encode_index_gaps(indices: torch.Tensor) -> torch.Tensor:
