@@ -590,7 +590,7 @@ ENCODED_CACHE_ATTRIBUTE = "_sara_encoded_indices"  # on a SaRA layer: {(adapter,
 
 
 def _cached_stream(layer: nn.Module, slot: tuple[str, str], indices: torch.Tensor) -> torch.Tensor | None:
-    """The gap stream encoded at an earlier save (or read at a load) of this layer's entry set, if its indices are
+    """The gap stream encoded at an earlier save of this layer's entry set, if its indices are
     still exactly the ones it encodes (compared element by element: any write to them, by whatever path, is seen)."""
     cached = getattr(layer, "__dict__", {}).get(ENCODED_CACHE_ATTRIBUTE, {}).get(slot)
     if cached is None:
@@ -600,14 +600,6 @@ def _cached_stream(layer: nn.Module, slot: tuple[str, str], indices: torch.Tenso
     if flat.dtype != snapshot.dtype or flat.shape != snapshot.shape or not numpy.array_equal(flat, snapshot):
         return None
     return stream
-
-
-def is_canonical_stream(stream: torch.Tensor) -> bool:
-    """Whether a (valid) gap stream is the one :func:`encode_index_gaps` writes: no number carries a zero last byte
-    after other bytes (an over-long form of a shorter number, which decoding accepts)."""
-    data = stream.detach().cpu().numpy()
-    zeros = numpy.flatnonzero(data[1:] == 0)  # rare: a zero gap is only the first index 0
-    return not bool((data[zeros] >= ONE_BYTE).any())
 
 
 def remember_stream(layer: nn.Module, slot: tuple[str, str], indices: torch.Tensor, stream: torch.Tensor) -> None:
@@ -864,7 +856,6 @@ __all__ = [
     "decode_index_gaps",
     "encode_index_gaps",
     "encode_adapter_state_dict",
-    "is_canonical_stream",
     "remember_stream",
     "entries_checksum",
     "LayerLayout",

@@ -73,11 +73,9 @@ from .file_format import (
     checked_checksum,
     decode_index_gaps,
     entries_checksum,
-    is_canonical_stream,
     normalize_module_name,
     other_tensors_checksum,
     parse_checkpoint,
-    remember_stream,
     sibling_key,
 )
 from .selection import index_dtype_for
@@ -601,22 +599,7 @@ def validate_checkpoint(
         to_load[sibling_key(values_key, adapter_name, "sara_indices")] = layer_entries.indices
         to_load[sibling_key(values_key, adapter_name, "sara_frozen_indices")] = layer_entries.frozen_indices
         to_load[sibling_key(values_key, adapter_name, "sara_frozen_values")] = layer_entries.frozen_values
-        remember_read_streams(layers[layer_name][1], adapter_name, parsed.layers[layer_name], layer_entries)
     return entries, to_load
-
-
-def remember_read_streams(
-    layer: nn.Module, adapter_name: str, checkpoint: LayerCheckpoint, layer_entries: LayerEntries
-) -> None:
-    """Keep the file's gap streams with the layer for its next save (which uses one only while the layer's indices
-    are still the ones it encodes), when the stream is what a save would write (no over-long number)."""
-    for index_name, stream_name, indices in (
-        ("sara_indices", "sara_index_gaps", layer_entries.indices),
-        ("sara_frozen_indices", "sara_frozen_index_gaps", layer_entries.frozen_indices),
-    ):
-        stream = checkpoint.tensors.get(stream_name)
-        if stream is not None and indices.numel() and is_canonical_stream(stream):
-            remember_stream(layer, (adapter_name, index_name), indices, stream)
 
 
 # ------------------------------------------------------------------------------------------------- PEFT's load path
