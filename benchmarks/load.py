@@ -6,8 +6,6 @@ nothing). Operations:
 
 - ``get_peft_model``: SaRA's selection (``trainable_fraction``) vs LoRA's initialisation, on the default UNet targets;
 - ``save``: ``PeftModel.save_pretrained`` of that adapter (its values made non-zero first);
-- ``save_again``: a second ``save_pretrained`` of the same adapter (indices unchanged, as at the second and later
-  saves of a training run between re-selections), into another folder;
 - ``from_pretrained``: ``PeftModel.from_pretrained`` of the saved adapter into a fresh base;
 - ``fuse`` / ``unfuse``: ``merge_adapter()`` / ``unmerge_adapter()`` of the loaded adapter;
 - ``load_pipeline``: ``peft_sara.load_sara_adapter(pipe, folder)`` vs diffusers' ``pipe.load_lora_weights`` on a
@@ -46,7 +44,7 @@ from benchmarks.workload import preset_summary
 from peft_sara.presets import PRESETS, ModelPreset, build_model, model_class
 
 METHODS = ("sara", "lora")
-OPERATIONS = ("get_peft_model", "save", "save_again", "from_pretrained", "fuse", "unfuse", "load_pipeline", "hotswap")
+OPERATIONS = ("get_peft_model", "save", "from_pretrained", "fuse", "unfuse", "load_pipeline", "hotswap")
 # What the targets say the load must cost, as SaRA / LoRA (None: no target).
 TARGET_RATIOS = {"from_pretrained": 1.2, "load_pipeline": 1.2, "hotswap": 1.2}
 
@@ -152,8 +150,6 @@ class Round:
         folder = self.work / f"{method}-{number}"
         _, seconds = timed(lambda: model.save_pretrained(folder))
         record["save"].append(seconds)
-        _, seconds = timed(lambda: model.save_pretrained(self.work / f"{method}-{number}-again"))
-        record["save_again"].append(seconds)
         self.folders[method] = folder
         del model
         gc.collect()
@@ -234,9 +230,7 @@ def main(argv: list[str] | None = None) -> None:
 
     bases, build_s = timed(lambda: FreshBases(preset, args.seed, dtype))
     targets = default_target_modules(bases.new())
-    times = {
-        method: {op: [] for op in ("get_peft_model", "save", "save_again", *args.ops)} for method in METHODS
-    }  # (+ what ran)
+    times = {method: {op: [] for op in ("get_peft_model", "save", *args.ops)} for method in METHODS}  # (+ what ran)
     work = Path(tempfile.mkdtemp(prefix="load-benchmark-"))
     try:
         runner = Round(args, bases, targets, work)

@@ -586,48 +586,11 @@ def _plain(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach()
 
 
-ENCODED_CACHE_ATTRIBUTE = "_sara_encoded_indices"  # on a SaRA layer: {(adapter, index name): (indices, stream)}
-
-
-def _cached_stream(layer: nn.Module, slot: tuple[str, str], indices: torch.Tensor) -> torch.Tensor | None:
-    """The gap stream encoded at an earlier save of this layer's entry set, if its indices are
-    still exactly the ones it encodes (compared element by element: any write to them, by whatever path, is seen)."""
-    cached = getattr(layer, "__dict__", {}).get(ENCODED_CACHE_ATTRIBUTE, {}).get(slot)
-    if cached is None:
-        return None
-    snapshot, stream = cached
-    flat = _flat_indices(indices)
-    if flat.dtype != snapshot.dtype or flat.shape != snapshot.shape or not numpy.array_equal(flat, snapshot):
-        return None
-    return stream
-
-
-def remember_stream(layer: nn.Module, slot: tuple[str, str], indices: torch.Tensor, stream: torch.Tensor) -> None:
-    """Keep the gap stream of a layer's ascending entry set for the next save, with a copy of the indices it encodes
-    (the next save compares them before using it: 4 bytes per entry while the layer lives)."""
-    snapshot = numpy.array(_flat_indices(indices), copy=True)
-    layer.__dict__.setdefault(ENCODED_CACHE_ATTRIBUTE, {})[slot] = (snapshot, stream)
-
-
-def _encoded_entries(
-    index_key: str,
-    indices: torch.Tensor,
-    value_key: str,
-    values: torch.Tensor,
-    adapter_name: str,
-    layer: nn.Module | None = None,
-):
-    """The stored form of one entry set: sorted by index, indices as varint gaps. With ``layer``, the stream of its
-    unchanged indices is taken from the last save (see :func:`_cached_stream`) and a new one is kept."""
+def _encoded_entries(index_key: str, indices: torch.Tensor, value_key: str, values: torch.Tensor, adapter_name: str):
+    """The stored form of one entry set: sorted by index, indices as varint gaps."""
     indices, values = _plain(index_key, indices), _plain(value_key, values)
     index_name = split_sara_key(index_key, adapter_name)[1]
-    slot = (adapter_name, index_name)
-    stream = _cached_stream(layer, slot, indices) if layer is not None else None
-    if stream is None:
-        stream, sorted_values = encode_entries(indices, values)
-        if layer is not None and sorted_values is values:  # ascending already: the stream encodes the buffer as is
-            remember_stream(layer, slot, indices, stream)
-        values = sorted_values
+    stream, values = encode_entries(indices, values)
     return {sibling_key(index_key, adapter_name, STORED_INDEX_NAME[index_name]): stream, value_key: values.contiguous()}
 
 
@@ -697,7 +660,7 @@ def _encode_layers(grouped, layers, state_dict, adapter_name, value_dtype, encod
             if index_name == "sara_frozen_indices" and indices.numel() == 0:
                 continue  # nothing re-selected yet
             values = values.to(value_dtype) if value_dtype is not None else values
-            tensors.update(_encoded_entries(keys[index_name], indices, keys[value_name], values, adapter_name, layer))
+            tensors.update(_encoded_entries(keys[index_name], indices, keys[value_name], values, adapter_name))
         shape_key = sibling_key(keys["sara_indices"], adapter_name, WEIGHT_SHAPE_NAME)
         tensors[shape_key] = torch.tensor(tuple(layer.weight_shape), dtype=torch.int64)
         layout = LayerLayout.of(layer.get_base_layer()).to_tensor(len(layer.weight_shape))
@@ -856,7 +819,6 @@ __all__ = [
     "decode_index_gaps",
     "encode_index_gaps",
     "encode_adapter_state_dict",
-    "remember_stream",
     "entries_checksum",
     "LayerLayout",
     "normalize_module_name",
