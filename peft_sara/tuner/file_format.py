@@ -100,18 +100,17 @@ class InvalidAdapterError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------- index encoding
-"""Lossless coding of a layer's flat indices in adapter files: ascending gaps as a varint byte stream.
-
-A selection is a set of flat indices into the weight, ascending in memory. A file stores the first index and then the
-difference of each index to the one before (the *gaps*), each written as an unsigned LEB128 varint: seven bits per
-byte, low bits first, the high bit set on every byte but a number's last. A gap below 128 takes one byte, below 16,384
-two. At a density ``d`` the gaps average ``1 / d`` (50 at 2%, 17 at 6%), so an entry costs about one byte of index
-instead of the four of an int32. A gap of 0 means a repeated index: it can be written, and the loaders refuse it.
-
-Decoding is vectorised (a handful of passes over the bytes, no Python loop per entry) and refuses any stream that is
-not the encoding of a non-decreasing sequence of int64 indices: a number cut off at the end, a number longer than
-nine bytes (63 bits), or gaps whose running sum overflows.
-"""
+# Lossless coding of a layer's flat indices in adapter files: ascending gaps as a varint byte stream.
+#
+# A selection is a set of flat indices into the weight, ascending in memory. A file stores the first index and then the
+# difference of each index to the one before (the *gaps*), each written as an unsigned LEB128 varint: seven bits per
+# byte, low bits first, the high bit set on every byte but a number's last. A gap below 128 takes one byte, below 16,384
+# two. At a density ``d`` the gaps average ``1 / d`` (50 at 2%, 17 at 6%), so an entry costs about one byte of index
+# instead of the four of an int32. A gap of 0 means a repeated index: it can be written, and the loaders refuse it.
+#
+# Decoding is vectorised (a handful of passes over the bytes, no Python loop per entry) and refuses any stream that is
+# not the encoding of a non-decreasing sequence of int64 indices: a number cut off at the end, a number longer than
+# nine bytes (63 bits), or gaps whose running sum overflows.
 MAX_VARINT_BYTES = 9  # 9 x 7 = 63 bits: every non-negative int64
 ONE_BYTE = 0x80  # numbers below it take one byte; a byte at or above it is followed by more of its number
 
